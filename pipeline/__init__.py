@@ -1,0 +1,1 @@
+"""The reference reproducible MNIST pipeline: fetch → preprocess → train → report."""

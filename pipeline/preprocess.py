@@ -1,0 +1,130 @@
+"""Stage ``preprocess``: turn the raw IDX files into compact arrays ready for training.
+
+Reads the four MNIST IDX files from ``--raw`` and writes ``--out`` holding, for each split
+(``train``, ``validation``, ``test``), ``<split>_images.npy`` (uint8, rows of 784 pixels) and
+``<split>_labels.npy`` (uint8 one-hot rows of 10). As in the seed's ``read_data_sets``, the first
+``preprocess.validation_size`` training images are held out as validation. Pixels stay uint8 on disk
+(a quarter of the size of float32); scaling to [0, 1] happens where batches are fed to the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import idx
+from pipeline.cli import PipelineError, run
+from pipeline.params import load_params
+
+logger = logging.getLogger(__name__)
+
+RAW_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLITS = ("train", "validation", "test")
+
+
+def flatten(images: np.ndarray) -> np.ndarray:
+    """Turn (count, 28, 28) images into (count, 784) rows, keeping uint8."""
+    return np.ascontiguousarray(images.reshape(len(images), -1))
+
+
+def one_hot(labels: np.ndarray, num_classes: int = idx.NUM_CLASSES) -> np.ndarray:
+    """Encode integer labels as uint8 one-hot rows (5 becomes [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+    return np.eye(num_classes, dtype=np.uint8)[labels]
+
+
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, validation_size: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Hold out the first ``validation_size`` examples, as the seed's read_data_sets did."""
+    if not 0 <= validation_size < len(images):
+        raise ValueError(f"validation_size must be in [0, {len(images)}), got {validation_size}")
+    return (
+        (images[validation_size:], labels[validation_size:]),
+        (images[:validation_size], labels[:validation_size]),
+    )
+
+
+def make_splits(raw: dict[str, tuple[np.ndarray, np.ndarray]], validation_size: int) -> dict[str, np.ndarray]:
+    """From raw (images, labels) per IDX pair, build the flattened, one-hot arrays of every split."""
+    train, validation = split_validation(*raw["train"], validation_size)
+    arrays = {}
+    for split, (images, labels) in {"train": train, "validation": validation, "test": raw["test"]}.items():
+        arrays[f"{split}_images"] = flatten(images)
+        arrays[f"{split}_labels"] = one_hot(labels)
+    return arrays
+
+
+def read_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    raw = {}
+    for split, (images_name, labels_name) in RAW_FILES.items():
+        images = idx.read_images(raw_dir / images_name)
+        labels = idx.read_labels(raw_dir / labels_name)
+        idx.check_pair(images, labels, f"{raw_dir / images_name} and {labels_name}")
+        raw[split] = (images, labels)
+    return raw
+
+
+def write_arrays(out_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write every array into a temp directory, then swap it in for ``out_dir`` in one rename."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    # mkdtemp makes the directory private; the output should have ordinary permissions.
+    temp_dir.chmod(0o755)
+    try:
+        for name, array in arrays.items():
+            np.save(temp_dir / f"{name}.npy", array, allow_pickle=False)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        temp_dir.rename(out_dir)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
+    """Load the processed arrays of the given splits, with a clear error when they are missing or corrupt."""
+    arrays = {}
+    for split in splits:
+        for kind, width in (("images", 784), ("labels", idx.NUM_CLASSES)):
+            path = Path(data_dir) / f"{split}_{kind}.npy"
+            try:
+                array = np.load(path, allow_pickle=False)
+            except FileNotFoundError:
+                raise PipelineError(f"{path} does not exist; run the preprocess stage first (dvc repro).") from None
+            except (ValueError, OSError, EOFError) as error:
+                raise PipelineError(f"{path} is corrupt ({error}); rerun the preprocess stage (dvc repro -f preprocess).") from None
+            if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != width:
+                raise PipelineError(
+                    f"{path} holds a {array.dtype} array of shape {array.shape}, expected uint8 rows of "
+                    f"{width}; rerun the preprocess stage (dvc repro -f preprocess)."
+                )
+            arrays[f"{split}_{kind}"] = array
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise PipelineError(f"{data_dir}: the {split} images and labels have different counts; rerun preprocess.")
+    return arrays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, required=True, help="directory of the four raw IDX files")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write the .npy arrays to")
+    args = parser.parse_args()
+    params = load_params().preprocess
+
+    arrays = make_splits(read_raw(args.raw), params.validation_size)
+    write_arrays(args.out, arrays)
+    sizes = ", ".join(f"{split} {len(arrays[f'{split}_images'])}" for split in SPLITS)
+    logger.info("wrote %s (%s images)", args.out, sizes)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,245 @@
+"""Stage ``train``: fit the seed's softmax network and record every step.
+
+Reads the processed arrays from ``--data`` and the ``train`` and ``tracking`` sections of
+params.yaml. Writes the Keras model (``--model``), the test set's predicted probabilities for the
+report stage (``--test-probabilities``, so that report needs no TensorFlow), the per-step history
+(``--history``: step, train_accuracy, train_cross_entropy, test_accuracy, test_cross_entropy), the
+final training metrics (``--metrics``) and the MLflow run's id (``--run-info``) so that report logs
+into the same run.
+
+Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
+summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
+cross-entropy is summed over all 10,000 test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import files, tracking
+from pipeline.cli import PipelineError, run
+from pipeline.params import TrainParams, load_params
+from pipeline.preprocess import load_processed
+
+logger = logging.getLogger(__name__)
+
+# The seed prints a line every 1,000 steps.
+PRINT_INTERVAL = 1000
+HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy"]
+
+
+def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:
+    """The example indices of every step's batch, drawn as the seed's ``next_batch`` drew them.
+
+    ``next_batch`` walks through a shuffled permutation and reshuffles at each epoch's end; a batch
+    that crosses the end takes the rest of the old permutation and the start of the new one. Laying
+    the epochs' permutations end to end and cutting consecutive batches gives exactly that.
+    """
+    if batch_size < 1 or batch_size > num_examples:
+        raise ValueError(f"batch_size must be in [1, {num_examples}], got {batch_size}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    rng = np.random.default_rng(seed)
+    epochs = -(-iterations * batch_size // num_examples)
+    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
+    return order[: iterations * batch_size].reshape(iterations, batch_size).astype(np.int32)
+
+
+def chunk_ends(iterations: int, eval_interval: int) -> list[int]:
+    """Steps at which Python regains control: every evaluation, every printed line, and the last step."""
+    ends = {iterations}
+    ends.update(range(eval_interval, iterations + 1, eval_interval))
+    ends.update(range(PRINT_INTERVAL, iterations + 1, PRINT_INTERVAL))
+    return sorted(ends)
+
+
+@dataclass
+class History:
+    train_accuracy: list[np.ndarray] = field(default_factory=list)
+    train_cross_entropy: list[np.ndarray] = field(default_factory=list)
+    test_steps: list[int] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    test_cross_entropy: list[float] = field(default_factory=list)
+
+    def train_series(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.train_accuracy), np.concatenate(self.train_cross_entropy)
+
+
+# Called after each chunk with (first step, last step, chunk's train accuracies, chunk's train
+# cross-entropies, and the test (step, accuracy, cross-entropy) if that chunk ended in an evaluation).
+ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, tuple[int, float, float] | None], None]
+
+
+def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallback | None = None) -> History:
+    """Run every step in ``order`` on ``trainer`` and return the seed's measurements."""
+    history = History()
+    iterations = len(order)
+    start = 0
+    with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
+        for end in chunk_ends(iterations, eval_interval):
+            accuracy, cross_entropy = trainer.train_steps(order[start:end])
+            history.train_accuracy.append(accuracy)
+            history.train_cross_entropy.append(cross_entropy)
+            test = None
+            if end % eval_interval == 0:
+                test = (end, *trainer.evaluate())
+                history.test_steps.append(end)
+                history.test_accuracy.append(test[1])
+                history.test_cross_entropy.append(test[2])
+            if end % PRINT_INTERVAL == 0 or end == iterations:
+                # Like the seed's print(i, a, c): the latest test measurement when there is one.
+                if history.test_steps:
+                    logger.info(
+                        "step %d: test accuracy %.4f, test cross-entropy %.2f (as of step %d)",
+                        end, history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1],
+                    )
+                else:
+                    logger.info("step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1])
+            if on_chunk is not None:
+                on_chunk(start + 1, end, accuracy, cross_entropy, test)
+            progress.update(end - start)
+            start = end
+    return history
+
+
+def history_csv(history: History) -> str:
+    """The history as CSV: one row per step, the test columns filled only at evaluation steps."""
+    train_accuracy, train_cross_entropy = history.train_series()
+    tests = dict(zip(history.test_steps, zip(history.test_accuracy, history.test_cross_entropy)))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for step, (accuracy, cross_entropy) in enumerate(zip(train_accuracy, train_cross_entropy), start=1):
+        test_accuracy, test_cross_entropy = tests.get(step, ("", ""))
+        writer.writerow([step, repr(float(accuracy)), repr(float(cross_entropy)),
+                         test_accuracy if test_accuracy == "" else repr(test_accuracy),
+                         test_cross_entropy if test_cross_entropy == "" else repr(test_cross_entropy)])
+    return buffer.getvalue()
+
+
+def final_metrics(history: History) -> dict[str, float]:
+    train_accuracy, train_cross_entropy = history.train_series()
+    metrics = {
+        "final_train_accuracy": float(train_accuracy[-1]),
+        "final_train_cross_entropy": float(train_cross_entropy[-1]),
+    }
+    if history.test_steps:
+        metrics["final_test_accuracy"] = history.test_accuracy[-1]
+        metrics["final_test_cross_entropy"] = history.test_cross_entropy[-1]
+    return metrics
+
+
+def run_name(params: TrainParams) -> str:
+    return f"lr={params.learning_rate:g} bs={params.batch_size} it={params.iterations} seed={params.seed}"
+
+
+class BackgroundLogger:
+    """Logs each chunk's metrics to MLflow from a worker thread while training goes on."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        self.pending: list[Future] = []
+
+    def __call__(self, first_step, last_step, accuracy, cross_entropy, test) -> None:
+        steps = range(first_step, last_step + 1)
+        series = {"train_accuracy": (steps, accuracy), "train_cross_entropy": (steps, cross_entropy)}
+        if test is not None:
+            series["test_accuracy"] = ([test[0]], [test[1]])
+            series["test_cross_entropy"] = ([test[0]], [test[2]])
+        self.pending.append(self.executor.submit(tracking.log_series, self.client, self.run_id, series))
+
+    def wait(self) -> None:
+        """Block until every chunk is logged, re-raising the first logging failure."""
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.executor.shutdown(wait=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--test-probabilities", type=Path, required=True)
+    parser.add_argument("--run-info", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params()
+    config, tracking_params = params.train, params.tracking
+
+    data = load_processed(args.data, splits=("train", "test"))
+    num_train = len(data["train_images"])
+    if config.batch_size > num_train:
+        raise PipelineError(f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images).")
+    client, experiment_id = tracking.connect(tracking_params.uri, tracking_params.experiment)
+
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    from pipeline.model import SgdTrainer, build_model, scale_pixels
+
+    # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = build_model(config.seed)
+    trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
+                         data["test_images"], data["test_labels"])
+    order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
+
+    root = tracking.project_root()
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name(config), tags=tracking.run_tags(root)) as active:
+        run_id = active.info.run_id
+        mlflow.log_params({
+            **{f"train.{key}": value for key, value in vars(config).items()},
+            "tracking.experiment": tracking_params.experiment,
+            "data.train_examples": num_train,
+            "data.test_examples": len(data["test_images"]),
+            "model": "Dense(10, softmax) on 784 pixels",
+            "loss": "cross-entropy summed over the batch",
+            "optimizer": "SGD",
+        })
+        logger.info("MLflow run %s (%s) in experiment %r", run_id, run_name(config), tracking_params.experiment)
+
+        background = BackgroundLogger(client, run_id)
+        started = time.perf_counter()
+        history = train(trainer, order, config.eval_interval, on_chunk=background)
+        train_seconds = time.perf_counter() - started
+        background.wait()
+
+        metrics = final_metrics(history)
+        logger.info("trained %d steps in %.1f s: %s", config.iterations, train_seconds, metrics)
+        with files.atomic_path(args.model) as temp_model:
+            model.save(temp_model)
+        with files.atomic_path(args.test_probabilities) as temp_probabilities:
+            np.save(temp_probabilities, trainer.test_probabilities(), allow_pickle=False)
+        files.write_text(args.history, history_csv(history))
+        files.write_json(args.metrics, metrics)
+
+        mlflow.log_metrics({**metrics, "train_seconds": train_seconds})
+        mlflow.log_artifact(str(args.history))
+        tracking.log_keras_model(
+            model,
+            scale_pixels(data["test_images"][:5]),
+            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+        )
+        tracking.write_run_info(args.run_info, run_id, experiment_id, mlflow.get_tracking_uri())
+
+
+if __name__ == "__main__":
+    run(main)
