@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import yaml
 
 from pipeline.cli import PipelineError
@@ -216,7 +217,7 @@ def log_keras_model(model, input_example, pip_requirements: list[str]):
         mlflow.keras.save_model(path=path, **kwargs)
 
     flavor = types.SimpleNamespace(__name__="mlflow.keras", save_model=save_model)
-    signature = infer_signature(input_example, model.predict(input_example, verbose=0))
+    signature = infer_signature(input_example, np.asarray(model(input_example)))
     return Model.log(
         artifact_path=None,
         name="model",

@@ -188,11 +188,15 @@ def main() -> None:
         raise PipelineError(f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images).")
     client, experiment_id = tracking.connect(tracking_params.uri, tracking_params.experiment)
 
+    # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
+    from pipeline.model import SgdTrainer, build_model, scale_pixels
+
     import keras
     import mlflow
     import tensorflow as tf
 
-    from pipeline.model import SgdTrainer, build_model, scale_pixels
+    # Keras' per-call progress bars would interleave with ours when MLflow checks the model.
+    keras.config.disable_interactive_logging()
 
     # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
     keras.utils.set_random_seed(config.seed)

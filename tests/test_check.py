@@ -1,0 +1,623 @@
+"""Tests of the metric-regression gate (pipeline/check.py) and of the workflow that runs it in CI.
+
+The command-line tests run ``python -m pipeline.check`` as a subprocess inside temporary git
+repositories with real commits: main holds a copy of the project's params.yaml and a committed
+metrics/metrics.json, and a feature branch changes the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import check
+from pipeline.check import Baseline, CheckError, check_metric, compare, render_json, render_markdown
+from pipeline.params import CheckRule, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / ".github" / "workflows" / "metrics-gate.yml"
+BASE_METRICS = {
+    "test_accuracy": 0.9213,
+    "test_cross_entropy": 0.2845,
+    "macro_precision": 0.9205,
+    "macro_recall": 0.9201,
+    "macro_f1": 0.9202,
+    "per_class_recall": {str(digit): 0.9 + digit / 100 for digit in range(10)},
+}
+# What a much smaller learning rate gives after the same number of steps.
+WORSE_METRICS = {**BASE_METRICS, "test_accuracy": 0.80, "test_cross_entropy": 0.61, "macro_f1": 0.79}
+BETTER_METRICS = {**BASE_METRICS, "test_accuracy": 0.93, "test_cross_entropy": 0.27, "macro_f1": 0.929}
+HIGHER = CheckRule(better="higher", max_worsening=0.002, floor=0.915)
+LOWER = CheckRule(better="lower", max_worsening=0.01)
+# Keep git independent of the developer's own configuration (signing, hooks, default branch).
+GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def git(repo: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", *args], cwd=repo, env={**os.environ, **GIT_ENV}, capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def write_metrics(repo: Path, metrics: dict | str) -> None:
+    path = repo / "metrics" / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics, indent=2), encoding="utf-8")
+
+
+def commit_all(repo: Path, message: str) -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def new_repo(path: Path, branch: str = "main") -> Path:
+    path.mkdir()
+    git(path, "init", "-q", "-b", branch)
+    git(path, "config", "user.name", "Test")
+    git(path, "config", "user.email", "test@example.com")
+    git(path, "config", "commit.gpgsign", "false")
+    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository whose main has committed metrics, checked out on a branch ``feature`` made from it."""
+    repo = new_repo(tmp_path / "repo")
+    write_metrics(repo, BASE_METRICS)
+    commit_all(repo, "baseline pipeline run")
+    git(repo, "switch", "-q", "-c", "feature")
+    return repo
+
+
+def check_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("GITHUB_STEP_SUMMARY", "PIPELINE_PARAMS")}
+    env.update(GIT_ENV, PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def run_check(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.check", *args],
+        cwd=cwd,
+        env=check_env(**env),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+    )
+
+
+def assert_bad_input(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    """Exit 2, nothing on stdout, and one 'error:' paragraph on stderr naming every phrase."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+    assert "\n\n" not in result.stderr.strip()
+    message = " ".join(result.stderr.split())
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+def edit_params(repo: Path, edit) -> None:
+    path = repo / "params.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions.
+
+
+def test_flatten_names_nested_metrics_with_dots():
+    assert check.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {"a": 1, "b.c": 2, "b.d.e": 3}
+    assert check.parse_metrics(json.dumps(BASE_METRICS), "x")["per_class_recall.3"] == pytest.approx(0.93)
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [("{not json", "is not valid JSON"), ("[0.92]", "must hold a JSON object"), ("", "is not valid JSON")],
+)
+def test_parse_metrics_rejects_malformed_text(text, phrase):
+    with pytest.raises(CheckError, match=phrase) as raised:
+        check.parse_metrics(text, "the metrics file m.json")
+    assert "m.json" in str(raised.value)
+
+
+def test_higher_is_better_fails_when_the_drop_exceeds_max_worsening():
+    row = check_metric("test_accuracy", 0.9213, 0.9180, HIGHER)
+    assert not row.passed
+    assert row.change == pytest.approx(-0.0033)
+    assert row.failures == ("fell by 0.0033, more than the 0.002 allowed",)
+
+
+def test_a_drop_of_exactly_max_worsening_passes_despite_float_rounding():
+    # 0.9213 - 0.9193 is 0.0020000000000000018 in floating point.
+    assert check_metric("test_accuracy", 0.9213, 0.9193, HIGHER).passed
+    assert check_metric("test_cross_entropy", 0.2845, 0.2945, LOWER).passed
+
+
+def test_lower_is_better_fails_when_the_rise_exceeds_max_worsening():
+    assert check_metric("test_cross_entropy", 0.2845, 0.2700, LOWER).passed
+    row = check_metric("test_cross_entropy", 0.2845, 0.3000, LOWER)
+    assert row.failures == ("rose by 0.0155, more than the 0.01 allowed",)
+
+
+def test_improvements_pass():
+    assert check_metric("test_accuracy", 0.9213, 0.95, HIGHER).passed
+    assert check_metric("test_cross_entropy", 0.2845, 0.1, LOWER).passed
+
+
+def test_floor_and_ceiling_hold_even_within_max_worsening_and_without_baseline():
+    # A drop of 0.0015 is allowed, but it lands below the floor.
+    assert check_metric("test_accuracy", 0.916, 0.9145, HIGHER).failures == ("below the floor of 0.915",)
+    no_baseline = check_metric("test_accuracy", None, 0.90, HIGHER)
+    assert no_baseline.failures == ("below the floor of 0.915",)
+    assert no_baseline.change is None
+    capped = CheckRule(better="lower", max_worsening=0.01, ceiling=0.3)
+    assert check_metric("test_cross_entropy", 0.29, 0.295, capped).passed
+    assert check_metric("test_cross_entropy", 0.299, 0.305, capped).failures == ("above the ceiling of 0.3",)
+
+
+def test_a_nan_current_value_is_a_regression_and_a_nan_baseline_is_skipped():
+    row = check_metric("test_cross_entropy", 0.2845, math.nan, LOWER)
+    assert row.failures == ("current value is nan, not a finite number",)
+    assert check_metric("test_cross_entropy", math.nan, 0.3, LOWER).note == "baseline is not a finite number"
+
+
+def test_compare_checks_rules_in_order_and_notes_missing_baselines():
+    rules = {"test_cross_entropy": LOWER, "test_accuracy": HIGHER, "per_class_recall.3": HIGHER}
+    current = {**BASE_METRICS, "test_accuracy": 0.80}
+    rows = compare(BASE_METRICS, current, rules)
+    assert [row.metric for row in rows] == list(rules)
+    assert [row.passed for row in rows] == [True, False, True]
+    assert check.overall_status(rows) == "fail" and check.exit_code(rows) == 1
+
+    unchecked = compare(None, BASE_METRICS, rules)
+    assert all(row.baseline is None and row.note == "no baseline" for row in unchecked)
+    assert check.exit_code(unchecked) == 0
+
+    old = {key: value for key, value in BASE_METRICS.items() if key != "test_accuracy"}
+    assert compare(old, BASE_METRICS, rules)[1].note == "new metric, not in the baseline"
+
+
+@pytest.mark.parametrize(
+    ("rules", "phrase"),
+    [
+        ({"test_acuracy": HIGHER}, "test_acuracy is not in it (did you mean test_accuracy?)"),
+        ({"per_class_recall": HIGHER}, "per_class_recall is a group of metrics, not one; name one of them, like per_class_recall.0"),
+        ({"f1": HIGHER}, "f1 is not in it (it has macro_f1, macro_precision"),
+    ],
+)
+def test_compare_rejects_rules_for_metrics_that_do_not_exist(rules, phrase):
+    with pytest.raises(CheckError, match="cannot be checked against m.json") as raised:
+        compare(BASE_METRICS, BASE_METRICS, rules, "m.json")
+    assert phrase in str(raised.value)
+
+
+def test_compare_rejects_values_that_are_not_numbers():
+    with pytest.raises(CheckError, match="test_accuracy is 'high', not a number"):
+        compare(BASE_METRICS, {**BASE_METRICS, "test_accuracy": "high"}, {"test_accuracy": HIGHER})
+    with pytest.raises(CheckError, match="the baseline's test_accuracy is True, not a number"):
+        compare({**BASE_METRICS, "test_accuracy": True}, BASE_METRICS, {"test_accuracy": HIGHER})
+
+
+def test_render_markdown_gives_a_summary_line_then_the_table():
+    rules = {"test_accuracy": HIGHER, "test_cross_entropy": LOWER}
+    rows = compare(BASE_METRICS, {**BASE_METRICS, "test_accuracy": 0.80}, rules)
+    markdown = render_markdown(rows, Baseline("origin/main (1a2b3c4)", BASE_METRICS))
+    assert markdown == (
+        "### ❌ Metric check failed: 1 of 2 metrics broke their rules (test_accuracy), against origin/main (1a2b3c4)\n"
+        "\n"
+        "| metric | baseline | current | change | rule | verdict |\n"
+        "|---|--:|--:|--:|---|---|\n"
+        "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 | higher is better, may fall ≤ 0.002, floor 0.915 "
+        "| ❌ fail: fell by 0.1213, more than the 0.002 allowed; below the floor of 0.915 |\n"
+        "| `test_cross_entropy` | 0.2845 | 0.2845 | 0 | lower is better, may rise ≤ 0.01 | ✅ pass |\n"
+        "\n"
+    )
+
+
+def test_render_markdown_says_when_there_is_no_baseline():
+    rows = compare(None, BASE_METRICS, {"test_accuracy": HIGHER})
+    markdown = render_markdown(rows, Baseline("v1", None, "metrics/metrics.json does not exist at v1"))
+    assert markdown.splitlines()[0] == (
+        "### ✅ Metric check passed: 1 of 1 metrics within their rules; no baseline, as "
+        "metrics/metrics.json does not exist at v1, so only floors and ceilings were checked"
+    )
+    assert "| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (no baseline) |" in markdown
+
+
+def test_render_markdown_escapes_pipes_in_cells():
+    rows = compare({"a|b": 1.0}, {"a|b": 1.0}, {"a|b": HIGHER})
+    assert "| `a\\|b` |" in render_markdown(rows)
+
+
+def test_render_json_is_standard_json_with_the_overall_status():
+    rows = compare(BASE_METRICS, {**BASE_METRICS, "test_cross_entropy": math.nan}, {"test_accuracy": HIGHER, "test_cross_entropy": LOWER})
+    report = json.loads(render_json(rows, Baseline("HEAD (1a2b3c4)", BASE_METRICS, commit="1a2b3c4")), parse_constant=pytest.fail)
+    assert report["status"] == "fail"
+    assert report["baseline"]["found"] is True and report["baseline"]["commit"] == "1a2b3c4"
+    accuracy, entropy = report["metrics"]
+    assert accuracy == {
+        "metric": "test_accuracy",
+        "baseline": 0.9213,
+        "current": 0.9213,
+        "change": 0.0,
+        "rule": {"better": "higher", "max_worsening": 0.002, "floor": 0.915, "ceiling": None},
+        "status": "pass",
+        "reasons": [],
+        "note": None,
+    }
+    assert entropy["status"] == "fail" and entropy["current"] is None and entropy["change"] is None
+
+
+def test_describe_rule():
+    assert check.describe_rule(CheckRule("lower", 0.01, floor=0.1, ceiling=0.5)) == "lower is better, may rise ≤ 0.01, floor 0.1, ceiling 0.5"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command, in real git repositories.
+
+
+def test_the_projects_params_have_the_rules_these_tests_rely_on(repo):
+    rules = load_params(repo / "params.yaml").check
+    assert rules["test_accuracy"].better == "higher" and rules["test_accuracy"].floor is not None
+    assert rules["test_cross_entropy"].better == "lower"
+
+
+def test_an_unchanged_model_passes(repo):
+    write_metrics(repo, BASE_METRICS)
+    commit_all(repo, "retrain, same metrics")
+    result = run_check(repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("### ✅ Metric check passed: 3 of 3 metrics within their rules")
+    assert result.stderr == ""
+
+
+def test_a_worse_model_fails_and_names_the_metric(repo):
+    write_metrics(repo, WORSE_METRICS)
+    commit_all(repo, "learning_rate 0.003 -> 0.00003")
+    result = run_check(repo)
+    assert result.returncode == 1, result.stderr
+    first_line = result.stdout.splitlines()[0]
+    assert first_line.startswith("### ❌ Metric check failed: 3 of 3 metrics broke their rules")
+    assert "test_accuracy" in first_line
+    assert "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |" in result.stdout
+    assert "❌ fail: fell by 0.1213, more than the 0.002 allowed; below the floor of 0.915" in result.stdout
+
+
+def test_an_uncommitted_worse_model_fails_too(repo):
+    write_metrics(repo, WORSE_METRICS)
+    assert run_check(repo).returncode == 1
+
+
+def test_a_better_model_passes(repo):
+    write_metrics(repo, BETTER_METRICS)
+    commit_all(repo, "better")
+    result = run_check(repo)
+    assert result.returncode == 0, result.stdout
+    assert "| `test_accuracy` | 0.9213 | 0.93 | +0.0087 |" in result.stdout
+
+
+def test_a_floor_violation_fails_even_when_the_drop_is_allowed(repo):
+    rule = load_params(repo / "params.yaml").check["test_accuracy"]
+    baseline = rule.floor + rule.max_worsening / 2
+    current = rule.floor - rule.max_worsening / 4
+    git(repo, "switch", "-q", "main")
+    write_metrics(repo, {**BASE_METRICS, "test_accuracy": baseline})
+    commit_all(repo, "baseline just above the floor")
+    git(repo, "switch", "-q", "-C", "feature")
+    write_metrics(repo, {**BASE_METRICS, "test_accuracy": current})
+    commit_all(repo, "small drop")
+    result = run_check(repo)
+    assert result.returncode == 1
+    assert f"❌ fail: below the floor of {rule.floor:.6g}" in result.stdout
+    assert "more than the" not in result.stdout
+
+
+def test_the_default_baseline_is_the_merge_base_with_main(repo):
+    merge_base = git(repo, "rev-parse", "main")
+    # main moves on to a much better model after the branch was made; the branch itself is unchanged.
+    git(repo, "switch", "-q", "main")
+    write_metrics(repo, {**BASE_METRICS, "test_accuracy": 0.99})
+    commit_all(repo, "much better model on main")
+    git(repo, "switch", "-q", "feature")
+
+    result = run_check(repo)
+    assert result.returncode == 0, result.stdout
+    assert f"against the merge base with main ({merge_base[:7]})" in result.stdout.splitlines()[0]
+    assert json.loads(run_check(repo, "--json").stdout)["baseline"]["commit"] == merge_base
+
+    against_tip = run_check(repo, "--rev", "main")
+    assert against_tip.returncode == 1
+    assert "against main (" in against_tip.stdout
+
+
+def test_the_default_baseline_is_origin_main_when_there_is_no_local_main(repo, tmp_path):
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", "-b", "feature", str(repo), str(clone))
+    assert git(clone, "branch", "--list", "main") == ""
+    write_metrics(clone, WORSE_METRICS)
+    result = run_check(clone)
+    assert result.returncode == 1
+    assert "against the merge base with origin/main" in result.stdout
+
+
+def test_the_default_baseline_falls_back_to_head_without_a_main_branch(tmp_path):
+    repo = new_repo(tmp_path / "repo", branch="trunk")
+    write_metrics(repo, BASE_METRICS)
+    head = commit_all(repo, "first run")
+    write_metrics(repo, WORSE_METRICS)
+    result = run_check(repo)
+    assert result.returncode == 1
+    assert f"against HEAD ({head[:7]}), as there is no merge base with main" in result.stdout
+
+
+def test_a_missing_baseline_at_the_revision_passes_and_says_so(tmp_path):
+    repo = new_repo(tmp_path / "repo")
+    first = commit_all(repo, "params only, before the first pipeline run")
+    git(repo, "switch", "-q", "-c", "feature")
+    write_metrics(repo, BASE_METRICS)
+    commit_all(repo, "first pipeline run")
+    result = run_check(repo)
+    assert result.returncode == 0, result.stderr
+    assert f"no baseline, as metrics/metrics.json does not exist at the merge base with main ({first[:7]})" in result.stdout
+    assert "| `test_accuracy` | — | 0.9213 | — |" in result.stdout
+    report = json.loads(run_check(repo, "--json").stdout)
+    assert report["status"] == "pass" and report["baseline"]["found"] is False
+
+    # Floors still hold without a baseline.
+    write_metrics(repo, WORSE_METRICS)
+    failed = run_check(repo, "--rev", first)
+    assert failed.returncode == 1
+    assert "below the floor of 0.915" in failed.stdout
+
+
+def test_a_repository_without_commits_has_no_baseline(tmp_path):
+    repo = new_repo(tmp_path / "repo")
+    write_metrics(repo, BASE_METRICS)
+    result = run_check(repo)
+    assert result.returncode == 0, result.stderr
+    assert "no baseline, as HEAD has no commits yet" in result.stdout
+
+
+def test_a_baseline_file_replaces_git(repo, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(BETTER_METRICS), encoding="utf-8")
+    result = run_check(repo, "--baseline-file", str(baseline))
+    assert result.returncode == 1
+    assert f"against {baseline}" in result.stdout
+    assert run_check(repo, "--baseline-file", str(baseline), "--metrics", str(baseline)).returncode == 0
+
+
+def test_metrics_outside_the_working_directory_are_found_in_git(repo, tmp_path):
+    write_metrics(repo, WORSE_METRICS)
+    result = run_check(tmp_path, "--metrics", str(repo / "metrics" / "metrics.json"), "--params", str(repo / "params.yaml"))
+    assert result.returncode == 2, "tmp_path is not a git repository"
+    result = run_check(repo / "metrics", "--metrics", "metrics.json", "--params", str(repo / "params.yaml"))
+    assert result.returncode == 1, result.stderr
+
+
+def test_json_output_parses_and_has_the_overall_status(repo):
+    write_metrics(repo, WORSE_METRICS)
+    result = run_check(repo, "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["status"] == "fail"
+    assert [row["metric"] for row in report["metrics"]] == ["test_accuracy", "test_cross_entropy", "macro_f1"]
+    assert report["metrics"][0]["status"] == "fail"
+    assert report["metrics"][0]["change"] == pytest.approx(-0.1213)
+    assert report["baseline"]["rev"] is None and report["baseline"]["path"] == "metrics/metrics.json"
+
+
+def test_the_summary_file_gets_the_markdown_appended(repo, tmp_path):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n", encoding="utf-8")
+    result = run_check(repo, "--json", "--summary-file", str(summary))
+    assert result.returncode == 0
+    text = summary.read_text(encoding="utf-8")
+    assert text.startswith("earlier step\n### ✅ Metric check passed")
+    assert check.TABLE_HEADER in text
+
+
+def test_github_step_summary_is_the_default_summary_file_and_empty_turns_it_off(repo, tmp_path):
+    summary = tmp_path / "step_summary.md"
+    assert run_check(repo, GITHUB_STEP_SUMMARY=str(summary)).returncode == 0
+    assert check.TABLE_HEADER in summary.read_text(encoding="utf-8")
+    summary.unlink()
+    assert run_check(repo, "--summary-file", "", GITHUB_STEP_SUMMARY=str(summary)).returncode == 0
+    assert not summary.exists()
+
+
+def test_bad_input_is_reported_in_the_summary_file_too(repo, tmp_path):
+    summary = tmp_path / "summary.md"
+    assert_bad_input(run_check(repo, "--rev", "nope", "--summary-file", str(summary)), "unknown git revision 'nope'")
+    assert summary.read_text(encoding="utf-8").startswith("### Metric check ⚠️ could not run\n\nerror" if False else "### Metric check ⚠️ could not run\n\nunknown git revision 'nope'")
+
+
+# Bad input: exit 2 and one paragraph on stderr.
+
+
+def test_missing_current_metrics(repo):
+    (repo / "metrics" / "metrics.json").unlink()
+    assert_bad_input(run_check(repo), "the metrics file metrics/metrics.json does not exist", "dvc repro")
+    assert_bad_input(run_check(repo, "--metrics", "elsewhere.json"), "elsewhere.json does not exist")
+
+
+def test_malformed_current_metrics(repo):
+    write_metrics(repo, '{"test_accuracy": 0.92,')
+    assert_bad_input(run_check(repo), "the metrics file metrics/metrics.json is not valid JSON")
+
+
+def test_malformed_baseline_metrics(repo):
+    git(repo, "switch", "-q", "main")
+    write_metrics(repo, "[1, 2]")
+    commit_all(repo, "broken metrics")
+    git(repo, "switch", "-q", "feature")
+    assert_bad_input(run_check(repo, "--rev", "main"), "the baseline metrics/metrics.json at main (", "must hold a JSON object")
+
+
+def test_unknown_revision(repo):
+    assert_bad_input(run_check(repo, "--rev", "no-such-branch"), "unknown git revision 'no-such-branch'", "fetch-depth: 0")
+    assert_bad_input(run_check(repo, "--rev", "--all"), "unknown git revision '--all'")
+
+
+def test_rule_for_a_metric_not_in_the_metrics(repo):
+    edit_params(repo, lambda raw: raw["check"].update(test_acuracy={"better": "higher", "max_worsening": 0.01}))
+    assert_bad_input(run_check(repo), "cannot be checked against metrics/metrics.json", "test_acuracy is not in it (did you mean test_accuracy?)")
+
+
+def test_missing_baseline_file(repo, tmp_path):
+    assert_bad_input(run_check(repo, "--baseline-file", str(tmp_path / "gone.json")), "the baseline file", "gone.json does not exist")
+
+
+def test_bad_params(repo):
+    edit_params(repo, lambda raw: raw["check"]["test_accuracy"].update(better="up"))
+    assert_bad_input(run_check(repo), "params.yaml has 1 problem: check.test_accuracy.better must be 'higher' or 'lower'")
+    assert_bad_input(run_check(repo, "--params", "missing.yaml"), "missing.yaml does not exist")
+    edit_params(repo, lambda raw: raw.pop("check"))
+    assert_bad_input(run_check(repo), "no rules in its check section")
+
+
+def test_outside_a_git_repository(repo, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copytree(repo / "metrics", outside / "metrics")
+    shutil.copy(repo / "params.yaml", outside)
+    assert_bad_input(run_check(outside), "cannot read the baseline from git", "not a git repository", "--baseline-file")
+
+
+def test_cli_reads_sys_argv_and_exits_with_the_gates_code(repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    monkeypatch.delenv("PIPELINE_PARAMS", raising=False)
+    for metrics, code in ((BASE_METRICS, 0), (WORSE_METRICS, 1), ("oops", 2)):
+        write_metrics(repo, metrics)
+        monkeypatch.setattr(sys, "argv", ["mnist-check", "--json"])
+        with pytest.raises(SystemExit) as exited:
+            check.cli()
+        assert exited.value.code == code
+    assert capsys.readouterr().err.startswith("error: the metrics file metrics/metrics.json is not valid JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# The GitHub Actions workflow.
+
+
+def load_workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
+
+
+def steps() -> list[dict]:
+    return load_workflow()["jobs"]["metrics-gate"]["steps"]
+
+
+def step_index(predicate) -> int:
+    matches = [index for index, step in enumerate(steps()) if predicate(step)]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def gate_step() -> dict:
+    return steps()[step_index(lambda step: "pipeline.check" in step.get("run", ""))]
+
+
+def test_workflow_runs_on_pull_requests_and_has_its_steps_in_order():
+    workflow = load_workflow()
+    # YAML 1.1 reads the key `on` as the boolean true.
+    assert "pull_request" in workflow.get("on", workflow.get(True))
+    job = workflow["jobs"]["metrics-gate"]
+    assert job["env"]["MNIST_MIRROR"] == "${{ vars.MNIST_MIRROR }}"
+
+    checkout = step_index(lambda step: step.get("uses", "").startswith("actions/checkout@"))
+    assert steps()[checkout]["with"]["fetch-depth"] == 0
+    python = step_index(lambda step: step.get("uses", "").startswith("actions/setup-python@"))
+    assert steps()[python]["with"]["python-version"] == "3.11"
+    install = step_index(lambda step: step.get("run", "").strip() == 'pip install -e ".[dev]"')
+    cache = step_index(lambda step: step.get("uses", "").startswith("actions/cache@"))
+    assert steps()[cache]["with"]["path"] == ".dvc/cache"
+    assert "hashFiles('dvc.lock')" in steps()[cache]["with"]["key"]
+    repro = step_index(lambda step: step.get("run", "").strip() == "dvc repro")
+    gate = step_index(lambda step: "pipeline.check" in step.get("run", ""))
+    assert checkout < python < install < cache < repro < gate
+    assert gate == len(steps()) - 1
+
+    gate_run = steps()[gate]["run"]
+    assert '--summary-file "$GITHUB_STEP_SUMMARY"' in gate_run
+    assert '--rev "origin/$BASE_REF"' in gate_run
+    assert steps()[gate]["env"]["BASE_REF"] == "${{ github.base_ref }}"
+    # The job must fail when the gate does, so nothing may swallow its exit code.
+    assert "continue-on-error" not in steps()[gate] and "||" not in gate_run
+
+
+def github_expressions(text: str) -> str:
+    """Stand in for what GitHub substitutes into a pull request's job, with main as the base branch."""
+    text = text.replace("${{ github.base_ref }}", "main").replace("${{ vars.MNIST_MIRROR }}", "")
+    assert "${{" not in text, text
+    return text
+
+
+@pytest.fixture
+def pull_request(tmp_path: Path) -> Path:
+    """A clone of a repository whose main has committed metrics, checked out on a pull request's branch."""
+    upstream = new_repo(tmp_path / "upstream")
+    write_metrics(upstream, BASE_METRICS)
+    commit_all(upstream, "baseline pipeline run")
+    clone = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", str(upstream), str(clone))
+    git(clone, "config", "user.name", "Test")
+    git(clone, "config", "user.email", "test@example.com")
+    git(clone, "switch", "-q", "-c", "pull-request")
+    return clone
+
+
+def run_gate_step(checkout: Path, summary: Path) -> subprocess.CompletedProcess[str]:
+    step = gate_step()
+    job_env = load_workflow()["jobs"]["metrics-gate"]["env"]
+    env = check_env(
+        GITHUB_STEP_SUMMARY=str(summary),
+        # `python` in the step must be this project's interpreter, as after setup-python and pip install.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **{key: github_expressions(str(value)) for key, value in {**job_env, **step.get("env", {})}.items()},
+    )
+    script = checkout.parent / "gate-step.sh"
+    script.write_text(github_expressions(step["run"]), encoding="utf-8")
+    # GitHub runs a `run:` step without an explicit shell as `bash -e {0}`.
+    return subprocess.run(["bash", "-e", str(script)], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_workflow_gate_step_writes_the_table_to_the_step_summary(pull_request, tmp_path):
+    write_metrics(pull_request, BETTER_METRICS)
+    commit_all(pull_request, "better model")
+    summary = tmp_path / "step_summary.md"
+    result = run_gate_step(pull_request, summary)
+    assert result.returncode == 0, result.stderr
+    text = summary.read_text(encoding="utf-8")
+    origin_main = git(pull_request, "rev-parse", "origin/main")
+    assert text.startswith(f"### ✅ Metric check passed: 3 of 3 metrics within their rules, against origin/main ({origin_main[:7]})")
+    assert check.TABLE_HEADER in text
+    assert "| `test_accuracy` | 0.9213 | 0.93 | +0.0087 |" in text
+
+
+def test_workflow_gate_step_fails_the_job_on_a_regression(pull_request, tmp_path):
+    # Like `dvc repro` in CI, the worse metrics are in the working tree, not committed.
+    write_metrics(pull_request, WORSE_METRICS)
+    summary = tmp_path / "step_summary.md"
+    result = run_gate_step(pull_request, summary)
+    assert result.returncode == 1
+    text = summary.read_text(encoding="utf-8")
+    assert text.startswith("### ❌ Metric check failed")
+    assert "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |" in text
