@@ -30,7 +30,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ def check_rule_names(current: dict[str, Any], rules: dict[str, CheckRule], sourc
             problems.append(f"{metric} is {current[metric]!r}, not a number")
     if problems:
         raise CheckError(
-            f"the check section of the params has rules that cannot be checked against {source}: "
+            f"the check rules in params.yaml name metrics that cannot be checked against {source}: "
             f"{'; '.join(problems)}. Fix the rule's name in params.yaml or rerun the report stage."
         )
 
@@ -190,7 +190,7 @@ def compare(
                 raise CheckError(f"the baseline's {metric} is {old!r}, not a number; the baseline metrics file is malformed.")
         row = check_metric(metric, None if old is None else float(old), float(current[metric]), rule)
         if baseline is not None and metric not in baseline:
-            row = Row(row.metric, row.baseline, row.current, row.rule, row.failures, "new metric, not in the baseline")
+            row = replace(row, note="new metric, not in the baseline")
         rows.append(row)
     return rows
 
@@ -309,7 +309,7 @@ def render_json(rows: list[Row], baseline: Baseline | None = None) -> str:
 
 def render_error(message: str) -> str:
     """The Markdown appended to the summary file when the gate cannot run, so the run page says why."""
-    return f"### Metric check ⚠️ could not run\n\n{' '.join(message.split())}\n\n"
+    return f"### ⚠️ Metric check could not run\n\n{' '.join(message.split())}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument(
         "--rev",
         help="git revision holding the baseline metrics file, at the same path as --metrics "
-        "(default: the merge base of HEAD and main, or HEAD when there is none)",
+        "(default: the merge base of HEAD and main, or origin/main, else HEAD)",
     )
     source.add_argument("--baseline-file", type=Path, help="a metrics file to use as the baseline instead of git")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """Entry point of ``mnist-check`` and ``python -m pipeline.check``: exits with the gate's code."""
     configure_logging()
+    # A Windows console's code page has no ✅ or ❌; a replacement character beats a crash.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     try:
         code = main(sys.argv[1:])
     except PipelineError as error:

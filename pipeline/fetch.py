@@ -240,23 +240,30 @@ def _first_bytes_problem(head: bytes, content_type: str) -> str | None:
         return "returned HTML or XML (the body starts with '<'), not data"
     if not head:
         return "returned an empty body"
-    if not is_gzip(head) and not head.startswith(IDX_PREFIX[: len(head)]):
+    if not is_gzip(head) and not head.startswith(IDX_PREFIX):
         return f"returned data that is neither gzip nor IDX (it starts with {head[:8]!r})"
     return None
 
 
 def _copy_stream(stream: BinaryIO, target: BinaryIO, total: int | None, label: str, content_type: str = "") -> None:
-    """Copy ``stream`` to ``target``, refusing at the first chunk anything that cannot be the data."""
+    """Copy ``stream`` to ``target``, refusing at its first bytes anything that cannot be the data."""
+    # read1 returns whatever has arrived instead of waiting for a full chunk, so the progress bar
+    # moves and a temp file grows steadily on a slow connection.
+    read = getattr(stream, "read1", stream.read)
+    head = b""
     with _progress(total, label) as bar:
-        first = True
-        while True:
-            chunk = stream.read(CHUNK_SIZE)
-            if first:
-                if (problem := _first_bytes_problem(chunk, content_type)) is not None:
-                    raise IdxError(f"{label} {problem}.")
-                first = False
+        # The first few bytes are gathered before anything is written, so that an error page or
+        # some other wrong content is refused before the rest of it is downloaded.
+        while len(head) < len(IDX_PREFIX) + 1:
+            chunk = read(CHUNK_SIZE)
             if not chunk:
-                return
+                break
+            head += chunk
+        if (problem := _first_bytes_problem(head, content_type)) is not None:
+            raise IdxError(f"{label} {problem}.")
+        target.write(head)
+        bar.update(len(head))
+        while chunk := read(CHUNK_SIZE):
             target.write(chunk)
             bar.update(len(chunk))
 

@@ -120,7 +120,14 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params().preprocess
 
-    arrays = make_splits(read_raw(args.raw), params.validation_size)
+    raw = read_raw(args.raw)
+    num_training = len(raw["train"][0])
+    if params.validation_size >= num_training:
+        raise PipelineError(
+            f"preprocess.validation_size ({params.validation_size}) must be smaller than the "
+            f"{num_training} training images in {args.raw}, or nothing would be left to train on."
+        )
+    arrays = make_splits(raw, params.validation_size)
     write_arrays(args.out, arrays)
     sizes = ", ".join(f"{split} {len(arrays[f'{split}_images'])}" for split in SPLITS)
     logger.info("wrote %s (%s images)", args.out, sizes)

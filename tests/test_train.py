@@ -1,0 +1,215 @@
+"""The train stage: the seed's batching, its measurements, determinism, and failures that stay clean."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_module, snapshot, stage_env, write_params
+from idx_fixtures import write_mnist
+from pipeline.train import History, batch_order, chunk_ends, history_csv, run_name, train
+
+
+class NextBatch:
+    """A literal port of TensorFlow's old DataSet.next_batch, the seed's batching, for comparison."""
+
+    def __init__(self, num_examples: int, rng: np.random.Generator) -> None:
+        self.num_examples, self.rng = num_examples, rng
+        self.permutation = None
+        self.index_in_epoch = 0
+
+    def next(self, batch_size: int) -> np.ndarray:
+        if self.permutation is None:
+            self.permutation = self.rng.permutation(self.num_examples)
+        start = self.index_in_epoch
+        if start + batch_size > self.num_examples:
+            rest = self.permutation[start:]
+            self.permutation = self.rng.permutation(self.num_examples)
+            self.index_in_epoch = batch_size - len(rest)
+            return np.concatenate([rest, self.permutation[: self.index_in_epoch]])
+        self.index_in_epoch += batch_size
+        return self.permutation[start : self.index_in_epoch]
+
+
+@pytest.mark.parametrize(("num_examples", "batch_size", "iterations"), [(7, 3, 10), (10, 5, 9), (55_000, 100, 1200)])
+def test_batch_order_matches_next_batch(num_examples, batch_size, iterations):
+    reference = NextBatch(num_examples, np.random.default_rng(4))
+    expected = np.stack([reference.next(batch_size) for _ in range(iterations)])
+    assert np.array_equal(batch_order(num_examples, batch_size, iterations, seed=4), expected)
+
+
+def test_batch_order_covers_each_epoch_once_and_depends_on_the_seed():
+    order = batch_order(55_000, 100, 550, seed=0)
+    assert sorted(order.ravel().tolist()) == list(range(55_000))
+    assert not np.array_equal(order, batch_order(55_000, 100, 550, seed=1))
+
+
+def test_batch_order_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_order(10, 11, 1, 0)
+    with pytest.raises(ValueError, match="iterations"):
+        batch_order(10, 5, 0, 0)
+
+
+def test_chunks_end_at_every_evaluation_print_and_the_last_step():
+    assert chunk_ends(250, 100) == [100, 200, 250]
+    assert chunk_ends(2500, 700) == [700, 1000, 1400, 2000, 2100, 2500]
+
+
+def test_run_name_says_what_differs():
+    from pipeline.params import TrainParams
+
+    assert run_name(TrainParams(seed=0, learning_rate=0.01, batch_size=100, iterations=10000, eval_interval=100)) == (
+        "lr=0.01 bs=100 it=10000 seed=0"
+    )
+
+
+def test_history_csv_has_test_values_only_at_evaluation_steps():
+    history = History([np.array([0.5, 0.75], np.float32)], [np.array([20.0, 10.0], np.float32)], [2], [0.8], [300.0])
+    rows = list(csv.DictReader(io.StringIO(history_csv(history))))
+    assert [row["step"] for row in rows] == ["1", "2"]
+    assert rows[0]["test_accuracy"] == "" and float(rows[1]["test_accuracy"]) == 0.8
+    assert float(rows[1]["train_cross_entropy"]) == 10.0
+
+
+def small_data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    # Labels that depend on the pixels, so that the model can learn something.
+    train_images = rng.integers(0, 256, size=(400, 784), dtype=np.uint8)
+    test_images = rng.integers(0, 256, size=(100, 784), dtype=np.uint8)
+    label = lambda images: (images[:, :10].astype(int).argmax(axis=1))  # noqa: E731
+    eye = np.eye(10, dtype=np.uint8)
+    return train_images, eye[label(train_images)], test_images, eye[label(test_images)]
+
+
+def train_once(seed: int = 0, iterations: int = 120):
+    import keras
+
+    from pipeline.model import SgdTrainer, build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(seed)
+    trainer = SgdTrainer(model, 0.003, *small_data())
+    history = train(trainer, batch_order(400, 20, iterations, seed), eval_interval=50)
+    return history, model.get_weights()
+
+
+def test_same_params_give_identical_history_and_weights():
+    first_history, first_weights = train_once()
+    second_history, second_weights = train_once()
+    for first, second in zip(first_history.train_series(), second_history.train_series()):
+        assert np.array_equal(first, second)
+    assert first_history.test_accuracy == second_history.test_accuracy
+    assert first_history.test_cross_entropy == second_history.test_cross_entropy
+    assert all(np.array_equal(a, b) for a, b in zip(first_weights, second_weights))
+    assert first_history.test_steps == [50, 100]
+    # A different seed starts elsewhere, so the numbers differ.
+    _, other_weights = train_once(seed=1)
+    assert not np.array_equal(first_weights[0], other_weights[0])
+
+
+def test_initial_weights_follow_the_seed():
+    from pipeline.model import build_model
+
+    weights, biases = build_model(0).get_weights()
+    assert weights.shape == (784, 10) and biases.shape == (10,)
+    assert np.all(biases == 0)
+    # A truncated normal with stddev 0.1 never strays beyond two standard deviations.
+    assert np.abs(weights).max() <= 0.2 and 0.07 < weights.std() < 0.1
+
+
+def test_training_lowers_the_loss():
+    history, _ = train_once(iterations=200)
+    _, cross_entropy = history.train_series()
+    assert cross_entropy[-20:].mean() < cross_entropy[:20].mean()
+
+
+TRAIN_ARGS = ["--data", "processed", "--model", "models/model.keras", "--test-probabilities", "models/p.npy",
+              "--run-info", "models/run.json", "--history", "metrics/history.csv", "--metrics", "metrics/train.json"]
+
+
+@pytest.fixture
+def processed_project(tmp_path):
+    write_mnist(tmp_path / "raw", train_count=300, test_count=50, gz=False)
+    write_params(tmp_path, preprocess={"validation_size": 50}, train={"batch_size": 10, "iterations": 60, "eval_interval": 20})
+    assert run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=tmp_path).returncode == 0
+    return tmp_path
+
+
+def tracking_env(project):
+    return stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def test_missing_processed_data_is_a_clear_error(tmp_path):
+    write_params(tmp_path)
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=tmp_path, env=tracking_env(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "train_images.npy does not exist; run the preprocess stage first" in " ".join(result.stderr.split())
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_batch_larger_than_the_real_training_set_is_a_clear_error(processed_project):
+    write_params(processed_project, preprocess={"validation_size": 50}, train={"batch_size": 251})
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "train.batch_size (251) is larger than the training set (250 images)" in " ".join(result.stderr.split())
+
+
+def test_stage_writes_outputs_and_one_finished_run(processed_project):
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((processed_project / "metrics/history.csv").open()))
+    assert len(rows) == 60 and [row["step"] for row in rows if row["test_accuracy"]] == ["20", "40", "60"]
+    final = json.loads((processed_project / "metrics/train.json").read_text())
+    assert final["final_test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
+    probabilities = np.load(processed_project / "models/p.npy")
+    assert probabilities.shape == (50, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    run_info = json.loads((processed_project / "models/run.json").read_text())
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(run_info["tracking_uri"])
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "10"
+    history = client.get_metric_history(run.info.run_id, "train_cross_entropy")
+    assert sorted(metric.step for metric in history) == list(range(1, 61))
+
+
+def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(processed_project):
+    write_params(processed_project, preprocess={"validation_size": 50},
+                 train={"batch_size": 10, "iterations": 2_000_000, "eval_interval": 1000})
+    (processed_project / "metrics").mkdir()
+    (processed_project / "metrics/history.csv").write_text("an earlier history\n")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=processed_project,
+                               env=tracking_env(processed_project), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "step 2000:" in line or time.monotonic() > deadline:
+            break
+    assert any("step 2000:" in line for line in seen), "".join(seen)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert (processed_project / "metrics/history.csv").read_text() == "an earlier history\n"
+    leftovers = [path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name]
+    assert leftovers == []
+    assert not (processed_project / "models/model.keras").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{processed_project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-softmax")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]
