@@ -600,13 +600,16 @@ def default_sources(
     return sources
 
 
-def check_mirror_location(location: str) -> None:
-    """Refuse a mirror whose URL scheme cannot be fetched, before anything is tried."""
-    scheme = urlparse(location).scheme
+def check_mirror_location(location: str, setting: str = "the mirror") -> None:
+    """Refuse a mirror whose URL cannot be fetched, before anything is tried; ``setting`` names where it came from."""
+    try:
+        scheme = urlparse(location).scheme
+    except ValueError as error:
+        raise PipelineError(f"{setting} {location!r} is not a valid URL ({error}).") from None
     # One letter is a Windows drive (C:\data), which is a local directory.
     if scheme and len(scheme) > 1 and scheme not in ("http", "https", "file"):
         raise PipelineError(
-            f"the mirror {location!r} has the scheme {scheme}://; use an http://, https:// or file:// URL "
+            f"{setting} {location!r} has the scheme {scheme}://; use an http://, https:// or file:// URL "
             "or a local directory."
         )
 
@@ -684,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     environ = os.environ
     mirror = environ.get(ENV_MIRROR, "").strip() or params.fetch.mirror.strip()
     if mirror:
-        check_mirror_location(mirror)
+        check_mirror_location(mirror, ENV_MIRROR if environ.get(ENV_MIRROR, "").strip() else "fetch.mirror")
     expected = EXPECTED_SHA256
     if override := environ.get(ENV_EXPECTED, "").strip():
         expected = load_expected(Path(override))

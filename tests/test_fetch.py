@@ -358,7 +358,7 @@ def test_unsupported_mirror_scheme_is_reported(project, data, no_wheels, tmp_pat
     result = run_fetch(project, tmp_path / "raw", fetch_env(data, no_wheels, MNIST_MIRROR="ftp://example.org/mnist"))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "ftp://" in one_paragraph(result.stderr)
+    assert "MNIST_MIRROR 'ftp://example.org/mnist' has the scheme ftp://" in one_paragraph(result.stderr)
 
 
 def wait_for_temp_file(out: Path, process: subprocess.Popen, seconds: float = 20) -> Path:

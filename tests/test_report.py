@@ -1,0 +1,150 @@
+"""The report stage: scikit-learn metrics, the seed's figures, and clean failures on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score
+
+from conftest import run_module, snapshot, stage_env, write_params
+from pipeline.report import accuracy_figure, confusion_figure, confusion_rows, cross_entropy_figure, save_figure, score
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_matches_hand_computed_values():
+    labels = np.array([0, 1, 2, 2])
+    probabilities = np.full((4, 10), 0.01)
+    for row, predicted in enumerate([0, 1, 2, 1]):
+        probabilities[row, predicted] = 0.91
+    metrics = score(labels, probabilities)
+    assert metrics["test_accuracy"] == 0.75
+    # Two images give their true class 0.91, one gives it 0.91 and one 0.01.
+    assert metrics["test_cross_entropy"] == pytest.approx(-(3 * np.log(0.91) + np.log(0.01)) / 4)
+    assert metrics["per_class_recall"]["2"] == 0.5 and metrics["per_class_recall"]["0"] == 1.0
+    assert metrics["per_class_recall"]["7"] == 0.0
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, probabilities.argmax(1), average="macro"))
+
+
+def test_score_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="expected probabilities of shape"):
+        score(np.array([1, 2]), np.ones((3, 10)))
+
+
+def test_confusion_rows_pair_actual_and_predicted():
+    frame = confusion_rows(np.array([3, 4]), np.array([3, 9]))
+    assert frame.to_dict("records") == [{"actual": 3, "predicted": 3}, {"actual": 4, "predicted": 9}]
+
+
+def sample_history(steps: int = 300, eval_interval: int = 100) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    step = np.arange(1, steps + 1)
+    test_steps = step % eval_interval == 0
+    return pd.DataFrame({
+        "step": step,
+        "train_accuracy": rng.uniform(0.8, 1.0, steps),
+        "train_cross_entropy": rng.uniform(10, 60, steps),
+        "test_accuracy": np.where(test_steps, 0.92, np.nan),
+        "test_cross_entropy": np.where(test_steps, 2800.0, np.nan),
+    })
+
+
+def test_figures_are_written_as_png(tmp_path):
+    history = sample_history()
+    labels = np.array([0, 1, 2, 2, 9])
+    for name, figure in {
+        "accuracy.png": accuracy_figure(history),
+        "cross_entropy.png": cross_entropy_figure(history),
+        "confusion.png": confusion_figure(labels, np.array([0, 1, 2, 1, 9])),
+    }.items():
+        save_figure(figure, tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+    # The seed's cross-entropy figure shows the test curve per 100 images: 2800 / 100.
+    figure = cross_entropy_figure(history)
+    test_line = [line for line in figure.axes[0].lines if line.get_label() == "test set"][0]
+    assert test_line.get_ydata().tolist() == [28.0, 28.0, 28.0]
+    assert figure.axes[1].get_ylim() == (0, 70)
+
+
+REPORT_OUTPUTS = {
+    "--metrics": "metrics/metrics.json", "--confusion": "metrics/confusion.csv",
+    "--classification-report": "metrics/report.txt", "--accuracy-plot": "metrics/accuracy.png",
+    "--cross-entropy-plot": "metrics/cross_entropy.png", "--confusion-plot": "metrics/confusion_matrix.png",
+}
+
+
+def report_args(probabilities: str = "models/p.npy") -> list[str]:
+    args = ["--data", "processed", "--test-probabilities", probabilities, "--run-info", "models/run.json",
+            "--history", "metrics/history.csv"]
+    for option, path in REPORT_OUTPUTS.items():
+        args += [option, path]
+    return args
+
+
+@pytest.fixture
+def report_project(tmp_path):
+    """A project where preprocess has run and train's outputs are faked by hand (no TensorFlow needed)."""
+    from idx_fixtures import write_mnist
+
+    write_mnist(tmp_path / "raw", train_count=60, test_count=20, gz=False)
+    write_params(tmp_path, preprocess={"validation_size": 10})
+    assert run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=tmp_path).returncode == 0
+    (tmp_path / "models").mkdir()
+    (tmp_path / "metrics").mkdir()
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10), size=20).astype(np.float32)
+    np.save(tmp_path / "models/p.npy", probabilities)
+    sample_history().to_csv(tmp_path / "metrics/history.csv", index=False)
+    (tmp_path / "metrics/metrics.json").write_text('{"test_accuracy": 0.5}\n')
+    return tmp_path
+
+
+def test_report_logs_into_the_run_that_train_opened(report_project):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{report_project / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("mnist-softmax", artifact_location=(report_project / "art").as_uri())
+    run_id = client.create_run(experiment_id).info.run_id
+    client.set_terminated(run_id)
+    (report_project / "models/run.json").write_text(
+        json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}))
+    result = run_module("pipeline.report", *report_args(), cwd=report_project, env=stage_env(MLFLOW_TRACKING_URI=uri))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((report_project / "metrics/metrics.json").read_text())
+    labels = np.load(report_project / "processed/test_labels.npy").argmax(1)
+    predicted = np.load(report_project / "models/p.npy").argmax(1)
+    assert metrics["test_accuracy"] == pytest.approx(np.mean(labels == predicted))
+    assert len(pd.read_csv(report_project / "metrics/confusion.csv")) == 20
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "report")}
+    assert {"report/accuracy.png", "report/confusion_matrix.png", "report/metrics.json"} <= artifacts
+    assert len(client.search_runs([experiment_id])) == 1
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda project: (project / "models/p.npy").unlink(), "p.npy does not exist; run the train stage first"),
+        (lambda project: (project / "models/p.npy").write_bytes(b"not numpy"), "p.npy is corrupt"),
+        (lambda project: np.save(project / "models/p.npy", np.ones((19, 10), np.float32)),
+         "holds probabilities of shape (19, 10) but there are 20 test labels"),
+        (lambda project: (project / "metrics/history.csv").write_text("step,nonsense\n1,2\n"),
+         "history.csv must have the columns step, train_accuracy"),
+        (lambda project: (project / "models/run.json").unlink(), "run.json does not exist"),
+    ],
+)
+def test_bad_inputs_give_clear_errors_and_keep_earlier_metrics(report_project, break_it, expected):
+    (report_project / "models/run.json").write_text('{"run_id": "x", "experiment_id": "1", "tracking_uri": "sqlite:///x"}')
+    break_it(report_project)
+    before = snapshot(report_project / "metrics")
+    result = run_module("pipeline.report", *report_args(), cwd=report_project,
+                        env=stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{report_project / 'mlflow.db'}"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert expected in " ".join(result.stderr.split())
+    assert snapshot(report_project / "metrics") == before
