@@ -30,26 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
-# The project is not installed into the virtualenv, so its root is put on the path here; a
-# `pythonpath = ["."]` in pyproject's pytest options would make this unnecessary.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline import fetch  # noqa: E402
-from pipeline.cli import PipelineError  # noqa: E402
-from pipeline.fetch import (  # noqa: E402
-    EXPECTED_SHA256,
-    FILES,
-    Mirror,
-    PypiWheel,
-    fetch_all,
-    idx_files_from_arrays,
-    load_expected,
-    load_wheel_arrays,
-    verify_bytes,
-)
-from pipeline.idx import IdxError, encode_idx  # noqa: E402
-from tests.idx_fixtures import (  # noqa: E402
+from idx_fixtures import (
     TEST_IMAGES,
     TEST_LABELS,
     TRAIN_IMAGES,
@@ -61,8 +42,22 @@ from tests.idx_fixtures import (  # noqa: E402
     write_idx,
     write_mnist,
 )
+from pipeline import fetch
+from pipeline.cli import PipelineError
+from pipeline.fetch import (
+    EXPECTED_SHA256,
+    FILES,
+    Mirror,
+    PypiWheel,
+    fetch_all,
+    idx_files_from_arrays,
+    load_expected,
+    load_wheel_arrays,
+    verify_bytes,
+)
+from pipeline.idx import IdxError, encode_idx
 
-SHARED_MIRROR = ROOT.parent / "shared" / "mnist"
+ROOT = Path(__file__).resolve().parents[1]
 # How long the "hanging" server handler waits; far longer than the 1 s client timeout used.
 HANG_SECONDS = 10
 
@@ -520,9 +515,9 @@ def test_pip_options_from_env():
     assert fetch.pip_options_from_env({"MNIST_PYPI_FIND_LINKS": "/w"}) == ("--find-links", "/w", "--no-index")
 
 
-@pytest.mark.skipif(not SHARED_MIRROR.is_dir(), reason=f"the shared MNIST mirror {SHARED_MIRROR} is not on this machine")
-def test_shared_mirror_verifies_with_the_real_digests(tmp_path):
-    source = Mirror(str(SHARED_MIRROR), "shared mirror")
+def test_shared_mirror_verifies_with_the_real_digests(tmp_path, shared_mnist):
+    # shared_mnist (conftest) skips this test on machines without the read-only copy.
+    source = Mirror(str(shared_mnist), "shared mirror")
     origins = fetch_all(tmp_path / "raw", [source], EXPECTED_SHA256, timeout=30)
     assert origins == {name: source.describe() for name in FILES}
     fetch.check_splits(tmp_path / "raw")

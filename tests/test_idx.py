@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import gzip
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-# The project is not installed into the virtualenv, so its root is put on the path here; a
-# `pythonpath = ["."]` in pyproject's pytest options would make this unnecessary.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from idx_fixtures import TRAIN_IMAGES, TRAIN_LABELS, make_mnist, write_idx, write_mnist
 
 from pipeline.idx import (
     IdxError,
@@ -28,7 +23,6 @@ from pipeline.idx import (
     read_labels,
     sha256,
 )
-from tests.idx_fixtures import TRAIN_IMAGES, TRAIN_LABELS, make_mnist, write_idx, write_mnist
 
 NAME = "some-dir/train-images-idx3-ubyte"
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the pipeline against a plain NumPy reference (see benchmarks/README.md)."""

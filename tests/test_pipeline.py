@@ -1,0 +1,139 @@
+"""End to end, as a user runs it: ``dvc repro`` in a fresh git repository, then MLflow read back.
+
+The project is copied into a temporary git repository with tiny synthetic MNIST files behind
+``MNIST_MIRROR``; everything else is real: the DVC CLI, TensorFlow, and MLflow's default store,
+the SQLite file at the project root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, make_project
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("e2e"))
+    first = project.dvc("repro", timeout=600)
+    return project, first
+
+
+def mlflow_client(project):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+
+
+def only_runs(project):
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("mnist-softmax")
+    assert experiment is not None, "the experiment named in params.yaml was not created"
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_repro_runs_every_stage_and_writes_every_output(repro):
+    project, first = repro
+    assert ran_stages(first.stdout) == ["fetch", "preprocess", "train", "report"]
+    for path in ("data/raw/train-images-idx3-ubyte", "data/processed/train_images.npy", *TRAIN_OUTPUTS, *REPORT_OUTPUTS):
+        assert (project.root / path).is_file(), path
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"fetch", "preprocess", "train", "report"}
+
+    history = pd.read_csv(project.root / "metrics/history.csv")
+    assert list(history.columns) == ["step", "train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy"]
+    assert history["step"].tolist() == list(range(1, 51))
+    assert history.dropna()["step"].tolist() == [10, 20, 30, 40, 50]
+
+    metrics = json.loads((project.root / "metrics/metrics.json").read_text())
+    assert set(metrics) == {"test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1",
+                            "per_class_recall"}
+    assert metrics["test_accuracy"] == pytest.approx(history["test_accuracy"].dropna().iloc[-1])
+    # The report's cross-entropy is per image; the history's is summed over the 60 test images.
+    assert metrics["test_cross_entropy"] == pytest.approx(history["test_cross_entropy"].dropna().iloc[-1] / 60, rel=1e-4)
+    assert len(pd.read_csv(project.root / "metrics/confusion.csv")) == 60
+    # Outputs stay out of git; the small metrics files are committed.
+    ignored = project.git("check-ignore", "data/raw", "models/model.keras")
+    assert "data/raw" in ignored and "models/model.keras" in ignored
+    assert project.git("check-ignore", "metrics/metrics.json", check=False) == ""
+
+
+def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
+    project, _ = repro
+    client, runs = only_runs(project)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
+    params = run.data.params
+    assert params["train.learning_rate"] == "0.003" and params["train.batch_size"] == "20"
+    assert params["train.iterations"] == "50" and params["data.train_examples"] == "200"
+
+    train_history = client.get_metric_history(run.info.run_id, "train_accuracy")
+    assert sorted(metric.step for metric in train_history) == list(range(1, 51))
+    test_history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert sorted(metric.step for metric in test_history) == [10, 20, 30, 40, 50]
+    history = pd.read_csv(project.root / "metrics/history.csv")
+    logged = {metric.step: metric.value for metric in train_history}
+    assert logged[37] == pytest.approx(history.loc[36, "train_accuracy"])
+    assert run.data.metrics["macro_f1"] > 0
+
+    tags = run.data.tags
+    assert tags["git.commit"] == project.git("rev-parse", "HEAD")
+    assert tags["git.dirty"] in ("true", "false")
+    assert any(key.startswith("data.") for key in tags)
+
+    artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"dvc.lock", "history.csv", "report"} <= artifacts
+    report = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/accuracy.png", "report/cross_entropy.png", "report/confusion_matrix.png",
+            "report/confusion.csv", "report/metrics.json"} <= report
+    # Artifacts sit beside the store at the project root, not wherever a stage happened to run.
+    assert (project.root / "mlartifacts").is_dir()
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    images = np.load(project.root / "data/processed/test_images.npy")[:4].astype(np.float32) / 255
+    probabilities = np.asarray(model(images))
+    assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    stored = np.load(project.root / "models/test_probabilities.npy")[:4]
+    assert np.allclose(probabilities, stored, atol=1e-5)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert pyfunc.metadata.signature is not None
+    assert pyfunc.metadata.saved_input_example_info is not None
+
+
+def test_metrics_and_plots_commands_work(repro):
+    project, _ = repro
+    shown = project.dvc("metrics", "show", "--json").stdout
+    assert "test_accuracy" in shown and "final_train_accuracy" in shown
+    plots = project.dvc("plots", "show", "-o", "dvc_plots").stdout
+    html = (project.root / "dvc_plots" / "index.html").read_text()
+    assert "index.html" in plots and "confusion" in html.lower()
+
+
+def test_second_repro_runs_nothing_and_a_learning_rate_change_reruns_only_train_and_report(repro):
+    project, _ = repro
+    second = project.dvc("repro")
+    assert ran_stages(second.stdout) == []
+    project.commit("pipeline outputs")
+
+    project.set_params(train={"learning_rate": 0.01})
+    third = project.dvc("repro")
+    assert ran_stages(third.stdout) == ["train", "report"]
+    _, runs = only_runs(project)
+    assert [run.data.params["train.learning_rate"] for run in runs] == ["0.003", "0.01"]
+    assert runs[-1].info.run_name == "lr=0.01 bs=20 it=50 seed=0"
+    assert runs[-1].data.tags["git.dirty"] == "true", "params.yaml differs from the commit"
