@@ -58,6 +58,7 @@ from pipeline.fetch import (
 from pipeline.idx import IdxError, encode_idx
 
 ROOT = Path(__file__).resolve().parents[1]
+
 # How long the "hanging" server handler waits; far longer than the 1 s client timeout used.
 HANG_SECONDS = 10
 
