@@ -1,16 +1,26 @@
 """MLflow plumbing shared by train and report: where the store is, what to tag, how to log fast.
 
-The tracking store defaults to an SQLite file at the project root, ``sqlite:///<root>/mlflow.db``
-with an absolute path, and its artifacts beside it in ``<root>/mlartifacts``. The root is DVC's
-``$DVC_ROOT`` when DVC sets it (queued experiments run in temporary copies of the repository, and a
-relative path would lose their runs there), else the nearest directory holding ``dvc.yaml``.
-``$MLFLOW_TRACKING_URI``, then ``tracking.uri`` in params.yaml, override the default.
+Two directories matter, and they differ for queued experiments (``dvc exp run --queue``), which DVC
+runs in temporary copies of the repository under ``.dvc/tmp/exps``:
+
+* the *store root*, where the default tracking store lives: an SQLite file
+  ``sqlite:///<store root>/mlflow.db`` (absolute path) with its artifacts beside it in
+  ``<store root>/mlartifacts``. It is DVC's ``$DVC_ROOT`` when DVC sets it (for queued experiments
+  DVC points it at the parent repository, so their runs land in the project's own store rather than
+  in a copy that is deleted afterwards), else the nearest directory holding ``dvc.yaml``;
+* the *project root* (the working copy), where the stage runs: the nearest directory holding
+  ``dvc.yaml``. Its ``dvc.lock`` and git state describe the run, so tags are read from there.
+
+``$MLFLOW_TRACKING_URI``, then ``tracking.uri`` in params.yaml, override the default store. Runs
+started at the same time (``dvc queue start -j 2``) share an SQLite store safely: its first use is
+serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
 
 MLflow is imported lazily so that parameter and input errors are reported before its import cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,15 +29,20 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import yaml
 
 from pipeline.cli import PipelineError
 from pipeline.params import tracking_uri_problem
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first use of a new store is then unguarded.
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +51,55 @@ METRICS_PER_BATCH = 1000
 # A tracking server that cannot answer a health check within this many seconds is reported as
 # unreachable before any training time is spent.
 SERVER_CHECK_SECONDS = 5.0
+# How long a process writing to an SQLite store waits for another one to finish its write. SQLite's
+# own default, 5 s, is short when two trainings share the machine's two cores.
+SQLITE_BUSY_SECONDS = 60
+# How long a process waits for another one to finish creating or upgrading an SQLite store.
+SQLITE_INIT_LOCK_SECONDS = 120
+# Appended to every "cannot use the tracking store" error, so users know what to do next.
+TRACKING_FIX_HINT = (
+    "Start or repair the server, fix MLFLOW_TRACKING_URI (or tracking.uri in params.yaml), or unset it "
+    "to use the local SQLite store. Nothing was trained and no output was changed."
+)
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The repository root: $DVC_ROOT when DVC sets it, else the nearest ancestor with dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    """The working copy the stage runs in: the nearest ancestor of ``start`` (or cwd) with dvc.yaml.
+
+    Unlike :func:`store_root` this ignores $DVC_ROOT, which for a queued experiment names the parent
+    repository rather than the temporary copy whose dvc.lock and sources this run actually used.
+    """
     here = (start or Path.cwd()).resolve()
     for directory in (here, *here.parents):
         if (directory / "dvc.yaml").exists() or (directory / ".dvc").is_dir():
             return directory
     return here
+
+
+def store_root(start: Path | None = None) -> Path:
+    """Where the default store lives: $DVC_ROOT when DVC sets it, else :func:`project_root`."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return project_root(start)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URI, or None for other stores and in-memory databases."""
+    if urlparse(uri).scheme != "sqlite" or ":///" not in uri:
+        return None
+    path = uri.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def with_busy_timeout(uri: str) -> str:
+    """Add SQLITE_BUSY_SECONDS as the ``timeout`` of an SQLite URI that does not set one.
+
+    SQLAlchemy hands the parameter to sqlite3.connect, so a writer waits for a concurrent one (two
+    queued experiments logging metrics at once) instead of failing with "database is locked".
+    """
+    if sqlite_path(uri) is None or "timeout" in parse_qs(urlparse(uri).query):
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_SECONDS}"
 
 
 def tracking_uri(params_uri: str, root: Path) -> str:
@@ -57,8 +110,8 @@ def tracking_uri(params_uri: str, root: Path) -> str:
         if problem:
             source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
             raise PipelineError(f"{source} {problem}.")
-        return uri
-    return f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+        return with_busy_timeout(uri)
+    return with_busy_timeout(f"sqlite:///{(root / 'mlflow.db').as_posix()}")
 
 
 def artifact_location(uri: str, root: Path) -> str | None:
@@ -77,17 +130,53 @@ def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
             with urllib.request.urlopen(health, timeout=timeout) as response:
                 if response.status != 200:
                     raise PipelineError(f"the MLflow tracking server at {uri} answered {response.status} to {health}.")
+        except urllib.error.HTTPError as error:
+            # Something answers there, but not an MLflow server's health check: a wrong port or path.
+            raise PipelineError(
+                f"{uri} does not look like an MLflow tracking server: {health} answered HTTP {error.code} "
+                f"({error.reason}). {TRACKING_FIX_HINT}"
+            ) from None
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise PipelineError(
                 f"the MLflow tracking server at {uri} cannot be reached ({reason}) within {timeout:g} s. "
-                "Start it, fix MLFLOW_TRACKING_URI (or tracking.uri in params.yaml), or unset it to use "
-                "the local SQLite store. Nothing was trained and no output was changed."
+                f"{TRACKING_FIX_HINT}"
             ) from None
-    elif parsed.scheme == "sqlite":
-        database = Path(parsed.path)
+    elif (database := sqlite_path(uri)) is not None:
         if not database.parent.is_dir():
             raise PipelineError(f"the MLflow SQLite store {uri} is in {database.parent}, which does not exist.")
+
+
+@contextlib.contextmanager
+def store_init_lock(uri: str, timeout: float = SQLITE_INIT_LOCK_SECONDS) -> Iterator[None]:
+    """Hold an exclusive lock beside an SQLite store while this process first opens it.
+
+    MLflow creates and migrates the schema on first use; two processes doing that at once (a queue
+    started with -j 2 on a fresh project) fail with "duplicate column" or alembic errors. The lock
+    file ``mlflow.db-lock`` matches the ``mlflow.db-*`` pattern that git already ignores. Other
+    stores (a server, PostgreSQL) handle concurrency themselves.
+    """
+    database = sqlite_path(uri)
+    if database is None or fcntl is None:
+        yield
+        return
+    with open(f"{database}-lock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"another process has held {database}-lock for over {timeout:g} s while opening the "
+                        f"MLflow store {uri}; if none is running, delete that file."
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def configure_client_timeouts() -> None:
@@ -99,7 +188,7 @@ def configure_client_timeouts() -> None:
 
 def connect(params_uri: str, experiment: str):
     """Point MLflow at the store, check it answers, and return (client, experiment_id)."""
-    root = project_root()
+    root = store_root()
     uri = tracking_uri(params_uri, root)
     check_reachable(uri)
     configure_client_timeouts()
@@ -107,19 +196,38 @@ def connect(params_uri: str, experiment: str):
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return client, found.experiment_id
     try:
-        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location(uri, root))
+        # Creating the client opens the store, which for a new SQLite file creates its schema.
+        with store_init_lock(uri):
+            client = MlflowClient(uri)
+            return client, experiment_id(client, experiment, artifact_location(uri, root))
+    except mlflow.exceptions.MlflowException as error:
+        # A server that passed the health check but cannot serve the API (its database is down, a
+        # proxy in front of it rejects the call) is reported here, still before any training.
+        raise PipelineError(f"the MLflow tracking store {uri} failed: {short(error.message)} {TRACKING_FIX_HINT}") from None
+
+
+def experiment_id(client, name: str, location: str | None) -> str:
+    """The id of the experiment ``name``, created (with artifacts at ``location``) if it is new."""
+    import mlflow
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
-        # Two queued experiments may race to create it; the loser simply uses the winner's.
-        found = client.get_experiment_by_name(experiment)
+        # Two runs against a server may race to create it; the loser simply uses the winner's.
+        found = client.get_experiment_by_name(name)
         if found is None:
             raise
-        experiment_id = found.experiment_id
-    return client, experiment_id
+        return found.experiment_id
+
+
+def short(message: str, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters: server errors can carry whole HTML pages."""
+    flat = " ".join(str(message).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def git_info(root: Path) -> dict[str, str]:
@@ -132,16 +240,22 @@ def git_info(root: Path) -> dict[str, str]:
             return None
         return result.stdout.strip() if result.returncode == 0 else None
 
+    # An experiment's own commit does not exist yet while it runs; DVC names the one it started from.
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or git("rev-parse", "HEAD") or "unknown"
-    # Outputs that the pipeline itself rewrites while it runs (dvc.lock, metrics/) do not count
-    # as a dirty tree; a changed source file or params.yaml does.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!metrics")
-    dirty = "unknown" if status is None else str(bool(status)).lower()
+    # Compared with that commit rather than with HEAD, so an experiment's -S changes to params.yaml
+    # count in a queued copy too. Outputs that the pipeline itself rewrites while it runs
+    # (dvc.lock, metrics/) do not count as a dirty tree; a changed source file or params.yaml does.
+    changed = None if commit == "unknown" else git("diff", "--name-only", commit, "--", ".", ":!dvc.lock", ":!metrics")
+    dirty = "unknown" if changed is None else str(bool(changed)).lower()
     return {"git.commit": commit, "git.dirty": dirty}
 
 
 def data_hashes(root: Path) -> dict[str, str]:
-    """The md5 of every stage output DVC recorded in dvc.lock, keyed by path."""
+    """The md5 of every fetch and preprocess output recorded in ``root``'s dvc.lock, keyed by path.
+
+    DVC updates dvc.lock after each stage, so when train runs it holds the entries of the data that
+    train is about to read, in a queued experiment's temporary copy as in the workspace.
+    """
     lock_path = root / "dvc.lock"
     try:
         lock = yaml.safe_load(lock_path.read_text()) or {}
@@ -155,7 +269,9 @@ def data_hashes(root: Path) -> dict[str, str]:
     return hashes
 
 
-def run_tags(root: Path) -> dict[str, str]:
+def run_tags(root: Path | None = None) -> dict[str, str]:
+    """Tags linking a run to its DVC experiment, commit and data, read from the working copy ``root``."""
+    root = root or project_root()
     tags = {**git_info(root), **data_hashes(root)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]

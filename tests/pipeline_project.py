@@ -6,13 +6,15 @@ fetch stage to read through ``MNIST_MIRROR``, shrinks params.yaml so that a whol
 takes seconds, runs ``git init -b main`` and commits. It returns a :class:`Project` whose ``env``
 runs ``dvc``, ``git`` and the stages there with this virtualenv's tools first on PATH, no stray
 ``MLFLOW_*``/``DVC_*``/``MNIST_*`` variable from the caller, and git independent of the
-developer's own configuration.
+developer's own configuration. ``Project`` also drives DVC's experiment queue (``start_queue``,
+``wait_for_queue``, ``stop_queue``) and reads experiments back (``experiments``, ``read_output``).
 
 Nothing here imports MLflow or TensorFlow, so a test can use it cheaply before deciding to skip.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -109,7 +111,45 @@ class Project:
         command = yaml.safe_load((self.root / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
         return [sys.executable if command[0] == "python" else command[0], *command[1:]]
 
-    def wait_for_queue(self, timeout: float = 600, poll: float = 3) -> str:
+    def experiments(self) -> dict[str, dict]:
+        """Every experiment of the current baseline by name: its ``rev``, ``params`` and ``metrics``.
+
+        Read from ``dvc exp show --json``, whose params and metrics are keyed by file.
+        """
+        shown = json.loads(self.dvc("exp", "show", "--json", timeout=120).stdout)
+        found = {}
+        for baseline in shown:
+            for experiment in baseline.get("experiments") or []:
+                for rev in experiment.get("revs") or []:
+                    data = rev.get("data") or {}
+                    found[rev.get("name") or experiment.get("name")] = {
+                        "rev": rev["rev"],
+                        "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
+                        "metrics": {path: value.get("data", {}) for path, value in (data.get("metrics") or {}).items()},
+                    }
+        return found
+
+    def read_output(self, path: str, *revs: str) -> dict[str, str]:
+        """The text of a DVC-tracked output (``models/mlflow_run.json``, say) in each of ``revs``."""
+        script = ("import json, sys, dvc.api\n"
+                  "print(json.dumps({rev: dvc.api.read(sys.argv[1], repo='.', rev=rev) for rev in sys.argv[2:]}))")
+        return json.loads(self.python("-c", script, path, *revs, timeout=120).stdout)
+
+    def start_queue(self, jobs: int = 2, timeout: float = 120) -> None:
+        """``dvc queue start -j jobs``, its output going to ``.dvc/tmp/queue-start.log``.
+
+        The workers it spawns inherit its stdout and stderr, so capturing them through pipes would
+        block until the whole queue had run; a file does not.
+        """
+        log_path = self.root / ".dvc" / "tmp" / "queue-start.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            result = subprocess.run([str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs)], cwd=self.root,
+                                    env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, timeout=timeout)
+        if result.returncode != 0:
+            raise CommandFailed(f"dvc queue start exited {result.returncode}:\n{log_path.read_text()}")
+
+    def wait_for_queue(self, timeout: float = 600, poll: float = 2) -> str:
         """Poll ``dvc queue status`` until nothing is queued or running; return its last output."""
         deadline = time.monotonic() + timeout
         while True:
@@ -172,13 +212,15 @@ def make_project(
     data_seed: int = 0,
     mirror: Path | None = None,
     env: Mapping[str, str] | None = None,
+    tiny: bool = True,
     init_git: bool = True,
 ) -> Project:
     """Lay out a runnable copy of the project under ``tmp_path / "project"`` and commit it.
 
-    ``params`` overrides params.yaml on top of :data:`TINY_PARAMS`. ``mirror`` uses a directory of
-    real MNIST files instead of writing synthetic ones (the built-in digests then apply). ``env``
-    adds to or replaces the environment's variables (an ``MLFLOW_TRACKING_URI``, say).
+    ``params`` overrides params.yaml, on top of :data:`TINY_PARAMS` unless ``tiny`` is false.
+    ``mirror`` uses a directory of real MNIST files instead of writing synthetic ones (the built-in
+    digests then apply). ``env`` adds to or replaces the environment's variables (an
+    ``MLFLOW_TRACKING_URI``, say).
     """
     tmp_path = Path(tmp_path)
     root = tmp_path / "project"
@@ -200,7 +242,7 @@ def make_project(
     extra["MNIST_MIRROR"] = str(mirror)
     project = Project(root=root, env=base_env(root, {**extra, **(env or {})}), arrays=arrays)
 
-    overrides = {section: dict(values) for section, values in TINY_PARAMS.items()}
+    overrides = {section: dict(values) for section, values in TINY_PARAMS.items()} if tiny else {}
     for section, values in (params or {}).items():
         overrides.setdefault(section, {}).update(values)
     project.set_params(**overrides)

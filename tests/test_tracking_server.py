@@ -1,0 +1,389 @@
+"""The team set-up: a shared MLflow server on PostgreSQL, a shared DVC remote, and a server that fails.
+
+* A real PostgreSQL cluster (Debian's ``postgresql`` package, started by the test in a temporary
+  directory) backs a real ``mlflow server --artifacts-destination``; the whole pipeline runs with
+  ``MLFLOW_TRACKING_URI`` pointing at it, and everything is read back through the REST API: params,
+  per-step metric histories, artifacts, and the model, loaded with mlflow.keras and mlflow.pyfunc
+  and predicting. Only these tests skip, saying why, where PostgreSQL is not installed or will not
+  start (scripts/install_test_services.sh installs it).
+* An unreachable or misconfigured server stops the train stage within seconds, before any
+  training, with a one-paragraph error naming the URI and no output file touched.
+* ``dvc push`` to a local-directory remote, then ``dvc pull`` in a fresh clone, restores the data
+  and the model with nothing rerun.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, VENV_BIN, Project, base_env, make_project
+
+EXPERIMENT = "mnist-softmax"
+# A failing tracking server must be reported this fast (the check itself waits at most 5 s).
+FAIL_FAST_SECONDS = 15
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:g} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a server started in its own session, with all its worker processes."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
+def postgres_bin_dir() -> Path | None:
+    """Where initdb and pg_ctl are: on PATH, or in Debian's versioned directory (newest first)."""
+    on_path = shutil.which("pg_ctl")
+    candidates = [Path(on_path).resolve().parent] if on_path else []
+    candidates += [Path(path) for path in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    return next((path for path in candidates if (path / "initdb").exists() and (path / "pg_ctl").exists()), None)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on a free port of 127.0.0.1; yields its ``mlflow`` database URI."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl); run scripts/install_test_services.sh")
+    # PostgreSQL refuses to run as root; Debian's package brings the postgres user for this.
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser, so PostgreSQL cannot be started as another user")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
+    directory = Path(tempfile.mkdtemp(prefix="mlflow-test-postgres."))
+    if as_user:
+        try:
+            shutil.chown(directory, "postgres", "postgres")
+        except (LookupError, PermissionError) as error:
+            shutil.rmtree(directory, ignore_errors=True)
+            pytest.skip(f"cannot run PostgreSQL as the postgres user: {error}")
+    data, log, port = directory / "data", directory / "postgres.log", free_port()
+
+    def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, cwd=directory)
+
+    started = False
+    try:
+        init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions")
+        if init.returncode != 0:
+            pytest.skip(f"initdb failed: {init.stderr[-1000:]}")
+        # fsync off: a test database need not survive a power cut, and this keeps MLflow's schema
+        # migrations quick. The socket goes into the test's own directory, not /var/run.
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {directory} -c fsync=off"
+        start = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
+        if start.returncode != 0:
+            pytest.skip(f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:] if log.exists() else ''}")
+        started = True
+        create = run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        assert create.returncode == 0, create.stderr
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        if started:
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory):
+    """``mlflow server`` on PostgreSQL, proxying artifacts to a local directory; yields (url, that directory)."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install -e '.[dev]'")
+    directory = tmp_path_factory.mktemp("mlflow-server")
+    artifacts, log_path, port = directory / "artifacts", directory / "server.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", postgres,
+             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=directory,
+            # Its own session, so that stopping it also stops the web workers it forks.
+            start_new_session=True,
+        )
+    try:
+        wait_for_http(f"{url}/health", process, timeout=180, log=log_path)
+        yield url, artifacts
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> Project:
+    """A project whose pipeline ran against its local SQLite store, with the results committed."""
+    project = make_project(tmp_path_factory.mktemp("reproduced"))
+    project.dvc("repro", timeout=600)
+    project.commit("Reproduce the pipeline")
+    return project
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    url, artifacts = mlflow_server
+    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    project.dvc("repro", timeout=600)
+
+    run_info = json.loads((project.root / "models/mlflow_run.json").read_text())
+    assert run_info["tracking_uri"] == url
+    # Nothing went to a local store.
+    assert not (project.root / "mlflow.db").exists() and not (project.root / "mlartifacts").exists()
+
+    client = MlflowClient(url)
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    params = project.params()
+    assert run.data.params == {
+        **{f"train.{key}": str(value) for key, value in params["train"].items()},
+        "tracking.experiment": EXPERIMENT,
+        "data.train_examples": "200",
+        "data.test_examples": "60",
+        "model": "Dense(10, softmax) on 784 pixels",
+        "loss": "cross-entropy summed over the batch",
+        "optimizer": "SGD",
+    }
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
+    tags = run.data.tags
+    assert run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
+    assert tags["git.commit"] == project.git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
+    assert tags["data.data/raw"] == lock["fetch"]["outs"][0]["md5"]
+    assert tags["data.data/processed"] == lock["preprocess"]["outs"][0]["md5"]
+
+    # Every step's measurement, with its step, equal to the history DVC plots.
+    history = pd.read_csv(project.root / "metrics/history.csv")
+    tests = history.dropna(subset=["test_accuracy"])
+    for key, rows in (("train_accuracy", history), ("train_cross_entropy", history),
+                      ("test_accuracy", tests), ("test_cross_entropy", tests)):
+        logged = client.get_metric_history(run.info.run_id, key)
+        assert [metric.step for metric in logged] == rows["step"].tolist(), key
+        assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
+    final = json.loads((project.root / "metrics/train.json").read_text())
+    report = json.loads((project.root / "metrics/metrics.json").read_text())
+    assert run.data.metrics["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"])
+    assert run.data.metrics["macro_f1"] == pytest.approx(report["macro_f1"])
+
+    # Artifacts, fetched back through the server, are the files the stages wrote.
+    logged = set(artifact_paths(client, run.info.run_id))
+    assert {"history.csv", "dvc.lock", "report/metrics.json", "report/accuracy.png",
+            "report/cross_entropy.png", "report/confusion_matrix.png"} <= logged
+    downloads = tmp_path / "downloads"
+    for name in ("accuracy.png", "cross_entropy.png", "confusion_matrix.png"):
+        path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(downloads)))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
+    logged_lock = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(downloads))).read_text())
+    assert logged_lock["stages"]["train"] == lock["train"]
+    # The server kept them in its --artifacts-destination, not beside the project.
+    assert any(artifacts.rglob("accuracy.png")) and any(artifacts.rglob("MLmodel"))
+
+    # The model: loadable by flavour and as pyfunc, predicting what train predicted.
+    (output,) = run.outputs.model_outputs
+    images = np.load(project.root / "data/processed/test_images.npy")[:8].astype(np.float32) / 255
+    expected = np.load(project.root / "models/test_probabilities.npy")[:8]
+    mlflow.set_tracking_uri(url)
+    try:
+        keras_model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+        assert np.allclose(keras_model.predict(images, verbose=0), expected, atol=1e-5)
+        pyfunc_model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+        predicted = np.asarray(pyfunc_model.predict(images))
+        assert predicted.shape == (8, 10) and np.allclose(predicted, expected, atol=1e-5)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+class SilentServer:
+    """Accepts connections and never answers: a hung server or a firewall that swallows packets."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class FakeServer:
+    """An HTTP server on 127.0.0.1 that answers ``/health`` with one status and everything else with another."""
+
+    def __init__(self, health_status: int, other_status: int) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                status = health_status if self.path.rstrip("/").endswith("/health") else other_status
+                body = b"OK" if status == 200 else b"<html><body>Internal error</body></html>"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(params=["closed-port", "silent", "not-mlflow", "api-fails"])
+def bad_server(request):
+    """A tracking URI that cannot be used, and the phrase its error must contain."""
+    if request.param == "closed-port":
+        yield f"http://127.0.0.1:{free_port()}", "cannot be reached"
+        return
+    server = {
+        "silent": SilentServer,
+        "not-mlflow": lambda: FakeServer(health_status=404, other_status=404),
+        # A server whose health check passes but whose database is down.
+        "api-fails": lambda: FakeServer(health_status=200, other_status=500),
+    }[request.param]()
+    phrase = {"silent": "cannot be reached", "not-mlflow": "does not look like an MLflow tracking server",
+              "api-fails": "failed"}[request.param]
+    try:
+        yield server.url, phrase
+    finally:
+        server.close()
+
+
+def fingerprint(project: Project) -> dict[str, tuple[int, str]]:
+    """Modification time and content hash of every train and report output."""
+    found = {}
+    for name in (*TRAIN_OUTPUTS, *REPORT_OUTPUTS):
+        path = project.root / name
+        found[name] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) if path.exists() else None
+    return found
+
+
+def check_fails_fast(result: subprocess.CompletedProcess, elapsed: float, uri: str, phrase: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert uri in output and phrase in output, output
+    assert elapsed < FAIL_FAST_SECONDS, f"took {elapsed:.1f} s:\n{output}"
+
+
+def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
+    project = make_project(tmp_path)
+    project.dvc("repro", "preprocess", timeout=300)
+    uri = f"http://127.0.0.1:{free_port()}"
+
+    started = time.monotonic()
+    result = project.dvc("repro", env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+    elapsed = time.monotonic() - started
+
+    check_fails_fast(result, elapsed, uri, "cannot be reached")
+    assert "Nothing was trained" in result.stderr
+    assert fingerprint(project) == dict.fromkeys((*TRAIN_OUTPUTS, *REPORT_OUTPUTS))
+    assert not (project.root / "mlflow.db").exists()
+
+
+def test_failing_server_leaves_existing_outputs_untouched(reproduced, bad_server):
+    from mlflow.tracking import MlflowClient
+
+    uri, phrase = bad_server
+    before = fingerprint(reproduced)
+    store = MlflowClient(f"sqlite:///{reproduced.root / 'mlflow.db'}")
+    runs_before = len(store.search_runs([store.get_experiment_by_name(EXPERIMENT).experiment_id]))
+
+    # The train stage's own command, as dvc.yaml runs it (dvc repro would first delete the outputs).
+    started = time.monotonic()
+    result = reproduced.run(*reproduced.stage_command("train"), env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+    elapsed = time.monotonic() - started
+
+    check_fails_fast(result, elapsed, uri, phrase)
+    assert fingerprint(reproduced) == before
+    assert len(store.search_runs([store.get_experiment_by_name(EXPERIMENT).experiment_id])) == runs_before
+    assert not list((reproduced.root / "models").glob(".*.tmp*"))
+
+
+def test_tracking_uri_with_an_unknown_scheme_is_a_clear_error(reproduced):
+    before = fingerprint(reproduced)
+    result = reproduced.run(*reproduced.stage_command("train"), env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
+                            check=False, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "MLFLOW_TRACKING_URI" in result.stderr and "htp://127.0.0.1:5000" in result.stderr
+    assert fingerprint(reproduced) == before
+
+
+def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(reproduced, tmp_path):
+    remote = tmp_path / "remote"
+    reproduced.dvc("remote", "add", "-d", "storage", str(remote))
+    reproduced.commit("Add the team's DVC remote")
+    pushed = reproduced.dvc("push", timeout=300)
+    assert remote.is_dir() and any(path.is_file() for path in remote.rglob("*")), pushed.stdout
+
+    clone = tmp_path / "clone"
+    reproduced.run("git", "clone", "-q", str(reproduced.root), str(clone))
+    # A fresh clone has no DVC cache and none of the outputs, only what git holds.
+    assert not (clone / "data/raw").exists() and not (clone / "models/model.keras").exists()
+    env = base_env(clone)
+    pulled = subprocess.run([str(VENV_BIN / "dvc"), "pull"], cwd=clone, env=env, capture_output=True,
+                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+
+    for name in ("data/raw/train-images-idx3-ubyte", "data/processed/train_images.npy", "models/model.keras",
+                 "models/test_probabilities.npy", "models/mlflow_run.json"):
+        assert (clone / name).read_bytes() == (reproduced.root / name).read_bytes(), name
+    status = subprocess.run([str(VENV_BIN / "dvc"), "status"], cwd=clone, env=env, capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout
+    # Nothing ran: no stage wrote an MLflow store in the clone.
+    assert "Running stage" not in pulled.stdout
+    assert not (clone / "mlflow.db").exists() and not (clone / "mlartifacts").exists()
