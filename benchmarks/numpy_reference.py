@@ -161,6 +161,7 @@ def read_idx(directory: Path, name: str, expected_sha256: str | None) -> np.ndar
     Like the fetch stage, the uncompressed bytes are checked against their SHA-256 when a digest is
     given; like pipeline.idx, the header must fit the payload.
     """
+    directory = Path(directory)
     gz_path, plain_path = directory / f"{name}.gz", directory / name
     data = gzip.decompress(gz_path.read_bytes()) if gz_path.is_file() else plain_path.read_bytes()
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
@@ -177,6 +178,7 @@ def read_idx(directory: Path, name: str, expected_sha256: str | None) -> np.ndar
 
 def load_mirror(mirror: Path, validation_size: int, verify: bool = True) -> dict[str, np.ndarray]:
     """The processed arrays (as pipeline.preprocess writes them) straight from the four IDX files."""
+    mirror = Path(mirror)
     expected = {}
     if verify:
         from pipeline.fetch import EXPECTED_SHA256  # stdlib and NumPy only
@@ -223,9 +225,12 @@ def report(result: dict[str, np.ndarray], test_labels: np.ndarray) -> dict:
 
 def write_outputs(out_dir: Path, result: dict[str, np.ndarray], metrics: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tests = dict(zip(result["test_steps"].tolist(), zip(result["test_accuracy"], result["test_cross_entropy"])))
+    tests = dict(zip(result["test_steps"].tolist(),
+                     zip(result["test_accuracy"].tolist(), result["test_cross_entropy"].tolist())))
     lines = ["step,train_accuracy,train_cross_entropy,test_accuracy,test_cross_entropy"]
-    for step, (accuracy, cross_entropy) in enumerate(zip(result["train_accuracy"], result["train_cross_entropy"]), 1):
+    for step, (accuracy, cross_entropy) in enumerate(
+        zip(result["train_accuracy"].tolist(), result["train_cross_entropy"].tolist()), start=1
+    ):
         test = tests.get(step)
         lines.append(f"{step},{accuracy!r},{cross_entropy!r}," + (f"{test[0]!r},{test[1]!r}" if test else ","))
     (out_dir / "history.csv").write_text("\n".join(lines) + "\n")

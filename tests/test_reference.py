@@ -1,0 +1,153 @@
+"""The NumPy reference computes what SgdTrainer computes, and the benchmark runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, stage_env, write_params
+from idx_fixtures import write_idx
+from benchmarks.numpy_reference import PIXEL_SCALE, train_numpy
+from pipeline.train import batch_order, train
+
+LEARNING_RATE = 0.003
+STEPS, BATCH, EVAL_INTERVAL = 300, 20, 50
+
+
+def synthetic_data(seed: int = 0):
+    """600 training and 200 test images of random pixels with random labels."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(10, dtype=np.uint8)
+    return (rng.integers(0, 256, size=(600, 784), dtype=np.uint8), eye[rng.integers(0, 10, size=600)],
+            rng.integers(0, 256, size=(200, 784), dtype=np.uint8), eye[rng.integers(0, 10, size=200)])
+
+
+@pytest.fixture(scope="module")
+def both_runs():
+    """The same steps from the same initial weights, once in TensorFlow and once in NumPy."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.model import SgdTrainer, build_model
+
+    data = synthetic_data()
+    keras.utils.set_random_seed(0)
+    tf.config.experimental.enable_op_determinism()
+    model = build_model(0)
+    initial_weights, initial_biases = model.get_weights()
+    order = batch_order(600, BATCH, STEPS, seed=0)
+    history = train(SgdTrainer(model, LEARNING_RATE, *data), order, EVAL_INTERVAL)
+    reference = train_numpy(*data, initial_weights, initial_biases, order, LEARNING_RATE, EVAL_INTERVAL)
+    return history, model, reference, initial_weights
+
+
+def test_pixel_scale_is_the_models():
+    from pipeline.model import PIXEL_SCALE as MODEL_PIXEL_SCALE
+
+    assert PIXEL_SCALE.dtype == MODEL_PIXEL_SCALE.dtype == np.float32
+    assert PIXEL_SCALE.tobytes() == MODEL_PIXEL_SCALE.tobytes()
+
+
+def test_per_step_cross_entropies_match(both_runs):
+    history, _, reference, _ = both_runs
+    _, cross_entropy = history.train_series()
+    assert reference["train_cross_entropy"].dtype == np.float32
+    np.testing.assert_allclose(reference["train_cross_entropy"], cross_entropy, rtol=1e-4, atol=1e-3)
+    # The run must actually move: a comparison of two constant series would prove nothing.
+    assert abs(float(cross_entropy[-50:].mean() - cross_entropy[:50].mean())) > 1.0
+
+
+def test_per_step_accuracies_match(both_runs):
+    history, _, reference, _ = both_runs
+    accuracy, _ = history.train_series()
+    # XLA divides by multiplying with 1/n, NumPy divides; the count of correct images is what must agree.
+    np.testing.assert_array_equal(np.rint(reference["train_accuracy"] * BATCH), np.rint(accuracy * BATCH))
+    np.testing.assert_allclose(reference["train_accuracy"], accuracy, rtol=0, atol=1e-6)
+
+
+def test_test_set_evaluations_match(both_runs):
+    history, _, reference, _ = both_runs
+    assert reference["test_steps"].tolist() == history.test_steps == [50, 100, 150, 200, 250, 300]
+    np.testing.assert_array_equal(np.rint(reference["test_accuracy"] * 200), np.rint(np.array(history.test_accuracy) * 200))
+    np.testing.assert_allclose(reference["test_cross_entropy"], history.test_cross_entropy, rtol=1e-4, atol=1e-3)
+
+
+def test_final_weights_match(both_runs):
+    _, model, reference, initial_weights = both_runs
+    weights, biases = model.get_weights()
+    assert not np.allclose(weights, initial_weights, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(reference["weights"], weights, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reference["biases"], biases, rtol=1e-4, atol=1e-5)
+
+
+def test_train_numpy_does_not_change_its_inputs():
+    train_images, train_labels, test_images, test_labels = synthetic_data(1)
+    weights, biases = np.full((784, 10), 0.01, np.float32), np.zeros(10, np.float32)
+    result = train_numpy(train_images, train_labels, test_images, test_labels, weights, biases,
+                         batch_order(600, 20, 10, seed=1), LEARNING_RATE, eval_interval=5)
+    assert np.all(weights == 0.01) and np.all(biases == 0)
+    assert result["test_steps"].tolist() == [5, 10] and len(result["train_accuracy"]) == 10
+    assert result["test_probabilities"].shape == (200, 10)
+
+
+@pytest.fixture
+def tiny_mirror(tmp_path):
+    """A learnable synthetic mirror, big enough for params.yaml's 5,000 validation images and batches of 100.
+
+    Each image lights a block of pixels that depends on its label, over faint noise. On such data
+    SGD converges, so TensorFlow and NumPy stay together; on random pixels the summed loss explodes
+    and float32 rounding differences grow chaotically.
+    """
+    rng = np.random.default_rng(0)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for images_name, labels_name, count in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 5600),
+                                            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 300)):
+        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
+        images = rng.integers(0, 30, size=(count, 28, 28), dtype=np.uint8)
+        for image, label in zip(images, labels):
+            image[2 * label : 2 * label + 6, 4:24] = 200
+        write_idx(mirror / f"{images_name}.gz", images, gz=True)
+        write_idx(mirror / f"{labels_name}.gz", labels, gz=True)
+    return mirror
+
+
+def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
+    write_params(tmp_path, train={"iterations": 30, "eval_interval": 10})
+    code = ("import sys, runpy; sys.argv = ['numpy_reference'] + sys.argv[1:]; "
+            "runpy.run_module('benchmarks.numpy_reference', run_name='__main__'); "
+            "assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'mlflow') for m in sys.modules), 'heavy import'")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--mirror", str(tiny_mirror), "--no-verify", "--params", str(tmp_path / "params.yaml"),
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["train_seconds"] > 0
+    history = (tmp_path / "out" / "history.csv").read_text().splitlines()
+    assert len(history) == 31 and history[9].startswith("9,") and history[9].endswith(",,")
+    step, *values = history[10].split(",")
+    assert step == "10" and len(values) == 4 and all(float(value) >= 0 for value in values)
+
+
+def test_benchmark_runs_end_to_end_in_quick_mode(tmp_path, tiny_mirror):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "train-loop", "--iterations", "200",
+         "--mirror", str(tiny_mirror), "--json", str(tmp_path / "bench.json")],
+        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| Measure | Ours (median s) | Reference (median s) | Ratio | Target | Verdict |" in result.stdout
+    assert "Train loop: 200 steps" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    [row] = report["rows"]
+    assert len(row["ours"]) == len(row["reference"]) == 1 and row["ours"][0] > 0 and row["reference"][0] > 0
+    tf_run, numpy_run = report["samples"]["train_loop"]
+    # Same data, same initial weights, same batches: the two implementations end in the same place.
+    assert tf_run["test_accuracy"] == pytest.approx(numpy_run["test_accuracy"], abs=0.01)
+    assert tf_run["test_cross_entropy"] == pytest.approx(numpy_run["test_cross_entropy"], rel=1e-3)
