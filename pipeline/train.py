@@ -195,8 +195,10 @@ def main() -> None:
     import mlflow
     import tensorflow as tf
 
-    # Keras' per-call progress bars would interleave with ours when MLflow checks the model.
+    # Keras' per-call progress bars would interleave with ours when MLflow checks the model; without
+    # them Keras reports through absl's logger, which only needs to speak up about problems.
     keras.config.disable_interactive_logging()
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
     # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
     keras.utils.set_random_seed(config.seed)
