@@ -7,33 +7,29 @@ and F1, recall per class), ``--confusion`` (one actual,predicted row per test im
 confusion template), ``--classification-report``, and three PNGs: the seed's accuracy and
 cross-entropy figures (full and zoomed panels) and a labelled confusion-matrix heatmap. Everything
 is also logged into the MLflow run that train opened.
+
+pandas, matplotlib and scikit-learn are imported where they are used rather than at the top: main()
+first starts MLflow's helper process (see pipeline.tracking), and their imports then overlap it.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # Files only: stages run where there is no display.
+from pipeline import files, tracking
+from pipeline.cli import PipelineError, run
+from pipeline.params import load_params
+from pipeline.preprocess import load_processed
+from pipeline.train import HISTORY_COLUMNS
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    ConfusionMatrixDisplay,
-    classification_report,
-    confusion_matrix,
-    precision_recall_fscore_support,
-)
-
-from pipeline import files, tracking  # noqa: E402
-from pipeline.cli import PipelineError, run  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.preprocess import load_processed  # noqa: E402
-from pipeline.train import HISTORY_COLUMNS  # noqa: E402
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +41,20 @@ SMOOTHING_STEPS = 100
 TRAIN_COLOR, TEST_COLOR = "#4c72b0", "#dd8452"
 
 
+def pyplot():
+    """matplotlib.pyplot, drawing to files only: stages run where there is no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     """Test-set metrics from integer labels and predicted class probabilities."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     if probabilities.ndim != 2 or probabilities.shape != (len(labels), len(CLASS_NAMES)):
         raise ValueError(f"expected probabilities of shape ({len(labels)}, 10), got {probabilities.shape}")
     predicted = probabilities.argmax(axis=1)
@@ -68,10 +76,14 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 
 def confusion_rows(labels: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
     """One row per test image, as DVC's confusion template expects."""
+    import pandas as pd
+
     return pd.DataFrame({"actual": labels.astype(int), "predicted": predicted.astype(int)})
 
 
 def read_history(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         history = pd.read_csv(path)
     except FileNotFoundError:
@@ -87,7 +99,7 @@ def _curve_figure(history: pd.DataFrame, train_column: str, test_column: str, te
                   ylabel: str, title: str, zoom: tuple[float, float]):
     """The seed's figure layout: a full panel and a zoomed panel sharing the step axis."""
     tests = history.dropna(subset=[test_column])
-    figure, axes = plt.subplots(2, 1, sharex=True, figsize=(12, 8), constrained_layout=True)
+    figure, axes = pyplot().subplots(2, 1, sharex=True, figsize=(12, 8), constrained_layout=True)
     for axis, limits in zip(axes, (None, zoom)):
         axis.plot(history["step"], history[train_column], color=TRAIN_COLOR, linewidth=0.3, alpha=0.35,
                   label="training batch (every step)")
@@ -120,7 +132,9 @@ def cross_entropy_figure(history: pd.DataFrame):
 
 
 def confusion_figure(labels: np.ndarray, predicted: np.ndarray):
-    figure, axis = plt.subplots(figsize=(8, 7), constrained_layout=True)
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+    figure, axis = pyplot().subplots(figsize=(8, 7), constrained_layout=True)
     display = ConfusionMatrixDisplay(confusion_matrix(labels, predicted, labels=range(10)), display_labels=CLASS_NAMES)
     display.plot(ax=axis, cmap="Blues", values_format="d", colorbar=True)
     accuracy = np.mean(labels == predicted)
@@ -130,10 +144,12 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray):
     return figure
 
 
-def save_figure(figure, path: Path) -> None:
-    with files.atomic_path(path) as temp_path:
-        figure.savefig(temp_path, dpi=100)
-    plt.close(figure)
+def png_bytes(figure) -> bytes:
+    """The figure as PNG, closed afterwards so that figures do not pile up in memory."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    pyplot().close(figure)
+    return buffer.getvalue()
 
 
 def main() -> None:
@@ -146,6 +162,7 @@ def main() -> None:
         parser.add_argument(f"--{output}", type=Path, required=True)
     args = parser.parse_args()
     params = load_params().tracking
+    run_info = tracking.read_run_info(args.run_info)
 
     labels = load_processed(args.data, splits=("test",))["test_labels"].argmax(axis=1)
     try:
@@ -159,33 +176,35 @@ def main() -> None:
             f"{args.test_probabilities} holds probabilities of shape {probabilities.shape} but there are "
             f"{len(labels)} test labels; rerun the train stage (dvc repro -f train)."
         )
-    history = read_history(args.history)
-    run_info = tracking.read_run_info(args.run_info)
-    client, _ = tracking.connect(params.uri, params.experiment)
 
-    metrics = score(labels, probabilities)
-    predicted = probabilities.argmax(axis=1)
-    files.write_json(args.metrics, metrics)
-    files.write_text(args.confusion, confusion_rows(labels, predicted).to_csv(index=False))
-    files.write_text(args.classification_report, classification_report(labels, predicted, target_names=CLASS_NAMES, digits=4))
-    save_figure(accuracy_figure(history), args.accuracy_plot)
-    save_figure(cross_entropy_figure(history), args.cross_entropy_plot)
-    save_figure(confusion_figure(labels, predicted), args.confusion_plot)
-    logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
-                metrics["test_accuracy"], metrics["test_cross_entropy"], metrics["macro_f1"])
+    # Report logs into the run that train opened, so one pipeline run is one MLflow run. The helper
+    # process checks that the run is in the store while this one scores and draws.
+    with tracking.RunRecorder(params.uri, params.experiment, run_id=run_info["run_id"]) as recorder:
+        from sklearn.metrics import classification_report
 
-    import mlflow
+        history = read_history(args.history)
+        metrics = score(labels, probabilities)
+        predicted = probabilities.argmax(axis=1)
+        texts = {
+            args.confusion: confusion_rows(labels, predicted).to_csv(index=False),
+            args.classification_report: classification_report(labels, predicted, target_names=CLASS_NAMES, digits=4),
+        }
+        images = {
+            args.accuracy_plot: png_bytes(accuracy_figure(history)),
+            args.cross_entropy_plot: png_bytes(cross_entropy_figure(history)),
+            args.confusion_plot: png_bytes(confusion_figure(labels, predicted)),
+        }
+        # Outputs are only replaced once the run is known to be there to receive them.
+        recorder.wait_ready()
+        files.write_json(args.metrics, metrics)
+        for path, text in texts.items():
+            files.write_text(path, text)
+        for path, image in images.items():
+            files.write_bytes(path, image)
+        logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
+                    metrics["test_accuracy"], metrics["test_cross_entropy"], metrics["macro_f1"])
 
-    try:
-        client.get_run(run_info["run_id"])
-    except mlflow.exceptions.MlflowException:
-        raise PipelineError(
-            f"MLflow run {run_info['run_id']} from {args.run_info} is not in the tracking store "
-            f"{mlflow.get_tracking_uri()}; rerun the train stage (dvc repro -f train) against this store."
-        ) from None
-    # Report logs into the run that train opened, so one pipeline run is one MLflow run.
-    with mlflow.start_run(run_id=run_info["run_id"]):
-        mlflow.log_metrics({
+        recorder.log_metrics({
             "test_cross_entropy_per_image": metrics["test_cross_entropy"],
             "macro_precision": metrics["macro_precision"],
             "macro_recall": metrics["macro_recall"],
@@ -194,10 +213,10 @@ def main() -> None:
         })
         for path in (args.metrics, args.confusion, args.classification_report,
                      args.accuracy_plot, args.cross_entropy_plot, args.confusion_plot):
-            mlflow.log_artifact(str(path), artifact_path="report")
+            recorder.log_artifact(path, artifact_path="report")
         lock = tracking.project_root() / "dvc.lock"
         if lock.exists():
-            mlflow.log_artifact(str(lock))
+            recorder.log_artifact(lock)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,28 @@ started at the same time (``dvc queue start -j 2``) share an SQLite store safely
 serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
 
 MLflow is imported lazily so that parameter and input errors are reported before its import cost.
+
+Stages record their run through :class:`RunRecorder`, which does the MLflow work in a helper process
+(``python -m pipeline.tracking``): importing MLflow, opening (or creating) the store and writing
+thousands of metric values cost several seconds of CPU, and in a second process they run on the
+machine's other core while the stage does its own start-up and work. A thread would not help: it
+would hold the same interpreter lock as the stage's own Python code.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import Future
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,7 +47,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import yaml
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, configure_logging, exit_now
 from pipeline.params import tracking_uri_problem
 
 try:
@@ -61,6 +72,8 @@ TRACKING_FIX_HINT = (
     "Start or repair the server, fix MLFLOW_TRACKING_URI (or tracking.uri in params.yaml), or unset it "
     "to use the local SQLite store. Nothing was trained and no output was changed."
 )
+# How long an interrupted stage waits for its helper to mark the run FAILED before killing it.
+ABORT_SECONDS = 30
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -191,6 +204,11 @@ def connect(params_uri: str, experiment: str):
     root = store_root()
     uri = tracking_uri(params_uri, root)
     check_reachable(uri)
+    return open_store(uri, experiment, artifact_location(uri, root))
+
+
+def open_store(uri: str, experiment: str, location: str | None):
+    """Open (creating if new) the store at ``uri`` and return (client, id of ``experiment``)."""
     configure_client_timeouts()
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -200,7 +218,7 @@ def connect(params_uri: str, experiment: str):
         # Creating the client opens the store, which for a new SQLite file creates its schema.
         with store_init_lock(uri):
             client = MlflowClient(uri)
-            return client, experiment_id(client, experiment, artifact_location(uri, root))
+            return client, experiment_id(client, experiment, location)
     except mlflow.exceptions.MlflowException as error:
         # A server that passed the health check but cannot serve the API (its database is down, a
         # proxy in front of it rejects the call) is reported here, still before any training.
@@ -300,6 +318,15 @@ def log_series(client, run_id: str, series: Mapping[str, tuple[Iterable[int], It
         client.log_batch(run_id, metrics=batch, synchronous=True)
 
 
+def log_metrics(client, run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log single values (step 0) in one call."""
+    from mlflow.entities import Metric
+
+    timestamp_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp_ms, 0) for key, value in metrics.items()],
+                     synchronous=True)
+
+
 def write_run_info(path: Path, run_id: str, experiment_id: str, uri: str) -> None:
     from pipeline.files import write_json
 
@@ -316,31 +343,330 @@ def read_run_info(path: Path) -> dict[str, str]:
         raise PipelineError(f"{path} is corrupt or not a run-info file; rerun the train stage (dvc repro -f train).") from None
 
 
-def log_keras_model(model, input_example, pip_requirements: list[str]):
-    """Log ``model`` with MLflow's Keras flavour, a signature and an input example.
+def log_keras_model(client, run_id: str, model, input_example: np.ndarray, pip_requirements: list[str]):
+    """Log ``model`` into run ``run_id`` with MLflow's Keras flavour, a signature and an input example.
 
     MLflow 3.17's ``mlflow.keras.log_model`` writes the input example before it creates the model
     directory and fails; this goes through the same ``Model.log`` with the real Keras flavour, only
-    creating the directory first.
+    creating the directory first. ``client`` comes from :func:`open_client_in_background`, which
+    also points MLflow's global tracking URI at its store.
     """
     import types
 
     import mlflow
     from mlflow.models import Model, infer_signature
 
-    def save_model(path, **kwargs):
+    def save_model(path, validate_serving_input, **kwargs):
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
 
     flavor = types.SimpleNamespace(__name__="mlflow.keras", save_model=save_model)
     signature = infer_signature(input_example, np.asarray(model(input_example)))
-    return Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=flavor,
-        model=model,
-        signature=signature,
-        input_example=input_example,
-        # Pinning the requirements skips MLflow's slow inference of them (it reloads the model).
-        pip_requirements=pip_requirements,
-    )
+    try:
+        return Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=flavor,
+            run_id=run_id,
+            model=model,
+            signature=signature,
+            input_example=input_example,
+            # Pinning the requirements skips MLflow's slow inference of them (it reloads the model).
+            pip_requirements=pip_requirements,
+            # MLflow would reload the model it just wrote and predict the example to check that a
+            # server could; the signature comes from that very prediction, and the tests load the
+            # logged model and predict with it, so the check would only cost every run ~0.3 s.
+            validate_serving_input=False,
+        )
+    except mlflow.exceptions.MlflowException as error:
+        raise PipelineError(f"logging the model to MLflow run {run_id} failed: {short(error.message)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The run recorder and its helper process
+
+
+class RunRecorder:
+    """One MLflow run, written by a helper process while the stage goes on with its own work.
+
+    Creating the recorder checks the tracking URI (a server must answer its health check, so a
+    wrong one fails at once, before any work) and starts ``python -m pipeline.tracking``. The helper
+    imports MLflow, opens the store (creating it on first use) and starts a new run, or resumes
+    ``run_id``; then it performs the ``log_*`` calls in the order they were made. Those calls only
+    queue their work and return at once; histories that queue up while the helper is busy are
+    logged together, in large batches. :meth:`check` raises the helper's failure, if it has had
+    one, as a PipelineError; :meth:`wait_ready` waits for the run to exist; leaving the ``with``
+    block waits until everything is logged and ends the run, FINISHED, or FAILED when the block
+    raised (an interrupted stage included).
+    """
+
+    def __init__(self, params_uri: str, experiment: str, *, run_id: str | None = None, run_name: str | None = None,
+                 tags: Mapping[str, str] | None = None, params: Mapping[str, object] | None = None) -> None:
+        root = store_root()
+        self.uri = tracking_uri(params_uri, root)
+        check_reachable(self.uri)
+        configure_client_timeouts()  # Inherited by the helper through the environment.
+        self.info: dict[str, str] | None = None
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.tracking", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()])
+        theirs.close()
+        from multiprocessing.connection import Connection
+
+        self.connection = Connection(ours.detach())
+        threading.Thread(target=self._receive, name="mlflow-recorder", daemon=True).start()
+        self._send("start", {
+            "uri": self.uri, "experiment": experiment, "location": artifact_location(self.uri, root),
+            "run_id": run_id, "run_name": run_name, "tags": dict(tags or {}), "params": dict(params or {}),
+        })
+
+    def _receive(self) -> None:
+        """Read the helper's replies: ("ready", run info), ("error", message) or ("done", None)."""
+        try:
+            while True:
+                kind, value = self.connection.recv()
+                if kind == "ready":
+                    self.info = value
+                    self._ready.set()
+                elif kind == "error":
+                    self.error = self.error or value
+                    self._ready.set()
+                elif kind == "done":
+                    break
+        except (EOFError, OSError):
+            if self.error is None:
+                self.error = (f"the MLflow helper process stopped unexpectedly (exit code {self.process.wait()}) "
+                              f"while recording to {self.uri}.")
+        self._ready.set()
+        self._done.set()
+
+    def _send(self, *message) -> None:
+        self.check()
+        try:
+            self.connection.send(message)
+        except OSError:
+            # The helper has gone; its reply or the reader above will say why.
+            self._done.wait(timeout=ABORT_SECONDS)
+            self.check()
+            raise PipelineError(f"the MLflow helper process stopped unexpectedly while recording to {self.uri}.") from None
+
+    def check(self) -> None:
+        """Raise the helper's failure, if it has had one."""
+        if self.error is not None:
+            raise PipelineError(self.error)
+
+    def wait_ready(self) -> dict[str, str]:
+        """Wait for the run to exist and return its run_id, experiment_id and tracking_uri."""
+        self._ready.wait()
+        self.check()
+        return self.info
+
+    def log_series(self, series: Mapping[str, tuple[Iterable[int], Iterable[float]]]) -> None:
+        """Queue whole metric histories: {key: (steps, values)}."""
+        self._send("series", {key: (list(steps), [float(value) for value in values])
+                              for key, (steps, values) in series.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        self._send("metrics", {key: float(value) for key, value in metrics.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._send("artifact", str(Path(path).resolve()), artifact_path)
+
+    def _end(self, status: str, timeout: float | None) -> None:
+        try:
+            self.connection.send(("end", status))
+        except OSError:
+            pass
+        if not self._done.wait(timeout=timeout):
+            self.process.kill()
+        self.process.wait()
+        self.connection.close()
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            self._end("FINISHED", timeout=None)
+            self.check()
+        else:
+            self._end("FAILED", timeout=ABORT_SECONDS)
+
+
+def open_client_in_background(recorder: RunRecorder) -> Future:
+    """Import MLflow in a thread and open the recorder's store once its run exists; a Future of the client.
+
+    For a stage that must call MLflow itself as well (train logs its Keras model, which needs the
+    model object, so the helper cannot do it). Started before a long stretch of compiled TensorFlow
+    code, which releases the interpreter lock, the import costs the stage almost nothing.
+    """
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            info = recorder.wait_ready()
+            mlflow.set_tracking_uri(recorder.uri)
+            client = MlflowClient(recorder.uri)
+            # Models logged from here belong to the run's experiment, where runs:/ URIs look for them.
+            mlflow.set_experiment(experiment_id=info["experiment_id"])
+            future.set_result(client)
+        except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future.
+            future.set_exception(error)
+
+    threading.Thread(target=work, name="mlflow-import", daemon=True).start()
+    return future
+
+
+def _start_run(config: Mapping) -> tuple[object, str, dict[str, str]]:
+    """In the helper: open the store and start (or resume) the run; return (client, run_id, info)."""
+    import mlflow
+
+    client, experiment = open_store(config["uri"], config["experiment"], config["location"])
+    try:
+        if config["run_id"]:
+            try:
+                run = client.get_run(config["run_id"])
+            except mlflow.exceptions.MlflowException:
+                raise PipelineError(
+                    f"MLflow run {config['run_id']} is not in the tracking store {config['uri']}; rerun the train "
+                    f"stage (dvc repro -f train) against this store."
+                ) from None
+            experiment = run.info.experiment_id
+        else:
+            run = client.create_run(experiment, run_name=config["run_name"], tags=config["tags"])
+            from mlflow.entities import Param
+
+            params = [Param(key, str(value)) for key, value in config["params"].items()]
+            if params:
+                client.log_batch(run.info.run_id, params=params, synchronous=True)
+    except mlflow.exceptions.MlflowException as error:
+        raise PipelineError(f"the MLflow tracking store {config['uri']} failed: {short(error.message)} {TRACKING_FIX_HINT}") from None
+    info = {"run_id": run.info.run_id, "experiment_id": experiment, "tracking_uri": config["uri"]}
+    return client, run.info.run_id, info
+
+
+def _describe(error: BaseException, uri: str | None) -> str:
+    """One paragraph for a failure in the helper, which has no traceback to show."""
+    if isinstance(error, PipelineError):
+        return str(error)
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    where = f" {uri}" if uri else ""
+    return f"recording to the MLflow tracking store{where} failed: {short(message)} {TRACKING_FIX_HINT}"
+
+
+class _Inbox:
+    """The helper's queue of calls, filled by a thread that reads the connection as messages arrive.
+
+    Draining the connection at once keeps the stage from ever blocking on a full socket buffer
+    while the helper is busy (importing MLflow, creating a store).
+    """
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.messages: collections.deque = collections.deque()
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._receive, name="mlflow-inbox", daemon=True).start()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                message = self.connection.recv()
+                with self.arrived:
+                    self.messages.append(message)
+                    self.arrived.notify()
+        except (EOFError, OSError):
+            # The stage has gone without saying how the run ended: it failed.
+            with self.arrived:
+                self.messages.append(("end", "FAILED"))
+                self.arrived.notify()
+
+    def next(self) -> tuple:
+        with self.arrived:
+            while not self.messages:
+                self.arrived.wait()
+            return self.messages.popleft()
+
+    def more_series(self) -> Mapping | None:
+        """The next waiting metric history, if the next waiting message is one."""
+        with self.arrived:
+            if self.messages and self.messages[0][0] == "series":
+                return self.messages.popleft()[1]
+        return None
+
+
+def _merge_series(inbox: _Inbox, first: Mapping) -> dict[str, tuple[list, list]]:
+    """``first`` and the histories waiting behind it, up to a few thousand values.
+
+    MLflow's SQL store spends most of a log_batch call on the call rather than on its values, so a
+    backlog of chunks is logged far faster together than one by one.
+    """
+    series: dict[str, tuple[list, list]] = {}
+    chunk = first
+    while chunk is not None:
+        for key, (steps, values) in chunk.items():
+            series.setdefault(key, ([], []))
+            series[key][0].extend(steps)
+            series[key][1].extend(values)
+        if sum(len(steps) for steps, _ in series.values()) >= 5 * METRICS_PER_BATCH:
+            break
+        chunk = inbox.more_series()
+    return series
+
+
+def serve(fd: int) -> None:
+    """The helper process: perform a RunRecorder's calls on the connection ``fd``."""
+    from multiprocessing.connection import Connection
+
+    configure_logging()
+    # The stage decides how the run ends. Ctrl-C in a terminal reaches both processes; the stage
+    # then sends "end FAILED", and if it dies outright the connection closes, which ends as FAILED.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    connection = Connection(fd)
+    inbox = _Inbox(connection)
+
+    def reply(kind: str, value) -> None:
+        with contextlib.suppress(OSError):
+            connection.send((kind, value))
+
+    client = run_id = uri = None
+    failed = resumed = False
+    while True:
+        command, *args = inbox.next()
+        if command == "end":
+            status = "FAILED" if failed else args[0]
+            break
+        if failed:
+            continue
+        try:
+            if command == "start":
+                uri, resumed = args[0]["uri"], bool(args[0]["run_id"])
+                client, run_id, info = _start_run(args[0])
+                reply("ready", info)
+            elif command == "series":
+                log_series(client, run_id, _merge_series(inbox, args[0]))
+            elif command == "metrics":
+                log_metrics(client, run_id, args[0])
+            elif command == "artifact":
+                client.log_artifact(run_id, args[0], artifact_path=args[1])
+        except Exception as error:  # noqa: BLE001 - reported to the stage, which exits cleanly.
+            logger.debug("MLflow helper failed on %s", command, exc_info=True)
+            failed = True
+            reply("error", _describe(error, uri))
+    # A resumed run (report adding to train's run) keeps its status if this stage failed: the
+    # training it records did finish.
+    if run_id is not None and not (resumed and status != "FINISHED"):
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status)
+    reply("done", None)
+    exit_now(0)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

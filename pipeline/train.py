@@ -20,7 +20,6 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +55,12 @@ def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) 
     return order[: iterations * batch_size].reshape(iterations, batch_size).astype(np.int32)
 
 
-def chunk_ends(iterations: int, eval_interval: int) -> list[int]:
-    """Steps at which Python regains control: every evaluation, every printed line, and the last step."""
-    ends = {iterations}
-    ends.update(range(eval_interval, iterations + 1, eval_interval))
-    ends.update(range(PRINT_INTERVAL, iterations + 1, PRINT_INTERVAL))
-    return sorted(ends)
+def chunk_ends(iterations: int) -> list[int]:
+    """Steps at which Python regains control: every printed line (every PRINT_INTERVAL steps) and the last step.
+
+    Test evaluations happen inside the compiled chunks, so they need no boundary of their own.
+    """
+    return sorted({*range(PRINT_INTERVAL, iterations + 1, PRINT_INTERVAL), iterations})
 
 
 @dataclass
@@ -77,8 +76,8 @@ class History:
 
 
 # Called after each chunk with (first step, last step, chunk's train accuracies, chunk's train
-# cross-entropies, and the test (step, accuracy, cross-entropy) if that chunk ended in an evaluation).
-ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, tuple[int, float, float] | None], None]
+# cross-entropies, and the chunk's test measurements as (step, accuracy, cross-entropy) tuples).
+ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, list[tuple[int, float, float]]], None]
 
 
 def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallback | None = None) -> History:
@@ -87,27 +86,28 @@ def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallbac
     iterations = len(order)
     start = 0
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
-        for end in chunk_ends(iterations, eval_interval):
-            accuracy, cross_entropy = trainer.train_steps(order[start:end])
+        for end in chunk_ends(iterations):
+            accuracy, cross_entropy, test_accuracy, test_cross_entropy = trainer.train_steps(
+                order[start:end], start + 1, eval_interval)
             history.train_accuracy.append(accuracy)
             history.train_cross_entropy.append(cross_entropy)
-            test = None
-            if end % eval_interval == 0:
-                test = (end, *trainer.evaluate())
-                history.test_steps.append(end)
-                history.test_accuracy.append(test[1])
-                history.test_cross_entropy.append(test[2])
-            if end % PRINT_INTERVAL == 0 or end == iterations:
-                # Like the seed's print(i, a, c): the latest test measurement when there is one.
-                if history.test_steps:
-                    logger.info(
-                        "step %d: test accuracy %.4f, test cross-entropy %.2f (as of step %d)",
-                        end, history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1],
-                    )
-                else:
-                    logger.info("step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1])
+            measured = np.flatnonzero(~np.isnan(test_accuracy))
+            tests = [(start + 1 + int(index), float(test_accuracy[index]), float(test_cross_entropy[index]))
+                     for index in measured]
+            for step, test_accuracy_value, test_cross_entropy_value in tests:
+                history.test_steps.append(step)
+                history.test_accuracy.append(test_accuracy_value)
+                history.test_cross_entropy.append(test_cross_entropy_value)
+            # Like the seed's print(i, a, c): the latest test measurement when there is one.
+            if history.test_steps:
+                logger.info(
+                    "step %d: test accuracy %.4f, test cross-entropy %.2f (as of step %d)",
+                    end, history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1],
+                )
+            else:
+                logger.info("step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1])
             if on_chunk is not None:
-                on_chunk(start + 1, end, accuracy, cross_entropy, test)
+                on_chunk(start + 1, end, accuracy, cross_entropy, tests)
             progress.update(end - start)
             start = end
     return history
@@ -144,30 +144,15 @@ def run_name(params: TrainParams) -> str:
     return f"lr={params.learning_rate:g} bs={params.batch_size} it={params.iterations} seed={params.seed}"
 
 
-class BackgroundLogger:
-    """Logs each chunk's metrics to MLflow from a worker thread while training goes on."""
-
-    def __init__(self, client, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
-        self.pending: list[Future] = []
-
-    def __call__(self, first_step, last_step, accuracy, cross_entropy, test) -> None:
-        steps = range(first_step, last_step + 1)
-        series = {"train_accuracy": (steps, accuracy), "train_cross_entropy": (steps, cross_entropy)}
-        if test is not None:
-            series["test_accuracy"] = ([test[0]], [test[1]])
-            series["test_cross_entropy"] = ([test[0]], [test[2]])
-        self.pending.append(self.executor.submit(tracking.log_series, self.client, self.run_id, series))
-
-    def wait(self) -> None:
-        """Block until every chunk is logged, re-raising the first logging failure."""
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.executor.shutdown(wait=True)
+def chunk_series(first_step: int, last_step: int, accuracy: np.ndarray, cross_entropy: np.ndarray,
+                 tests: list[tuple[int, float, float]]) -> dict[str, tuple[list[int], list[float]]]:
+    """A chunk's measurements as MLflow metric histories: {key: (steps, values)}."""
+    steps = list(range(first_step, last_step + 1))
+    series = {"train_accuracy": (steps, accuracy.tolist()), "train_cross_entropy": (steps, cross_entropy.tolist())}
+    if tests:
+        series["test_accuracy"] = ([step for step, _, _ in tests], [value for _, value, _ in tests])
+        series["test_cross_entropy"] = ([step for step, _, _ in tests], [value for _, _, value in tests])
+    return series
 
 
 def main() -> None:
@@ -186,35 +171,12 @@ def main() -> None:
     num_train = len(data["train_images"])
     if config.batch_size > num_train:
         raise PipelineError(f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images).")
-    client, experiment_id = tracking.connect(tracking_params.uri, tracking_params.experiment)
 
-    # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
-    from pipeline.model import SgdTrainer, build_model, scale_pixels
-
-    import keras
-    import mlflow
-    import tensorflow as tf
-
-    # Keras' per-call progress bars would interleave with ours when MLflow checks the model; without
-    # them Keras reports through absl's logger, which only needs to speak up about problems.
-    keras.config.disable_interactive_logging()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-    # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    # A step is far too small to gain from splitting across cores (one thread is ~30% faster per
-    # step, with identical numbers), and it leaves the other core to the MLflow logging thread.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    model = build_model(config.seed)
-    trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
-                         data["test_images"], data["test_labels"])
-    order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
-
-    root = tracking.project_root()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name(config), tags=tracking.run_tags(root)) as active:
-        run_id = active.info.run_id
-        mlflow.log_params({
+    # MLflow works in a helper process from here on, so that opening (or creating) the store
+    # overlaps TensorFlow's import below and logging the history overlaps the training loop.
+    recorder = tracking.RunRecorder(
+        tracking_params.uri, tracking_params.experiment, run_name=run_name(config), tags=tracking.run_tags(),
+        params={
             **{f"train.{key}": value for key, value in vars(config).items()},
             "tracking.experiment": tracking_params.experiment,
             "data.train_examples": num_train,
@@ -222,14 +184,44 @@ def main() -> None:
             "model": "Dense(10, softmax) on 784 pixels",
             "loss": "cross-entropy summed over the batch",
             "optimizer": "SGD",
-        })
-        logger.info("MLflow run %s (%s) in experiment %r", run_id, run_name(config), tracking_params.experiment)
+        },
+    )
+    with recorder:
+        # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
+        from pipeline.model import SgdTrainer, build_model, scale_pixels
 
-        background = BackgroundLogger(client, run_id)
+        import keras
+        import tensorflow as tf
+
+        # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
+        # without them Keras reports through absl's logger, which only needs to speak up about problems.
+        keras.config.disable_interactive_logging()
+        logging.getLogger("absl").setLevel(logging.WARNING)
+
+        # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
+        keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
+        # A step is far too small to gain from splitting across cores (one thread is ~30% faster per
+        # step, with identical numbers), and it leaves the other core to MLflow's helper process.
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        model = build_model(config.seed)
+        trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
+                             data["test_images"], data["test_labels"])
+        order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
+
+        # Logging the model needs MLflow in this process too. Its import overlaps the training loop,
+        # which after tracing runs native code that leaves the interpreter lock free.
+        trainer.trace()
+        client = tracking.open_client_in_background(recorder)
+
+        def record(*chunk) -> None:
+            recorder.log_series(chunk_series(*chunk))
+
         started = time.perf_counter()
-        history = train(trainer, order, config.eval_interval, on_chunk=background)
+        history = train(trainer, order, config.eval_interval, on_chunk=record)
         train_seconds = time.perf_counter() - started
-        background.wait()
+        run_info = recorder.wait_ready()
+        logger.info("MLflow run %s (%s) in experiment %r", run_info["run_id"], run_name(config), tracking_params.experiment)
 
         metrics = final_metrics(history)
         logger.info("trained %d steps in %.1f s: %s", config.iterations, train_seconds, metrics)
@@ -240,14 +232,18 @@ def main() -> None:
         files.write_text(args.history, history_csv(history))
         files.write_json(args.metrics, metrics)
 
-        mlflow.log_metrics({**metrics, "train_seconds": train_seconds})
-        mlflow.log_artifact(str(args.history))
+        recorder.log_artifact(args.history)
+        # The final metrics go in before the model, so MLflow links them to it.
+        tracking.log_metrics(client.result(), run_info["run_id"], {**metrics, "train_seconds": train_seconds})
         tracking.log_keras_model(
+            client.result(),
+            run_info["run_id"],
             model,
             scale_pixels(data["test_images"][:5]),
             pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
         )
-        tracking.write_run_info(args.run_info, run_id, experiment_id, mlflow.get_tracking_uri())
+    # The run is complete (the recorder waited for every value to be logged) before report may use it.
+    tracking.write_run_info(args.run_info, run_info["run_id"], run_info["experiment_id"], run_info["tracking_uri"])
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ def test_batch_order_rejects_bad_arguments():
         batch_order(10, 5, 0, 0)
 
 
-def test_chunks_end_at_every_evaluation_print_and_the_last_step():
-    assert chunk_ends(250, 100) == [100, 200, 250]
-    assert chunk_ends(2500, 700) == [700, 1000, 1400, 2000, 2100, 2500]
+def test_chunks_end_at_every_printed_line_and_the_last_step():
+    assert chunk_ends(250) == [250]
+    assert chunk_ends(2000) == [1000, 2000]
+    assert chunk_ends(2500) == [1000, 2000, 2500]
 
 
 def test_run_name_says_what_differs():
