@@ -207,8 +207,8 @@ def connect(params_uri: str, experiment: str):
     return open_store(uri, experiment, artifact_location(uri, root))
 
 
-def open_store(uri: str, experiment: str, location: str | None):
-    """Open (creating if new) the store at ``uri`` and return (client, id of ``experiment``)."""
+def open_store(uri: str, experiment: str | None, location: str | None):
+    """Open (creating if new) the store at ``uri`` and return (client, id of ``experiment``, or None)."""
     configure_client_timeouts()
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -218,7 +218,7 @@ def open_store(uri: str, experiment: str, location: str | None):
         # Creating the client opens the store, which for a new SQLite file creates its schema.
         with store_init_lock(uri):
             client = MlflowClient(uri)
-            return client, experiment_id(client, experiment, location)
+            return client, None if experiment is None else experiment_id(client, experiment, location)
     except mlflow.exceptions.MlflowException as error:
         # A server that passed the health check but cannot serve the API (its database is down, a
         # proxy in front of it rejects the call) is reported here, still before any training.
@@ -527,7 +527,8 @@ def _start_run(config: Mapping) -> tuple[object, str, dict[str, str]]:
     """In the helper: open the store and start (or resume) the run; return (client, run_id, info)."""
     import mlflow
 
-    client, experiment = open_store(config["uri"], config["experiment"], config["location"])
+    # Resuming needs no experiment lookup (the run names its own), so none is made or created.
+    client, experiment = open_store(config["uri"], None if config["run_id"] else config["experiment"], config["location"])
     try:
         if config["run_id"]:
             try:
