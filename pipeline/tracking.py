@@ -650,6 +650,10 @@ def serve(fd: int) -> None:
                 uri, resumed = args[0]["uri"], bool(args[0]["run_id"])
                 client, run_id, info = _start_run(args[0])
                 reply("ready", info)
+                # From here on the helper only writes what the stage hands it, which is never more
+                # urgent than the stage's own work: when both want the same core, the stage wins.
+                with contextlib.suppress(OSError, AttributeError):
+                    os.nice(10)
             elif command == "series":
                 log_series(client, run_id, _merge_series(inbox, args[0]))
             elif command == "metrics":
