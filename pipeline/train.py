@@ -233,14 +233,14 @@ def main() -> None:
         files.write_json(args.metrics, metrics)
 
         recorder.log_artifact(args.history)
-        # The final metrics go in before the model, so MLflow links them to it.
-        tracking.log_metrics(client.result(), run_info["run_id"], {**metrics, "train_seconds": train_seconds})
         tracking.log_keras_model(
             client.result(),
             run_info["run_id"],
+            run_info["experiment_id"],
             model,
             scale_pixels(data["test_images"][:5]),
             pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+            metrics={**metrics, "train_seconds": train_seconds},
         )
     # The run is complete (the recorder waited for every value to be logged) before report may use it.
     tracking.write_run_info(args.run_info, run_info["run_id"], run_info["experiment_id"], run_info["tracking_uri"])

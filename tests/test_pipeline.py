@@ -114,6 +114,17 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     assert pyfunc.metadata.signature is not None
     assert pyfunc.metadata.saved_input_example_info is not None
 
+    # The run lists the model among its outputs; the model names the run as its source, is READY,
+    # and carries the final metrics, which are also the run's own.
+    (output,) = run.outputs.model_outputs
+    logged_model = client.get_logged_model(output.model_id)
+    assert logged_model.source_run_id == run.info.run_id and str(logged_model.status) == "READY"
+    assert logged_model.params["train.learning_rate"] == "0.003"
+    final = json.loads((project.root / "metrics/train.json").read_text())
+    linked = {metric.key: metric.value for metric in logged_model.metrics}
+    assert linked["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"]) and "train_seconds" in linked
+    assert run.data.metrics["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"])
+
 
 def test_metrics_and_plots_commands_work(repro):
     project, _ = repro
