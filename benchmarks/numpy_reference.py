@@ -27,17 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-# The same value as pipeline.model.PIXEL_SCALE (the seed's read_data_sets multiplied by 1/255 in
-# float32). Duplicated rather than imported because importing pipeline.model imports TensorFlow;
-# tests/test_reference.py checks that the two agree.
-PIXEL_SCALE = np.float32(1.0 / 255.0)
-NUM_PIXELS = 784
-NUM_CLASSES = 10
-
-RAW_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+# The data set's facts come from pipeline.data (NumPy only); the algorithm below is the reference's own.
+from pipeline.data import NUM_CLASSES, NUM_PIXELS, PIXEL_SCALE  # noqa: E402
+from pipeline.data import RAW_PAIRS as RAW_FILES  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +37,7 @@ RAW_FILES = {
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1], exactly as pipeline.model.scale_pixels does."""
+    """uint8 pixels to float32 in [0, 1], exactly as pipeline.data.scale_pixels does."""
     return images.astype(np.float32) * PIXEL_SCALE
 
 

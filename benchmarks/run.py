@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
+from pipeline.data import FILES  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 SECTIONS = ("train-loop", "tracking", "pipeline", "memory")
 STAGES = ("fetch", "preprocess", "train", "report")
@@ -630,8 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_worker(args)
         return 0
     if not all((args.mirror / f"{name}.gz").is_file() or (args.mirror / name).is_file()
-               for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
+               for name in FILES):
         print(f"error: {args.mirror} does not hold the four MNIST files; set MNIST_MIRROR or pass --mirror.",
               file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pipeline.cli import PipelineError, run
+from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 from pipeline.files import atomic_path
 from pipeline.idx import (
     IdxError,
@@ -67,22 +68,8 @@ from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
 
-TRAIN_IMAGES = "train-images-idx3-ubyte"
-TRAIN_LABELS = "train-labels-idx1-ubyte"
-TEST_IMAGES = "t10k-images-idx3-ubyte"
-TEST_LABELS = "t10k-labels-idx1-ubyte"
-FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 # Each split's images and labels, which must hold the same number of examples.
-PAIRS = ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS))
-
-# SHA-256 of each file's *uncompressed* bytes. Digests of the .gz files would depend on the gzip
-# settings a mirror used, while the IDX bytes are the same everywhere.
-EXPECTED_SHA256 = {
-    TRAIN_IMAGES: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    TRAIN_LABELS: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
+PAIRS = tuple(RAW_PAIRS.values())
 
 PUBLIC_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import PipelineError
+from pipeline.data import IMAGE_SHAPE, NUM_CLASSES
 
 UNSIGNED_BYTE = 0x08
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 GZIP_MAGIC = b"\x1f\x8b"
 
 

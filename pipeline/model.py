@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from pipeline.data import NUM_CLASSES, NUM_PIXELS, PIXEL_SCALE, scale_pixels
+
 # TensorFlow's C++ start-up chatter says nothing our users can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,18 +43,6 @@ with _hidden_modules("sklearn", "matplotlib", "pandas"):
     import keras
     import tensorflow as tf
     from keras import layers
-
-NUM_PIXELS = 784
-NUM_CLASSES = 10
-# read_data_sets() scaled pixels by multiplying with 1/255 in float32; doing the same keeps every
-# number identical to the seed's inputs.
-PIXEL_SCALE = np.float32(1.0 / 255.0)
-
-
-def scale_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1], exactly as the seed's inputs were."""
-    return images.astype(np.float32) * PIXEL_SCALE
-
 
 def build_model(seed: int) -> keras.Model:
     model = keras.Sequential(

@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 import yaml
 
 from pipeline.cli import PipelineError
+from pipeline.data import TRAINING_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
-MNIST_TRAINING_IMAGES = 60_000
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -193,15 +193,15 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     if (timeout := fetch.get("timeout_seconds")) is not None and timeout <= 0:
         collector.add(f"fetch.timeout_seconds must be more than 0, got {timeout}")
     validation_size = preprocess.get("validation_size")
-    if validation_size is not None and not 0 <= validation_size < MNIST_TRAINING_IMAGES:
-        collector.add(f"preprocess.validation_size must be in [0, {MNIST_TRAINING_IMAGES}), got {validation_size}")
+    if validation_size is not None and not 0 <= validation_size < TRAINING_IMAGES:
+        collector.add(f"preprocess.validation_size must be in [0, {TRAINING_IMAGES}), got {validation_size}")
     if (learning_rate := train.get("learning_rate")) is not None and learning_rate <= 0:
         collector.add(f"train.learning_rate must be more than 0, got {learning_rate}")
     if (batch_size := train.get("batch_size")) is not None:
-        training_size = MNIST_TRAINING_IMAGES - (validation_size or 0)
+        training_size = TRAINING_IMAGES - (validation_size or 0)
         if batch_size < 1:
             collector.add(f"train.batch_size must be at least 1, got {batch_size}")
-        elif validation_size is not None and 0 <= validation_size < MNIST_TRAINING_IMAGES and batch_size > training_size:
+        elif validation_size is not None and 0 <= validation_size < TRAINING_IMAGES and batch_size > training_size:
             collector.add(f"train.batch_size ({batch_size}) is larger than the training set ({training_size} images)")
     for key in ("iterations", "eval_interval"):
         if (value := train.get(key)) is not None and value < 1:

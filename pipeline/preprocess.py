@@ -18,16 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import idx
+from pipeline.data import NUM_CLASSES, RAW_PAIRS, SPLITS, array_file
 from pipeline.cli import PipelineError, run
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
 
-RAW_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-SPLITS = ("train", "validation", "test")
 
 
 def flatten(images: np.ndarray) -> np.ndarray:
@@ -35,7 +31,7 @@ def flatten(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.reshape(len(images), -1))
 
 
-def one_hot(labels: np.ndarray, num_classes: int = idx.NUM_CLASSES) -> np.ndarray:
+def one_hot(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Encode integer labels as uint8 one-hot rows (5 becomes [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
@@ -66,7 +62,7 @@ def make_splits(raw: dict[str, tuple[np.ndarray, np.ndarray]], validation_size: 
 
 def read_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     raw = {}
-    for split, (images_name, labels_name) in RAW_FILES.items():
+    for split, (images_name, labels_name) in RAW_PAIRS.items():
         images = idx.read_images(raw_dir / images_name)
         labels = idx.read_labels(raw_dir / labels_name)
         idx.check_pair(images, labels, f"{raw_dir / images_name} and {labels_name}")
@@ -82,35 +78,12 @@ def write_arrays(out_dir: Path, arrays: dict[str, np.ndarray]) -> None:
     temp_dir.chmod(0o755)
     try:
         for name, array in arrays.items():
-            np.save(temp_dir / f"{name}.npy", array, allow_pickle=False)
+            np.save(temp_dir / array_file(name), array, allow_pickle=False)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         temp_dir.rename(out_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
-    """Load the processed arrays of the given splits, with a clear error when they are missing or corrupt."""
-    arrays = {}
-    for split in splits:
-        for kind, width in (("images", 784), ("labels", idx.NUM_CLASSES)):
-            path = Path(data_dir) / f"{split}_{kind}.npy"
-            try:
-                array = np.load(path, allow_pickle=False)
-            except FileNotFoundError:
-                raise PipelineError(f"{path} does not exist; run the preprocess stage first (dvc repro).") from None
-            except (ValueError, OSError, EOFError) as error:
-                raise PipelineError(f"{path} is corrupt ({error}); rerun the preprocess stage (dvc repro -f preprocess).") from None
-            if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != width:
-                raise PipelineError(
-                    f"{path} holds a {array.dtype} array of shape {array.shape}, expected uint8 rows of "
-                    f"{width}; rerun the preprocess stage (dvc repro -f preprocess)."
-                )
-            arrays[f"{split}_{kind}"] = array
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise PipelineError(f"{data_dir}: the {split} images and labels have different counts; rerun preprocess.")
-    return arrays
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline import files, tracking
 from pipeline.cli import PipelineError, run
 from pipeline.params import load_params
-from pipeline.preprocess import load_processed
+from pipeline.data import NUM_CLASSES, load_processed
 from pipeline.train import HISTORY_COLUMNS
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline import files, tracking
 from pipeline.cli import PipelineError, run
 from pipeline.params import TrainParams, load_params
-from pipeline.preprocess import load_processed
+from pipeline.data import load_processed, scale_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def main() -> None:
     )
     with recorder:
         # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
-        from pipeline.model import SgdTrainer, build_model, scale_pixels
+        from pipeline.model import SgdTrainer, build_model
 
         import keras
         import tensorflow as tf

@@ -50,9 +50,9 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def shared_mnist() -> Path:
-    if not all((SHARED_MNIST / f"{name}.gz").exists() for name in (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
-    )):
+    from pipeline.data import FILES
+
+    if not all((SHARED_MNIST / f"{name}.gz").exists() for name in FILES):
         pytest.skip(f"the real MNIST mirror {SHARED_MNIST} is absent on this machine")
     return SHARED_MNIST
 

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import run_module, snapshot, write_params
 from idx_fixtures import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, write_idx, write_mnist
-from pipeline.preprocess import flatten, load_processed, one_hot, split_validation
+from pipeline.data import load_processed
+from pipeline.preprocess import flatten, one_hot, split_validation
 
 
 def test_flatten_keeps_pixels_in_row_major_order():

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT, stage_env, write_params
 from idx_fixtures import write_idx
-from benchmarks.numpy_reference import PIXEL_SCALE, train_numpy
+from pipeline.data import RAW_PAIRS
+from benchmarks.numpy_reference import train_numpy
 from pipeline.train import batch_order, train
 
 LEARNING_RATE = 0.003
@@ -43,13 +44,6 @@ def both_runs():
     history = train(SgdTrainer(model, LEARNING_RATE, *data), order, EVAL_INTERVAL)
     reference = train_numpy(*data, initial_weights, initial_biases, order, LEARNING_RATE, EVAL_INTERVAL)
     return history, model, reference, initial_weights
-
-
-def test_pixel_scale_is_the_models():
-    from pipeline.model import PIXEL_SCALE as MODEL_PIXEL_SCALE
-
-    assert PIXEL_SCALE.dtype == MODEL_PIXEL_SCALE.dtype == np.float32
-    assert PIXEL_SCALE.tobytes() == MODEL_PIXEL_SCALE.tobytes()
 
 
 def test_per_step_cross_entropies_match(both_runs):
@@ -105,8 +99,7 @@ def tiny_mirror(tmp_path):
     rng = np.random.default_rng(0)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    for images_name, labels_name, count in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 5600),
-                                            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 300)):
+    for (images_name, labels_name), count in zip(RAW_PAIRS.values(), (5600, 300)):
         labels = rng.integers(0, 10, size=count, dtype=np.uint8)
         images = rng.integers(0, 30, size=(count, 28, 28), dtype=np.uint8)
         for image, label in zip(images, labels):

@@ -1,0 +1,77 @@
+"""What MNIST is, for every stage: its four files, their digests, the splits and how they are read.
+
+The raw data is four IDX files; fetch puts them in ``data/raw`` and preprocess turns them into one
+pair of ``.npy`` arrays per split (``<split>_images.npy``: uint8 rows of 784 pixels;
+``<split>_labels.npy``: uint8 one-hot rows of 10). Train and report read those arrays back through
+:func:`load_processed`. Every fact about the data set lives here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cli import PipelineError
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+# Each raw split's images and labels, which must hold the same number of examples.
+RAW_PAIRS = {"train": (TRAIN_IMAGES, TRAIN_LABELS), "test": (TEST_IMAGES, TEST_LABELS)}
+
+# SHA-256 of each file's *uncompressed* bytes. Digests of the .gz files would depend on the gzip
+# settings a mirror used, while the IDX bytes are the same everywhere.
+EXPECTED_SHA256 = {
+    TRAIN_IMAGES: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    TRAIN_LABELS: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+TRAINING_IMAGES = 60_000
+
+IMAGE_SHAPE = (28, 28)
+NUM_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+NUM_CLASSES = 10
+# read_data_sets() scaled pixels by multiplying with 1/255 in float32; doing the same keeps every
+# number identical to the seed's inputs.
+PIXEL_SCALE = np.float32(1.0 / 255.0)
+
+SPLITS = ("train", "validation", "test")
+
+
+def scale_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels to float32 in [0, 1], exactly as the seed's inputs were."""
+    return images.astype(np.float32) * PIXEL_SCALE
+
+
+def array_file(name: str) -> str:
+    """The file that holds the processed array ``name`` (``train_images``, ``test_labels``…)."""
+    return f"{name}.npy"
+
+
+def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
+    """Load the processed arrays of the given splits, with a clear error when they are missing or corrupt."""
+    arrays = {}
+    for split in splits:
+        for kind, width in (("images", NUM_PIXELS), ("labels", NUM_CLASSES)):
+            path = Path(data_dir) / array_file(f"{split}_{kind}")
+            try:
+                array = np.load(path, allow_pickle=False)
+            except FileNotFoundError:
+                raise PipelineError(f"{path} does not exist; run the preprocess stage first (dvc repro).") from None
+            except (ValueError, OSError, EOFError) as error:
+                raise PipelineError(
+                    f"{path} is corrupt ({error}); rerun the preprocess stage (dvc repro -f preprocess)."
+                ) from None
+            if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != width:
+                raise PipelineError(
+                    f"{path} holds a {array.dtype} array of shape {array.shape}, expected uint8 rows of "
+                    f"{width}; rerun the preprocess stage (dvc repro -f preprocess)."
+                )
+            arrays[f"{split}_{kind}"] = array
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise PipelineError(f"{data_dir}: the {split} images and labels have different counts; rerun preprocess.")
+    return arrays
