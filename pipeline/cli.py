@@ -1,18 +1,21 @@
-"""What every command-line entry point shares: logging set-up and turning errors into clean exits.
+"""What every command-line entry point shares: its path arguments, logging, and clean error exits.
 
 A stage's ``main()`` raises :class:`PipelineError` for anything the user can fix (bad params, bad
 data, an unreachable server). :func:`run` prints that as one paragraph on stderr and exits non-zero,
-so users never see a traceback for their own mistakes.
+so users never see a traceback for their own mistakes. The process then ends normally, so that
+atexit handlers and the libraries' own clean-up (TensorFlow's temporary files, MLflow's queues) run.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class PipelineError(Exception):
@@ -28,6 +31,18 @@ def configure_logging() -> None:
     )
 
 
+def path_arguments(description: str, names: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a stage's command line: one required ``--name PATH`` per name, as dvc.yaml passes them.
+
+    ``description`` is the stage module's docstring, whose first line becomes the ``--help`` summary.
+    Dashes in names become underscores in the result (``--test-probabilities`` → ``test_probabilities``).
+    """
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    for name in names:
+        parser.add_argument(f"--{name}", type=Path, required=True, metavar="PATH")
+    return parser.parse_args(argv)
+
+
 def format_error(message: str) -> str:
     """Wrap an error into one readable paragraph."""
     paragraph = " ".join(str(message).split())
@@ -36,22 +51,6 @@ def format_error(message: str) -> str:
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def exit_now(code: int) -> None:
-    """Flush what was printed and logged, then end the process without tearing the interpreter down.
-
-    Unloading TensorFlow, MLflow and their thousands of modules at exit takes 0.5-2 s and serves no
-    purpose once a stage's outputs are written (each one atomically, and closed) and its MLflow run
-    ended. Only entry points call this, once their work is complete.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
 
 
 def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
@@ -64,8 +63,7 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
         main()
     except PipelineError as error:
         print(format_error(str(error)), file=sys.stderr)
-        exit_now(error_exit_code)
+        sys.exit(error_exit_code)
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was left behind.", file=sys.stderr)
-        exit_now(130)
-    exit_now(0)
+        sys.exit(130)

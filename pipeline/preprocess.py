@@ -9,7 +9,6 @@ Reads the four MNIST IDX files from ``--raw`` and writes ``--out`` holding, for 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ import numpy as np
 
 from pipeline import idx
 from pipeline.data import NUM_CLASSES, RAW_PAIRS, SPLITS, array_file
-from pipeline.cli import PipelineError, run
+from pipeline.cli import PipelineError, path_arguments, run
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
@@ -87,10 +86,7 @@ def write_arrays(out_dir: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", type=Path, required=True, help="directory of the four raw IDX files")
-    parser.add_argument("--out", type=Path, required=True, help="directory to write the .npy arrays to")
-    args = parser.parse_args()
+    args = path_arguments(__doc__, ["raw", "out"])
     params = load_params().preprocess
 
     raw = read_raw(args.raw)
