@@ -14,8 +14,8 @@ Sections (``--only``, comma-separated; default all):
   weights and batch order. Each run is a fresh process, so every TensorFlow run compiles afresh.
 * ``tracking``: the train stage's wall time (a fresh SQLite MLflow store each time) with its
   per-step MLflow logging against the same stage with that logging switched off (by patching
-  ``pipeline.tracking.RunRecorder.log_series`` in the benchmark's own process; pipeline/ is not
-  edited), plus ``tracking.log_series`` of the same 20,200 values alone, for information.
+  ``pipeline.tracking.record.TrainingRun.log_history`` in the benchmark's own process; pipeline/ is
+  not edited), plus ``log_history`` of the same 20,200 values alone, for information.
 * ``pipeline``: a cold ``dvc repro`` of a fresh copy of the project against the NumPy reference
   process (``python -m benchmarks.numpy_reference``, raw IDX files in, scores out), then a no-op
   ``dvc repro`` against ``dvc status`` in that copy.
@@ -335,7 +335,7 @@ def bench_tracking(context: Context) -> list[Row]:
     arguments = stage_command(project, "train").split()[3:]  # after `python -m pipeline.train`
     row = Row("Tracking: train stage with per-step MLflow logging vs without (fresh SQLite store)",
               target=f"≤ {TARGETS['tracking']:.2f}×", verdict=at_most(TARGETS["tracking"]))
-    alone = Row("  (info) log_series of the same 20,200 values alone vs train stage without logging")
+    alone = Row("  (info) log_history of the same 20,200 values alone vs train stage without logging")
     stores = context.workdir / "tracking"
     stores.mkdir(parents=True, exist_ok=True)
     for repetition in range(context.repeat):
@@ -348,7 +348,7 @@ def bench_tracking(context: Context) -> list[Row]:
             (row.ours if logging_state == "on" else row.reference).append(done.seconds)
             if logging_state == "on":
                 context.samples.setdefault("train_stage_rss_kib", []).append(done.maxrss_kib)
-        context.say(f"tracking {repetition + 1}/{context.repeat}: log_series alone")
+        context.say(f"tracking {repetition + 1}/{context.repeat}: log_history alone")
         env = context.env(PYTHONPATH=str(ROOT))
         done = run_timed(worker_command("log-series", "--uri", sqlite_uri(stores / f"alone-{repetition}.db")),
                          cwd=stores, env=env, log=context.workdir / "logs" / f"log-series-{repetition}")
@@ -358,7 +358,7 @@ def bench_tracking(context: Context) -> list[Row]:
     context.notes.append(
         f"Tracking: per-step logging adds {ours - reference:+.2f} s (median) to a {reference:.2f} s train stage; "
         f"logging the 20,200 values alone takes {alone.medians()[0]:.2f} s, mostly hidden behind training by "
-        "the MLflow helper process."
+        "MLflow's asynchronous logging."
     )
     return [row, alone]
 
@@ -528,43 +528,45 @@ def worker_train_stage(args: argparse.Namespace) -> None:
     """The train stage itself, optionally without its per-step MLflow logging."""
     import pipeline.train as train_module
     from pipeline.cli import run
+    from pipeline.tracking import record
 
     if args.step_logging == "off":
-        # Chunks still reach the recorder; it just queues nothing. Everything else is the real stage.
-        train_module.tracking.RunRecorder.log_series = lambda self, series: None
+        # Chunks still reach the run; it just logs nothing. Everything else is the real stage.
+        record.TrainingRun.log_history = lambda self, series, started, ended: None
     sys.argv = ["pipeline.train", *args.rest]
     run(train_module.main)
 
 
 def worker_log_series(args: argparse.Namespace) -> dict:
-    """tracking.log_series for the seed configuration's 20,200 values, chunk by chunk as train logs them."""
+    """TrainingRun.log_history for the seed configuration's 20,200 values, chunk by chunk as train logs them."""
     import numpy as np
 
-    from pipeline import tracking
-    from pipeline.params import load_params
+    from pipeline.params import TrackingParams, load_params
+    from pipeline.tracking import record, store
     from pipeline.train import chunk_ends
 
     config = load_params(ROOT / "params.yaml").train
-    client, experiment_id = tracking.connect(args.uri, "benchmark-log-series")
-    run_id = client.create_run(experiment_id).info.run_id
+    uri, location = store.resolve(TrackingParams(experiment="benchmark-log-series", uri=args.uri))
     rng = np.random.default_rng(0)
     accuracy = rng.random(config.iterations, dtype=np.float32)
     cross_entropy = rng.random(config.iterations, dtype=np.float32) * 100
     values = 0
-    started = time.perf_counter()
-    start = 0
-    for end in chunk_ends(config.iterations):
-        steps = range(start + 1, end + 1)
-        series = {"train_accuracy": (steps, accuracy[start:end]), "train_cross_entropy": (steps, cross_entropy[start:end])}
-        test_steps = [step for step in steps if step % config.eval_interval == 0]
-        if test_steps:
-            series["test_accuracy"] = (test_steps, [0.9] * len(test_steps))
-            series["test_cross_entropy"] = (test_steps, [2700.0] * len(test_steps))
-        tracking.log_series(client, run_id, series)
-        values += sum(len(steps_) for steps_, _ in series.values())
-        start = end
-    seconds = time.perf_counter() - started
-    client.set_terminated(run_id)
+    with record.training_run(uri, location, "benchmark-log-series", "log-series", {}) as run:
+        started = time.perf_counter()
+        start = 0
+        for end in chunk_ends(config.iterations):
+            steps = range(start + 1, end + 1)
+            series = {"train_accuracy": (steps, accuracy[start:end]),
+                      "train_cross_entropy": (steps, cross_entropy[start:end])}  # fmt: skip
+            test_steps = [step for step in steps if step % config.eval_interval == 0]
+            if test_steps:
+                series["test_accuracy"] = (test_steps, [0.9] * len(test_steps))
+                series["test_cross_entropy"] = (test_steps, [2700.0] * len(test_steps))
+            run.log_history(series, time.time(), time.time())
+            values += sum(len(steps_) for steps_, _ in series.values())
+            start = end
+        run.wait()
+        seconds = time.perf_counter() - started
     return {"seconds": seconds, "values": values}
 
 

@@ -46,3 +46,15 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def staged(paths: list[Path]) -> Iterator[list[Path]]:
+    """Yield one temp path beside each of ``paths``; all are renamed into place only if the block succeeds.
+
+    A stage writes its outputs to these temp paths as it goes and records its run; only when all of
+    that has succeeded do the new outputs replace the old ones, so a failure at any point leaves no
+    new output behind.
+    """
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]

@@ -1,31 +1,33 @@
 """Stage ``report``: score the trained model on the test set and draw the seed's figures.
 
 Reads the test labels from ``--data``, the model's test-set probabilities (``--test-probabilities``,
-written by train, so no TensorFlow is needed here), the per-step ``--history`` and the MLflow
-``--run-info``. Writes ``--metrics`` (test accuracy, cross-entropy per image, macro precision, recall
+written by train, so no TensorFlow is needed here) and the per-step ``--history``. Writes ``--metrics`` (test accuracy, cross-entropy per image, macro precision, recall
 and F1, recall per class), ``--confusion`` (one actual,predicted row per test image, for DVC's
 confusion template), ``--classification-report``, and three PNGs: the seed's accuracy and
 cross-entropy figures (full and zoomed panels) and a labelled confusion-matrix heatmap. Everything
-is also logged into the MLflow run that train opened.
+is also logged into the MLflow run that trained the model (see pipeline.tracking.record), and the
+outputs are replaced only once it is.
 
-pandas, matplotlib and scikit-learn are imported where they are used rather than at the top: main()
-first starts MLflow's helper process (see pipeline.tracking), and their imports then overlap it.
+pandas, matplotlib and scikit-learn are imported where they are used, so that bad input is reported
+before their import cost.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
+import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import files, tracking
-from pipeline.cli import PipelineError, run
-from pipeline.params import load_params
+from pipeline import files
+from pipeline.cli import PipelineError, path_arguments, run
 from pipeline.data import NUM_CLASSES, load_processed
+from pipeline.params import load_params
+from pipeline.tracking import record, store
 from pipeline.train import HISTORY_COLUMNS
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = [str(digit) for digit in range(10)]
+CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
 # The seed plots the test cross-entropy (summed over 10,000 images) divided by 100, which puts it
 # on the scale of the training batches (sums over 100 images).
 TEST_TO_BATCH_SCALE = 100
@@ -62,7 +64,7 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     true_class = np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
     per_class_recall = precision_recall_fscore_support(
-        labels, predicted, labels=range(10), average=None, zero_division=0
+        labels, predicted, labels=range(NUM_CLASSES), average=None, zero_division=0
     )[1]
     return {
         "test_accuracy": float(np.mean(predicted == labels)),
@@ -135,7 +137,7 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray):
     from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
     figure, axis = pyplot().subplots(figsize=(8, 7), constrained_layout=True)
-    display = ConfusionMatrixDisplay(confusion_matrix(labels, predicted, labels=range(10)), display_labels=CLASS_NAMES)
+    display = ConfusionMatrixDisplay(confusion_matrix(labels, predicted, labels=range(NUM_CLASSES)), display_labels=CLASS_NAMES)
     display.plot(ax=axis, cmap="Blues", values_format="d", colorbar=True)
     accuracy = np.mean(labels == predicted)
     axis.set_title(f"Confusion matrix on the {len(labels):,} test images (accuracy {accuracy:.4f})")
@@ -153,70 +155,93 @@ def png_bytes(figure) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--test-probabilities", type=Path, required=True)
-    parser.add_argument("--run-info", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True)
-    for output in ("metrics", "confusion", "classification-report", "accuracy-plot", "cross-entropy-plot", "confusion-plot"):
-        parser.add_argument(f"--{output}", type=Path, required=True)
-    args = parser.parse_args()
+    args = path_arguments(__doc__, [
+        "data", "test-probabilities", "history", "metrics", "confusion", "classification-report",
+        "accuracy-plot", "cross-entropy-plot", "confusion-plot",
+    ])  # fmt: skip
     params = load_params().tracking
-    run_info = tracking.read_run_info(args.run_info)
+    # A wrong tracking URI or a dead server is reported now, before any work.
+    uri, artifact_location = store.resolve(params)
 
     labels = load_processed(args.data, splits=("test",))["test_labels"].argmax(axis=1)
     try:
-        probabilities = np.load(args.test_probabilities, allow_pickle=False)
+        probabilities_bytes = args.test_probabilities.read_bytes()
+        probabilities = np.load(io.BytesIO(probabilities_bytes), allow_pickle=False)
     except FileNotFoundError:
         raise PipelineError(f"{args.test_probabilities} does not exist; run the train stage first (dvc repro).") from None
     except (ValueError, OSError, EOFError) as error:
-        raise PipelineError(f"{args.test_probabilities} is corrupt ({error}); rerun the train stage (dvc repro -f train).") from None
-    if probabilities.shape != (len(labels), len(CLASS_NAMES)):
+        raise PipelineError(
+            f"{args.test_probabilities} is corrupt ({error}); rerun the train stage (dvc repro -f train)."
+        ) from None
+    if probabilities.shape != (len(labels), NUM_CLASSES):
         raise PipelineError(
             f"{args.test_probabilities} holds probabilities of shape {probabilities.shape} but there are "
             f"{len(labels)} test labels; rerun the train stage (dvc repro -f train)."
         )
+    history = read_history(args.history)
 
-    # Report logs into the run that train opened, so one pipeline run is one MLflow run. The helper
-    # process checks that the run is in the store while this one scores and draws.
-    with tracking.RunRecorder(params.uri, params.experiment, run_id=run_info["run_id"]) as recorder:
-        from sklearn.metrics import classification_report
+    from sklearn.metrics import classification_report
 
-        history = read_history(args.history)
-        metrics = score(labels, probabilities)
-        predicted = probabilities.argmax(axis=1)
-        texts = {
-            args.confusion: confusion_rows(labels, predicted).to_csv(index=False),
-            args.classification_report: classification_report(labels, predicted, target_names=CLASS_NAMES, digits=4),
-        }
-        images = {
-            args.accuracy_plot: png_bytes(accuracy_figure(history)),
-            args.cross_entropy_plot: png_bytes(cross_entropy_figure(history)),
-            args.confusion_plot: png_bytes(confusion_figure(labels, predicted)),
-        }
-        # Outputs are only replaced once the run is known to be there to receive them.
-        recorder.wait_ready()
-        files.write_json(args.metrics, metrics)
-        for path, text in texts.items():
-            files.write_text(path, text)
-        for path, image in images.items():
-            files.write_bytes(path, image)
-        logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
-                    metrics["test_accuracy"], metrics["test_cross_entropy"], metrics["macro_f1"])
+    metrics = score(labels, probabilities)
+    predicted = probabilities.argmax(axis=1)
+    outputs: dict[Path, bytes] = {
+        args.metrics: (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode(),
+        args.confusion: confusion_rows(labels, predicted).to_csv(index=False).encode(),
+        args.classification_report: classification_report(
+            labels, predicted, target_names=CLASS_NAMES, digits=4
+        ).encode(),
+        args.accuracy_plot: png_bytes(accuracy_figure(history)),
+        args.cross_entropy_plot: png_bytes(cross_entropy_figure(history)),
+        args.confusion_plot: png_bytes(confusion_figure(labels, predicted)),
+    }
+    logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
+                metrics["test_accuracy"], metrics["test_cross_entropy"], metrics["macro_f1"])  # fmt: skip
 
-        recorder.log_metrics({
-            "test_cross_entropy_per_image": metrics["test_cross_entropy"],
-            "macro_precision": metrics["macro_precision"],
-            "macro_recall": metrics["macro_recall"],
-            "macro_f1": metrics["macro_f1"],
-            **{f"recall_{digit}": value for digit, value in metrics["per_class_recall"].items()},
-        })
-        for path in (args.metrics, args.confusion, args.classification_report,
-                     args.accuracy_plot, args.cross_entropy_plot, args.confusion_plot):
-            recorder.log_artifact(path, artifact_path="report")
-        lock = tracking.project_root() / "dvc.lock"
+    # Report logs into the run that trained the model it scores (found by the probabilities' digest),
+    # and only what that run does not hold already: rerunning report, or train restored from DVC's
+    # run cache, leaves a finished run as it was.
+    client, experiment_id = store.open_store(uri, params.experiment, artifact_location)
+    run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)
+    report_digest = record.sha256(b"".join(outputs.values()))
+    if run.data.tags.get(record.REPORT_TAG) == report_digest:
+        logger.info("MLflow run %s already holds this report; nothing logged again", run.info.run_id)
+    else:
+        log_report(client, run.info.run_id, metrics, outputs, report_digest)
+        logger.info("logged the report into MLflow run %s", run.info.run_id)
+
+    # The outputs are replaced only now that the run holds the report.
+    for path, data in outputs.items():
+        files.write_bytes(path, data)
+
+
+def log_report(client, run_id: str, metrics: dict, outputs: dict[Path, bytes], digest: str) -> None:
+    """Log the report's metrics and files into the run, and mark it with the report's digest."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    timestamp_ms = record.timestamp_ms()
+    values = {
+        "test_cross_entropy_per_image": metrics["test_cross_entropy"],
+        "macro_precision": metrics["macro_precision"],
+        "macro_recall": metrics["macro_recall"],
+        "macro_f1": metrics["macro_f1"],
+        **{f"recall_{digit}": value for digit, value in metrics["per_class_recall"].items()},
+    }
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            # Artifacts keep the outputs' own file names.
+            for path, data in outputs.items():
+                (Path(folder) / path.name).write_bytes(data)
+            client.log_artifacts(run_id, folder, artifact_path="report")
+        lock = store.project_root() / "dvc.lock"
         if lock.exists():
-            recorder.log_artifact(lock)
+            client.log_artifact(run_id, str(lock))
+        client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp_ms, 0) for key, value in values.items()])
+        client.set_tag(run_id, record.REPORT_TAG, digest)
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise PipelineError(
+            f"logging the report into MLflow run {run_id} failed: {store.short(str(error))} No output was changed."
+        ) from None
 
 
 if __name__ == "__main__":

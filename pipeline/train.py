@@ -3,9 +3,10 @@
 Reads the processed arrays from ``--data`` and the ``train`` and ``tracking`` sections of
 params.yaml. Writes the Keras model (``--model``), the test set's predicted probabilities for the
 report stage (``--test-probabilities``, so that report needs no TensorFlow), the per-step history
-(``--history``: step, train_accuracy, train_cross_entropy, test_accuracy, test_cross_entropy), the
-final training metrics (``--metrics``) and the MLflow run's id (``--run-info``) so that report logs
-into the same run.
+(``--history``: step, train_accuracy, train_cross_entropy, test_accuracy, test_cross_entropy) and
+the final training metrics with the environment that produced them (``--metrics``). Records one
+MLflow run (see pipeline.tracking.record): params, tags, the per-step history, the model and the
+final metrics. The outputs are replaced only after the run is recorded.
 
 Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
 summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
@@ -14,21 +15,21 @@ cross-entropy is summed over all 10,000 test images).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import files, tracking
-from pipeline.cli import PipelineError, run
+from pipeline import files
+from pipeline.cli import PipelineError, path_arguments, run
 from pipeline.params import TrainParams, load_params
+from pipeline.tracking import record, store, tags
 from pipeline.data import load_processed, scale_pixels
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,12 @@ class History:
 ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, list[tuple[int, float, float]]], None]
 
 
+# Called after each chunk with (first step, last step, chunk's train accuracies, chunk's train
+# cross-entropies, the chunk's test measurements as (step, accuracy, cross-entropy) tuples, and the
+# wall-clock times, in seconds, at which the chunk started and ended).
+ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, list[tuple[int, float, float]], float, float], None]
+
+
 def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallback | None = None) -> History:
     """Run every step in ``order`` on ``trainer`` and return the seed's measurements."""
     history = History()
@@ -87,27 +94,33 @@ def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallbac
     start = 0
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
         for end in chunk_ends(iterations):
+            started = time.time()
             accuracy, cross_entropy, test_accuracy, test_cross_entropy = trainer.train_steps(
-                order[start:end], start + 1, eval_interval)
+                order[start:end], start + 1, eval_interval
+            )
+            ended = time.time()
             history.train_accuracy.append(accuracy)
             history.train_cross_entropy.append(cross_entropy)
             measured = np.flatnonzero(~np.isnan(test_accuracy))
-            tests = [(start + 1 + int(index), float(test_accuracy[index]), float(test_cross_entropy[index]))
-                     for index in measured]
+            tests = [
+                (start + 1 + int(index), float(test_accuracy[index]), float(test_cross_entropy[index]))
+                for index in measured
+            ]
             for step, test_accuracy_value, test_cross_entropy_value in tests:
                 history.test_steps.append(step)
                 history.test_accuracy.append(test_accuracy_value)
                 history.test_cross_entropy.append(test_cross_entropy_value)
             # Like the seed's print(i, a, c): the latest test measurement when there is one.
             if history.test_steps:
+                as_of = "" if history.test_steps[-1] == end else f" (measured at step {history.test_steps[-1]})"
                 logger.info(
-                    "step %d: test accuracy %.4f, test cross-entropy %.2f (as of step %d)",
-                    end, history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1],
-                )
+                    "step %d: test accuracy %.4f, test cross-entropy %.2f%s",
+                    end, history.test_accuracy[-1], history.test_cross_entropy[-1], as_of,
+                )  # fmt: skip
             else:
                 logger.info("step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1])
             if on_chunk is not None:
-                on_chunk(start + 1, end, accuracy, cross_entropy, tests)
+                on_chunk(start + 1, end, accuracy, cross_entropy, tests, started, ended)
             progress.update(end - start)
             start = end
     return history
@@ -155,15 +168,14 @@ def chunk_series(first_step: int, last_step: int, accuracy: np.ndarray, cross_en
     return series
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--test-probabilities", type=Path, required=True)
-    parser.add_argument("--run-info", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
+    args = path_arguments(__doc__, ["data", "model", "test-probabilities", "history", "metrics"])
     params = load_params()
     config, tracking_params = params.train, params.tracking
 
@@ -171,79 +183,84 @@ def main() -> None:
     num_train = len(data["train_images"])
     if config.batch_size > num_train:
         raise PipelineError(f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images).")
+    # A wrong tracking URI or a dead server is reported now, before TensorFlow's import and any training.
+    uri, artifact_location = store.resolve(tracking_params)
 
-    # MLflow works in a helper process from here on, so that opening (or creating) the store
-    # overlaps TensorFlow's import below and logging the history overlaps the training loop.
-    recorder = tracking.RunRecorder(
-        tracking_params.uri, tracking_params.experiment, run_name=run_name(config), tags=tracking.run_tags(),
-        params={
-            **{f"train.{key}": value for key, value in vars(config).items()},
-            "tracking.experiment": tracking_params.experiment,
-            "data.train_examples": num_train,
-            "data.test_examples": len(data["test_images"]),
-            "model": "Dense(10, softmax) on 784 pixels",
-            "loss": "cross-entropy summed over the batch",
-            "optimizer": "SGD",
-        },
-    )
-    with recorder:
-        # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
-        from pipeline.model import SgdTrainer, build_model
+    # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
+    from pipeline.model import SgdTrainer, build_model, save_model
 
-        import keras
-        import tensorflow as tf
+    import keras
+    import mlflow
+    import tensorflow as tf
 
-        # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
-        # without them Keras reports through absl's logger, which only needs to speak up about problems.
-        keras.config.disable_interactive_logging()
-        logging.getLogger("absl").setLevel(logging.WARNING)
+    # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
+    # without them Keras reports through absl's logger, which only needs to speak up about problems.
+    keras.config.disable_interactive_logging()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    # A step is far too small to gain from splitting across cores (one thread is ~30% faster per
+    # step, with identical numbers), and it leaves the other core to MLflow's logging.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
 
-        # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.
-        keras.utils.set_random_seed(config.seed)
-        tf.config.experimental.enable_op_determinism()
-        # A step is far too small to gain from splitting across cores (one thread is ~30% faster per
-        # step, with identical numbers), and it leaves the other core to MLflow's helper process.
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        model = build_model(config.seed)
-        trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
-                             data["test_images"], data["test_labels"])
-        order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
+    model = build_model(config.seed)
+    trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
+                         data["test_images"], data["test_labels"])  # fmt: skip
+    order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
+    run_params = {
+        **{f"train.{key}": value for key, value in vars(config).items()},
+        "tracking.experiment": tracking_params.experiment,
+        "data.train_examples": num_train,
+        "data.test_examples": len(data["test_images"]),
+        "model": "Dense(10, softmax) on 784 pixels",
+        "loss": "cross-entropy summed over the batch",
+        "optimizer": "SGD",
+    }
+    outputs = [args.model, args.test_probabilities, args.history, args.metrics]
+    # New outputs replace the old ones only once the run is recorded (files.staged).
+    with (
+        files.staged(outputs) as (model_path, probabilities_path, history_path, metrics_path),
+        record.training_run(uri, artifact_location, tracking_params.experiment, run_name(config), run_params)
+        as mlflow_run,
+    ):
+        logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking_params.experiment)
 
-        # Logging the model needs MLflow in this process too. Its import overlaps the training loop,
-        # which after tracing runs native code that leaves the interpreter lock free.
-        trainer.trace()
-        client = tracking.open_client_in_background(recorder)
-
-        def record(*chunk) -> None:
-            recorder.log_series(chunk_series(*chunk))
+        def log_chunk(first_step, last_step, accuracy, cross_entropy, tests, started, ended) -> None:
+            series = chunk_series(first_step, last_step, accuracy, cross_entropy, tests)
+            mlflow_run.log_history(series, started, ended)
 
         started = time.perf_counter()
-        history = train(trainer, order, config.eval_interval, on_chunk=record)
+        history = train(trainer, order, config.eval_interval, on_chunk=log_chunk)
         train_seconds = time.perf_counter() - started
-        run_info = recorder.wait_ready()
-        logger.info("MLflow run %s (%s) in experiment %r", run_info["run_id"], run_name(config), tracking_params.experiment)
-
         metrics = final_metrics(history)
         logger.info("trained %d steps in %.1f s: %s", config.iterations, train_seconds, metrics)
-        with files.atomic_path(args.model) as temp_model:
-            model.save(temp_model)
-        with files.atomic_path(args.test_probabilities) as temp_probabilities:
-            np.save(temp_probabilities, trainer.test_probabilities(), allow_pickle=False)
-        files.write_text(args.history, history_csv(history))
-        files.write_json(args.metrics, metrics)
 
-        recorder.log_artifact(args.history)
-        tracking.log_keras_model(
-            client.result(),
-            run_info["run_id"],
-            run_info["experiment_id"],
-            model,
-            scale_pixels(data["test_images"][:5]),
-            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
-            metrics={**metrics, "train_seconds": train_seconds},
-        )
-    # The run is complete (the recorder waited for every value to be logged) before report may use it.
-    tracking.write_run_info(args.run_info, run_info["run_id"], run_info["experiment_id"], run_info["tracking_uri"])
+        probabilities = npy_bytes(trainer.test_probabilities())
+        save_model(model, model_path)
+        probabilities_path.write_bytes(probabilities)
+        history_text = history_csv(history)
+        history_path.write_text(history_text)
+        metrics_path.write_text(json.dumps({**metrics, "environment": tags.environment(store.project_root())},
+                                           indent=2, sort_keys=True) + "\n")
+
+        mlflow_run.wait()
+        try:
+            logged = mlflow.tensorflow.log_model(
+                model,
+                name="model",
+                input_example=scale_pixels(data["test_images"][:5]),
+                pip_requirements=tags.model_requirements(),
+                params={key: str(value) for key, value in run_params.items()},
+            )
+            mlflow.log_metrics({**metrics, "train_seconds": train_seconds}, model_id=logged.model_id)
+            mlflow.log_text(history_text, "history.csv")
+            mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities))
+        except mlflow.exceptions.MlflowException as error:
+            raise PipelineError(
+                f"logging the model to MLflow run {mlflow_run.run_id} failed: {store.short(error.message)} "
+                "No output was changed."
+            ) from None
 
 
 if __name__ == "__main__":

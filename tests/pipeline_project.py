@@ -36,7 +36,7 @@ from idx_fixtures import write_digests, write_mnist  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 
 # What the pipeline needs to run; the rest of the checkout (tests, docs, outputs) stays behind.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
                  "data/.gitignore", "models/.gitignore")
 PROJECT_DIRS = ("pipeline",)
 
@@ -51,7 +51,7 @@ TINY_TEST_COUNT = 60
 
 GIT_IDENTITY = {"user.name": "Pipeline Tests", "user.email": "pipeline-tests@example.invalid"}
 # Every stage output that the train and report stages write, relative to the project root.
-TRAIN_OUTPUTS = ("models/model.keras", "models/test_probabilities.npy", "models/mlflow_run.json",
+TRAIN_OUTPUTS = ("models/model.keras", "models/test_probabilities.npy",
                  "metrics/history.csv", "metrics/train.json")
 REPORT_OUTPUTS = ("metrics/metrics.json", "metrics/confusion.csv", "metrics/classification_report.txt",
                   "metrics/accuracy.png", "metrics/cross_entropy.png", "metrics/confusion_matrix.png")
@@ -129,10 +129,11 @@ class Project:
                     }
         return found
 
-    def read_output(self, path: str, *revs: str) -> dict[str, str]:
-        """The text of a DVC-tracked output (``models/mlflow_run.json``, say) in each of ``revs``."""
-        script = ("import json, sys, dvc.api\n"
-                  "print(json.dumps({rev: dvc.api.read(sys.argv[1], repo='.', rev=rev) for rev in sys.argv[2:]}))")
+    def output_sha256(self, path: str, *revs: str) -> dict[str, str]:
+        """The SHA-256 of a DVC-tracked output (``models/test_probabilities.npy``, say) in each of ``revs``."""
+        script = ("import hashlib, json, sys, dvc.api\n"
+                  "print(json.dumps({rev: hashlib.sha256(dvc.api.read(sys.argv[1], repo='.', rev=rev, mode='rb'))"
+                  ".hexdigest() for rev in sys.argv[2:]}))")
         return json.loads(self.python("-c", script, path, *revs, timeout=120).stdout)
 
     def start_queue(self, jobs: int = 2, timeout: float = 120) -> None:

@@ -10,7 +10,7 @@ and the data hashes of the dvc.lock they used, without "database is locked" fail
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,7 +18,10 @@ import sys
 import pytest
 import yaml
 
+from mlflow.tracking import MlflowClient
 from pipeline_project import ROOT, Project, make_project
+
+from pipeline.tracking.record import TEST_PROBABILITIES_TAG
 
 EXPERIMENT = "mnist-softmax"
 # The module's project starts from a learning rate that none of the experiments below uses, so each
@@ -78,6 +81,12 @@ def check_run(run, *, experiment: str, learning_rate: float, commit: str, lock_t
     assert {"final_test_accuracy", "train_accuracy", "test_accuracy", "macro_f1"} <= set(run.data.metrics)
 
 
+def produced(project: Project, run) -> bool:
+    """Whether ``run`` trained the model whose test probabilities are in the workspace."""
+    digest = hashlib.sha256((project.root / "models/test_probabilities.npy").read_bytes()).hexdigest()
+    return run.data.tags[TEST_PROBABILITIES_TAG] == digest
+
+
 def metric_steps(project: Project, run_id: str, key: str) -> list[int]:
     from mlflow.tracking import MlflowClient
 
@@ -92,7 +101,7 @@ def test_exp_run_and_exp_run_with_set_param_each_log_one_tagged_run(project):
     (first,) = runs(project)
     check_run(first, experiment=first_name, learning_rate=BASELINE_LEARNING_RATE, commit=head,
               lock_text=(project.root / "dvc.lock").read_text(), dirty="false")
-    assert json.loads((project.root / "models/mlflow_run.json").read_text())["run_id"] == first.info.run_id
+    assert produced(project, first)
     assert metric_steps(project, first.info.run_id, "train_accuracy") == list(range(1, 51))
     assert metric_steps(project, first.info.run_id, "test_accuracy") == [10, 20, 30, 40, 50]
     # The store and its artifacts are the project's own.
@@ -122,7 +131,7 @@ def test_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_project
     assert len(sweep) == len(SWEEP), status
     # A "database is locked" (or any) failure in a queued stage would fail its task.
     assert status.count("Success") >= len(SWEEP) and "Failed" not in status, status
-    run_infos = project.read_output("models/mlflow_run.json", *(info["rev"] for info in sweep.values()))
+    digests = project.output_sha256("models/test_probabilities.npy", *(info["rev"] for info in sweep.values()))
 
     new_runs = [run for run in runs(project) if run.info.run_id not in before]
     assert len(new_runs) == len(SWEEP)
@@ -130,11 +139,9 @@ def test_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_project
     assert set(by_experiment) == set(sweep)
     for name, info in sweep.items():
         run = by_experiment[name]
-        run_info = json.loads(run_infos[info["rev"]])
-        # The experiment's own outputs name this run, and no other run carries its name.
-        assert run_info["run_id"] == run.info.run_id
+        # The experiment's own outputs lead to this run (report finds it by their digest).
+        assert run.data.tags[TEST_PROBABILITIES_TAG] == digests[info["rev"]]
         # DVC_ROOT pointed the queued copy at the parent project's store, not one of its own.
-        assert run_info["tracking_uri"].startswith(store_uri(project) + "?")
         assert run.info.artifact_uri.startswith((project.root / "mlartifacts").as_uri())
         check_run(run, experiment=name, learning_rate=info["params"]["train"]["learning_rate"], commit=head,
                   lock_text=project.git("show", f"{info['rev']}:dvc.lock"), dirty="true")
@@ -160,8 +167,9 @@ def test_experiment_matching_an_earlier_run_reuses_it_instead_of_logging_a_dupli
     assert "Running stage 'train'" not in result.stdout, result.stdout
     assert len(runs(project)) == count
     (run,) = earlier
-    # The restored outputs name the run that produced them.
-    assert json.loads((project.root / "models/mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    # The restored outputs lead to the run that produced them, which keeps its single report.
+    assert produced(project, run)
+    assert len(MlflowClient(store_uri(project)).get_metric_history(run.info.run_id, "macro_f1")) == 1
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
@@ -171,13 +179,13 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     script = (
         "import pathlib, sys, time\n"
         "import mlflow\n"
-        "from pipeline import tracking\n"
+        "from pipeline.params import TrackingParams\n"
+        "from pipeline.tracking import record, store\n"
         "print('ready', flush=True)\n"
         "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.005)\n"
-        "client, experiment_id = tracking.connect('', 'mnist-softmax')\n"
-        "run = client.create_run(experiment_id)\n"
-        "tracking.log_series(client, run.info.run_id, {'train_accuracy': (range(1, 1001), [0.5] * 1000)})\n"
-        "client.set_terminated(run.info.run_id)\n"
+        "uri, location = store.resolve(TrackingParams(experiment='mnist-softmax', uri=''))\n"
+        "with record.training_run(uri, location, 'mnist-softmax', 'concurrent', {}) as run:\n"
+        "    run.log_history({'train_accuracy': (range(1, 1001), [0.5] * 1000)}, time.time(), time.time())\n"
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
     env["PYTHONPATH"] = str(ROOT)

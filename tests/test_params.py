@@ -113,7 +113,7 @@ def test_stages_reject_bad_params_before_heavy_imports_and_change_nothing(tmp_pa
     args = {
         "pipeline.preprocess": ["--raw", "raw", "--out", "out/processed"],
         "pipeline.train": ["--data", "d", "--model", "out/model.keras", "--test-probabilities", "out/p.npy",
-                           "--run-info", "out/run.json", "--history", "out/h.csv", "--metrics", "out/m.json"],
+                           "--history", "out/h.csv", "--metrics", "out/m.json"],
         "pipeline.report": ["--data", "d", "--test-probabilities", "out/p.npy", "--run-info", "out/run.json",
                             "--history", "out/h.csv", "--metrics", "out/m.json", "--confusion", "out/c.csv",
                             "--classification-report", "out/r.txt", "--accuracy-plot", "out/a.png",

@@ -104,7 +104,7 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
-    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
     images = np.load(project.root / "data/processed/test_images.npy")[:4].astype(np.float32) / 255
     probabilities = np.asarray(model(images))
     assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)

@@ -74,8 +74,7 @@ REPORT_OUTPUTS = {
 
 
 def report_args(probabilities: str = "models/p.npy") -> list[str]:
-    args = ["--data", "processed", "--test-probabilities", probabilities, "--run-info", "models/run.json",
-            "--history", "metrics/history.csv"]
+    args = ["--data", "processed", "--test-probabilities", probabilities, "--history", "metrics/history.csv"]
     for option, path in REPORT_OUTPUTS.items():
         args += [option, path]
     return args
@@ -98,17 +97,29 @@ def report_project(tmp_path):
     return tmp_path
 
 
-def test_report_logs_into_the_run_that_train_opened(report_project):
+def training_run(project, probabilities: str = "models/p.npy"):
+    """A finished run tagged as train tags it, so that report finds it by the probabilities' digest."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{report_project / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("mnist-softmax", artifact_location=(report_project / "art").as_uri())
-    run_id = client.create_run(experiment_id).info.run_id
+    from pipeline.tracking.record import TEST_PROBABILITIES_TAG, sha256
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment_id = client.create_experiment("mnist-softmax", artifact_location=(project / "art").as_uri())
+    run_id = client.create_run(experiment_id, tags={
+        TEST_PROBABILITIES_TAG: sha256((project / probabilities).read_bytes())}).info.run_id
     client.set_terminated(run_id)
-    (report_project / "models/run.json").write_text(
-        json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}))
-    result = run_module("pipeline.report", *report_args(), cwd=report_project, env=stage_env(MLFLOW_TRACKING_URI=uri))
+    return client, run_id
+
+
+def run_report(project):
+    return run_module("pipeline.report", *report_args(), cwd=project,
+                      env=stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"))
+
+
+def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
+    client, run_id = training_run(report_project)
+    before = client.get_run(run_id).info
+    result = run_report(report_project)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((report_project / "metrics/metrics.json").read_text())
     labels = np.load(report_project / "processed/test_labels.npy").argmax(1)
@@ -116,11 +127,29 @@ def test_report_logs_into_the_run_that_train_opened(report_project):
     assert metrics["test_accuracy"] == pytest.approx(np.mean(labels == predicted))
     assert len(pd.read_csv(report_project / "metrics/confusion.csv")) == 20
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
     assert run.data.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "report")}
     assert {"report/accuracy.png", "report/confusion_matrix.png", "report/metrics.json"} <= artifacts
-    assert len(client.search_runs([experiment_id])) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    # A rerun on the same inputs (or after DVC restores train from its run cache) finds the report
+    # already there: no second value, and the finished run keeps its status and times.
+    outputs = snapshot(report_project / "metrics")
+    again = run_report(report_project)
+    assert again.returncode == 0, again.stderr
+    assert "already holds this report" in again.stderr
+    assert len(client.get_metric_history(run_id, "macro_f1")) == 1
+    after = client.get_run(run_id).info
+    assert (after.status, after.start_time, after.end_time) == (before.status, before.start_time, before.end_time)
+    assert snapshot(report_project / "metrics") == outputs
+
+
+def test_report_without_a_training_run_changes_nothing(report_project):
+    before = snapshot(report_project / "metrics")
+    result = run_report(report_project)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no finished MLflow run" in " ".join(result.stderr.split())
+    assert snapshot(report_project / "metrics") == before
 
 
 @pytest.mark.parametrize(
@@ -132,15 +161,12 @@ def test_report_logs_into_the_run_that_train_opened(report_project):
          "holds probabilities of shape (19, 10) but there are 20 test labels"),
         (lambda project: (project / "metrics/history.csv").write_text("step,nonsense\n1,2\n"),
          "history.csv must have the columns step, train_accuracy"),
-        (lambda project: (project / "models/run.json").unlink(), "run.json does not exist"),
     ],
 )
 def test_bad_inputs_give_clear_errors_and_keep_earlier_metrics(report_project, break_it, expected):
-    (report_project / "models/run.json").write_text('{"run_id": "x", "experiment_id": "1", "tracking_uri": "sqlite:///x"}')
     break_it(report_project)
     before = snapshot(report_project / "metrics")
-    result = run_module("pipeline.report", *report_args(), cwd=report_project,
-                        env=stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{report_project / 'mlflow.db'}"))
+    result = run_report(report_project)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert expected in " ".join(result.stderr.split())

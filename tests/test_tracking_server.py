@@ -176,13 +176,11 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
     project.dvc("repro", timeout=600)
 
-    run_info = json.loads((project.root / "models/mlflow_run.json").read_text())
-    assert run_info["tracking_uri"] == url
     # Nothing went to a local store.
     assert not (project.root / "mlflow.db").exists() and not (project.root / "mlartifacts").exists()
 
     client = MlflowClient(url)
-    run = client.get_run(run_info["run_id"])
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     params = project.params()
@@ -235,7 +233,7 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     expected = np.load(project.root / "models/test_probabilities.npy")[:8]
     mlflow.set_tracking_uri(url)
     try:
-        keras_model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+        keras_model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
         assert np.allclose(keras_model.predict(images, verbose=0), expected, atol=1e-5)
         pyfunc_model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
         predicted = np.asarray(pyfunc_model.predict(images))
@@ -379,7 +377,7 @@ def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
 
     for name in ("data/raw/train-images-idx3-ubyte", "data/processed/train_images.npy", "models/model.keras",
-                 "models/test_probabilities.npy", "models/mlflow_run.json"):
+                 "models/test_probabilities.npy"):
         assert (clone / name).read_bytes() == (reproduced.root / name).read_bytes(), name
     status = subprocess.run([str(VENV_BIN / "dvc"), "status"], cwd=clone, env=env, capture_output=True,
                             text=True, timeout=120, stdin=subprocess.DEVNULL)

@@ -135,7 +135,7 @@ def test_training_lowers_the_loss():
 
 
 TRAIN_ARGS = ["--data", "processed", "--model", "models/model.keras", "--test-probabilities", "models/p.npy",
-              "--run-info", "models/run.json", "--history", "metrics/history.csv", "--metrics", "metrics/train.json"]
+              "--history", "metrics/history.csv", "--metrics", "metrics/train.json"]
 
 
 @pytest.fixture
@@ -174,13 +174,16 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
     assert final["final_test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
     probabilities = np.load(processed_project / "models/p.npy")
     assert probabilities.shape == (50, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    run_info = json.loads((processed_project / "models/run.json").read_text())
-
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(run_info["tracking_uri"])
-    run = client.get_run(run_info["run_id"])
+    from pipeline.tracking.record import TEST_PROBABILITIES_TAG, sha256
+
+    client = MlflowClient(f"sqlite:///{processed_project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist-softmax").experiment_id])
     assert run.info.status == "FINISHED"
+    # The run is found again by its test probabilities' digest, and carries the environment.
+    assert run.data.tags[TEST_PROBABILITIES_TAG] == sha256((processed_project / "models/p.npy").read_bytes())
+    assert final["environment"]["keras"] == run.data.tags["env.keras"]
     assert run.data.params["train.batch_size"] == "10"
     history = client.get_metric_history(run.info.run_id, "train_cross_entropy")
     assert sorted(metric.step for metric in history) == list(range(1, 61))
@@ -214,3 +217,19 @@ def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(proc
     experiment = client.get_experiment_by_name("mnist-softmax")
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_stage_leaves_the_temp_folder_as_it_found_it_and_reruns_give_the_same_bytes(processed_project):
+    """The stage exits normally, so TensorFlow cleans up its temporary files (autograph's included),
+    and its outputs depend on its inputs alone: a second run writes byte-identical files."""
+    temp = processed_project / "tmp"
+    temp.mkdir()
+    env = {**tracking_env(processed_project), "TMPDIR": str(temp)}
+    outputs = {}
+    for attempt in range(2):
+        result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=env)
+        assert result.returncode == 0, result.stderr
+        assert sorted(path.name for path in temp.iterdir()) == [], f"run {attempt + 1} left files in the temp folder"
+        outputs[attempt] = {name: (processed_project / name).read_bytes() for name in
+                            ("models/model.keras", "models/p.npy", "metrics/history.csv", "metrics/train.json")}
+    assert outputs[0] == outputs[1]

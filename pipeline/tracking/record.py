@@ -1,0 +1,141 @@
+"""How a run is recorded, and how the report stage finds the run that produced its inputs.
+
+One pipeline run is one MLflow run. Train opens it with MLflow's own ``start_run`` (which ends it
+FINISHED, or FAILED when the stage raises or is interrupted), logs the per-step history through
+MLflow's asynchronous logging while the training loop runs, then the model and the final metrics.
+It tags the run with the SHA-256 of the test-set probabilities it hands to report.
+
+Report finds the run by that tag, not by an id stored in a DVC output: the same inputs give the
+same probabilities, so DVC's outputs stay free of run ids, and a train stage restored from DVC's run
+cache points report to the run that first produced those outputs. Report logs into the run only
+what it has not logged there before, and never changes the run's status or times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from pipeline.cli import PipelineError
+from pipeline.tracking import store, tags
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Run
+
+# MLflow accepts at most 1,000 metric values per log_batch call.
+METRICS_PER_BATCH = 1000
+# Tags that link the stages' files to the run: train sets the first, report the second.
+TEST_PROBABILITIES_TAG = "pipeline.test_probabilities_sha256"
+REPORT_TAG = "pipeline.report_sha256"
+
+# {metric name: (steps, values)}
+Series = Mapping[str, tuple[Sequence[int], Sequence[float]]]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def metric_points(series: Series, started: float, ended: float) -> list[Metric]:
+    """MLflow metric points for one chunk of training that ran from ``started`` to ``ended`` (seconds).
+
+    The steps of a chunk run inside one compiled TensorFlow loop, so their own times are not known;
+    each point gets a time interpolated linearly by step across the chunk, which is what MLflow's
+    "relative time" axis needs to draw the curve over the time training really took.
+    """
+    from mlflow.entities import Metric
+
+    points = []
+    for key, (steps, values) in series.items():
+        first, last = min(steps, default=0), max(steps, default=0)
+        for step, value in zip(steps, values):
+            share = (step - first + 1) / (last - first + 1)
+            timestamp_ms = int(1000 * (started + share * (ended - started)))
+            points.append(Metric(key, float(value), timestamp_ms, int(step)))
+    return points
+
+
+class TrainingRun:
+    """The run train records into: per-step history logged asynchronously, everything else at once."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.pending: list = []
+
+    def log_history(self, series: Series, started: float, ended: float) -> None:
+        """Queue one chunk's history on MLflow's asynchronous logging queue and return at once."""
+        points = metric_points(series, started, ended)
+        for start in range(0, len(points), METRICS_PER_BATCH):
+            batch = points[start : start + METRICS_PER_BATCH]
+            self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def wait(self) -> None:
+        """Wait until every queued value is in the store; raise if any could not be logged."""
+        import mlflow
+
+        pending, self.pending = self.pending, []
+        try:
+            for operation in pending:
+                operation.wait()
+        except mlflow.exceptions.MlflowException as error:
+            raise PipelineError(f"logging the training history to MLflow failed: {store.short(error.message)}") from None
+
+
+@contextlib.contextmanager
+def training_run(
+    uri: str, location: str | None, experiment: str, run_name: str, params: Mapping[str, object]
+) -> Iterator[TrainingRun]:
+    """Open the store, start a new run with the project's tags and ``params``, and end it on exit."""
+    import mlflow
+
+    client, experiment_id = store.open_store(uri, experiment, location)
+    run_tags = tags.run_tags(store.project_root())
+    try:
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags)
+        mlflow.log_params({key: str(value) for key, value in params.items()})
+    except mlflow.exceptions.MlflowException as error:
+        raise PipelineError(
+            f"starting a run in the MLflow tracking store {uri} failed: {store.short(error.message)} "
+            f"{store.TRACKING_FIX_HINT} Nothing was trained."
+        ) from None
+    # start_run's context ends the run FINISHED, or FAILED if the block raises (Ctrl-C and SIGTERM
+    # included: the stage turns both into KeyboardInterrupt).
+    with active:
+        run = TrainingRun(client, active.info.run_id)
+        try:
+            yield run
+        finally:
+            # Values still queued are sent before the run ends, whichever way it ends.
+            with contextlib.suppress(PipelineError):
+                run.wait()
+
+
+def find_training_run(client: MlflowClient, experiment_id: str, probabilities_sha256: str, uri: str) -> Run:
+    """The newest finished run whose training wrote test probabilities with this digest."""
+    import mlflow
+
+    try:
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TEST_PROBABILITIES_TAG}` = '{probabilities_sha256}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    except mlflow.exceptions.MlflowException as error:
+        raise PipelineError(f"searching the MLflow tracking store {uri} failed: {store.short(error.message)}") from None
+    if not runs:
+        raise PipelineError(
+            f"no finished MLflow run in {uri} recorded the training that wrote these test probabilities "
+            f"(SHA-256 {probabilities_sha256[:12]}…), so the report has no run to log into. This happens when "
+            "the outputs came from another tracking store; rerun the train stage here (dvc repro -f train)."
+        )
+    return runs[0]
+
+
+def timestamp_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,224 @@
+"""Where the MLflow tracking store is, and how it is opened.
+
+Two directories matter, and they differ for queued experiments (``dvc exp run --queue``), which DVC
+runs in temporary copies of the repository under ``.dvc/tmp/exps``:
+
+* the *store root*, where the default store lives: an SQLite file ``sqlite:///<store root>/mlflow.db``
+  (absolute path) with its artifacts beside it in ``<store root>/mlartifacts``. It is DVC's
+  ``$DVC_ROOT`` when DVC sets it (for queued experiments DVC points it at the parent repository, so
+  their runs land in the project's own store rather than in a copy that is deleted afterwards), else
+  the nearest directory holding ``dvc.yaml``;
+* the *project root* (the working copy), where the stage runs; its ``dvc.lock`` and git state
+  describe the run (see :mod:`pipeline.tracking.tags`).
+
+``$MLFLOW_TRACKING_URI``, then ``tracking.uri`` in params.yaml, override the default store. Runs
+started at the same time (``dvc queue start -j 2``) share an SQLite store safely: its first use is
+serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlparse
+
+from pipeline.cli import PipelineError
+from pipeline.params import TrackingParams, tracking_uri_problem
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# A tracking server that cannot answer a health check within this many seconds is reported as
+# unreachable before any training time is spent.
+SERVER_CHECK_SECONDS = 5.0
+# How long a process writing to an SQLite store waits for another one to finish its write. SQLite's
+# own default, 5 s, is short when two trainings share the machine's two cores.
+SQLITE_BUSY_SECONDS = 60
+# How long a process waits for another one to finish creating or upgrading an SQLite store.
+SQLITE_INIT_LOCK_SECONDS = 120
+# Appended to every "cannot use the tracking store" error, so users know what to do next.
+TRACKING_FIX_HINT = (
+    "Start or repair the server, fix MLFLOW_TRACKING_URI (or tracking.uri in params.yaml), or unset it "
+    "to use the local SQLite store."
+)
+# MLflow retries failed HTTP requests with exponential backoff; these bounds make a server that dies
+# mid-run fail the stage within about a minute rather than after MLflow's default of several.
+HTTP_CLIENT_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The working copy the stage runs in: the nearest ancestor of ``start`` (or cwd) with dvc.yaml.
+
+    Unlike :func:`store_root` this ignores $DVC_ROOT, which for a queued experiment names the parent
+    repository rather than the temporary copy whose dvc.lock and sources this run actually used.
+    """
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / "dvc.yaml").exists() or (directory / ".dvc").is_dir():
+            return directory
+    return here
+
+
+def store_root(start: Path | None = None) -> Path:
+    """Where the default store lives: $DVC_ROOT when DVC sets it, else :func:`project_root`."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return project_root(start)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URI, or None for other stores and in-memory databases."""
+    if urlparse(uri).scheme != "sqlite" or ":///" not in uri:
+        return None
+    path = uri.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def with_busy_timeout(uri: str) -> str:
+    """Add SQLITE_BUSY_SECONDS as the ``timeout`` of an SQLite URI that does not set one.
+
+    SQLAlchemy hands the parameter to sqlite3.connect, so a writer waits for a concurrent one (two
+    queued experiments logging metrics at once) instead of failing with "database is locked".
+    """
+    if sqlite_path(uri) is None or "timeout" in parse_qs(urlparse(uri).query):
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_SECONDS}"
+
+
+def tracking_uri(params_uri: str, root: Path) -> str:
+    """Pick the tracking URI: $MLFLOW_TRACKING_URI, then params.yaml, then SQLite at the root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params_uri
+    if uri:
+        problem = tracking_uri_problem(uri)
+        if problem:
+            source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+            raise PipelineError(f"{source} {problem}.")
+        return with_busy_timeout(uri)
+    return with_busy_timeout(f"sqlite:///{(root / 'mlflow.db').as_posix()}")
+
+
+def artifact_location(uri: str, root: Path) -> str | None:
+    """Artifacts of a local store live beside it at the root; a server decides for itself."""
+    if urlparse(uri).scheme in ("http", "https", "databricks"):
+        return None
+    return (root / "mlartifacts").as_uri()
+
+
+def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
+    """Fail fast, with a clear message, when a tracking server or a local store cannot be used."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:
+                if response.status != 200:
+                    raise PipelineError(f"the MLflow tracking server at {uri} answered {response.status} to {health}.")
+        except urllib.error.HTTPError as error:
+            # Something answers there, but not an MLflow server's health check: a wrong port or path.
+            raise PipelineError(
+                f"{uri} does not look like an MLflow tracking server: {health} answered HTTP {error.code} "
+                f"({error.reason}). {TRACKING_FIX_HINT} Nothing was trained."
+            ) from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise PipelineError(
+                f"the MLflow tracking server at {uri} cannot be reached ({reason}) within {timeout:g} s. "
+                f"{TRACKING_FIX_HINT} Nothing was trained."
+            ) from None
+    elif (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
+        raise PipelineError(f"the MLflow SQLite store {uri} is in {database.parent}, which does not exist.")
+
+
+@contextlib.contextmanager
+def store_init_lock(uri: str, timeout: float = SQLITE_INIT_LOCK_SECONDS) -> Iterator[None]:
+    """Hold an exclusive lock beside an SQLite store while this process first opens it.
+
+    MLflow creates and migrates the schema on first use without guarding against a second process
+    doing the same: two trainings of a queue started with -j 2 on a fresh project then fail with
+    "duplicate column name" or alembic errors (the same race, under Hydra's multirun, is
+    https://github.com/daizutabi/hydraflow/issues/245). The lock file ``mlflow.db-lock`` matches the ``mlflow.db-*`` pattern that git ignores.
+    Other stores (a server, PostgreSQL) handle concurrency themselves.
+    """
+    database = sqlite_path(uri)
+    if database is None:
+        yield
+        return
+    with open(f"{database}-lock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"another process has held {database}-lock for over {timeout:g} s while opening the "
+                        f"MLflow store {uri}; if none is running, delete that file."
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def short(message: str, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters: server errors can carry whole HTML pages."""
+    flat = " ".join(str(message).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def resolve(params: TrackingParams) -> tuple[str, str | None]:
+    """The tracking URI and artifact location the stage will use, checked to be usable.
+
+    Cheap (no MLflow import), so a wrong URI or a dead server is reported before any work.
+    """
+    root = store_root()
+    uri = tracking_uri(params.uri, root)
+    check_reachable(uri)
+    return uri, artifact_location(uri, root)
+
+
+def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowClient, str]:
+    """Open (creating if new) the store at ``uri``; return the client and the id of ``experiment``.
+
+    Also points MLflow's own global tracking URI at the store, for the calls that use it.
+    """
+    for key, value in HTTP_CLIENT_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        # Creating the client opens the store, which for a new SQLite file creates its schema.
+        with store_init_lock(uri):
+            client = mlflow.MlflowClient(uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                return client, found.experiment_id
+            try:
+                return client, client.create_experiment(experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException:
+                # Two runs against a server may race to create it; the loser uses the winner's.
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                return client, found.experiment_id
+    except mlflow.exceptions.MlflowException as error:
+        # A server that passed the health check but cannot serve the API (its database is down, a
+        # proxy in front of it rejects the call) is reported here, still before any training.
+        raise PipelineError(
+            f"the MLflow tracking store {uri} failed: {short(error.message)} {TRACKING_FIX_HINT} Nothing was trained."
+        ) from None

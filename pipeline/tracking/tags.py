@@ -1,0 +1,109 @@
+"""What a run is tagged with: its commit, its data, its DVC experiment and its environment.
+
+Everything here is read from the working copy the stage runs in (:func:`store.project_root`): its
+git state, its ``dvc.lock`` and its ``uv.lock``. Package versions come from the installed
+distributions' metadata, so nothing heavy is imported to learn them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+# The packages whose versions can change a result, by distribution name. TensorFlow is installed as
+# tensorflow-cpu on Linux x86-64 and as tensorflow elsewhere (pyproject.toml); either is "tensorflow".
+ENVIRONMENT_PACKAGES = {
+    "tensorflow": ("tensorflow-cpu", "tensorflow"),
+    "keras": ("keras",),
+    "numpy": ("numpy",),
+    "scikit-learn": ("scikit-learn",),
+    "dvc": ("dvc",),
+    "mlflow": ("mlflow",),
+}
+LOCK_FILE = "uv.lock"
+# What a logged model needs to be loaded and served, in the exact versions this run used.
+MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
+
+
+def installed(names: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of the distributions ``names`` that is installed, as (name, version)."""
+    for name in names:
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def environment(root: Path) -> dict[str, str]:
+    """Python and the key packages' versions, and the SHA-256 of ``root``'s uv.lock."""
+    versions = {"python": platform.python_version()}
+    for label, names in ENVIRONMENT_PACKAGES.items():
+        found = installed(names)
+        versions[label] = found[1] if found else "not installed"
+    lock = root / LOCK_FILE
+    versions["uv_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
+    return versions
+
+
+def model_requirements() -> list[str]:
+    """Pinned pip requirements for the logged model: the distributions installed from uv.lock."""
+    requirements = []
+    for label in MODEL_PACKAGES:
+        found = installed(ENVIRONMENT_PACKAGES[label])
+        if found:
+            requirements.append(f"{found[0]}=={found[1]}")
+    return requirements
+
+
+def git_info(root: Path) -> dict[str, str]:
+    """The commit the run started from and whether tracked sources differed from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    # An experiment's own commit does not exist yet while it runs; DVC names the one it started from.
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git("rev-parse", "HEAD") or "unknown"
+    # Compared with that commit rather than with HEAD, so an experiment's -S changes to params.yaml
+    # count in a queued copy too. Outputs that the pipeline itself rewrites while it runs
+    # (dvc.lock, metrics/) do not count as a dirty tree; a changed source file or params.yaml does.
+    changed = None if commit == "unknown" else git("diff", "--name-only", commit, "--", ".", ":!dvc.lock", ":!metrics")
+    dirty = "unknown" if changed is None else str(bool(changed)).lower()
+    return {"git.commit": commit, "git.dirty": dirty}
+
+
+def data_hashes(root: Path) -> dict[str, str]:
+    """The md5 of every fetch and preprocess output recorded in ``root``'s dvc.lock, keyed by path.
+
+    DVC updates dvc.lock after each stage, so when train runs it holds the entries of the data that
+    train is about to read, in a queued experiment's temporary copy as in the workspace.
+    """
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    hashes = {}
+    for stage in ("fetch", "preprocess"):
+        for out in (lock.get("stages", {}).get(stage, {}) or {}).get("outs", []) or []:
+            if "md5" in out:
+                hashes[f"data.{out['path']}"] = out["md5"]
+    return hashes
+
+
+def run_tags(root: Path) -> dict[str, str]:
+    """Tags linking a run to its commit, data, DVC experiment and environment."""
+    tags = {**git_info(root), **data_hashes(root)}
+    tags.update({f"env.{key}": value for key, value in environment(root).items()})
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    return tags
