@@ -12,19 +12,43 @@ Nothing is written; the fetch stage verifies the bytes and writes them.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
+import pickletools
 import zipfile
-import zlib
-from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from pipeline.cli import PipelineError
-from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from pipeline.data import (
+    EXPECTED_SIZE,
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    NUM_PIXELS,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+)
 from pipeline.idx import encode_idx
 
 WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
+
+# The pickle holds every pixel as a float32 and every label as an int64, plus a few hundred bytes of
+# opcodes (220,080,342 bytes in all); reading stops a little above that.
+PICKLE_LIMIT = (
+    4 * (EXPECTED_SIZE[TRAIN_IMAGES] + EXPECTED_SIZE[TEST_IMAGES])
+    + 8 * (EXPECTED_SIZE[TRAIN_LABELS] + EXPECTED_SIZE[TEST_LABELS])
+    + (1 << 16)
+)
+# The real pickle has 151 opcodes and uses 23 memo slots. Every object a pickle builds costs it an
+# opcode, so this bounds the unpickler's stack and memo whatever the pickle says.
+MAX_OPCODES = 1000
+MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+# No array may hold more elements than MNIST's largest file has bytes.
+MAX_ARRAY_ELEMENTS = max(EXPECTED_SIZE.values())
 
 
 class WheelError(PipelineError):
@@ -35,68 +59,170 @@ class ForbiddenGlobal(WheelError):
     """A pickle refers to something other than numpy's array reconstruction."""
 
 
-def _numpy_reconstruct() -> Callable:
-    # numpy 2 moved the private module to numpy._core; numpy.core still works there but warns.
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+class _BoundedReader:
+    """The pickle stream, failing once more than ``limit`` bytes have been read from it."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream, self._limit, self._left = stream, limit, limit
+
+    def read(self, size: int = -1) -> bytes:
+        return self._count(self._stream.read(self._bounded(size)))
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._count(self._stream.readline(self._bounded(size)))
+
+    def _bounded(self, size: int) -> int:
+        # A string opcode may announce any length; asking for one byte past the limit is enough to
+        # tell that the pickle is too long, and keeps what is inflated into memory bounded.
+        return self._left + 1 if size < 0 or size > self._left else size
+
+    def _count(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise WheelError(
+                f"the pickle is larger than {self._limit:,} bytes, more than MNIST needs; it was not read further"
+            )
+        return data
 
 
-def _plain_dtype(*args):
-    """numpy.dtype, refusing object dtypes, whose arrays would unpickle arbitrary Python objects."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise WheelError(f"the pickle asks for the object dtype {dtype}; only plain numeric arrays are allowed.")
-    return dtype
+def _check_opcodes(stream: BinaryIO) -> None:
+    """Refuse a pickle with more opcodes or memo slots than MNIST's arrays need, before anything is built.
+
+    The C unpickler grows its memo to the largest slot a pickle names, so without this check a pickle
+    of ten bytes could make it allocate gigabytes.
+    """
+    for count, (opcode, argument, _) in enumerate(pickletools.genops(stream), 1):
+        if count > MAX_OPCODES:
+            raise WheelError(f"the pickle has more than {MAX_OPCODES} opcodes; MNIST's arrays need a few hundred")
+        if opcode.name in MEMO_OPCODES and argument >= MAX_OPCODES:
+            raise WheelError(f"the pickle uses memo slot {argument}; MNIST's arrays need fewer than {MAX_OPCODES}")
 
 
-# The only globals an array pickle needs: the array type, its dtype and numpy's rebuild helper.
-ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: _plain_dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+class _Dtype:
+    """What a pickle asks numpy.dtype for, turned into a dtype only once the array using it is checked."""
+
+    def __init__(self, spec: object, align: object = 0, copy: object = 0) -> None:
+        self.spec, self.order = spec, "="
+
+    def __setstate__(self, state: object) -> None:
+        # numpy pickles a dtype's state as (version, byte order, subarray, names, fields, ...); a plain
+        # number has no subarray, names or fields.
+        if not isinstance(state, tuple) or len(state) < 5 or any(part is not None for part in state[2:5]):
+            raise WheelError("the pickle asks for a structured or subarray dtype; only plain numbers are allowed")
+        self.order = state[1]
+
+    def resolve(self) -> np.dtype:
+        if not isinstance(self.spec, str) or len(self.spec) > 3:
+            raise WheelError(f"the pickle asks for the dtype {self.spec!r}; only plain numbers are allowed")
+        try:
+            dtype = np.dtype(self.spec).newbyteorder(self.order)
+        except (TypeError, ValueError) as error:
+            raise WheelError(f"the pickle asks for an invalid dtype {self.spec!r} ({error})") from None
+        # Unsigned and signed integers and floats; never objects, void, strings or subarrays.
+        if dtype.kind not in "uif" or dtype.subdtype is not None:
+            raise WheelError(
+                f"the pickle asks for the {dtype} dtype; only plain numbers (integers, floats) are allowed"
+            )
+        return dtype
+
+
+class _Array:
+    """An array a pickle describes, built from its state only after the state is checked."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        # numpy pickles an array's state as (version, shape, dtype, Fortran order, raw data).
+        if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[2], _Dtype):
+            raise WheelError("the pickle holds an array state numpy does not write")
+        _, shape, dtype_spec, fortran, data = state
+        dtype = dtype_spec.resolve()
+        if (
+            not isinstance(shape, tuple)
+            or len(shape) not in (1, 2)
+            or not all(isinstance(n, int) and n >= 0 for n in shape)
+        ):
+            raise WheelError(f"the pickle holds an array of shape {shape!r}; only 1- or 2-D arrays are allowed")
+        count = math.prod(shape)
+        if count > MAX_ARRAY_ELEMENTS:
+            raise WheelError(
+                f"the pickle holds an array of shape {shape}, {count:,} elements, more than MNIST's largest "
+                f"({MAX_ARRAY_ELEMENTS:,})"
+            )
+        # Python 2 pickled the raw bytes as a str, which loads as latin-1 text.
+        raw = data.encode("latin1") if isinstance(data, str) else data
+        if not isinstance(raw, bytes) or len(raw) != count * dtype.itemsize:
+            size = len(raw) if isinstance(raw, bytes) else type(raw).__name__
+            raise WheelError(
+                f"the pickle's {dtype} array of shape {shape} needs {count * dtype.itemsize:,} bytes, got {size}"
+            )
+        # The array views the bytes the pickle already holds; nothing is allocated from the shape.
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+class _NdarrayType:
+    """Stands for numpy.ndarray, which a pickle names as the type to rebuild but must never call."""
+
+
+NDARRAY = _NdarrayType()
+
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> _Array:
+    """Stands for numpy's ``_reconstruct``: an empty array whose real shape and data come with its state."""
+    if subtype is not NDARRAY:
+        raise WheelError("the pickle rebuilds an array of a type other than numpy.ndarray")
+    return _Array()
+
+
+# The only globals an array pickle names, each replaced by a stand-in that allocates nothing until the
+# array's state has been checked.
+ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy", "ndarray"): NDARRAY,
+    ("numpy", "dtype"): _Dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
 }
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that can rebuild numpy arrays and nothing else.
+    """An unpickler that can rebuild plain numeric numpy arrays and nothing else.
 
     A pickle can call any importable function while it loads; a wheel from a package index is not
     trusted that far, so every global other than the few an array needs is refused.
     """
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> object:
         allowed = ALLOWED_GLOBALS.get((module, name))
         if allowed is None:
             raise ForbiddenGlobal(
                 f"the pickle refers to the forbidden global {module}.{name}; only numpy array "
                 "reconstruction is allowed, so it was refused without being run"
             )
-        return allowed()
+        return allowed
 
 
 def load_wheel_arrays(wheel: Path, member: str = WHEEL_MEMBER) -> object:
-    """Read ``member`` (a gzipped pickle) out of ``wheel`` with :class:`NumpyOnlyUnpickler`."""
+    """Read ``member`` (a gzipped pickle) out of ``wheel`` with :class:`NumpyOnlyUnpickler`.
+
+    The member is read twice: once to check its opcodes without building anything, then to load it.
+    Arrays come back as ``_Array`` stand-ins, which :func:`idx_files_from_arrays` unwraps.
+    """
     origin = f"{member} in {Path(wheel).name}"
     try:
-        with (
-            zipfile.ZipFile(wheel) as archive,
-            archive.open(member) as stream,
-            gzip.GzipFile(fileobj=stream) as unzipped,
-        ):
-            return NumpyOnlyUnpickler(unzipped, encoding="latin1").load()
+        with zipfile.ZipFile(wheel) as archive:
+            with archive.open(member) as stream, gzip.GzipFile(fileobj=stream) as unzipped:
+                _check_opcodes(_BoundedReader(unzipped, PICKLE_LIMIT))
+            with archive.open(member) as stream, gzip.GzipFile(fileobj=stream) as unzipped:
+                return NumpyOnlyUnpickler(_BoundedReader(unzipped, PICKLE_LIMIT), encoding="latin1").load()
     except WheelError as error:
-        raise type(error)(f"{origin}: {error}") from None
+        raise type(error)(f"{origin}: {error}.") from None
     except KeyError:
         raise WheelError(f"{Path(wheel).name} has no member {member}.") from None
     except zipfile.BadZipFile as error:
         raise WheelError(f"{Path(wheel).name} is not a valid wheel (zip) file ({error}).") from None
-    except (OSError, EOFError, zlib.error) as error:
+    except (OSError, EOFError) as error:
         raise WheelError(f"{origin} is not a valid gzip file ({error}); it is corrupt or truncated.") from None
-    except Exception as error:  # noqa: BLE001 - a malformed pickle can fail in many ways inside numpy
+    except Exception as error:  # noqa: BLE001 - a malformed pickle fails in many ways, all of them the wheel's fault
         raise WheelError(f"{origin} is not a pickle of numpy arrays ({type(error).__name__}: {error}).") from None
 
 
@@ -108,7 +234,7 @@ def _split_arrays(value: object, origin: str) -> list[tuple[np.ndarray, np.ndarr
     for split_name, split in zip(("train", "validation", "test"), value):
         if not isinstance(split, (tuple, list)) or len(split) != 2:
             raise WheelError(f"{origin}: the {split_name} split must be a pair (pixels, labels).")
-        pixels, labels = split
+        pixels, labels = (item.array if isinstance(item, _Array) else item for item in split)
         if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.shape[1] != NUM_PIXELS:
             raise WheelError(f"{origin}: the {split_name} pixels must be an array of rows of {NUM_PIXELS} values.")
         if not np.issubdtype(pixels.dtype, np.floating):

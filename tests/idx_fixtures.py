@@ -76,17 +76,19 @@ def write_digests(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return Path(path)
 
 
-def gzip_bomb(mebibytes: int) -> bytes:
-    """A valid gzip file of ``mebibytes`` MiB of zeros, about a thousandth of that size.
+def gzip_bomb(mebibytes: int, prefix: bytes = b"") -> bytes:
+    """A valid gzip file of ``prefix`` then ``mebibytes`` MiB of zeros, about a thousandth of that size.
 
     One MiB is compressed once; a full flush makes its compressed block independent of what came
     before, so repeating the block gives the whole stream quickly.
     """
     zeros = bytes(1 << 20)
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = deflater.compress(prefix) + deflater.flush(zlib.Z_FULL_FLUSH)
     block = deflater.compress(zeros) + deflater.flush(zlib.Z_FULL_FLUSH)
-    crc = 0
+    crc = zlib.crc32(prefix)
     for _ in range(mebibytes):
         crc = zlib.crc32(zeros, crc)
+    size = (len(prefix) + (mebibytes << 20)) & 0xFFFFFFFF
     header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
-    return header + block * mebibytes + deflater.flush() + struct.pack("<II", crc, (mebibytes << 20) & 0xFFFFFFFF)
+    return header + start + block * mebibytes + deflater.flush() + struct.pack("<II", crc, size)

