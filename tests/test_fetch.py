@@ -7,6 +7,7 @@ directories, a local HTTP server on 127.0.0.1 and wheels built here and served t
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.server
@@ -427,6 +428,71 @@ def test_kill_leaves_only_a_temp_file_which_the_next_run_removes(project, data, 
     assert result.returncode == 0, result.stderr
     assert "left by an interrupted earlier run" in result.stderr
     assert_outputs(out, data)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes).
+
+    Mounting needs root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so.
+    """
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mountpoint)]
+    try:
+        mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        pytest.skip("there is no mount command to make a small file system with")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True, check=True)
+
+
+@pytest.mark.parametrize(("readonly", "reason"), [(False, "No space left on device"), (True, "Read-only file system")])
+def test_a_full_or_read_only_disk_stops_the_stage_at_once(
+    project, data, no_wheels, tmp_path, server, small_disk, readonly, reason
+):
+    out = small_disk
+    (out / TEST_LABELS).write_bytes(data["bytes"][TEST_LABELS])
+    if readonly:
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], capture_output=True, check=True)
+    before = snapshot(out)
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=data["mirror"], MNIST_PUBLIC_MIRRORS=f"{server.url}/good/")
+    result = run_fetch(project, out, env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    message = one_paragraph(result.stderr.rpartition("error: ")[2])
+    assert message.startswith(f"cannot write {out / TRAIN_IMAGES} ({reason}): the file needs 47,040,016 bytes and ")
+    assert "no other source was tried" in message and "nothing half-written was left" in message
+    assert server.requests == [], "a local write error sent fetch on to the public mirror"
+    assert "PyPI" not in result.stderr and "pip" not in result.stderr
+    assert snapshot(out) == before
+
+
+def test_a_mirror_file_that_cannot_be_read_is_the_mirror_failing(data, tmp_path):
+    # A read error on the mirror's side must not be mistaken for the output's.
+    mirror = tmp_path / "unreadable"
+    shutil.copytree(data["mirror"], mirror)
+    (mirror / f"{TRAIN_IMAGES}.gz").unlink()
+    (mirror / f"{TRAIN_IMAGES}.gz").mkdir()  # opening a directory for reading fails even for root
+    first, second = Mirror(str(mirror), "first"), Mirror(str(data["mirror"]), "second")
+    origins = fetch_all(tmp_path / "raw", [first, second], data["expected"])
+    assert origins[TRAIN_IMAGES] == second.describe()
+    assert_outputs(tmp_path / "raw", data)
+
+
+def test_output_errors_are_told_from_source_errors(tmp_path):
+    out = tmp_path / "raw"
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        assert fetch.is_output_error(OSError(code, os.strerror(code)), out)
+    denied = errno.EACCES
+    assert fetch.is_output_error(PermissionError(denied, "denied", str(out / ".x.tmp")), out)
+    assert fetch.is_output_error(PermissionError(denied, "denied", str(out)), out)
+    assert not fetch.is_output_error(PermissionError(denied, "denied", str(tmp_path / "mirror" / "x.gz")), out)
+    assert not fetch.is_output_error(ConnectionResetError(errno.ECONNRESET, "reset"), out)
 
 
 # --------------------------------------------------------------------------------------------
