@@ -173,7 +173,7 @@ def load_mirror(mirror: Path, validation_size: int, verify: bool = True) -> dict
     mirror = Path(mirror)
     expected = {}
     if verify:
-        from pipeline.fetch import EXPECTED_SHA256  # stdlib and NumPy only
+        from pipeline.data import EXPECTED_SHA256  # stdlib and NumPy only
 
         expected = EXPECTED_SHA256
     eye = np.eye(NUM_CLASSES, dtype=np.uint8)

@@ -46,7 +46,10 @@ def path_arguments(description: str, names: Sequence[str], argv: Sequence[str] |
 def format_error(message: str) -> str:
     """Wrap an error into one readable paragraph."""
     paragraph = " ".join(str(message).split())
-    return textwrap.fill(f"error: {paragraph}", width=100, subsequent_indent="  ")
+    # Paths must survive the wrapping whole, so lines break only at spaces.
+    return textwrap.fill(
+        f"error: {paragraph}", width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
+    )
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -31,6 +31,16 @@ EXPECTED_SHA256 = {
     TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 TRAINING_IMAGES = 60_000
+# Size in bytes of each uncompressed file: its IDX header, then one byte per pixel or label.
+EXPECTED_SIZE = {
+    TRAIN_IMAGES: 47_040_016,
+    TRAIN_LABELS: 60_008,
+    TEST_IMAGES: 7_840_016,
+    TEST_LABELS: 10_008,
+}
+# The most bytes read or inflated for a file before giving up on its source. The slack covers gzip,
+# which makes data it cannot compress a little larger; a source sending more is broken or hostile.
+SIZE_LIMIT = {name: size + size // 64 + 4096 for name, size in EXPECTED_SIZE.items()}
 
 IMAGE_SHAPE = (28, 28)
 NUM_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]

