@@ -13,8 +13,11 @@ designs run in turn, ABCDE ABCDE…, so that a change in the machine's load hits
 Every design trains the seed configuration (10,000 steps of batch 100, the test set every 100 steps:
 20,200 metric values) and logs the same parameters, tags, final metrics, history CSV and Keras model:
 
-* ``helper``: the train stage as it is (``python -m pipeline.train`` with dvc.yaml's arguments),
-  which logs through pipeline.tracking.RunRecorder's helper process.
+* ``helper``: the train stage as it was at git revision HELPER_REV (``--helper-rev``), the last one
+  that logged through a hand-made helper process (pipeline.tracking.RunRecorder: a socket-pair RPC
+  to ``python -m pipeline.tracking``), run from a copy of that revision with the same data.
+* ``stage``: the train stage as it is now (``python -m pipeline.train`` with dvc.yaml's arguments),
+  which logs like ``async`` below through pipeline.tracking.record.
 * ``async``: this module's worker; each 1,000-step chunk is handed to MLflow's own async logging
   queue with ``MlflowClient.log_batch(..., synchronous=False)`` from train()'s ``on_chunk`` callback,
   and the returned RunOperations are waited for before the run ends.
@@ -41,6 +44,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,9 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/logging_designs.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import base_env, copy_project, last_json, run_timed, sqlite_uri, stage_command
+from benchmarks.run import base_env, copy_project, last_json, run_timed, sqlite_uri, stage_command  # noqa: E402
 
-DESIGNS = ("helper", "async", "async-buffered", "after", "none")
+DESIGNS = ("helper", "stage", "async", "async-buffered", "after", "none")
+# The last commit whose train stage logged through the hand-made helper process.
+HELPER_REV = "30da5b9"
 # The rule for choosing: the first of these whose median is within KEEP_WITHIN of the fastest design's.
 SIMPLICITY_ORDER = ("after", "async", "async-buffered", "helper")
 KEEP_WITHIN = 0.15
@@ -80,8 +86,11 @@ def chunk_metrics(first_step, last_step, started, ended, accuracy, cross_entropy
         return int(1000 * (started + (ended - started) * (step - first_step + 1) / span))
 
     series = chunk_series(first_step, last_step, accuracy, cross_entropy, tests)
-    return [Metric(key, float(value), timestamp_ms(step), step)
-            for key, (steps, values) in series.items() for step, value in zip(steps, values)]
+    return [
+        Metric(key, float(value), timestamp_ms(step), step)
+        for key, (steps, values) in series.items()
+        for step, value in zip(steps, values)
+    ]
 
 
 @dataclass
@@ -91,13 +100,11 @@ class Sink:
     design: str
     client: object
     run_id: str
-    chunk_started: float = field(default_factory=time.time)
     pending: list = field(default_factory=list)
 
-    def on_chunk(self, first_step, last_step, accuracy, cross_entropy, tests) -> None:
-        ended = time.time()
+    def on_chunk(self, first_step, last_step, accuracy, cross_entropy, tests, started, ended) -> None:
         if self.design != "none":
-            metrics = chunk_metrics(first_step, last_step, self.chunk_started, ended, accuracy, cross_entropy, tests)
+            metrics = chunk_metrics(first_step, last_step, started, ended, accuracy, cross_entropy, tests)
             if self.design == "async":
                 self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
             elif self.design == "async-buffered":
@@ -105,16 +112,15 @@ class Sink:
                 self.pending.append(self.client.log_batch(self.run_id, metrics=metrics))
             else:
                 self.pending.extend(metrics)
-        # The next chunk starts now, after this callback's own work.
-        self.chunk_started = time.time()
 
     def finish(self) -> None:
         import mlflow
 
         if self.design == "after":
             for start in range(0, len(self.pending), METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=self.pending[start:start + METRICS_PER_BATCH],
-                                      synchronous=True)
+                self.client.log_batch(
+                    self.run_id, metrics=self.pending[start : start + METRICS_PER_BATCH], synchronous=True
+                )
         elif self.design.startswith("async"):
             # RunOperations.wait() raises if any of its batches failed; a flush would only log the failure.
             for operations in self.pending:
@@ -139,8 +145,14 @@ def build_trainer(config, data):
     tf.config.experimental.enable_op_determinism()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     model = build_model(config.seed)
-    trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
-                         data["test_images"], data["test_labels"])
+    trainer = SgdTrainer(
+        model,
+        config.learning_rate,
+        data["train_images"],
+        data["train_labels"],
+        data["test_images"],
+        data["test_labels"],
+    )
     trainer.trace()
     return model, trainer
 
@@ -157,7 +169,9 @@ def start_run(store: Path, params, data) -> tuple:
     uri = tracking.with_busy_timeout(sqlite_uri(store / "mlflow.db"))
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.create_experiment(params.tracking.experiment, artifact_location=(store / "mlartifacts").as_uri())
+    experiment = client.create_experiment(
+        params.tracking.experiment, artifact_location=(store / "mlartifacts").as_uri()
+    )
     run = client.create_run(experiment, run_name=run_name(params.train), tags=tracking.run_tags(Path.cwd()))
     values = {
         **{f"train.{key}": value for key, value in vars(params.train).items()},
@@ -168,8 +182,9 @@ def start_run(store: Path, params, data) -> tuple:
         "loss": "cross-entropy summed over the batch",
         "optimizer": "SGD",
     }
-    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in values.items()],
-                     synchronous=True)
+    client.log_batch(
+        run.info.run_id, params=[Param(key, str(value)) for key, value in values.items()], synchronous=True
+    )
     return client, run.info.run_id
 
 
@@ -205,13 +220,18 @@ def log_model_and_end(sink: Sink, model, data, history, history_file: Path, trai
     # log_model runs inside the resumed run so that MLflow links the model to it; leaving the block ends it.
     with mlflow.start_run(run_id=sink.run_id):
         # Step-0 metrics logged before the model are linked to it by log_model itself.
-        sink.client.log_batch(sink.run_id, metrics=[Metric(key, float(value), now_ms, 0) for key, value in metrics.items()],
-                              synchronous=True)
+        sink.client.log_batch(
+            sink.run_id,
+            metrics=[Metric(key, float(value), now_ms, 0) for key, value in metrics.items()],
+            synchronous=True,
+        )
         sink.client.log_artifact(sink.run_id, str(history_file))
         # No input_example: mlflow.keras.log_model writes it before creating the model's directory and fails
         # (mlflow/mlflow#16183, still so in this version). The signature is inferred from the same example.
         mlflow.keras.log_model(
-            model, name="model", signature=infer_signature(example, np.asarray(model(example))),
+            model,
+            name="model",
+            signature=infer_signature(example, np.asarray(model(example))),
             pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
         )
         sink.finish()
@@ -275,6 +295,7 @@ def worker_create_store(store: Path) -> dict:
 class Bench:
     workdir: Path
     project: Path
+    helper_project: Path
     env: dict
     samples: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
@@ -286,16 +307,25 @@ class Bench:
         self.samples.setdefault(name, []).append(seconds)
 
 
-def prepare(workdir: Path, mirror: Path) -> Bench:
-    """A copy of the project with data/processed made by the fetch and preprocess stages."""
+def prepare(workdir: Path, mirror: Path, helper_rev: str) -> Bench:
+    """A copy of the project with data/processed made by the fetch and preprocess stages, and a copy
+    of ``helper_rev``'s sources (``git archive``) sharing that data, for the ``helper`` design."""
     project = workdir / "project"
     project.mkdir(parents=True)
     env = base_env(workdir, {"MNIST_MIRROR": str(mirror)})
     copy_project(project, env)
-    bench = Bench(workdir, project, env)
+    helper_project = workdir / "helper-project"
+    helper_project.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", helper_rev, "pipeline", "dvc.yaml", "params.yaml"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(helper_project)], input=archive, check=True)
+    bench = Bench(workdir, project, helper_project, env)
     for stage in ("fetch", "preprocess"):
         bench.say(f"preparing: {stage}")
         run_timed(stage_command(project, stage), cwd=project, env=env, shell=True, log=workdir / "logs" / stage)
+    (helper_project / "data").mkdir()
+    (helper_project / "data" / "processed").symlink_to(project / "data" / "processed")
     return bench
 
 
@@ -304,16 +334,31 @@ def run_design(bench: Bench, design: str, repetition: int) -> None:
     store = Path(tempfile.mkdtemp(prefix=f"{design}-{repetition}-", dir=bench.workdir))
     uri = sqlite_uri(store / "mlflow.db")
     log = bench.workdir / "logs" / f"{design}-{repetition}"
-    if design == "helper":
-        done = run_timed(stage_command(bench.project, "train"), cwd=bench.project, shell=True, log=log,
-                         env={**bench.env, "MLFLOW_TRACKING_URI": uri})
-        run_id = json.loads((bench.project / "models" / "mlflow_run.json").read_text())["run_id"]
+    if design in ("helper", "stage"):
+        project = bench.helper_project if design == "helper" else bench.project
+        done = run_timed(
+            stage_command(project, "train"),
+            cwd=project,
+            shell=True,
+            log=log,
+            env={**bench.env, "MLFLOW_TRACKING_URI": uri},
+        )
+        run_id = only_run_id(uri)
         # The stage keeps its artifacts beside dvc.yaml; the next run starts without them.
-        shutil.rmtree(bench.project / "mlartifacts", ignore_errors=True)
+        shutil.rmtree(project / "mlartifacts", ignore_errors=True)
     else:
         (store / "out").mkdir()
-        command = [sys.executable, "-m", "benchmarks.logging_designs", "--worker", design,
-                   "--store", str(store), "--out", str(store / "out")]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.logging_designs",
+            "--worker",
+            design,
+            "--store",
+            str(store),
+            "--out",
+            str(store / "out"),
+        ]
         done = run_timed(command, cwd=bench.project, env=bench.env, log=log)
         result = last_json(done.stdout)
         run_id = result["run_id"]
@@ -322,6 +367,16 @@ def run_design(bench: Bench, design: str, repetition: int) -> None:
     bench.counts.setdefault(design, []).append(count_values(uri, run_id))
     bench.say(f"{design} {repetition + 1}: {done.seconds:.2f} s, {bench.counts[design][-1]:,} values")
     shutil.rmtree(store, ignore_errors=True)
+
+
+def only_run_id(uri: str) -> str:
+    """The id of the one run in a fresh store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    (run,) = client.search_runs(experiments)
+    return run.info.run_id
 
 
 def count_values(uri: str, run_id: str) -> int:
@@ -336,7 +391,9 @@ def run_info_rows(bench: Bench, repetition: int) -> None:
     for name, worker in (("import mlflow", "import-mlflow"), ("create SQLite store", "create-store")):
         store = Path(tempfile.mkdtemp(prefix=f"{worker}-{repetition}-", dir=bench.workdir))
         command = [sys.executable, "-m", "benchmarks.logging_designs", "--worker", worker, "--store", str(store)]
-        done = run_timed(command, cwd=bench.project, env=bench.env, log=bench.workdir / "logs" / f"{worker}-{repetition}")
+        done = run_timed(
+            command, cwd=bench.project, env=bench.env, log=bench.workdir / "logs" / f"{worker}-{repetition}"
+        )
         bench.record(name, last_json(done.stdout)["seconds"])
         shutil.rmtree(store, ignore_errors=True)
 
@@ -359,12 +416,19 @@ def expected_for(design: str, expected: int) -> int:
 
 def medians(bench: Bench, designs, expected: int) -> dict[str, float]:
     """The median wall time of each design that left exactly the values it should in the store."""
-    return {design: statistics.median(bench.samples[design]) for design in designs
-            if all(count == expected_for(design, expected) for count in bench.counts[design])}
+    return {
+        design: statistics.median(bench.samples[design])
+        for design in designs
+        if all(count == expected_for(design, expected) for count in bench.counts[design])
+    }
 
 
 def keep_by_rule(qualified: dict[str, float]) -> str | None:
-    fastest = min(qualified.values())
+    """The simplest logging design within KEEP_WITHIN of the fastest logging design (``none`` logs none)."""
+    candidates = [qualified[design] for design in SIMPLICITY_ORDER if design in qualified]
+    if not candidates:
+        return None
+    fastest = min(candidates)
     for design in SIMPLICITY_ORDER:
         if design in qualified and qualified[design] <= (1 + KEEP_WITHIN) * fastest:
             return design
@@ -379,21 +443,27 @@ def table(bench: Bench, designs, expected: int) -> str:
     qualified = medians(bench, designs, expected)
     fastest = min(qualified.values()) if qualified else None
     floor = qualified.get("none")
-    lines = ["| Design | Median wall (s) | Samples (s) | × fastest | × none | History values in store |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| Design | Median wall (s) | Samples (s) | × fastest | × none | History values in store |",
+        "|---|---|---|---|---|---|",
+    ]
     for design in designs:
         wall = statistics.median(bench.samples[design])
         counts = ", ".join(f"{count:,}" for count in sorted(set(bench.counts[design])))
         verdict = "" if design in qualified else " — DISQUALIFIED"
         samples = ", ".join(f"{value:.2f}" for value in bench.samples[design])
-        lines.append(f"| {design} | {wall:.2f} | {samples} | {ratio(wall, fastest, design in qualified)} | "
-                     f"{ratio(wall, floor, design in qualified)} | "
-                     f"{counts} of {expected_for(design, expected):,}{verdict} |")
+        lines.append(
+            f"| {design} | {wall:.2f} | {samples} | {ratio(wall, fastest, design in qualified)} | "
+            f"{ratio(wall, floor, design in qualified)} | "
+            f"{counts} of {expected_for(design, expected):,}{verdict} |"
+        )
     for name in ("import mlflow", "create SQLite store"):
         if name in bench.samples:
             samples = ", ".join(f"{value:.2f}" for value in bench.samples[name])
-            lines.append(f"| (info) {name}, in a fresh process | {statistics.median(bench.samples[name]):.2f} | "
-                         f"{samples} | — | — | — |")
+            lines.append(
+                f"| (info) {name}, in a fresh process | {statistics.median(bench.samples[name]):.2f} | "
+                f"{samples} | — | — | — |"
+            )
     return "\n".join(lines)
 
 
@@ -410,15 +480,19 @@ def phase_notes(bench: Bench, designs) -> list[str]:
 def report(bench: Bench, designs, expected: int, load: str) -> None:
     print(table(bench, designs, expected))
     print(f"\nLoad average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} cores.")
-    print("\nWorker phases (median): TensorFlow start-up and tracing, MLflow import + store + run, train loop,"
-          " outputs + model + finishing the history:")
+    print(
+        "\nWorker phases (median): TensorFlow start-up and tracing, MLflow import + store + run, train loop,"
+        " outputs + model + finishing the history:"
+    )
     print("\n".join(phase_notes(bench, designs)))
     qualified = {design: wall for design, wall in medians(bench, designs, expected).items() if design != "none"}
     if qualified:
         kept = keep_by_rule(qualified)
         fastest = min(qualified, key=qualified.get)
-        print(f"\nFastest logging design: {fastest} ({qualified[fastest]:.2f} s). Kept by the rule (simplest within "
-              f"{KEEP_WITHIN:.0%} of the fastest): {kept} ({qualified[kept] / qualified[fastest] - 1:+.1%}).")
+        print(
+            f"\nFastest logging design: {fastest} ({qualified[fastest]:.2f} s). Kept by the rule (simplest within "
+            f"{KEEP_WITHIN:.0%} of the fastest): {kept} ({qualified[kept] / qualified[fastest] - 1:+.1%})."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,11 +502,22 @@ def report(bench: Bench, designs, expected: int, load: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each design (default 3)")
-    parser.add_argument("--only", default=",".join(DESIGNS), help=f"comma-separated designs (default {','.join(DESIGNS)})")
-    parser.add_argument("--mirror", type=Path, default=ROOT.parent / "shared" / "mnist",
-                        help="directory of the four MNIST files (default ../shared/mnist; $MNIST_MIRROR wins)")
+    parser.add_argument(
+        "--only", default=",".join(DESIGNS), help=f"comma-separated designs (default {','.join(DESIGNS)})"
+    )
+    parser.add_argument(
+        "--mirror",
+        type=Path,
+        default=ROOT.parent / "shared" / "mnist",
+        help="directory of the four MNIST files (default ../shared/mnist; $MNIST_MIRROR wins)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs included)")
-    parser.add_argument("--worker", choices=(*DESIGNS[1:], "import-mlflow", "create-store"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--helper-rev",
+        default=HELPER_REV,
+        help=f"git revision whose train stage is the helper design (default {HELPER_REV})",
+    )
+    parser.add_argument("--worker", choices=(*DESIGNS[2:], "import-mlflow", "create-store"), help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -456,7 +541,7 @@ def main(argv=None) -> None:
     designs = [design for design in DESIGNS if design in args.only.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="logging-designs-"))
     try:
-        bench = prepare(workdir, Path(os.environ.get("MNIST_MIRROR") or args.mirror))
+        bench = prepare(workdir, Path(os.environ.get("MNIST_MIRROR") or args.mirror), args.helper_rev)
         expected = expected_values(bench.project)
         for repetition in range(args.repeat):
             for design in designs:

@@ -31,7 +31,6 @@ import numpy as np
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, PIXEL_SCALE  # noqa: E402
 from pipeline.data import RAW_PAIRS as RAW_FILES  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # The algorithm
 
@@ -185,7 +184,10 @@ def load_mirror(mirror: Path, validation_size: int, verify: bool = True) -> dict
             raise ValueError(f"{mirror}: the {split} images and labels do not match")
         images = np.ascontiguousarray(images.reshape(len(images), NUM_PIXELS))
         if split == "train":
-            arrays["validation_images"], arrays["validation_labels"] = images[:validation_size], eye[labels[:validation_size]]
+            arrays["validation_images"], arrays["validation_labels"] = (
+                images[:validation_size],
+                eye[labels[:validation_size]],
+            )
             images, labels = images[validation_size:], labels[validation_size:]
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, eye[labels]
     return arrays
@@ -193,8 +195,11 @@ def load_mirror(mirror: Path, validation_size: int, verify: bool = True) -> dict
 
 def load_processed(data_dir: Path) -> dict[str, np.ndarray]:
     """The train and test arrays the preprocess stage wrote."""
-    return {f"{split}_{kind}": np.load(Path(data_dir) / f"{split}_{kind}.npy", allow_pickle=False)
-            for split in ("train", "test") for kind in ("images", "labels")}
+    return {
+        f"{split}_{kind}": np.load(Path(data_dir) / f"{split}_{kind}.npy", allow_pickle=False)
+        for split in ("train", "test")
+        for kind in ("images", "labels")
+    }
 
 
 def report(result: dict[str, np.ndarray], test_labels: np.ndarray) -> dict:
@@ -203,7 +208,9 @@ def report(result: dict[str, np.ndarray], test_labels: np.ndarray) -> dict:
     probabilities = result["test_probabilities"]
     predicted = probabilities.argmax(axis=1)
     true_class = np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0)
-    confusion = np.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    confusion = np.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
     recall = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
     return {
         "test_accuracy": float(np.mean(predicted == labels)),
@@ -217,8 +224,9 @@ def report(result: dict[str, np.ndarray], test_labels: np.ndarray) -> dict:
 
 def write_outputs(out_dir: Path, result: dict[str, np.ndarray], metrics: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tests = dict(zip(result["test_steps"].tolist(),
-                     zip(result["test_accuracy"].tolist(), result["test_cross_entropy"].tolist())))
+    tests = dict(
+        zip(result["test_steps"].tolist(), zip(result["test_accuracy"].tolist(), result["test_cross_entropy"].tolist()))
+    )
     lines = ["step,train_accuracy,train_cross_entropy,test_accuracy,test_cross_entropy"]
     for step, (accuracy, cross_entropy) in enumerate(
         zip(result["train_accuracy"].tolist(), result["train_cross_entropy"].tolist()), start=1
@@ -233,13 +241,19 @@ def write_outputs(out_dir: Path, result: dict[str, np.ndarray], metrics: dict) -
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--mirror", type=Path, help="directory of the four MNIST IDX files (.gz or not); "
-                        "default $MNIST_MIRROR")
+    source.add_argument(
+        "--mirror", type=Path, help="directory of the four MNIST IDX files (.gz or not); default $MNIST_MIRROR"
+    )
     source.add_argument("--data", type=Path, help="read the preprocess stage's arrays from this directory instead")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml to read (default ./params.yaml)")
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params.yaml to read (default ./params.yaml)"
+    )
     parser.add_argument("--iterations", type=int, help="override train.iterations")
-    parser.add_argument("--initial-weights", type=Path, help="an .npz with 'weights' and 'biases' to start from "
-                        "(default: a truncated normal drawn with train.seed)")
+    parser.add_argument(
+        "--initial-weights",
+        type=Path,
+        help="an .npz with 'weights' and 'biases' to start from (default: a truncated normal drawn with train.seed)",
+    )
     parser.add_argument("--out", type=Path, help="write history.csv, metrics.json and model.npz here")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the raw files")
     args = parser.parse_args(argv)
@@ -267,8 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
         weights = truncated_normal((NUM_PIXELS, NUM_CLASSES), 0.1, config.seed)
         biases = np.zeros(NUM_CLASSES, np.float32)
     order = batch_order(len(data["train_images"]), config.batch_size, iterations, config.seed)
-    result = train_numpy(data["train_images"], data["train_labels"], data["test_images"], data["test_labels"],
-                         weights, biases, order, config.learning_rate, config.eval_interval)
+    result = train_numpy(
+        data["train_images"],
+        data["train_labels"],
+        data["test_images"],
+        data["test_labels"],
+        weights,
+        biases,
+        order,
+        config.learning_rate,
+        config.eval_interval,
+    )
     trained = time.perf_counter()
 
     metrics = report(result, data["test_labels"])

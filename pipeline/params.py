@@ -7,6 +7,7 @@ range), so a typo costs seconds, not a training run. A stage then reads only its
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -102,10 +103,8 @@ def _typed(value: Any, kind: type, name: str, collector: _Collector) -> Any:
     if kind is float:
         # YAML 1.1 reads 3e-3 (no dot) as a string, so numeric strings are accepted for floats.
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         collector.add(f"{name} must be a number, got {value!r}")
@@ -233,9 +232,7 @@ def load_params(path: Path | str | None = None) -> Params:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ParamsError(
-            f"{path} does not exist; run from the project root, where params.yaml lives."
-        ) from None
+        raise ParamsError(f"{path} does not exist; run from the project root, where params.yaml lives.") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

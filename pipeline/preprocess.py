@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import idx
-from pipeline.data import NUM_CLASSES, RAW_PAIRS, SPLITS, array_file
 from pipeline.cli import PipelineError, path_arguments, run
+from pipeline.data import NUM_CLASSES, RAW_PAIRS, SPLITS, array_file
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
-
 
 
 def flatten(images: np.ndarray) -> np.ndarray:

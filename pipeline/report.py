@@ -1,12 +1,13 @@
 """Stage ``report``: score the trained model on the test set and draw the seed's figures.
 
 Reads the test labels from ``--data``, the model's test-set probabilities (``--test-probabilities``,
-written by train, so no TensorFlow is needed here) and the per-step ``--history``. Writes ``--metrics`` (test accuracy, cross-entropy per image, macro precision, recall
-and F1, recall per class), ``--confusion`` (one actual,predicted row per test image, for DVC's
-confusion template), ``--classification-report``, and three PNGs: the seed's accuracy and
-cross-entropy figures (full and zoomed panels) and a labelled confusion-matrix heatmap. Everything
-is also logged into the MLflow run that trained the model (see pipeline.tracking.record), and the
-outputs are replaced only once it is.
+written by train, so no TensorFlow is needed here) and the per-step ``--history``. Writes
+``--metrics`` (test accuracy, cross-entropy per image, macro precision, recall and F1, recall per
+class), ``--confusion`` (one actual,predicted row per test image, for DVC's confusion template),
+``--classification-report``, and three PNGs: the seed's accuracy and cross-entropy figures (full and
+zoomed panels) and a labelled confusion-matrix heatmap. Everything is also logged into the MLflow
+run that trained the model (see pipeline.tracking.record), and the outputs are replaced only once it
+is.
 
 pandas, matplotlib and scikit-learn are imported where they are used, so that bad input is reported
 before their import cost.
@@ -93,23 +94,42 @@ def read_history(path: Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError) as error:
         raise PipelineError(f"{path} is not a readable CSV ({error}); rerun the train stage.") from None
     if list(history.columns) != HISTORY_COLUMNS or history.empty:
-        raise PipelineError(f"{path} must have the columns {', '.join(HISTORY_COLUMNS)} and at least one row; rerun the train stage.")
+        raise PipelineError(
+            f"{path} must have the columns {', '.join(HISTORY_COLUMNS)} and at least one row; rerun the train stage."
+        )
     return history
 
 
-def _curve_figure(history: pd.DataFrame, train_column: str, test_column: str, test_scale: float,
-                  ylabel: str, title: str, zoom: tuple[float, float]):
+def _curve_figure(
+    history: pd.DataFrame,
+    train_column: str,
+    test_column: str,
+    test_scale: float,
+    ylabel: str,
+    title: str,
+    zoom: tuple[float, float],
+):
     """The seed's figure layout: a full panel and a zoomed panel sharing the step axis."""
     tests = history.dropna(subset=[test_column])
     figure, axes = pyplot().subplots(2, 1, sharex=True, figsize=(12, 8), constrained_layout=True)
     for axis, limits in zip(axes, (None, zoom)):
-        axis.plot(history["step"], history[train_column], color=TRAIN_COLOR, linewidth=0.3, alpha=0.35,
-                  label="training batch (every step)")
+        axis.plot(
+            history["step"],
+            history[train_column],
+            color=TRAIN_COLOR,
+            linewidth=0.3,
+            alpha=0.35,
+            label="training batch (every step)",
+        )
         # The per-step curve is mostly noise to the eye; a running mean shows its trend.
-        axis.plot(history["step"], history[train_column].rolling(SMOOTHING_STEPS, min_periods=1).mean(),
-                  color=TRAIN_COLOR, linewidth=1.2, label=f"training batch ({SMOOTHING_STEPS}-step mean)")
-        axis.plot(tests["step"], tests[test_column] / test_scale, color=TEST_COLOR, linewidth=2,
-                  label="test set")
+        axis.plot(
+            history["step"],
+            history[train_column].rolling(SMOOTHING_STEPS, min_periods=1).mean(),
+            color=TRAIN_COLOR,
+            linewidth=1.2,
+            label=f"training batch ({SMOOTHING_STEPS}-step mean)",
+        )
+        axis.plot(tests["step"], tests[test_column] / test_scale, color=TEST_COLOR, linewidth=2, label="test set")
         axis.grid(color="#dddddd")
         axis.set_ylabel(ylabel)
         if limits:
@@ -129,15 +149,24 @@ def accuracy_figure(history: pd.DataFrame):
 
 
 def cross_entropy_figure(history: pd.DataFrame):
-    return _curve_figure(history, "train_cross_entropy", "test_cross_entropy", TEST_TO_BATCH_SCALE,
-                         "cross-entropy per 100 images", "Cross-entropy (summed per 100 images)", (0, 70))
+    return _curve_figure(
+        history,
+        "train_cross_entropy",
+        "test_cross_entropy",
+        TEST_TO_BATCH_SCALE,
+        "cross-entropy per 100 images",
+        "Cross-entropy (summed per 100 images)",
+        (0, 70),
+    )
 
 
 def confusion_figure(labels: np.ndarray, predicted: np.ndarray):
     from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
     figure, axis = pyplot().subplots(figsize=(8, 7), constrained_layout=True)
-    display = ConfusionMatrixDisplay(confusion_matrix(labels, predicted, labels=range(NUM_CLASSES)), display_labels=CLASS_NAMES)
+    display = ConfusionMatrixDisplay(
+        confusion_matrix(labels, predicted, labels=range(NUM_CLASSES)), display_labels=CLASS_NAMES
+    )
     display.plot(ax=axis, cmap="Blues", values_format="d", colorbar=True)
     accuracy = np.mean(labels == predicted)
     axis.set_title(f"Confusion matrix on the {len(labels):,} test images (accuracy {accuracy:.4f})")
@@ -168,7 +197,9 @@ def main() -> None:
         probabilities_bytes = args.test_probabilities.read_bytes()
         probabilities = np.load(io.BytesIO(probabilities_bytes), allow_pickle=False)
     except FileNotFoundError:
-        raise PipelineError(f"{args.test_probabilities} does not exist; run the train stage first (dvc repro).") from None
+        raise PipelineError(
+            f"{args.test_probabilities} does not exist; run the train stage first (dvc repro)."
+        ) from None
     except (ValueError, OSError, EOFError) as error:
         raise PipelineError(
             f"{args.test_probabilities} is corrupt ({error}); rerun the train stage (dvc repro -f train)."

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
+from pipeline.data import load_processed, scale_pixels
 from pipeline.params import TrainParams, load_params
 from pipeline.tracking import record, store, tags
-from pipeline.data import load_processed, scale_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,6 @@ class History:
         return np.concatenate(self.train_accuracy), np.concatenate(self.train_cross_entropy)
 
 
-# Called after each chunk with (first step, last step, chunk's train accuracies, chunk's train
-# cross-entropies, and the chunk's test measurements as (step, accuracy, cross-entropy) tuples).
-ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, list[tuple[int, float, float]]], None]
 
 
 # Called after each chunk with (first step, last step, chunk's train accuracies, chunk's train
@@ -118,7 +115,9 @@ def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallbac
                     end, history.test_accuracy[-1], history.test_cross_entropy[-1], as_of,
                 )  # fmt: skip
             else:
-                logger.info("step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1])
+                logger.info(
+                    "step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1]
+                )
             if on_chunk is not None:
                 on_chunk(start + 1, end, accuracy, cross_entropy, tests, started, ended)
             progress.update(end - start)
@@ -135,9 +134,15 @@ def history_csv(history: History) -> str:
     writer.writerow(HISTORY_COLUMNS)
     for step, (accuracy, cross_entropy) in enumerate(zip(train_accuracy, train_cross_entropy), start=1):
         test_accuracy, test_cross_entropy = tests.get(step, ("", ""))
-        writer.writerow([step, repr(float(accuracy)), repr(float(cross_entropy)),
-                         test_accuracy if test_accuracy == "" else repr(test_accuracy),
-                         test_cross_entropy if test_cross_entropy == "" else repr(test_cross_entropy)])
+        writer.writerow(
+            [
+                step,
+                repr(float(accuracy)),
+                repr(float(cross_entropy)),
+                test_accuracy if test_accuracy == "" else repr(test_accuracy),
+                test_cross_entropy if test_cross_entropy == "" else repr(test_cross_entropy),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -157,8 +162,13 @@ def run_name(params: TrainParams) -> str:
     return f"lr={params.learning_rate:g} bs={params.batch_size} it={params.iterations} seed={params.seed}"
 
 
-def chunk_series(first_step: int, last_step: int, accuracy: np.ndarray, cross_entropy: np.ndarray,
-                 tests: list[tuple[int, float, float]]) -> dict[str, tuple[list[int], list[float]]]:
+def chunk_series(
+    first_step: int,
+    last_step: int,
+    accuracy: np.ndarray,
+    cross_entropy: np.ndarray,
+    tests: list[tuple[int, float, float]],
+) -> dict[str, tuple[list[int], list[float]]]:
     """A chunk's measurements as MLflow metric histories: {key: (steps, values)}."""
     steps = list(range(first_step, last_step + 1))
     series = {"train_accuracy": (steps, accuracy.tolist()), "train_cross_entropy": (steps, cross_entropy.tolist())}
@@ -182,16 +192,18 @@ def main() -> None:
     data = load_processed(args.data, splits=("train", "test"))
     num_train = len(data["train_images"])
     if config.batch_size > num_train:
-        raise PipelineError(f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images).")
+        raise PipelineError(
+            f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images)."
+        )
     # A wrong tracking URI or a dead server is reported now, before TensorFlow's import and any training.
     uri, artifact_location = store.resolve(tracking_params)
 
     # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
-    from pipeline.model import SgdTrainer, build_model, save_model
-
     import keras
     import mlflow
     import tensorflow as tf
+
+    from pipeline.model import SgdTrainer, build_model, save_model
 
     # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
     # without them Keras reports through absl's logger, which only needs to speak up about problems.
@@ -221,10 +233,13 @@ def main() -> None:
     # New outputs replace the old ones only once the run is recorded (files.staged).
     with (
         files.staged(outputs) as (model_path, probabilities_path, history_path, metrics_path),
-        record.training_run(uri, artifact_location, tracking_params.experiment, run_name(config), run_params)
-        as mlflow_run,
+        record.training_run(
+            uri, artifact_location, tracking_params.experiment, run_name(config), run_params
+        ) as mlflow_run,
     ):
-        logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking_params.experiment)
+        logger.info(
+            "MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking_params.experiment
+        )
 
         def log_chunk(first_step, last_step, accuracy, cross_entropy, tests, started, ended) -> None:
             series = chunk_series(first_step, last_step, accuracy, cross_entropy, tests)
@@ -241,8 +256,10 @@ def main() -> None:
         probabilities_path.write_bytes(probabilities)
         history_text = history_csv(history)
         history_path.write_text(history_text)
-        metrics_path.write_text(json.dumps({**metrics, "environment": tags.environment(store.project_root())},
-                                           indent=2, sort_keys=True) + "\n")
+        metrics_path.write_text(
+            json.dumps({**metrics, "environment": tags.environment(store.project_root())}, indent=2, sort_keys=True)
+            + "\n"
+        )
 
         mlflow_run.wait()
         try:

@@ -30,9 +30,15 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
     # This machine reaches no outside host; without these Chromium keeps trying and failing.
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 )
 # Every wait below is bounded by this many seconds.
 PAGE_TIMEOUT = 60
@@ -46,8 +52,9 @@ def compare_url(tracking_uri: str, experiment: str) -> tuple[str, list[str]]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(f"error: {tracking_uri} has no experiment {experiment!r}")
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["params.`train.learning_rate` ASC"])
+    runs = client.search_runs(
+        [found.experiment_id], "attributes.status = 'FINISHED'", order_by=["params.`train.learning_rate` ASC"]
+    )
     if not runs:
         sys.exit(f"error: experiment {experiment!r} at {tracking_uri} has no finished run")
     run_ids = [run.info.run_id for run in runs]
@@ -121,9 +128,16 @@ async def screenshot(url: str, out: Path, width: int, height: int, metric: str, 
 
     profile = tempfile.mkdtemp(prefix="mlflow-screenshot-profile.")
     browser = subprocess.Popen(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-         "--remote-debugging-port=0", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         # Chromium writes the port it picked into the profile once DevTools listens.
@@ -140,7 +154,9 @@ async def screenshot(url: str, out: Path, width: int, height: int, metric: str, 
         async with aiohttp.ClientSession() as session, session.ws_connect(websocket_url, max_msg_size=0) as websocket:
             page = DevTools(websocket)
             # --window-size includes the (invisible) browser frame; the page itself gets exactly this.
-            await page.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+            await page.call(
+                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+            )
             await page.call("Page.enable")
             await page.call("Page.navigate", url=url)
             await page.wait_for("document.body && document.body.innerText.includes('Comparing')", "the comparison page")
@@ -166,10 +182,17 @@ async def screenshot(url: str, out: Path, width: int, height: int, metric: str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
-                        help="URL of a running MLflow server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
+        help="URL of a running MLflow server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)",
+    )
     parser.add_argument("--experiment", default="mnist-softmax")
-    parser.add_argument("--metric", default="final_test_accuracy", help="metric for the parallel-coordinates plot; '' keeps MLflow's choice")
+    parser.add_argument(
+        "--metric",
+        default="final_test_accuracy",
+        help="metric for the parallel-coordinates plot; '' keeps MLflow's choice",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
     parser.add_argument("--size", default="1600x1000", help="window size, WIDTHxHEIGHT")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")

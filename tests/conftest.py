@@ -28,8 +28,12 @@ def stage_env(**extra: str) -> dict[str, str]:
 def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
     """Run ``python -m module args`` the way DVC would, returning the completed process."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env or stage_env(),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env or stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -45,7 +49,11 @@ def write_params(directory: Path, **sections: dict) -> Path:
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` with its bytes, to prove that a failed run changed nothing."""
-    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(Path(directory).rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(Path(directory).rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture

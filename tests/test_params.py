@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, snapshot, stage_env, write_params
+
 from pipeline.params import ParamsError, load_params, validate
 
 
@@ -112,16 +112,48 @@ def test_stages_reject_bad_params_before_heavy_imports_and_change_nothing(tmp_pa
     before = snapshot(outputs)
     args = {
         "pipeline.preprocess": ["--raw", "raw", "--out", "out/processed"],
-        "pipeline.train": ["--data", "d", "--model", "out/model.keras", "--test-probabilities", "out/p.npy",
-                           "--history", "out/h.csv", "--metrics", "out/m.json"],
-        "pipeline.report": ["--data", "d", "--test-probabilities", "out/p.npy", "--run-info", "out/run.json",
-                            "--history", "out/h.csv", "--metrics", "out/m.json", "--confusion", "out/c.csv",
-                            "--classification-report", "out/r.txt", "--accuracy-plot", "out/a.png",
-                            "--cross-entropy-plot", "out/x.png", "--confusion-plot", "out/cm.png"],
+        "pipeline.train": [
+            "--data",
+            "d",
+            "--model",
+            "out/model.keras",
+            "--test-probabilities",
+            "out/p.npy",
+            "--history",
+            "out/h.csv",
+            "--metrics",
+            "out/m.json",
+        ],
+        "pipeline.report": [
+            "--data",
+            "d",
+            "--test-probabilities",
+            "out/p.npy",
+            "--history",
+            "out/h.csv",
+            "--metrics",
+            "out/m.json",
+            "--confusion",
+            "out/c.csv",
+            "--classification-report",
+            "out/r.txt",
+            "--accuracy-plot",
+            "out/a.png",
+            "--cross-entropy-plot",
+            "out/x.png",
+            "--confusion-plot",
+            "out/cm.png",
+        ],
     }[stage]
     # -X importtime lists every module imported; TensorFlow and MLflow must not be among them.
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", stage, *args], cwd=tmp_path,
-                            env=stage_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", stage, *args],
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     error_lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     message = " ".join(" ".join(error_lines).split())

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, make_project
+
+pytestmark = pytest.mark.slow
 
 
 def ran_stages(output: str) -> list[str]:
@@ -45,22 +46,41 @@ def only_runs(project):
 def test_repro_runs_every_stage_and_writes_every_output(repro):
     project, first = repro
     assert ran_stages(first.stdout) == ["fetch", "preprocess", "train", "report"]
-    for path in ("data/raw/train-images-idx3-ubyte", "data/processed/train_images.npy", *TRAIN_OUTPUTS, *REPORT_OUTPUTS):
+    for path in (
+        "data/raw/train-images-idx3-ubyte",
+        "data/processed/train_images.npy",
+        *TRAIN_OUTPUTS,
+        *REPORT_OUTPUTS,
+    ):
         assert (project.root / path).is_file(), path
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"fetch", "preprocess", "train", "report"}
 
     history = pd.read_csv(project.root / "metrics/history.csv")
-    assert list(history.columns) == ["step", "train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy"]
+    assert list(history.columns) == [
+        "step",
+        "train_accuracy",
+        "train_cross_entropy",
+        "test_accuracy",
+        "test_cross_entropy",
+    ]
     assert history["step"].tolist() == list(range(1, 51))
     assert history.dropna()["step"].tolist() == [10, 20, 30, 40, 50]
 
     metrics = json.loads((project.root / "metrics/metrics.json").read_text())
-    assert set(metrics) == {"test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1",
-                            "per_class_recall"}
+    assert set(metrics) == {
+        "test_accuracy",
+        "test_cross_entropy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "per_class_recall",
+    }
     assert metrics["test_accuracy"] == pytest.approx(history["test_accuracy"].dropna().iloc[-1])
     # The report's cross-entropy is per image; the history's is summed over the 60 test images.
-    assert metrics["test_cross_entropy"] == pytest.approx(history["test_cross_entropy"].dropna().iloc[-1] / 60, rel=1e-4)
+    assert metrics["test_cross_entropy"] == pytest.approx(
+        history["test_cross_entropy"].dropna().iloc[-1] / 60, rel=1e-4
+    )
     assert len(pd.read_csv(project.root / "metrics/confusion.csv")) == 60
     # Outputs stay out of git; the small metrics files are committed.
     ignored = project.git("check-ignore", "data/raw", "models/model.keras")
@@ -96,8 +116,13 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"dvc.lock", "history.csv", "report"} <= artifacts
     report = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "report")}
-    assert {"report/accuracy.png", "report/cross_entropy.png", "report/confusion_matrix.png",
-            "report/confusion.csv", "report/metrics.json"} <= report
+    assert {
+        "report/accuracy.png",
+        "report/cross_entropy.png",
+        "report/confusion_matrix.png",
+        "report/confusion.csv",
+        "report/metrics.json",
+    } <= report
     # Artifacts sit beside the store at the project root, not wherever a stage happened to run.
     assert (project.root / "mlartifacts").is_dir()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import run_module, snapshot, write_params
 from idx_fixtures import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, write_idx, write_mnist
+
 from pipeline.data import load_processed
 from pipeline.preprocess import flatten, one_hot, split_validation
 

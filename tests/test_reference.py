@@ -8,12 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, stage_env, write_params
 from idx_fixtures import write_idx
-from pipeline.data import RAW_PAIRS
+
 from benchmarks.numpy_reference import train_numpy
+from pipeline.data import RAW_PAIRS
 from pipeline.train import batch_order, train
+
+pytestmark = pytest.mark.slow
 
 LEARNING_RATE = 0.003
 STEPS, BATCH, EVAL_INTERVAL = 300, 20, 50
@@ -23,8 +25,12 @@ def synthetic_data(seed: int = 0):
     """600 training and 200 test images of random pixels with random labels."""
     rng = np.random.default_rng(seed)
     eye = np.eye(10, dtype=np.uint8)
-    return (rng.integers(0, 256, size=(600, 784), dtype=np.uint8), eye[rng.integers(0, 10, size=600)],
-            rng.integers(0, 256, size=(200, 784), dtype=np.uint8), eye[rng.integers(0, 10, size=200)])
+    return (
+        rng.integers(0, 256, size=(600, 784), dtype=np.uint8),
+        eye[rng.integers(0, 10, size=600)],
+        rng.integers(0, 256, size=(200, 784), dtype=np.uint8),
+        eye[rng.integers(0, 10, size=200)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,9 @@ def test_per_step_accuracies_match(both_runs):
 def test_test_set_evaluations_match(both_runs):
     history, _, reference, _ = both_runs
     assert reference["test_steps"].tolist() == history.test_steps == [50, 100, 150, 200, 250, 300]
-    np.testing.assert_array_equal(np.rint(reference["test_accuracy"] * 200), np.rint(np.array(history.test_accuracy) * 200))
+    np.testing.assert_array_equal(
+        np.rint(reference["test_accuracy"] * 200), np.rint(np.array(history.test_accuracy) * 200)
+    )
     np.testing.assert_allclose(reference["test_cross_entropy"], history.test_cross_entropy, rtol=1e-4, atol=1e-3)
 
 
@@ -81,8 +89,17 @@ def test_final_weights_match(both_runs):
 def test_train_numpy_does_not_change_its_inputs():
     train_images, train_labels, test_images, test_labels = synthetic_data(1)
     weights, biases = np.full((784, 10), 0.01, np.float32), np.zeros(10, np.float32)
-    result = train_numpy(train_images, train_labels, test_images, test_labels, weights, biases,
-                         batch_order(600, 20, 10, seed=1), LEARNING_RATE, eval_interval=5)
+    result = train_numpy(
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        weights,
+        biases,
+        batch_order(600, 20, 10, seed=1),
+        LEARNING_RATE,
+        eval_interval=5,
+    )
     assert np.all(weights == 0.01) and np.all(biases == 0)
     assert result["test_steps"].tolist() == [5, 10] and len(result["train_accuracy"]) == 10
     assert result["test_probabilities"].shape == (200, 10)
@@ -111,13 +128,29 @@ def tiny_mirror(tmp_path):
 
 def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
     write_params(tmp_path, train={"iterations": 30, "eval_interval": 10})
-    code = ("import sys, runpy; sys.argv = ['numpy_reference'] + sys.argv[1:]; "
-            "runpy.run_module('benchmarks.numpy_reference', run_name='__main__'); "
-            "assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'mlflow') for m in sys.modules), 'heavy import'")
+    code = (
+        "import sys, runpy; sys.argv = ['numpy_reference'] + sys.argv[1:]; "
+        "runpy.run_module('benchmarks.numpy_reference', run_name='__main__'); "
+        "assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'mlflow') for m in sys.modules), 'heavy import'"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", code, "--mirror", str(tiny_mirror), "--no-verify", "--params", str(tmp_path / "params.yaml"),
-         "--out", str(tmp_path / "out")],
-        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--mirror",
+            str(tiny_mirror),
+            "--no-verify",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -130,9 +163,25 @@ def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
 
 def test_benchmark_runs_end_to_end_in_quick_mode(tmp_path, tiny_mirror):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "train-loop", "--iterations", "200",
-         "--mirror", str(tiny_mirror), "--json", str(tmp_path / "bench.json")],
-        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--quick",
+            "--only",
+            "train-loop",
+            "--iterations",
+            "200",
+            "--mirror",
+            str(tiny_mirror),
+            "--json",
+            str(tmp_path / "bench.json"),
+        ],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| Measure | Ours (median s) | Reference (median s) | Ratio | Target | Verdict |" in result.stdout

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_module, snapshot, stage_env, write_params
 from sklearn.metrics import f1_score
 
-from conftest import run_module, snapshot, stage_env, write_params
 from pipeline.report import accuracy_figure, confusion_figure, confusion_rows, cross_entropy_figure, png_bytes, score
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,20 +43,25 @@ def sample_history(steps: int = 300, eval_interval: int = 100) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     step = np.arange(1, steps + 1)
     test_steps = step % eval_interval == 0
-    return pd.DataFrame({
-        "step": step,
-        "train_accuracy": rng.uniform(0.8, 1.0, steps),
-        "train_cross_entropy": rng.uniform(10, 60, steps),
-        "test_accuracy": np.where(test_steps, 0.92, np.nan),
-        "test_cross_entropy": np.where(test_steps, 2800.0, np.nan),
-    })
+    return pd.DataFrame(
+        {
+            "step": step,
+            "train_accuracy": rng.uniform(0.8, 1.0, steps),
+            "train_cross_entropy": rng.uniform(10, 60, steps),
+            "test_accuracy": np.where(test_steps, 0.92, np.nan),
+            "test_cross_entropy": np.where(test_steps, 2800.0, np.nan),
+        }
+    )
 
 
 def test_figures_are_drawn_as_png():
     history = sample_history()
     labels = np.array([0, 1, 2, 2, 9])
-    for figure in (accuracy_figure(history), cross_entropy_figure(history),
-                   confusion_figure(labels, np.array([0, 1, 2, 1, 9]))):
+    for figure in (
+        accuracy_figure(history),
+        cross_entropy_figure(history),
+        confusion_figure(labels, np.array([0, 1, 2, 1, 9])),
+    ):
         image = png_bytes(figure)
         assert image.startswith(PNG_SIGNATURE) and len(image) > 10_000
     # The seed's cross-entropy figure shows the test curve per 100 images: 2800 / 100.
@@ -67,9 +72,12 @@ def test_figures_are_drawn_as_png():
 
 
 REPORT_OUTPUTS = {
-    "--metrics": "metrics/metrics.json", "--confusion": "metrics/confusion.csv",
-    "--classification-report": "metrics/report.txt", "--accuracy-plot": "metrics/accuracy.png",
-    "--cross-entropy-plot": "metrics/cross_entropy.png", "--confusion-plot": "metrics/confusion_matrix.png",
+    "--metrics": "metrics/metrics.json",
+    "--confusion": "metrics/confusion.csv",
+    "--classification-report": "metrics/report.txt",
+    "--accuracy-plot": "metrics/accuracy.png",
+    "--cross-entropy-plot": "metrics/cross_entropy.png",
+    "--confusion-plot": "metrics/confusion_matrix.png",
 }
 
 
@@ -105,15 +113,20 @@ def training_run(project, probabilities: str = "models/p.npy"):
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment_id = client.create_experiment("mnist-softmax", artifact_location=(project / "art").as_uri())
-    run_id = client.create_run(experiment_id, tags={
-        TEST_PROBABILITIES_TAG: sha256((project / probabilities).read_bytes())}).info.run_id
+    run_id = client.create_run(
+        experiment_id, tags={TEST_PROBABILITIES_TAG: sha256((project / probabilities).read_bytes())}
+    ).info.run_id
     client.set_terminated(run_id)
     return client, run_id
 
 
 def run_report(project):
-    return run_module("pipeline.report", *report_args(), cwd=project,
-                      env=stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"))
+    return run_module(
+        "pipeline.report",
+        *report_args(),
+        cwd=project,
+        env=stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"),
+    )
 
 
 def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
@@ -157,10 +170,14 @@ def test_report_without_a_training_run_changes_nothing(report_project):
     [
         (lambda project: (project / "models/p.npy").unlink(), "p.npy does not exist; run the train stage first"),
         (lambda project: (project / "models/p.npy").write_bytes(b"not numpy"), "p.npy is corrupt"),
-        (lambda project: np.save(project / "models/p.npy", np.ones((19, 10), np.float32)),
-         "holds probabilities of shape (19, 10) but there are 20 test labels"),
-        (lambda project: (project / "metrics/history.csv").write_text("step,nonsense\n1,2\n"),
-         "history.csv must have the columns step, train_accuracy"),
+        (
+            lambda project: np.save(project / "models/p.npy", np.ones((19, 10), np.float32)),
+            "holds probabilities of shape (19, 10) but there are 20 test labels",
+        ),
+        (
+            lambda project: (project / "metrics/history.csv").write_text("step,nonsense\n1,2\n"),
+            "history.csv must have the columns step, train_accuracy",
+        ),
     ],
 )
 def test_bad_inputs_give_clear_errors_and_keep_earlier_metrics(report_project, break_it, expected):

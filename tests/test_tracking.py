@@ -75,7 +75,7 @@ def test_ctrl_c_marks_the_run_failed(project):
 
 def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project):
     for name in ("older", "newer"):
-        with open_run(name) as run:
+        with open_run(name):
             import mlflow
 
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, "abc")
@@ -99,7 +99,9 @@ def test_a_store_in_a_missing_folder_is_a_clear_error(project):
 def test_the_environment_names_the_locked_versions(project):
     """Every package version a run records is the one uv.lock pins, and the lock's digest is its own."""
     environment = tags.environment(ROOT)
-    locked = {package["name"]: package["version"] for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+    locked = {
+        package["name"]: package["version"] for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
+    }
     for label in ("keras", "numpy", "scikit-learn", "dvc", "mlflow"):
         assert environment[label] == locked[label], label
     assert environment["tensorflow"] in (locked.get("tensorflow-cpu"), locked.get("tensorflow"))
@@ -110,7 +112,9 @@ def test_the_environment_names_the_locked_versions(project):
 
 
 def test_the_models_requirements_are_the_locked_versions():
-    locked = {package["name"]: package["version"] for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+    locked = {
+        package["name"]: package["version"] for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
+    }
     requirements = dict(line.split("==") for line in tags.model_requirements())
     assert requirements.keys() & {"tensorflow", "tensorflow-cpu"}, requirements
     for name, version in requirements.items():

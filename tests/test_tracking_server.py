@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, VENV_BIN, Project, base_env, make_project
+
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = "mnist-softmax"
 # A failing tracking server must be reported this fast (the check itself waits at most 5 s).
@@ -105,12 +106,28 @@ def postgres():
     data, log, port = directory / "data", directory / "postgres.log", free_port()
 
     def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, cwd=directory)
+        return subprocess.run(
+            [*as_user, *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            cwd=directory,
+        )
 
     started = False
     try:
-        init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions")
+        init = run(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
         if init.returncode != 0:
             pytest.skip(f"initdb failed: {init.stderr[-1000:]}")
         # fsync off: a test database need not survive a power cut, and this keeps MLflow's schema
@@ -118,7 +135,9 @@ def postgres():
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {directory} -c fsync=off"
         start = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
         if start.returncode != 0:
-            pytest.skip(f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:] if log.exists() else ''}")
+            pytest.skip(
+                f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:] if log.exists() else ''}"
+            )
         started = True
         create = run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
         assert create.returncode == 0, create.stderr
@@ -139,9 +158,25 @@ def mlflow_server(postgres, tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", postgres,
-             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=directory,
+            [
+                str(VENV_BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                postgres,
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=directory,
             # Its own session, so that stopping it also stops the web workers it forks.
             start_new_session=True,
         )
@@ -168,6 +203,7 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return found
 
 
+@pytest.mark.postgres
 def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -203,8 +239,12 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     # Every step's measurement, with its step, equal to the history DVC plots.
     history = pd.read_csv(project.root / "metrics/history.csv")
     tests = history.dropna(subset=["test_accuracy"])
-    for key, rows in (("train_accuracy", history), ("train_cross_entropy", history),
-                      ("test_accuracy", tests), ("test_cross_entropy", tests)):
+    for key, rows in (
+        ("train_accuracy", history),
+        ("train_cross_entropy", history),
+        ("test_accuracy", tests),
+        ("test_cross_entropy", tests),
+    ):
         logged = client.get_metric_history(run.info.run_id, key)
         assert [metric.step for metric in logged] == rows["step"].tolist(), key
         assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
@@ -215,14 +255,22 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
 
     # Artifacts, fetched back through the server, are the files the stages wrote.
     logged = set(artifact_paths(client, run.info.run_id))
-    assert {"history.csv", "dvc.lock", "report/metrics.json", "report/accuracy.png",
-            "report/cross_entropy.png", "report/confusion_matrix.png"} <= logged
+    assert {
+        "history.csv",
+        "dvc.lock",
+        "report/metrics.json",
+        "report/accuracy.png",
+        "report/cross_entropy.png",
+        "report/confusion_matrix.png",
+    } <= logged
     downloads = tmp_path / "downloads"
     for name in ("accuracy.png", "cross_entropy.png", "confusion_matrix.png"):
         path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(downloads)))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
-    logged_lock = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(downloads))).read_text())
+    logged_lock = yaml.safe_load(
+        Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(downloads))).read_text()
+    )
     assert logged_lock["stages"]["train"] == lock["train"]
     # The server kept them in its --artifacts-destination, not beside the project.
     assert any(artifacts.rglob("accuracy.png")) and any(artifacts.rglob("MLmodel"))
@@ -292,8 +340,11 @@ def bad_server(request):
         # A server whose health check passes but whose database is down.
         "api-fails": lambda: FakeServer(health_status=200, other_status=500),
     }[request.param]()
-    phrase = {"silent": "cannot be reached", "not-mlflow": "does not look like an MLflow tracking server",
-              "api-fails": "failed"}[request.param]
+    phrase = {
+        "silent": "cannot be reached",
+        "not-mlflow": "does not look like an MLflow tracking server",
+        "api-fails": "failed",
+    }[request.param]
     try:
         yield server.url, phrase
     finally:
@@ -305,7 +356,9 @@ def fingerprint(project: Project) -> dict[str, tuple[int, str]]:
     found = {}
     for name in (*TRAIN_OUTPUTS, *REPORT_OUTPUTS):
         path = project.root / name
-        found[name] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) if path.exists() else None
+        found[name] = (
+            (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) if path.exists() else None
+        )
     return found
 
 
@@ -342,7 +395,9 @@ def test_failing_server_leaves_existing_outputs_untouched(reproduced, bad_server
 
     # The train stage's own command, as dvc.yaml runs it (dvc repro would first delete the outputs).
     started = time.monotonic()
-    result = reproduced.run(*reproduced.stage_command("train"), env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+    result = reproduced.run(
+        *reproduced.stage_command("train"), env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120
+    )
     elapsed = time.monotonic() - started
 
     check_fails_fast(result, elapsed, uri, phrase)
@@ -353,8 +408,12 @@ def test_failing_server_leaves_existing_outputs_untouched(reproduced, bad_server
 
 def test_tracking_uri_with_an_unknown_scheme_is_a_clear_error(reproduced):
     before = fingerprint(reproduced)
-    result = reproduced.run(*reproduced.stage_command("train"), env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
-                            check=False, timeout=120)
+    result = reproduced.run(
+        *reproduced.stage_command("train"),
+        env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
+        check=False,
+        timeout=120,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "MLFLOW_TRACKING_URI" in result.stderr and "htp://127.0.0.1:5000" in result.stderr
     assert fingerprint(reproduced) == before
@@ -372,15 +431,33 @@ def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_
     # A fresh clone has no DVC cache and none of the outputs, only what git holds.
     assert not (clone / "data/raw").exists() and not (clone / "models/model.keras").exists()
     env = base_env(clone)
-    pulled = subprocess.run([str(VENV_BIN / "dvc"), "pull"], cwd=clone, env=env, capture_output=True,
-                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    pulled = subprocess.run(
+        [str(VENV_BIN / "dvc"), "pull"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
 
-    for name in ("data/raw/train-images-idx3-ubyte", "data/processed/train_images.npy", "models/model.keras",
-                 "models/test_probabilities.npy"):
+    for name in (
+        "data/raw/train-images-idx3-ubyte",
+        "data/processed/train_images.npy",
+        "models/model.keras",
+        "models/test_probabilities.npy",
+    ):
         assert (clone / name).read_bytes() == (reproduced.root / name).read_bytes(), name
-    status = subprocess.run([str(VENV_BIN / "dvc"), "status"], cwd=clone, env=env, capture_output=True,
-                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    status = subprocess.run(
+        [str(VENV_BIN / "dvc"), "status"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout
     # Nothing ran: no stage wrote an MLflow store in the clone.
     assert "Running stage" not in pulled.stdout

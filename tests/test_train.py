@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
-
-from conftest import run_module, snapshot, stage_env, write_params
+from conftest import run_module, stage_env, write_params
 from idx_fixtures import write_mnist
+
 from pipeline.train import History, batch_order, chunk_ends, history_csv, run_name, train
 
 
@@ -87,7 +86,7 @@ def small_data(seed: int = 0):
     # Labels that depend on the pixels, so that the model can learn something.
     train_images = rng.integers(0, 256, size=(400, 784), dtype=np.uint8)
     test_images = rng.integers(0, 256, size=(100, 784), dtype=np.uint8)
-    label = lambda images: (images[:, :10].astype(int).argmax(axis=1))  # noqa: E731
+    label = lambda images: images[:, :10].astype(int).argmax(axis=1)  # noqa: E731
     eye = np.eye(10, dtype=np.uint8)
     return train_images, eye[label(train_images)], test_images, eye[label(test_images)]
 
@@ -134,14 +133,26 @@ def test_training_lowers_the_loss():
     assert cross_entropy[-20:].mean() < cross_entropy[:20].mean()
 
 
-TRAIN_ARGS = ["--data", "processed", "--model", "models/model.keras", "--test-probabilities", "models/p.npy",
-              "--history", "metrics/history.csv", "--metrics", "metrics/train.json"]
+TRAIN_ARGS = [
+    "--data",
+    "processed",
+    "--model",
+    "models/model.keras",
+    "--test-probabilities",
+    "models/p.npy",
+    "--history",
+    "metrics/history.csv",
+    "--metrics",
+    "metrics/train.json",
+]
 
 
 @pytest.fixture
 def processed_project(tmp_path):
     write_mnist(tmp_path / "raw", train_count=300, test_count=50, gz=False)
-    write_params(tmp_path, preprocess={"validation_size": 50}, train={"batch_size": 10, "iterations": 60, "eval_interval": 20})
+    write_params(
+        tmp_path, preprocess={"validation_size": 50}, train={"batch_size": 10, "iterations": 60, "eval_interval": 20}
+    )
     assert run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=tmp_path).returncode == 0
     return tmp_path
 
@@ -190,12 +201,20 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
 
 
 def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(processed_project):
-    write_params(processed_project, preprocess={"validation_size": 50},
-                 train={"batch_size": 10, "iterations": 2_000_000, "eval_interval": 1000})
+    write_params(
+        processed_project,
+        preprocess={"validation_size": 50},
+        train={"batch_size": 10, "iterations": 2_000_000, "eval_interval": 1000},
+    )
     (processed_project / "metrics").mkdir()
     (processed_project / "metrics/history.csv").write_text("an earlier history\n")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=processed_project,
-                               env=tracking_env(processed_project), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", *TRAIN_ARGS],
+        cwd=processed_project,
+        env=tracking_env(processed_project),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     seen = []
     for line in process.stderr:
@@ -207,7 +226,9 @@ def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(proc
     process.communicate(timeout=60)
     assert process.returncode != 0
     assert (processed_project / "metrics/history.csv").read_text() == "an earlier history\n"
-    leftovers = [path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name]
+    leftovers = [
+        path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name
+    ]
     assert leftovers == []
     assert not (processed_project / "models/model.keras").exists()
 
@@ -230,6 +251,8 @@ def test_stage_leaves_the_temp_folder_as_it_found_it_and_reruns_give_the_same_by
         result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=env)
         assert result.returncode == 0, result.stderr
         assert sorted(path.name for path in temp.iterdir()) == [], f"run {attempt + 1} left files in the temp folder"
-        outputs[attempt] = {name: (processed_project / name).read_bytes() for name in
-                            ("models/model.keras", "models/p.npy", "metrics/history.csv", "metrics/train.json")}
+        outputs[attempt] = {
+            name: (processed_project / name).read_bytes()
+            for name in ("models/model.keras", "models/p.npy", "metrics/history.csv", "metrics/train.json")
+        }
     assert outputs[0] == outputs[1]

@@ -77,7 +77,9 @@ def build_wheel(
     members = {
         "mnist/__init__.py": b"",
         WHEEL_MEMBER: gzip.compress(payload, mtime=0) if gzipped is None else gzipped,
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
+        f"{dist_info}/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode()
+        ),
         f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = io.StringIO()

@@ -83,7 +83,9 @@ class TrainingRun:
             for operation in pending:
                 operation.wait()
         except mlflow.exceptions.MlflowException as error:
-            raise PipelineError(f"logging the training history to MLflow failed: {store.short(error.message)}") from None
+            raise PipelineError(
+                f"logging the training history to MLflow failed: {store.short(error.message)}"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -122,7 +124,9 @@ def find_training_run(client: MlflowClient, experiment_id: str, probabilities_sh
     try:
         runs = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{TEST_PROBABILITIES_TAG}` = '{probabilities_sha256}' and attributes.status = 'FINISHED'",
+            filter_string=(
+                f"tags.`{TEST_PROBABILITIES_TAG}` = '{probabilities_sha256}' and attributes.status = 'FINISHED'"
+            ),
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -131,7 +130,7 @@ def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
                 f"{uri} does not look like an MLflow tracking server: {health} answered HTTP {error.code} "
                 f"({error.reason}). {TRACKING_FIX_HINT} Nothing was trained."
             ) from None
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise PipelineError(
                 f"the MLflow tracking server at {uri} cannot be reached ({reason}) within {timeout:g} s. "
@@ -148,8 +147,9 @@ def store_init_lock(uri: str, timeout: float = SQLITE_INIT_LOCK_SECONDS) -> Iter
     MLflow creates and migrates the schema on first use without guarding against a second process
     doing the same: two trainings of a queue started with -j 2 on a fresh project then fail with
     "duplicate column name" or alembic errors (the same race, under Hydra's multirun, is
-    https://github.com/daizutabi/hydraflow/issues/245). The lock file ``mlflow.db-lock`` matches the ``mlflow.db-*`` pattern that git ignores.
-    Other stores (a server, PostgreSQL) handle concurrency themselves.
+    https://github.com/daizutabi/hydraflow/issues/245). The lock file ``mlflow.db-lock`` matches the
+    ``mlflow.db-*`` pattern that git ignores. Other stores (a server, PostgreSQL) handle concurrency
+    themselves.
     """
     database = sqlite_path(uri)
     if database is None:
