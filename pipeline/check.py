@@ -1,15 +1,11 @@
 """Metric-regression gate: fail CI when a change makes the model's metrics worse than allowed.
 
-DVC reads the metrics, from every metrics file dvc.yaml declares: the current ones from the working
-tree, the baseline from a git revision (or, offline, a JSON file given with ``--baseline-file``).
-This module adds only the rules DVC lacks, from the ``check`` section of params.yaml. Rules name
-metrics as ``dvc metrics show`` does, nested ones with dots (``per_class_recall.3``).
-
-Prints a Markdown report (a summary line, a line on how the environment changed, a table), or JSON
-with ``--json``, and appends the Markdown to ``--summary-file`` (default ``$GITHUB_STEP_SUMMARY``).
-Exits 0 when every rule holds, 1 when any metric regressed, and 2 on bad input, which includes any
-value the rules cannot compare. A baseline without metrics (before the first pipeline run was
-committed) has nothing to regress from: the gate passes and says so, still enforcing floors and ceilings.
+DVC reads the metrics of every metrics file dvc.yaml declares: the current ones from the working
+tree, the baseline from a git revision (or a JSON file, ``--baseline-file``). This module adds only
+the rules DVC lacks, from params.yaml's ``check`` section; they name metrics as ``dvc metrics show``
+does (``per_class_recall.3``). It prints a Markdown report, or JSON with ``--json``, appends the
+Markdown to ``--summary-file`` (default ``$GITHUB_STEP_SUMMARY``), and exits 0 when every rule
+holds, 1 on a regression and 2 on bad input, including any value the rules cannot compare.
 
     python -m pipeline.check                      # against the merge base with main
     python -m pipeline.check --rev origin/main    # against another revision
@@ -178,26 +174,17 @@ def check_metric(metric: str, baseline: float | None, current: float, rule: Chec
     return Row(metric, baseline, current, rule, tuple(failures), "" if baseline is not None else "no baseline")
 
 
-def compare(
-    baseline: dict[str, Any] | None,
-    current: dict[str, Any],
-    rules: dict[str, CheckRule],
-    current_source: str = "the current metrics",
-) -> list[Row]:
+def compare(baseline: dict[str, Any] | None, current: dict[str, Any], rules: dict[str, CheckRule]) -> list[Row]:
     """Check every rule, in params.yaml's order, comparing ``current`` with ``baseline`` (None: no baseline).
 
     Both may be nested or already flat. A metric the baseline lacks (one added by this change) is
     checked against its floor and ceiling only. Raises CheckError when a rule cannot be checked.
     """
-    now = find_metrics(flatten(current), rules, current_source, required=True)
+    now = find_metrics(flatten(current), rules, "the current metrics", required=True)
     old = None if baseline is None else find_metrics(flatten(baseline), rules, "the baseline", required=False)
-    rows = []
-    for metric, rule in rules.items():
-        row = check_metric(metric, None if old is None else old.get(metric), now[metric], rule)
-        if old is not None and metric not in old:
-            row = replace(row, note="new metric, not in the baseline")
-        rows.append(row)
-    return rows
+    rows = [check_metric(metric, (old or {}).get(metric), now[metric], rule) for metric, rule in rules.items()]
+    new = "new metric, not in the baseline"
+    return [replace(row, note=new) if old is not None and row.baseline is None else row for row in rows]
 
 
 def environment_difference(baseline: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
@@ -233,20 +220,18 @@ def _number(value: float | None, signed: bool = False) -> str:
     # Six significant digits show a 0.0001 change in an accuracy of 0.92 without float noise.
     if value is None:
         return "—"
-    if value == 0:
-        return "0"
-    return format(value, "+.6g" if signed else ".6g")
+    return "0" if value == 0 else format(value, "+.6g" if signed else ".6g")
 
 
 def describe_rule(rule: CheckRule) -> str:
     """Say a rule in words, e.g. 'higher is better, may fall ≤ 0.002, floor 0.915'."""
     move = "fall" if rule.better == "higher" else "rise"
-    parts = [f"{rule.better} is better", f"may {move} ≤ {_number(rule.max_worsening)}"]
-    if rule.floor is not None:
-        parts.append(f"floor {_number(rule.floor)}")
-    if rule.ceiling is not None:
-        parts.append(f"ceiling {_number(rule.ceiling)}")
-    return ", ".join(parts)
+    bounds = [
+        f"{name} {_number(value)}"
+        for name, value in (("floor", rule.floor), ("ceiling", rule.ceiling))
+        if value is not None
+    ]
+    return ", ".join([f"{rule.better} is better", f"may {move} ≤ {_number(rule.max_worsening)}", *bounds])
 
 
 def verdict(row: Row) -> str:
@@ -258,12 +243,11 @@ def verdict(row: Row) -> str:
 def summary_line(rows: list[Row], baseline: Baseline | None = None) -> str:
     """The one-line heading above the table: the overall verdict and what it was compared with."""
     failed = [row.metric for row in rows if not row.passed]
+    head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
     if failed:
         head = (
             f"### ❌ Metric check failed: {len(failed)} of {len(rows)} metrics broke their rules ({', '.join(failed)})"
         )
-    else:
-        head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
     if baseline is None:
         return head
     if baseline.missing_reason:
@@ -283,14 +267,8 @@ def render_markdown(rows: list[Row], baseline: Baseline | None = None, environme
         lines += [environment, ""]
     lines += [TABLE_HEADER, "|---|--:|--:|--:|---|---|"]
     for row in rows:
-        cells = [
-            f"`{row.metric}`",
-            _number(row.baseline),
-            _number(row.current),
-            _number(row.change, signed=True),
-            describe_rule(row.rule),
-            verdict(row),
-        ]
+        cells = [f"`{row.metric}`", _number(row.baseline), _number(row.current), _number(row.change, signed=True)]
+        cells += [describe_rule(row.rule), verdict(row)]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n\n"
 
@@ -305,14 +283,9 @@ def render_json(rows: list[Row], baseline: Baseline | None = None, environment: 
     baseline = baseline or Baseline("the baseline", {})
     report = {
         "status": overall_status(rows),
-        "baseline": {
-            "label": baseline.label,
-            "rev": baseline.rev,
-            "commit": baseline.commit,
-            "path": baseline.path,
-            "found": baseline.metrics is not None,
-            "missing_reason": baseline.missing_reason or None,
-        },
+        # Where the baseline came from (rev, commit, path), null for what does not apply, but not its metrics.
+        "baseline": {key: value or None for key, value in asdict(baseline).items() if key != "metrics"}
+        | {"found": baseline.metrics is not None},
         "environment_difference": environment,
         "metrics": [
             {
@@ -378,8 +351,7 @@ def baseline_from_git(rev: str | None) -> Baseline:
     """Read the baseline metrics with DVC at ``rev`` (None: the merge base of HEAD with main, else HEAD)."""
     # rev stays None for the default, so scripts reading --json can tell the two apart.
     if rev is not None:
-        # A revision starting with "-" would be read as an option.
-        commit = None if rev.startswith("-") else _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        commit = _git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
         if commit is None:
             raise CheckError(
                 f"unknown git revision {rev!r}: no branch, tag or commit by that name. In CI, check out "

@@ -37,7 +37,7 @@ from pipeline.check import (
     render_json,
     render_markdown,
 )
-from pipeline.params import CheckRule, load_params
+from pipeline.params import CheckRule, ParamsError, load_params, validate
 
 WORKFLOW = ROOT / ".github" / "workflows" / "metrics-gate.yml"
 BASE_METRICS = {
@@ -229,6 +229,20 @@ def test_values_that_cannot_be_compared_are_bad_input_in_either_metrics(value, p
     assert phrase in str(baseline.value)
 
 
+def test_params_reject_a_malformed_range():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["check"]["test_accuracy"]["range"] = [1, 0]
+    raw["check"]["macro_f1"]["range"] = "0..1"
+    raw["check"]["test_cross_entropy"]["range"] = [0, "many"]
+    with pytest.raises(ParamsError) as raised:
+        validate(raw)
+    message = str(raised.value)
+    assert "params.yaml has 3 problems" in message
+    assert "check.test_accuracy.range must have low <= high, got [1, 0]" in message
+    assert "check.macro_f1.range must be a list [low, high] of two numbers or nulls, got '0..1'" in message
+    assert "check.test_cross_entropy.range must be a number, got 'many'" in message
+
+
 def test_a_range_open_at_one_end_bounds_only_the_other():
     loss = CheckRule(better="lower", max_worsening=0.01, range=(0.0, None))
     assert compare(None, {"loss": 1e300}, {"loss": loss})[0].current == 1e300
@@ -269,8 +283,8 @@ def test_compare_checks_rules_in_order_and_notes_missing_baselines():
     ],
 )
 def test_compare_rejects_rules_for_metrics_that_do_not_exist(rules, phrase):
-    with pytest.raises(CheckError, match="cannot be checked against m.json") as raised:
-        compare(BASE_METRICS, BASE_METRICS, rules, "m.json")
+    with pytest.raises(CheckError, match="cannot be checked against the current metrics") as raised:
+        compare(BASE_METRICS, BASE_METRICS, rules)
     assert phrase in str(raised.value)
 
 
@@ -428,6 +442,8 @@ def test_the_projects_params_have_the_rules_these_tests_rely_on(repo):
     rules = load_params(repo / "params.yaml").check
     assert rules["test_accuracy"].better == "higher" and rules["test_accuracy"].floor is not None
     assert rules["test_cross_entropy"].better == "lower"
+    # The bad-input tests below rely on these ranges: an accuracy is a fraction and a loss is not negative.
+    assert rules["test_accuracy"].range == (0, 1) and rules["test_cross_entropy"].range == (0, None)
 
 
 def test_an_unchanged_model_passes(repo):
@@ -720,6 +736,94 @@ def test_cli_reads_sys_argv_and_exits_with_the_gates_code(repo, monkeypatch, cap
             check.cli()
         assert exited.value.code == code
     assert capsys.readouterr().err.startswith("error: cannot read the current metrics: unable to read:")
+
+
+# The environment the train stage records (issue "reproducible").
+
+
+def test_dvc_api_returns_the_environments_strings_with_the_metrics(repo):
+    # The experiment behind reading the environment through DVC: metrics_show keeps strings (and
+    # nests them as the file does), while it drops lists.
+    write_metrics(repo, {**BASE_METRICS, "confusion": [[1, 2], [3, 4]]})
+    metrics = dvc.api.metrics_show(repo=str(repo))
+    assert metrics["environment"] == ENVIRONMENT
+    assert metrics["test_accuracy"] == BASE_METRICS["test_accuracy"]
+    assert "confusion" not in metrics
+
+
+def test_the_report_says_how_the_environment_differs_and_still_passes(repo):
+    changed = {**ENVIRONMENT, "tensorflow": "2.22.0", "uv_lock_sha256": "f" * 64}
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "environment": changed})
+    line = "Environment differs from the baseline's: tensorflow 2.21.0 → 2.22.0, uv.lock changed."
+    result = run_check(repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2] == line
+    assert result.stdout.count("Environment") == 1
+    report = json.loads(run_check(repo, "--json").stdout)
+    assert report["status"] == "pass" and report["environment_difference"] == line
+
+
+def test_no_environment_line_when_it_is_the_same_or_the_baseline_has_none(repo, tmp_path):
+    same = run_check(repo)
+    assert same.returncode == 0 and "Environment" not in same.stdout
+    # An older baseline, from before the train stage recorded its environment.
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({**BASE_METRICS, "final_test_accuracy": 0.92}), encoding="utf-8")
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "environment": {**ENVIRONMENT, "numpy": "2.2.0"}})
+    older = run_check(repo, "--baseline-file", str(baseline), "--json")
+    assert older.returncode == 0, older.stderr
+    assert json.loads(older.stdout)["environment_difference"] is None
+
+
+# Values that cannot be compared are bad input (issue "nothing unbounded").
+
+DEEP = "[" * 100_000 + "]" * 100_000
+UNCOMPARABLE = [
+    pytest.param(
+        "test_accuracy", "1" + "0" * 400, "test_accuracy is a 401-digit number, too large to compare", id="401-digits"
+    ),
+    pytest.param("test_accuracy", "1" + "0" * 5000, "Exceeds the limit (4300 digits)", id="5001-digits"),
+    pytest.param("test_accuracy", DEEP, "its JSON nests too deeply to parse", id="nested-100000-deep"),
+    pytest.param("test_accuracy", "NaN", "test_accuracy is nan, not a finite number", id="NaN"),
+    pytest.param("test_accuracy", "Infinity", "test_accuracy is inf, not a finite number", id="Infinity"),
+    pytest.param("test_cross_entropy", "-Infinity", "test_cross_entropy is -inf, not a finite number", id="-Infinity"),
+    pytest.param("test_accuracy", "1e400", "test_accuracy is inf, not a finite number", id="1e400"),
+    pytest.param(
+        "test_accuracy", "1e308", "test_accuracy is 1e+308, outside its range [0, 1] in params.yaml", id="1e308"
+    ),
+    pytest.param(
+        "test_cross_entropy", "-0.5", "test_cross_entropy is -0.5, outside its range [0, null]", id="negative-loss"
+    ),
+]
+
+
+def metrics_text(metric: str, token: str) -> str:
+    """BASE_METRICS as JSON text with ``metric``'s value replaced by the raw JSON ``token``."""
+    return json.dumps({**BASE_METRICS, metric: "@"}).replace('"@"', token)
+
+
+def assert_short_bad_input(result: subprocess.CompletedProcess[str], phrase: str) -> None:
+    assert_bad_input(result, phrase)
+    # One short reason: never the offending value itself, nor a traceback.
+    assert len(result.stderr) < 400, result.stderr
+
+
+@pytest.mark.parametrize(("metric", "token", "phrase"), UNCOMPARABLE)
+def test_an_uncomparable_current_value_is_bad_input(repo, metric, token, phrase):
+    write_metrics(repo, metrics_text(metric, token))
+    assert_short_bad_input(run_check(repo), phrase)
+
+
+@pytest.mark.parametrize(("metric", "token", "phrase"), [UNCOMPARABLE[0], UNCOMPARABLE[2], UNCOMPARABLE[3]])
+def test_an_uncomparable_baseline_value_is_bad_input(repo, tmp_path, metric, token, phrase):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(metrics_text(metric, token), encoding="utf-8")
+    assert_short_bad_input(run_check(repo, "--baseline-file", str(baseline)), phrase)
+    git(repo, "switch", "-q", "main")
+    write_metrics(repo, metrics_text(metric, token))
+    commit_all(repo, "a broken metrics file on main")
+    git(repo, "switch", "-q", "feature")
+    assert_short_bad_input(run_check(repo, "--rev", "main"), phrase)
 
 
 # ---------------------------------------------------------------------------------------------
