@@ -1,19 +1,11 @@
 """Metric-regression gate: fail CI when a change makes the model's metrics worse than allowed.
 
-Reads the current metrics (``--metrics``, default ``metrics/metrics.json``), a baseline copy of the
-same file (from a git revision with ``git show REV:<path>``, or from ``--baseline-file``) and the
-rules in the ``check`` section of params.yaml (``--params``). Nested metrics are named with dots
-(``per_class_recall.3``), as ``dvc metrics show`` names them.
-
-Writes a Markdown report (a one-line summary and a table) to stdout, or JSON with ``--json``, and
-appends the Markdown to ``--summary-file``, which defaults to ``$GITHUB_STEP_SUMMARY`` so that the
-table shows up on the GitHub Actions run page. Writes nothing else.
-
-Exits 0 when every rule holds, 1 when any metric regressed, and 2 on bad input (a missing or
-malformed metrics file, an unknown revision, a rule for a metric that does not exist, bad params).
-When the baseline revision has no metrics file, for instance before the first pipeline run was
-committed, there is nothing to regress from: the gate passes and says so, but still enforces every
-floor and ceiling on the current values.
+DVC reads the metrics of every metrics file dvc.yaml declares: the current ones from the working
+tree, the baseline from a git revision (or a JSON file, ``--baseline-file``). This module adds only
+the rules DVC lacks, from params.yaml's ``check`` section; they name metrics as ``dvc metrics show``
+does (``per_class_recall.3``). It prints a Markdown report, or JSON with ``--json``, appends the
+Markdown to ``--summary-file`` (default ``$GITHUB_STEP_SUMMARY``), and exits 0 when every rule
+holds, 1 on a regression and 2 on bad input, including any value the rules cannot compare.
 
     python -m pipeline.check                      # against the merge base with main
     python -m pipeline.check --rev origin/main    # against another revision
@@ -25,31 +17,40 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from itertools import dropwhile
+from pathlib import Path, PurePath
 from typing import Any
 
-from pipeline.cli import PipelineError, configure_logging, format_error
+import dvc.api
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
+from dvc.utils.flatten import flatten
+from dvc.utils.serialize import ParseError
+
+from pipeline.cli import PipelineError, run
 from pipeline.params import CheckRule, load_params
 
-logger = logging.getLogger(__name__)
-
-METRICS_FILE = Path("metrics/metrics.json")
 MAIN_BRANCHES = ("main", "origin/main")
 EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 # Metrics are differences of floats that print as round numbers (0.9213 - 0.9193 is
 # 0.0020000000000000018), so a change exactly at max_worsening must not fail on rounding noise.
 TOLERANCE = 1e-9
 TABLE_HEADER = "| metric | baseline | current | change | rule | verdict |"
+# The train stage records the versions it ran with under this key of its metrics file. They are
+# strings, which DVC keeps (it drops only lists and nulls), so they arrive with the metrics.
+ENVIRONMENT = "environment"
+ENVIRONMENT_NAMES = {"uv_lock_sha256": "uv.lock"}
 
 
 class CheckError(PipelineError):
-    """The gate cannot run: a metrics file, revision or rule is unusable."""
+    """The gate cannot run: a metrics file, value, revision or rule is unusable."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,7 @@ class Row:
 
     @property
     def change(self) -> float | None:
-        if self.baseline is None:
-            return None
-        return self.current - self.baseline
+        return None if self.baseline is None else self.current - self.baseline
 
 
 @dataclass(frozen=True)
@@ -87,30 +86,7 @@ class Baseline:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions: parsing, comparing and rendering.
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested objects into dotted names, so {"a": {"b": 1}} becomes {"a.b": 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def parse_metrics(text: str, source: str) -> dict[str, Any]:
-    """Parse a metrics file's text into flat metrics, raising CheckError naming ``source`` if it is malformed."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CheckError(f"{source} is not valid JSON ({error}).") from None
-    if not isinstance(data, dict):
-        raise CheckError(f"{source} must hold a JSON object of metric names to values, got {type(data).__name__}.")
-    return flatten(data)
+# Pure functions: finding metrics, comparing and rendering.
 
 
 def _is_number(value: Any) -> bool:
@@ -118,81 +94,118 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _missing_metric_problem(metric: str, metrics: dict[str, Any]) -> str:
-    group = sorted(name for name in metrics if name.startswith(f"{metric}."))
+def _name(key: str) -> str:
+    # When two metrics files hold the same top-level key, DVC names each "<file>:<key>".
+    return key.partition(":")[2] or key
+
+
+def _missing(metric: str, metrics: dict[str, Any]) -> str:
+    # Only numbers are metrics: the environment's strings must neither be suggested nor listed.
+    numbers = sorted({_name(key) for key, value in metrics.items() if _is_number(value)})
+    group = [name for name in numbers if name.startswith(f"{metric}.")]
     if group:
         return f"{metric} is a group of metrics, not one; name one of them, like {group[0]}"
-    close = difflib.get_close_matches(metric, list(metrics), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else f"it has {', '.join(sorted(metrics)) or 'no metrics'}"
+    if any(_name(key).startswith(f"{metric}.") for key in metrics):
+        return f"{metric} holds text, not metrics"
+    close = difflib.get_close_matches(metric, numbers, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"it has {', '.join(numbers) or 'no metrics'}"
     return f"{metric} is not in it ({hint})"
 
 
-def check_rule_names(current: dict[str, Any], rules: dict[str, CheckRule], source: str = "the current metrics") -> None:
-    """Raise one CheckError listing every rule whose metric is missing from, or not a number in, ``current``."""
-    problems = []
-    for metric in rules:
-        if metric not in current:
-            problems.append(_missing_metric_problem(metric, current))
-        elif not _is_number(current[metric]):
-            problems.append(f"{metric} is {current[metric]!r}, not a number")
+def comparable(metric: str, value: Any, rule: CheckRule) -> float:
+    """``value`` as a float the rules can compare; raises CheckError when it is not a finite number in ``rule.range``."""
+    if not _is_number(value):
+        raise CheckError(f"{metric} is {value!r}, not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise CheckError(f"{metric} is a {len(str(abs(value)))}-digit number, too large to compare") from None
+    if not math.isfinite(number):
+        raise CheckError(f"{metric} is {number}, not a finite number")
+    low, high = rule.range or (None, None)
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = ", ".join("null" if end is None else _number(end) for end in (low, high))
+        raise CheckError(f"{metric} is {_number(number)}, outside its range [{bounds}] in params.yaml")
+    return number
+
+
+def find_metric(metrics: dict[str, Any], metric: str, rule: CheckRule, required: bool) -> float | None:
+    """``metric``'s value in flat ``metrics``, from whichever metrics file holds it; None if none does."""
+    found = {key: value for key, value in metrics.items() if metric in (key, _name(key))}
+    if len({repr(value) for value in found.values()}) > 1:
+        held = ", ".join(f"{key.partition(':')[0]} has {value!r}" for key, value in found.items())
+        raise CheckError(f"{metric} differs between the metrics files ({held}); rename one of them")
+    if not found and required:
+        raise CheckError(_missing(metric, metrics))
+    return comparable(metric, next(iter(found.values())), rule) if found else None
+
+
+def find_metrics(metrics: dict[str, Any], rules: dict[str, CheckRule], source: str, required: bool) -> dict[str, float]:
+    """Every rule's value in ``metrics`` (a ``required`` source must hold all), raising one CheckError for all problems."""
+    values, problems = {}, []
+    for metric, rule in rules.items():
+        try:
+            values[metric] = find_metric(metrics, metric, rule, required)
+        except CheckError as problem:
+            problems.append(str(problem))
     if problems:
         raise CheckError(
             f"the check rules in params.yaml name metrics that cannot be checked against {source}: "
-            f"{'; '.join(problems)}. Fix the rule's name in params.yaml or rerun the report stage."
+            f"{'; '.join(problems)}. Fix the rule in params.yaml or rerun the pipeline (dvc repro)."
         )
+    return {metric: value for metric, value in values.items() if value is not None}
 
 
 def check_metric(metric: str, baseline: float | None, current: float, rule: CheckRule) -> Row:
     """Check one metric against its rule; ``baseline`` None means there is nothing to compare with."""
     failures = []
-    note = ""
-    if not math.isfinite(current):
-        # A NaN or infinite loss is what a diverged training run produces, so it is a regression of
-        # the model rather than a malformed file.
-        failures.append(f"current value is {current}, not a finite number")
-    elif baseline is None:
-        note = "no baseline"
-    elif not math.isfinite(baseline):
-        note = "baseline is not a finite number"
-    else:
+    if baseline is not None:
         worsening = baseline - current if rule.better == "higher" else current - baseline
+        if not math.isfinite(worsening):
+            # Two finite values near the largest float can still differ by more than it.
+            raise CheckError(f"the change in {metric} from {baseline} to {current} is too large to compute.")
         if worsening > rule.max_worsening + TOLERANCE:
             direction = "fell" if rule.better == "higher" else "rose"
             failures.append(f"{direction} by {_number(worsening)}, more than the {_number(rule.max_worsening)} allowed")
-    if math.isfinite(current):
-        if rule.floor is not None and current < rule.floor:
-            failures.append(f"below the floor of {_number(rule.floor)}")
-        if rule.ceiling is not None and current > rule.ceiling:
-            failures.append(f"above the ceiling of {_number(rule.ceiling)}")
-    return Row(metric, baseline, current, rule, tuple(failures), note)
+    if rule.floor is not None and current < rule.floor:
+        failures.append(f"below the floor of {_number(rule.floor)}")
+    if rule.ceiling is not None and current > rule.ceiling:
+        failures.append(f"above the ceiling of {_number(rule.ceiling)}")
+    return Row(metric, baseline, current, rule, tuple(failures), "" if baseline is not None else "no baseline")
 
 
-def compare(
-    baseline: dict[str, Any] | None,
-    current: dict[str, Any],
-    rules: dict[str, CheckRule],
-    current_source: str = "the current metrics",
-) -> list[Row]:
+def compare(baseline: dict[str, Any] | None, current: dict[str, Any], rules: dict[str, CheckRule]) -> list[Row]:
     """Check every rule, in params.yaml's order, comparing ``current`` with ``baseline`` (None: no baseline).
 
     Both may be nested or already flat. A metric the baseline lacks (one added by this change) is
     checked against its floor and ceiling only. Raises CheckError when a rule cannot be checked.
     """
-    current = flatten(current)
-    check_rule_names(current, rules, current_source)
-    baseline = flatten(baseline) if baseline is not None else None
-    rows = []
-    for metric, rule in rules.items():
-        old = None
-        if baseline is not None and metric in baseline:
-            old = baseline[metric]
-            if not _is_number(old):
-                raise CheckError(f"the baseline's {metric} is {old!r}, not a number; the baseline metrics file is malformed.")
-        row = check_metric(metric, None if old is None else float(old), float(current[metric]), rule)
-        if baseline is not None and metric not in baseline:
-            row = replace(row, note="new metric, not in the baseline")
-        rows.append(row)
-    return rows
+    now = find_metrics(flatten(current), rules, "the current metrics", required=True)
+    old = None if baseline is None else find_metrics(flatten(baseline), rules, "the baseline", required=False)
+    rows = [check_metric(metric, (old or {}).get(metric), now[metric], rule) for metric, rule in rules.items()]
+    new = "new metric, not in the baseline"
+    return [replace(row, note=new) if old is not None and row.baseline is None else row for row in rows]
+
+
+def environment_difference(baseline: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """One sentence naming what differs between the environments, None when nothing does or one has none.
+
+    An older baseline without an environment has nothing to compare. The environment is
+    information for the reader and never fails the gate.
+    """
+    prefix = f"{ENVIRONMENT}."
+    old, new = (
+        {k.removeprefix(prefix): v for k, v in flatten(m or {}).items() if k.startswith(prefix)}
+        for m in (baseline, current)
+    )
+    changes = [
+        f"{ENVIRONMENT_NAMES[key]} changed"
+        if key in ENVIRONMENT_NAMES
+        else f"{key} {old.get(key, '(none)')} → {new.get(key, '(none)')}"
+        for key in dict.fromkeys([*old, *new])
+        if old.get(key) != new.get(key)
+    ]
+    return f"Environment differs from the baseline's: {', '.join(changes)}." if old and new and changes else None
 
 
 def overall_status(rows: list[Row]) -> str:
@@ -207,22 +220,18 @@ def _number(value: float | None, signed: bool = False) -> str:
     # Six significant digits show a 0.0001 change in an accuracy of 0.92 without float noise.
     if value is None:
         return "—"
-    if not math.isfinite(value):
-        return str(value)
-    if value == 0:
-        return "0"
-    return format(value, "+.6g" if signed else ".6g")
+    return "0" if value == 0 else format(value, "+.6g" if signed else ".6g")
 
 
 def describe_rule(rule: CheckRule) -> str:
     """Say a rule in words, e.g. 'higher is better, may fall ≤ 0.002, floor 0.915'."""
     move = "fall" if rule.better == "higher" else "rise"
-    parts = [f"{rule.better} is better", f"may {move} ≤ {_number(rule.max_worsening)}"]
-    if rule.floor is not None:
-        parts.append(f"floor {_number(rule.floor)}")
-    if rule.ceiling is not None:
-        parts.append(f"ceiling {_number(rule.ceiling)}")
-    return ", ".join(parts)
+    bounds = [
+        f"{name} {_number(value)}"
+        for name, value in (("floor", rule.floor), ("ceiling", rule.ceiling))
+        if value is not None
+    ]
+    return ", ".join([f"{rule.better} is better", f"may {move} ≤ {_number(rule.max_worsening)}", *bounds])
 
 
 def verdict(row: Row) -> str:
@@ -234,10 +243,11 @@ def verdict(row: Row) -> str:
 def summary_line(rows: list[Row], baseline: Baseline | None = None) -> str:
     """The one-line heading above the table: the overall verdict and what it was compared with."""
     failed = [row.metric for row in rows if not row.passed]
+    head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
     if failed:
-        head = f"### ❌ Metric check failed: {len(failed)} of {len(rows)} metrics broke their rules ({', '.join(failed)})"
-    else:
-        head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
+        head = (
+            f"### ❌ Metric check failed: {len(failed)} of {len(rows)} metrics broke their rules ({', '.join(failed)})"
+        )
     if baseline is None:
         return head
     if baseline.missing_reason:
@@ -250,53 +260,40 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: list[Row], baseline: Baseline | None = None) -> str:
-    """Render the summary line and a Markdown table of ``rows``, ending with a blank line."""
-    lines = [summary_line(rows, baseline), "", TABLE_HEADER, "|---|--:|--:|--:|---|---|"]
+def render_markdown(rows: list[Row], baseline: Baseline | None = None, environment: str | None = None) -> str:
+    """Render the summary line, the environment's difference if any, and a Markdown table of ``rows``."""
+    lines = [summary_line(rows, baseline), ""]
+    if environment:
+        lines += [environment, ""]
+    lines += [TABLE_HEADER, "|---|--:|--:|--:|---|---|"]
     for row in rows:
-        cells = [
-            f"`{row.metric}`",
-            _number(row.baseline),
-            _number(row.current),
-            _number(row.change, signed=True),
-            describe_rule(row.rule),
-            verdict(row),
-        ]
+        cells = [f"`{row.metric}`", _number(row.baseline), _number(row.current), _number(row.change, signed=True)]
+        cells += [describe_rule(row.rule), verdict(row)]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n\n"
 
 
 def _json_number(value: float | None) -> float | None:
-    # Standard JSON has no NaN or Infinity; null keeps the output parseable by every tool, and the
-    # row's reasons say what the value was. Rounding drops float noise such as -0.12129999999999996.
-    return round(value, 12) if value is not None and math.isfinite(value) else None
+    # Rounding drops float noise such as -0.12129999999999996.
+    return None if value is None else round(value, 12)
 
 
-def render_json(rows: list[Row], baseline: Baseline | None = None) -> str:
-    """Render the rows, the overall status and the baseline's origin as JSON, for scripts."""
+def render_json(rows: list[Row], baseline: Baseline | None = None, environment: str | None = None) -> str:
+    """Render the rows, the overall status, the baseline's origin and the environment's difference as JSON."""
     baseline = baseline or Baseline("the baseline", {})
     report = {
         "status": overall_status(rows),
-        "baseline": {
-            "label": baseline.label,
-            "rev": baseline.rev,
-            "commit": baseline.commit,
-            "path": baseline.path,
-            "found": baseline.metrics is not None,
-            "missing_reason": baseline.missing_reason or None,
-        },
+        # Where the baseline came from (rev, commit, path), null for what does not apply, but not its metrics.
+        "baseline": {key: value or None for key, value in asdict(baseline).items() if key != "metrics"}
+        | {"found": baseline.metrics is not None},
+        "environment_difference": environment,
         "metrics": [
             {
                 "metric": row.metric,
                 "baseline": _json_number(row.baseline),
                 "current": _json_number(row.current),
                 "change": _json_number(row.change),
-                "rule": {
-                    "better": row.rule.better,
-                    "max_worsening": row.rule.max_worsening,
-                    "floor": row.rule.floor,
-                    "ceiling": row.rule.ceiling,
-                },
+                "rule": asdict(row.rule),
                 "status": "pass" if row.passed else "fail",
                 "reasons": list(row.failures),
                 "note": row.note or None,
@@ -313,101 +310,85 @@ def render_error(message: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Git: the only place that runs commands.
+# Reading: DVC reads the metrics; git only names the baseline's commit.
 
 
-def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
-    logger.debug("git %s", " ".join(args))
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Turn every way ``what`` can be unreadable into a CheckError; a missing file's FileNotFoundError passes."""
     try:
-        return subprocess.run(["git", *args], capture_output=True, check=False)
+        yield
+    except FileNotFoundError:
+        raise
+    except RecursionError:
+        raise CheckError(f"cannot read {what}: its JSON nests too deeply to parse.") from None
+    except ParseError as error:
+        # DVC names the file relative to the working directory as if the repository's root were
+        # "/" (../../metrics/metrics.json), so dropping the leading ".." leaves its repository path.
+        path = PurePath(*dropwhile(lambda part: part == "..", PurePath(error.path).parts)).as_posix()
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        raise CheckError(f"cannot read {what}: {str(error).replace(error.path, path)}{cause}.") from None
+    except (DvcException, OSError, ValueError) as error:
+        # ValueError also covers bytes that are not UTF-8 and numbers of more than 4,300 digits.
+        raise CheckError(f"cannot read {what}: {error}.") from None
+
+
+def read_metrics(rev: str | None = None) -> dict[str, Any]:
+    """Every metric in the metrics files dvc.yaml declares, at ``rev`` (None: the working tree), flattened."""
+    return flatten(dvc.api.metrics_show(repo=Repo.find_root(), rev=rev))
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command, None when it fails (an unknown revision, no shared history)."""
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise CheckError("git is not installed or not on PATH; install it or pass --baseline-file.") from None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
-def _git_stderr(result: subprocess.CompletedProcess[bytes]) -> str:
-    return result.stderr.decode("utf-8", "replace").strip()
-
-
-def _commit(rev: str) -> str | None:
-    """The full hash of the commit ``rev`` names, or None when it names none."""
-    # A revision starting with "-" would be read as an option.
-    if rev.startswith("-"):
-        return None
-    result = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    return result.stdout.decode().strip() if result.returncode == 0 else None
-
-
-def _repo_path(path: Path) -> str:
-    """``path`` relative to the repository root, in the form ``git show REV:<path>`` expects."""
-    result = _git("rev-parse", "--show-toplevel")
-    if result.returncode != 0:
-        raise CheckError(
-            f"cannot read the baseline from git: {_git_stderr(result) or 'not a git repository'}. "
-            "Run inside the project's git checkout, or compare with a file using --baseline-file."
-        )
-    root = Path(result.stdout.decode().strip()).resolve()
-    # Resolve the directory only: the file itself may be missing at HEAD or be a symlink.
-    absolute = path.absolute().parent.resolve() / path.name
-    try:
-        return absolute.relative_to(root).as_posix()
-    except ValueError:
-        raise CheckError(f"{path} is outside the git repository at {root}; pass --baseline-file instead.") from None
-
-
-def default_revision() -> tuple[str | None, str]:
-    """The merge base of HEAD with main (or origin/main), else HEAD: (commit or None, label)."""
-    if _commit("HEAD") is None:
-        return None, "HEAD"
-    for branch in MAIN_BRANCHES:
-        if _commit(branch) is None:
-            continue
-        result = _git("merge-base", "HEAD", branch)
-        if result.returncode == 0:
-            commit = result.stdout.decode().strip()
-            return commit, f"the merge base with {branch} ({commit[:7]})"
-    # Without a main branch (or with unrelated histories) the last commit is the best baseline: the
-    # gate then catches a working tree that makes the committed metrics worse.
-    commit = _commit("HEAD")
-    return commit, f"HEAD ({commit[:7]}), as there is no merge base with main"
-
-
-def baseline_from_git(rev: str | None, metrics_path: Path) -> Baseline:
-    """Read the baseline metrics at ``rev`` (None: the default revision) with ``git show``."""
-    relative = _repo_path(metrics_path)
-    if rev is None:
-        commit, label = default_revision()
-        if commit is None:
-            return Baseline("HEAD", None, "HEAD has no commits yet", path=relative)
-    else:
-        commit = _commit(rev)
+def baseline_from_git(rev: str | None) -> Baseline:
+    """Read the baseline metrics with DVC at ``rev`` (None: the merge base of HEAD with main, else HEAD)."""
+    # rev stays None for the default, so scripts reading --json can tell the two apart.
+    if rev is not None:
+        commit = _git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
         if commit is None:
             raise CheckError(
                 f"unknown git revision {rev!r}: no branch, tag or commit by that name. In CI, check out "
                 "the full history (actions/checkout with fetch-depth: 0) so the base branch exists."
             )
         label = rev if commit.startswith(rev) else f"{rev} ({commit[:7]})"
-    # rev stays None for the default, so scripts reading --json can tell the two apart.
-    origin = {"rev": rev, "commit": commit, "path": relative}
-    result = _git("show", f"{commit}:{relative}")
-    if result.returncode != 0:
-        # The commit exists (checked above), so the file is what is missing there.
-        return Baseline(label, None, f"{relative} does not exist at {label}", **origin)
-    source = f"the baseline {relative} at {label}"
+    elif (commit := _git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")) is None:
+        return Baseline("HEAD", None, "HEAD has no commits yet")
+    else:
+        # Without a main branch the last commit is the best baseline: the gate then catches a working
+        # tree that makes the committed metrics worse.
+        label = f"HEAD ({commit[:7]}), as there is no merge base with main"
+        for branch in MAIN_BRANCHES:
+            if base := _git("merge-base", "HEAD", branch):
+                commit, label = base, f"the merge base with {branch} ({base[:7]})"
+                break
     try:
-        text = result.stdout.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckError(f"{source} is not UTF-8 text.") from None
-    return Baseline(label, parse_metrics(text, source), **origin)
+        with reading(f"the baseline metrics at {label}"):
+            metrics = read_metrics(commit)
+    except FileNotFoundError as error:
+        return Baseline(label, None, f"{error.filename} does not exist at {label}", rev=rev, commit=commit)
+    if not metrics:
+        return Baseline(label, None, f"dvc.yaml declares no metrics at {label}", rev=rev, commit=commit)
+    return Baseline(label, metrics, rev=rev, commit=commit)
 
 
-def read_metrics_file(path: Path, what: str, hint: str) -> dict[str, Any]:
+def read_baseline_file(path: Path) -> Baseline:
+    """A JSON object of metrics, such as a copy of a metrics file or what dvc.api.metrics_show returns."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with reading(f"the baseline file {path}"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            metrics = flatten(data) if isinstance(data, dict) else None
     except FileNotFoundError:
-        raise CheckError(f"{what} {path} does not exist; {hint}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckError(f"cannot read {what} {path}: {error}") from None
-    return parse_metrics(text, f"{what} {path}")
+        raise CheckError(f"the baseline file {path} does not exist; pass an existing metrics file.") from None
+    if metrics is None:
+        raise CheckError(f"the baseline file {path} must hold a JSON object of metrics, got {type(data).__name__}.")
+    return Baseline(str(path), metrics, path=str(path))
 
 
 def append_summary(path: str, markdown: str) -> None:
@@ -425,18 +406,13 @@ def append_summary(path: str, markdown: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.check",
-        description="Compare the current metrics with a baseline, using the rules in params.yaml's check section. "
-        "Exits 0 when every rule holds, 1 on a regression, 2 on bad input.",
+        description="Compare the metrics files dvc.yaml declares with a baseline, using the rules in params.yaml's "
+        "check section. Exits 0 when every rule holds, 1 on a regression, 2 on bad input.",
     )
-    parser.add_argument("--metrics", type=Path, default=METRICS_FILE, help="current metrics file (default: %(default)s)")
-    parser.add_argument("--params", type=Path, help="params file holding the rules (default: $PIPELINE_PARAMS or params.yaml)")
+    parser.add_argument("--params", type=Path, help="the rules' params file (default: $PIPELINE_PARAMS or params.yaml)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--rev",
-        help="git revision holding the baseline metrics file, at the same path as --metrics "
-        "(default: the merge base of HEAD and main, or origin/main, else HEAD)",
-    )
-    source.add_argument("--baseline-file", type=Path, help="a metrics file to use as the baseline instead of git")
+    source.add_argument("--rev", help="baseline git revision (default: merge base of HEAD and main, else HEAD)")
+    source.add_argument("--baseline-file", type=Path, help="a JSON file of baseline metrics, instead of git")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument(
         "--summary-file",
@@ -457,43 +433,34 @@ def main(argv: list[str] | None = None) -> int:
                 "params.yaml has no rules in its check section, so the gate would check nothing; "
                 "add one per metric, e.g. test_accuracy: {better: higher, max_worsening: 0.002}."
             )
-        current = read_metrics_file(args.metrics, "the metrics file", "run the pipeline first (dvc repro) or pass --metrics.")
-        if args.baseline_file is not None:
-            baseline = Baseline(
-                str(args.baseline_file),
-                read_metrics_file(args.baseline_file, "the baseline file", "pass an existing metrics file to --baseline-file."),
-                path=str(args.baseline_file),
-            )
-        else:
-            baseline = baseline_from_git(args.rev, args.metrics)
-        rows = compare(baseline.metrics, current, rules, str(args.metrics))
+        try:
+            with reading("the current metrics"):
+                current = read_metrics()
+        except FileNotFoundError as error:
+            raise CheckError(f"{error.filename} does not exist; run the pipeline first (dvc repro).") from None
+        if not current:
+            raise CheckError("DVC finds no metrics; declare the metrics files in dvc.yaml and run dvc repro.")
+        baseline = read_baseline_file(args.baseline_file) if args.baseline_file else baseline_from_git(args.rev)
+        rows = compare(baseline.metrics, current, rules)
     except PipelineError as error:
         if args.summary_file:
             append_summary(args.summary_file, render_error(str(error)))
         raise
 
-    markdown = render_markdown(rows, baseline)
+    environment = environment_difference(baseline.metrics, current)
+    markdown = render_markdown(rows, baseline, environment)
     if args.summary_file:
         append_summary(args.summary_file, markdown)
-    sys.stdout.write(render_json(rows, baseline) if args.json else markdown)
+    sys.stdout.write(render_json(rows, baseline, environment) if args.json else markdown)
     return exit_code(rows)
 
 
 def cli() -> None:
     """Entry point of ``mnist-check`` and ``python -m pipeline.check``: exits with the gate's code."""
-    configure_logging()
     # A Windows console's code page has no ✅ or ❌; a replacement character beats a crash.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
-    try:
-        code = main(sys.argv[1:])
-    except PipelineError as error:
-        print(format_error(str(error)), file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted.", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run(lambda: sys.exit(main(sys.argv[1:])), error_exit_code=EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ class CheckRule:
     max_worsening: float
     floor: float | None = None
     ceiling: float | None = None
+    # The values the metric can take at all, as (low, high) with None for no limit: a value outside
+    # them is a broken metrics file, not a worse model, so the gate reports it as bad input.
+    range: tuple[float | None, float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,12 +175,25 @@ def _check_rules(raw: Any, collector: _Collector) -> dict[str, CheckRule]:
         worsening = _typed(rule.get("max_worsening"), float, f"{prefix}.max_worsening", collector)
         if worsening is not None and worsening < 0:
             collector.add(f"{prefix}.max_worsening must be zero or more, got {worsening}")
-        bounds = {}
+        bounds: dict[str, Any] = {}
         for bound in ("floor", "ceiling"):
             if rule.get(bound) is not None:
                 bounds[bound] = _typed(rule[bound], float, f"{prefix}.{bound}", collector)
+        if rule.get("range") is not None:
+            bounds["range"] = _range(rule["range"], f"{prefix}.range", collector)
         rules[str(metric)] = CheckRule(better=better, max_worsening=worsening, **bounds)
     return rules
+
+
+def _range(value: Any, name: str, collector: _Collector) -> tuple[float | None, float | None] | None:
+    """A rule's ``range: [low, high]`` as a pair, where null leaves that side open (a loss has no maximum)."""
+    if not isinstance(value, list) or len(value) != 2:
+        collector.add(f"{name} must be a list [low, high] of two numbers or nulls, got {value!r}")
+        return None
+    low, high = (None if end is None else _typed(end, float, name, collector) for end in value)
+    if low is not None and high is not None and low > high:
+        collector.add(f"{name} must have low <= high, got {value!r}")
+    return low, high
 
 
 def validate(raw: Any, source: str = "params.yaml") -> Params:

@@ -1,8 +1,9 @@
 """Tests of the metric-regression gate (pipeline/check.py) and of the workflow that runs it in CI.
 
-The command-line tests run ``python -m pipeline.check`` as a subprocess inside temporary git
-repositories with real commits: main holds a copy of the project's params.yaml and a committed
-metrics/metrics.json, and a feature branch changes the metrics.
+The command-line tests run ``python -m pipeline.check`` as a subprocess inside temporary git and DVC
+repositories with real commits: main holds a copy of the project's params.yaml, a dvc.yaml whose
+train and report stages declare metrics/train.json and metrics/metrics.json as metrics (as the
+project's does), and both files committed; a feature branch changes the metrics. DVC reads them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dvc.api
 import pytest
 import yaml
+from dvc.repo import Repo
 
 ROOT = Path(__file__).resolve().parents[1]
 # The project need not be installed into the virtualenv (pytest puts tests/, not the project root, on
@@ -24,9 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline import check  # noqa: E402
-from pipeline.check import Baseline, CheckError, check_metric, compare, render_json, render_markdown  # noqa: E402
-from pipeline.params import CheckRule, load_params  # noqa: E402
+from pipeline import check
+from pipeline.check import (
+    Baseline,
+    CheckError,
+    check_metric,
+    compare,
+    environment_difference,
+    render_json,
+    render_markdown,
+)
+from pipeline.params import CheckRule, ParamsError, load_params, validate
 
 WORKFLOW = ROOT / ".github" / "workflows" / "metrics-gate.yml"
 BASE_METRICS = {
@@ -42,6 +53,33 @@ WORSE_METRICS = {**BASE_METRICS, "test_accuracy": 0.80, "test_cross_entropy": 0.
 BETTER_METRICS = {**BASE_METRICS, "test_accuracy": 0.93, "test_cross_entropy": 0.27, "macro_f1": 0.929}
 HIGHER = CheckRule(better="higher", max_worsening=0.002, floor=0.915)
 LOWER = CheckRule(better="lower", max_worsening=0.01)
+SCORE = CheckRule(better="higher", max_worsening=0.002, range=(0.0, 1.0))
+# What the train stage writes to metrics/train.json: numbers, and the versions it ran with as strings.
+ENVIRONMENT = {
+    "python": "3.11.7",
+    "tensorflow": "2.21.0",
+    "keras": "3.15.1",
+    "numpy": "2.1.3",
+    "scikit-learn": "1.6.1",
+    "dvc": "3.67.1",
+    "mlflow": "3.5.0",
+    "uv_lock_sha256": "0" * 64,
+}
+TRAIN_METRICS = {"final_test_accuracy": 0.9212, "final_train_accuracy": 0.95, "environment": ENVIRONMENT}
+# The metrics declarations of the project's dvc.yaml: each stage declares the file it writes.
+DVC_YAML = """\
+stages:
+  train:
+    cmd: python -m pipeline.train --metrics metrics/train.json
+    metrics:
+      - metrics/train.json:
+          cache: false
+  report:
+    cmd: python -m pipeline.report --metrics metrics/metrics.json
+    metrics:
+      - metrics/metrics.json:
+          cache: false
+"""
 # Keep git independent of the developer's own configuration (signing, hooks, default branch).
 GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
 
@@ -53,10 +91,15 @@ def git(repo: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-def write_metrics(repo: Path, metrics: dict | str) -> None:
-    path = repo / "metrics" / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics, indent=2), encoding="utf-8")
+def write_metrics(repo: Path, metrics: dict | str, train: dict | str | None = None) -> None:
+    """Write metrics/metrics.json, and metrics/train.json when given or not there yet (TRAIN_METRICS)."""
+    files = {"metrics.json": metrics}
+    if train is not None or not (repo / "metrics" / "train.json").exists():
+        files["train.json"] = TRAIN_METRICS if train is None else train
+    (repo / "metrics").mkdir(exist_ok=True)
+    for name, content in files.items():
+        text = content if isinstance(content, str) else json.dumps(content, indent=2)
+        (repo / "metrics" / name).write_text(text, encoding="utf-8")
 
 
 def commit_all(repo: Path, message: str) -> str:
@@ -71,6 +114,8 @@ def new_repo(path: Path, branch: str = "main") -> Path:
     git(path, "config", "user.name", "Test")
     git(path, "config", "user.email", "test@example.com")
     git(path, "config", "commit.gpgsign", "false")
+    Repo.init(str(path)).close()
+    (path / "dvc.yaml").write_text(DVC_YAML, encoding="utf-8")
     shutil.copy(ROOT / "params.yaml", path / "params.yaml")
     return path
 
@@ -87,13 +132,14 @@ def repo(tmp_path: Path) -> Path:
 
 def check_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("GITHUB_STEP_SUMMARY", "PIPELINE_PARAMS")}
-    env.update(GIT_ENV, PYTHONPATH=str(ROOT), **extra)
+    env.update(GIT_ENV, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", **extra)
     return env
 
 
 def run_check(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.check", *args],
+        check=False,
         cwd=cwd,
         env=check_env(**env),
         capture_output=True,
@@ -124,21 +170,6 @@ def edit_params(repo: Path, edit) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions.
-
-
-def test_flatten_names_nested_metrics_with_dots():
-    assert check.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {"a": 1, "b.c": 2, "b.d.e": 3}
-    assert check.parse_metrics(json.dumps(BASE_METRICS), "x")["per_class_recall.3"] == pytest.approx(0.93)
-
-
-@pytest.mark.parametrize(
-    ("text", "phrase"),
-    [("{not json", "is not valid JSON"), ("[0.92]", "must hold a JSON object"), ("", "is not valid JSON")],
-)
-def test_parse_metrics_rejects_malformed_text(text, phrase):
-    with pytest.raises(CheckError, match=phrase) as raised:
-        check.parse_metrics(text, "the metrics file m.json")
-    assert "m.json" in str(raised.value)
 
 
 def test_higher_is_better_fails_when_the_drop_exceeds_max_worsening():
@@ -176,10 +207,52 @@ def test_floor_and_ceiling_hold_even_within_max_worsening_and_without_baseline()
     assert check_metric("test_cross_entropy", 0.299, 0.305, capped).failures == ("above the ceiling of 0.3",)
 
 
-def test_a_nan_current_value_is_a_regression_and_a_nan_baseline_is_skipped():
-    row = check_metric("test_cross_entropy", 0.2845, math.nan, LOWER)
-    assert row.failures == ("current value is nan, not a finite number",)
-    assert check_metric("test_cross_entropy", math.nan, 0.3, LOWER).note == "baseline is not a finite number"
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        (math.nan, "test_accuracy is nan, not a finite number"),
+        (math.inf, "test_accuracy is inf, not a finite number"),
+        (-math.inf, "test_accuracy is -inf, not a finite number"),
+        (10**400, "test_accuracy is a 401-digit number, too large to compare"),
+        (1e308, "test_accuracy is 1e+308, outside its range [0, 1] in params.yaml"),
+        (-0.1, "test_accuracy is -0.1, outside its range [0, 1] in params.yaml"),
+        ("0.92", "test_accuracy is '0.92', not a number"),
+    ],
+)
+def test_values_that_cannot_be_compared_are_bad_input_in_either_metrics(value, phrase):
+    rules = {"test_accuracy": SCORE}
+    with pytest.raises(CheckError, match="cannot be checked against the current metrics") as current:
+        compare(BASE_METRICS, {**BASE_METRICS, "test_accuracy": value}, rules)
+    assert phrase in str(current.value)
+    with pytest.raises(CheckError, match="cannot be checked against the baseline") as baseline:
+        compare({**BASE_METRICS, "test_accuracy": value}, BASE_METRICS, rules)
+    assert phrase in str(baseline.value)
+
+
+def test_params_reject_a_malformed_range():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["check"]["test_accuracy"]["range"] = [1, 0]
+    raw["check"]["macro_f1"]["range"] = "0..1"
+    raw["check"]["test_cross_entropy"]["range"] = [0, "many"]
+    with pytest.raises(ParamsError) as raised:
+        validate(raw)
+    message = str(raised.value)
+    assert "params.yaml has 3 problems" in message
+    assert "check.test_accuracy.range must have low <= high, got [1, 0]" in message
+    assert "check.macro_f1.range must be a list [low, high] of two numbers or nulls, got '0..1'" in message
+    assert "check.test_cross_entropy.range must be a number, got 'many'" in message
+
+
+def test_a_range_open_at_one_end_bounds_only_the_other():
+    loss = CheckRule(better="lower", max_worsening=0.01, range=(0.0, None))
+    assert compare(None, {"loss": 1e300}, {"loss": loss})[0].current == 1e300
+    with pytest.raises(CheckError, match=r"loss is -0.5, outside its range \[0, null\]"):
+        compare(None, {"loss": -0.5}, {"loss": loss})
+
+
+def test_a_change_too_large_to_compute_is_bad_input():
+    with pytest.raises(CheckError, match="the change in x from -1e.308 to 1e.308 is too large to compute"):
+        compare({"x": -1e308}, {"x": 1e308}, {"x": LOWER})
 
 
 def test_compare_checks_rules_in_order_and_notes_missing_baselines():
@@ -202,21 +275,81 @@ def test_compare_checks_rules_in_order_and_notes_missing_baselines():
     ("rules", "phrase"),
     [
         ({"test_acuracy": HIGHER}, "test_acuracy is not in it (did you mean test_accuracy?)"),
-        ({"per_class_recall": HIGHER}, "per_class_recall is a group of metrics, not one; name one of them, like per_class_recall.0"),
+        (
+            {"per_class_recall": HIGHER},
+            "per_class_recall is a group of metrics, not one; name one of them, like per_class_recall.0",
+        ),
         ({"f1": HIGHER}, "f1 is not in it (it has macro_f1, macro_precision"),
     ],
 )
 def test_compare_rejects_rules_for_metrics_that_do_not_exist(rules, phrase):
-    with pytest.raises(CheckError, match="cannot be checked against m.json") as raised:
-        compare(BASE_METRICS, BASE_METRICS, rules, "m.json")
+    with pytest.raises(CheckError, match="cannot be checked against the current metrics") as raised:
+        compare(BASE_METRICS, BASE_METRICS, rules)
     assert phrase in str(raised.value)
 
 
 def test_compare_rejects_values_that_are_not_numbers():
     with pytest.raises(CheckError, match="test_accuracy is 'high', not a number"):
         compare(BASE_METRICS, {**BASE_METRICS, "test_accuracy": "high"}, {"test_accuracy": HIGHER})
-    with pytest.raises(CheckError, match="the baseline's test_accuracy is True, not a number"):
+    with pytest.raises(CheckError, match="against the baseline: test_accuracy is True, not a number"):
         compare({**BASE_METRICS, "test_accuracy": True}, BASE_METRICS, {"test_accuracy": HIGHER})
+
+
+# When two metrics files hold the same top-level name, dvc.api.metrics_show names each "<file>:<name>".
+CLASHING = {"metrics/metrics.json:test_accuracy": 0.9213, "metrics/train.json:test_accuracy": 0.5, "macro_f1": 0.9}
+
+
+def test_a_metric_is_found_in_whichever_metrics_file_holds_it():
+    same = {**CLASHING, "metrics/train.json:test_accuracy": 0.9213}
+    assert compare(same, same, {"test_accuracy": HIGHER})[0].current == 0.9213
+    # A rule may also name the file, as DVC does.
+    rows = compare(CLASHING, CLASHING, {"metrics/train.json:test_accuracy": LOWER})
+    assert rows[0].current == 0.5
+
+
+def test_a_metric_two_files_hold_differently_is_bad_input():
+    with pytest.raises(CheckError) as raised:
+        compare(None, CLASHING, {"test_accuracy": HIGHER})
+    assert (
+        "test_accuracy differs between the metrics files "
+        "(metrics/metrics.json has 0.9213, metrics/train.json has 0.5); rename one of them"
+    ) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("rule", "phrase"),
+    [
+        ("python", "python is not in it (it has final_test_accuracy, final_train_accuracy, macro_f1,"),
+        ("tensorflw", "tensorflw is not in it (it has final_test_accuracy,"),
+        ("test_acuracy", "test_acuracy is not in it (did you mean test_accuracy?)"),
+        ("environment", "environment holds text, not metrics"),
+        ("environment.python", "environment.python is '3.11.7', not a number"),
+    ],
+)
+def test_environment_strings_are_not_metrics(rule, phrase):
+    current = {**BASE_METRICS, **TRAIN_METRICS}
+    with pytest.raises(CheckError) as raised:
+        compare(current, current, {rule: HIGHER})
+    assert phrase in str(raised.value)
+    assert "environment." not in str(raised.value).replace(f"{rule} is", "")
+
+
+def test_environment_difference_names_what_changed():
+    new = {**ENVIRONMENT, "tensorflow": "2.22.0", "uv_lock_sha256": "1" * 64}
+    assert environment_difference(TRAIN_METRICS, {**TRAIN_METRICS, "environment": new}) == (
+        "Environment differs from the baseline's: tensorflow 2.21.0 → 2.22.0, uv.lock changed."
+    )
+    added = {**ENVIRONMENT, "jax": "0.5.0"}
+    assert environment_difference(TRAIN_METRICS, {"environment": added}) == (
+        "Environment differs from the baseline's: jax (none) → 0.5.0."
+    )
+
+
+def test_environment_difference_says_nothing_when_equal_or_when_a_side_has_none():
+    assert environment_difference(TRAIN_METRICS, dict(TRAIN_METRICS)) is None
+    assert environment_difference(BASE_METRICS, TRAIN_METRICS) is None
+    assert environment_difference(None, TRAIN_METRICS) is None
+    assert environment_difference(TRAIN_METRICS, BASE_METRICS) is None
 
 
 def test_render_markdown_gives_a_summary_line_then_the_table():
@@ -242,7 +375,26 @@ def test_render_markdown_says_when_there_is_no_baseline():
         "### ✅ Metric check passed: 1 of 1 metrics within their rules; no baseline, as "
         "metrics/metrics.json does not exist at v1, so only floors and ceilings were checked"
     )
-    assert "| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (no baseline) |" in markdown
+    assert (
+        "| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (no baseline) |"
+        in markdown
+    )
+
+
+def test_render_markdown_and_json_carry_the_environment_line():
+    rows = compare(BASE_METRICS, BASE_METRICS, {"test_accuracy": HIGHER})
+    line = "Environment differs from the baseline's: numpy 2.1.3 → 2.2.0."
+    markdown = render_markdown(rows, Baseline("main", BASE_METRICS), line)
+    assert markdown.splitlines()[:4] == [
+        "### ✅ Metric check passed: 1 of 1 metrics within their rules, against main",
+        "",
+        line,
+        "",
+    ]
+    assert markdown.splitlines()[4] == check.TABLE_HEADER
+    assert json.loads(render_json(rows, None, line))["environment_difference"] == line
+    assert json.loads(render_json(rows))["environment_difference"] is None
+    assert "Environment" not in render_markdown(rows)
 
 
 def test_render_markdown_escapes_pipes_in_cells():
@@ -251,8 +403,14 @@ def test_render_markdown_escapes_pipes_in_cells():
 
 
 def test_render_json_is_standard_json_with_the_overall_status():
-    rows = compare(BASE_METRICS, {**BASE_METRICS, "test_cross_entropy": math.nan}, {"test_accuracy": HIGHER, "test_cross_entropy": LOWER})
-    report = json.loads(render_json(rows, Baseline("HEAD (1a2b3c4)", BASE_METRICS, commit="1a2b3c4")), parse_constant=pytest.fail)
+    rows = compare(
+        BASE_METRICS,
+        {**BASE_METRICS, "test_cross_entropy": 0.5},
+        {"test_accuracy": HIGHER, "test_cross_entropy": LOWER},
+    )
+    report = json.loads(
+        render_json(rows, Baseline("HEAD (1a2b3c4)", BASE_METRICS, commit="1a2b3c4")), parse_constant=pytest.fail
+    )
     assert report["status"] == "fail"
     assert report["baseline"]["found"] is True and report["baseline"]["commit"] == "1a2b3c4"
     accuracy, entropy = report["metrics"]
@@ -261,16 +419,19 @@ def test_render_json_is_standard_json_with_the_overall_status():
         "baseline": 0.9213,
         "current": 0.9213,
         "change": 0.0,
-        "rule": {"better": "higher", "max_worsening": 0.002, "floor": 0.915, "ceiling": None},
+        "rule": {"better": "higher", "max_worsening": 0.002, "floor": 0.915, "ceiling": None, "range": None},
         "status": "pass",
         "reasons": [],
         "note": None,
     }
-    assert entropy["status"] == "fail" and entropy["current"] is None and entropy["change"] is None
+    assert entropy["status"] == "fail" and entropy["current"] == 0.5 and entropy["change"] == pytest.approx(0.2155)
 
 
 def test_describe_rule():
-    assert check.describe_rule(CheckRule("lower", 0.01, floor=0.1, ceiling=0.5)) == "lower is better, may rise ≤ 0.01, floor 0.1, ceiling 0.5"
+    assert (
+        check.describe_rule(CheckRule("lower", 0.01, floor=0.1, ceiling=0.5))
+        == "lower is better, may rise ≤ 0.01, floor 0.1, ceiling 0.5"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +442,8 @@ def test_the_projects_params_have_the_rules_these_tests_rely_on(repo):
     rules = load_params(repo / "params.yaml").check
     assert rules["test_accuracy"].better == "higher" and rules["test_accuracy"].floor is not None
     assert rules["test_cross_entropy"].better == "lower"
+    # The bad-input tests below rely on these ranges: an accuracy is a fraction and a loss is not negative.
+    assert rules["test_accuracy"].range == (0, 1) and rules["test_cross_entropy"].range == (0, None)
 
 
 def test_an_unchanged_model_passes(repo):
@@ -379,7 +542,10 @@ def test_a_missing_baseline_at_the_revision_passes_and_says_so(tmp_path):
     commit_all(repo, "first pipeline run")
     result = run_check(repo)
     assert result.returncode == 0, result.stderr
-    assert f"no baseline, as metrics/metrics.json does not exist at the merge base with main ({first[:7]})" in result.stdout
+    # DVC reads the train stage's metrics file first, and stops at the first one missing.
+    assert (
+        f"no baseline, as metrics/train.json does not exist at the merge base with main ({first[:7]})" in result.stdout
+    )
     assert "| `test_accuracy` | — | 0.9213 | — |" in result.stdout
     report = json.loads(run_check(repo, "--json").stdout)
     assert report["status"] == "pass" and report["baseline"]["found"] is False
@@ -405,15 +571,37 @@ def test_a_baseline_file_replaces_git(repo, tmp_path):
     result = run_check(repo, "--baseline-file", str(baseline))
     assert result.returncode == 1
     assert f"against {baseline}" in result.stdout
-    assert run_check(repo, "--baseline-file", str(baseline), "--metrics", str(baseline)).returncode == 0
+    # What dvc.api.metrics_show returns (the metrics of every file, merged) is a baseline file too.
+    baseline.write_text(json.dumps(dvc.api.metrics_show(repo=str(repo))), encoding="utf-8")
+    same = run_check(repo, "--baseline-file", str(baseline), "--json")
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout)["baseline"]["path"] == str(baseline)
 
 
-def test_metrics_outside_the_working_directory_are_found_in_git(repo, tmp_path):
+def test_dvc_finds_the_metrics_from_a_subdirectory(repo):
     write_metrics(repo, WORSE_METRICS)
-    result = run_check(tmp_path, "--metrics", str(repo / "metrics" / "metrics.json"), "--params", str(repo / "params.yaml"))
-    assert result.returncode == 2, "tmp_path is not a git repository"
-    result = run_check(repo / "metrics", "--metrics", "metrics.json", "--params", str(repo / "params.yaml"))
+    result = run_check(repo / "metrics", "--params", str(repo / "params.yaml"))
     assert result.returncode == 1, result.stderr
+    assert "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |" in result.stdout
+
+
+def test_a_rule_finds_its_metric_in_any_metrics_file(repo):
+    edit_params(repo, lambda raw: raw["check"].update(final_test_accuracy={"better": "higher", "max_worsening": 0.01}))
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "final_test_accuracy": 0.85})
+    result = run_check(repo)
+    assert result.returncode == 1, result.stderr
+    assert "| `final_test_accuracy` | 0.9212 | 0.85 | -0.0712 |" in result.stdout
+
+
+def test_a_metric_two_files_hold_differently_stops_the_gate(repo):
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "test_accuracy": 0.5})
+    assert_bad_input(
+        run_check(repo),
+        "test_accuracy differs between the metrics files (metrics/train.json has 0.5, metrics/metrics.json has 0.9213)",
+    )
+    # The same value in both files is one metric.
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "test_accuracy": BASE_METRICS["test_accuracy"]})
+    assert run_check(repo).returncode == 0
 
 
 def test_json_output_parses_and_has_the_overall_status(repo):
@@ -425,7 +613,7 @@ def test_json_output_parses_and_has_the_overall_status(repo):
     assert [row["metric"] for row in report["metrics"]] == ["test_accuracy", "test_cross_entropy", "macro_f1"]
     assert report["metrics"][0]["status"] == "fail"
     assert report["metrics"][0]["change"] == pytest.approx(-0.1213)
-    assert report["baseline"]["rev"] is None and report["baseline"]["path"] == "metrics/metrics.json"
+    assert report["baseline"]["rev"] is None and report["baseline"]["path"] is None
 
 
 def test_the_summary_file_gets_the_markdown_appended(repo, tmp_path):
@@ -450,7 +638,9 @@ def test_github_step_summary_is_the_default_summary_file_and_empty_turns_it_off(
 def test_bad_input_is_reported_in_the_summary_file_too(repo, tmp_path):
     summary = tmp_path / "summary.md"
     assert_bad_input(run_check(repo, "--rev", "nope", "--summary-file", str(summary)), "unknown git revision 'nope'")
-    assert summary.read_text(encoding="utf-8").startswith("### ⚠️ Metric check could not run\n\nunknown git revision 'nope'")
+    assert summary.read_text(encoding="utf-8").startswith(
+        "### ⚠️ Metric check could not run\n\nunknown git revision 'nope'"
+    )
 
 
 # Bad input: exit 2 and one paragraph on stderr.
@@ -458,51 +648,81 @@ def test_bad_input_is_reported_in_the_summary_file_too(repo, tmp_path):
 
 def test_missing_current_metrics(repo):
     (repo / "metrics" / "metrics.json").unlink()
-    assert_bad_input(run_check(repo), "the metrics file metrics/metrics.json does not exist", "dvc repro")
-    assert_bad_input(run_check(repo, "--metrics", "elsewhere.json"), "elsewhere.json does not exist")
+    assert_bad_input(run_check(repo), "metrics/metrics.json does not exist", "dvc repro")
+
+
+def test_no_metrics_declared(repo):
+    (repo / "dvc.yaml").unlink()
+    assert_bad_input(run_check(repo), "DVC finds no metrics; declare the metrics files in dvc.yaml")
 
 
 def test_malformed_current_metrics(repo):
     write_metrics(repo, '{"test_accuracy": 0.92,')
-    assert_bad_input(run_check(repo), "the metrics file metrics/metrics.json is not valid JSON")
+    assert_bad_input(
+        run_check(repo),
+        "cannot read the current metrics: unable to read: 'metrics/metrics.json', JSON file structure is corrupted",
+    )
 
 
 def test_malformed_baseline_metrics(repo):
     git(repo, "switch", "-q", "main")
-    write_metrics(repo, "[1, 2]")
+    write_metrics(repo, "{not json")
     commit_all(repo, "broken metrics")
     git(repo, "switch", "-q", "feature")
-    assert_bad_input(run_check(repo, "--rev", "main"), "the baseline metrics/metrics.json at main (", "must hold a JSON object")
+    assert_bad_input(
+        run_check(repo, "--rev", "main"),
+        "cannot read the baseline metrics at main (",
+        "unable to read: 'metrics/metrics.json', JSON file structure is corrupted",
+    )
+
+
+def test_malformed_baseline_file(repo, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text("[0.92]", encoding="utf-8")
+    assert_bad_input(run_check(repo, "--baseline-file", str(baseline)), "must hold a JSON object of metrics, got list")
+    baseline.write_bytes(b'{"test_accuracy": "\xe9"}')
+    assert_bad_input(run_check(repo, "--baseline-file", str(baseline)), "cannot read the baseline file", "utf-8")
 
 
 def test_unknown_revision(repo):
-    assert_bad_input(run_check(repo, "--rev", "no-such-branch"), "unknown git revision 'no-such-branch'", "fetch-depth: 0")
+    assert_bad_input(
+        run_check(repo, "--rev", "no-such-branch"), "unknown git revision 'no-such-branch'", "fetch-depth: 0"
+    )
     assert_bad_input(run_check(repo, "--rev=--all"), "unknown git revision '--all'")
 
 
 def test_rule_for_a_metric_not_in_the_metrics(repo):
     edit_params(repo, lambda raw: raw["check"].update(test_acuracy={"better": "higher", "max_worsening": 0.01}))
-    assert_bad_input(run_check(repo), "cannot be checked against metrics/metrics.json", "test_acuracy is not in it (did you mean test_accuracy?)")
+    assert_bad_input(
+        run_check(repo),
+        "cannot be checked against the current metrics",
+        "test_acuracy is not in it (did you mean test_accuracy?)",
+    )
 
 
 def test_missing_baseline_file(repo, tmp_path):
-    assert_bad_input(run_check(repo, "--baseline-file", str(tmp_path / "gone.json")), "the baseline file", "gone.json does not exist")
+    assert_bad_input(
+        run_check(repo, "--baseline-file", str(tmp_path / "gone.json")), "the baseline file", "gone.json does not exist"
+    )
 
 
 def test_bad_params(repo):
     edit_params(repo, lambda raw: raw["check"]["test_accuracy"].update(better="up"))
-    assert_bad_input(run_check(repo), "params.yaml has 1 problem: check.test_accuracy.better must be 'higher' or 'lower'")
+    assert_bad_input(
+        run_check(repo), "params.yaml has 1 problem: check.test_accuracy.better must be 'higher' or 'lower'"
+    )
     assert_bad_input(run_check(repo, "--params", "missing.yaml"), "missing.yaml does not exist")
     edit_params(repo, lambda raw: raw.pop("check"))
     assert_bad_input(run_check(repo), "no rules in its check section")
 
 
-def test_outside_a_git_repository(repo, tmp_path):
+def test_outside_a_dvc_repository(repo, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     shutil.copytree(repo / "metrics", outside / "metrics")
     shutil.copy(repo / "params.yaml", outside)
-    assert_bad_input(run_check(outside), "cannot read the baseline from git", "not a git repository", "--baseline-file")
+    shutil.copy(repo / "dvc.yaml", outside)
+    assert_bad_input(run_check(outside), "cannot read the current metrics", "not inside of a DVC repository")
 
 
 def test_cli_reads_sys_argv_and_exits_with_the_gates_code(repo, monkeypatch, capsys):
@@ -515,7 +735,95 @@ def test_cli_reads_sys_argv_and_exits_with_the_gates_code(repo, monkeypatch, cap
         with pytest.raises(SystemExit) as exited:
             check.cli()
         assert exited.value.code == code
-    assert capsys.readouterr().err.startswith("error: the metrics file metrics/metrics.json is not valid JSON")
+    assert capsys.readouterr().err.startswith("error: cannot read the current metrics: unable to read:")
+
+
+# The environment the train stage records (issue "reproducible").
+
+
+def test_dvc_api_returns_the_environments_strings_with_the_metrics(repo):
+    # The experiment behind reading the environment through DVC: metrics_show keeps strings (and
+    # nests them as the file does), while it drops lists.
+    write_metrics(repo, {**BASE_METRICS, "confusion": [[1, 2], [3, 4]]})
+    metrics = dvc.api.metrics_show(repo=str(repo))
+    assert metrics["environment"] == ENVIRONMENT
+    assert metrics["test_accuracy"] == BASE_METRICS["test_accuracy"]
+    assert "confusion" not in metrics
+
+
+def test_the_report_says_how_the_environment_differs_and_still_passes(repo):
+    changed = {**ENVIRONMENT, "tensorflow": "2.22.0", "uv_lock_sha256": "f" * 64}
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "environment": changed})
+    line = "Environment differs from the baseline's: tensorflow 2.21.0 → 2.22.0, uv.lock changed."
+    result = run_check(repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2] == line
+    assert result.stdout.count("Environment") == 1
+    report = json.loads(run_check(repo, "--json").stdout)
+    assert report["status"] == "pass" and report["environment_difference"] == line
+
+
+def test_no_environment_line_when_it_is_the_same_or_the_baseline_has_none(repo, tmp_path):
+    same = run_check(repo)
+    assert same.returncode == 0 and "Environment" not in same.stdout
+    # An older baseline, from before the train stage recorded its environment.
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({**BASE_METRICS, "final_test_accuracy": 0.92}), encoding="utf-8")
+    write_metrics(repo, BASE_METRICS, {**TRAIN_METRICS, "environment": {**ENVIRONMENT, "numpy": "2.2.0"}})
+    older = run_check(repo, "--baseline-file", str(baseline), "--json")
+    assert older.returncode == 0, older.stderr
+    assert json.loads(older.stdout)["environment_difference"] is None
+
+
+# Values that cannot be compared are bad input (issue "nothing unbounded").
+
+DEEP = "[" * 100_000 + "]" * 100_000
+UNCOMPARABLE = [
+    pytest.param(
+        "test_accuracy", "1" + "0" * 400, "test_accuracy is a 401-digit number, too large to compare", id="401-digits"
+    ),
+    pytest.param("test_accuracy", "1" + "0" * 5000, "Exceeds the limit (4300 digits)", id="5001-digits"),
+    pytest.param("test_accuracy", DEEP, "its JSON nests too deeply to parse", id="nested-100000-deep"),
+    pytest.param("test_accuracy", "NaN", "test_accuracy is nan, not a finite number", id="NaN"),
+    pytest.param("test_accuracy", "Infinity", "test_accuracy is inf, not a finite number", id="Infinity"),
+    pytest.param("test_cross_entropy", "-Infinity", "test_cross_entropy is -inf, not a finite number", id="-Infinity"),
+    pytest.param("test_accuracy", "1e400", "test_accuracy is inf, not a finite number", id="1e400"),
+    pytest.param(
+        "test_accuracy", "1e308", "test_accuracy is 1e+308, outside its range [0, 1] in params.yaml", id="1e308"
+    ),
+    pytest.param(
+        "test_cross_entropy", "-0.5", "test_cross_entropy is -0.5, outside its range [0, null]", id="negative-loss"
+    ),
+]
+
+
+def metrics_text(metric: str, token: str) -> str:
+    """BASE_METRICS as JSON text with ``metric``'s value replaced by the raw JSON ``token``."""
+    return json.dumps({**BASE_METRICS, metric: "@"}).replace('"@"', token)
+
+
+def assert_short_bad_input(result: subprocess.CompletedProcess[str], phrase: str) -> None:
+    assert_bad_input(result, phrase)
+    # One short reason: never the offending value itself, nor a traceback.
+    assert len(result.stderr) < 400, result.stderr
+
+
+@pytest.mark.parametrize(("metric", "token", "phrase"), UNCOMPARABLE)
+def test_an_uncomparable_current_value_is_bad_input(repo, metric, token, phrase):
+    write_metrics(repo, metrics_text(metric, token))
+    assert_short_bad_input(run_check(repo), phrase)
+
+
+@pytest.mark.parametrize(("metric", "token", "phrase"), [UNCOMPARABLE[0], UNCOMPARABLE[2], UNCOMPARABLE[3]])
+def test_an_uncomparable_baseline_value_is_bad_input(repo, tmp_path, metric, token, phrase):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(metrics_text(metric, token), encoding="utf-8")
+    assert_short_bad_input(run_check(repo, "--baseline-file", str(baseline)), phrase)
+    git(repo, "switch", "-q", "main")
+    write_metrics(repo, metrics_text(metric, token))
+    commit_all(repo, "a broken metrics file on main")
+    git(repo, "switch", "-q", "feature")
+    assert_short_bad_input(run_check(repo, "--rev", "main"), phrase)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +909,9 @@ def run_gate_step(checkout: Path, summary: Path) -> subprocess.CompletedProcess[
     script = checkout.parent / "gate-step.sh"
     script.write_text(github_expressions(step["run"]), encoding="utf-8")
     # GitHub runs a `run:` step without an explicit shell as `bash -e {0}`.
-    return subprocess.run(["bash", "-e", str(script)], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "-e", str(script)], check=False, cwd=checkout, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_workflow_gate_step_writes_the_table_to_the_step_summary(pull_request, tmp_path):
@@ -612,7 +922,9 @@ def test_workflow_gate_step_writes_the_table_to_the_step_summary(pull_request, t
     assert result.returncode == 0, result.stderr
     text = summary.read_text(encoding="utf-8")
     origin_main = git(pull_request, "rev-parse", "origin/main")
-    assert text.startswith(f"### ✅ Metric check passed: 3 of 3 metrics within their rules, against origin/main ({origin_main[:7]})")
+    assert text.startswith(
+        f"### ✅ Metric check passed: 3 of 3 metrics within their rules, against origin/main ({origin_main[:7]})"
+    )
     assert check.TABLE_HEADER in text
     assert "| `test_accuracy` | 0.9213 | 0.93 | +0.0087 |" in text
 
