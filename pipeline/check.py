@@ -113,7 +113,10 @@ def _missing(metric: str, metrics: dict[str, Any]) -> str:
 
 
 def comparable(metric: str, value: Any, rule: CheckRule) -> float:
-    """``value`` as a float the rules can compare; raises CheckError when it is not a finite number in ``rule.range``."""
+    """``value`` as a float the rules can compare.
+
+    Raises CheckError when it is not a finite number within ``rule.range``.
+    """
     if not _is_number(value):
         raise CheckError(f"{metric} is {value!r}, not a number")
     try:
@@ -141,7 +144,10 @@ def find_metric(metrics: dict[str, Any], metric: str, rule: CheckRule, required:
 
 
 def find_metrics(metrics: dict[str, Any], rules: dict[str, CheckRule], source: str, required: bool) -> dict[str, float]:
-    """Every rule's value in ``metrics`` (a ``required`` source must hold all), raising one CheckError for all problems."""
+    """Every rule's value in ``metrics`` (a ``required`` source must hold all).
+
+    Raises one CheckError that lists every problem.
+    """
     values, problems = {}, []
     for metric, rule in rules.items():
         try:

@@ -181,7 +181,7 @@ def _check_rules(raw: Any, collector: _Collector) -> dict[str, CheckRule]:
                 bounds[bound] = _typed(rule[bound], float, f"{prefix}.{bound}", collector)
         if rule.get("range") is not None:
             bounds["range"] = _range(rule["range"], f"{prefix}.range", collector)
-        rules[str(metric)] = CheckRule(better=better, max_worsening=worsening, **bounds)
+        rules[str(metric)] = CheckRule(better=str(better), max_worsening=worsening, **bounds)
     return rules
 
 

@@ -76,8 +76,6 @@ class History:
         return np.concatenate(self.train_accuracy), np.concatenate(self.train_cross_entropy)
 
 
-
-
 # Called after each chunk with (first step, last step, chunk's train accuracies, chunk's train
 # cross-entropies, the chunk's test measurements as (step, accuracy, cross-entropy) tuples, and the
 # wall-clock times, in seconds, at which the chunk started and ended).

