@@ -163,16 +163,17 @@ def start_run(store: Path, params, data) -> tuple:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from pipeline import tracking
+    from pipeline.tracking import store as tracking_store
+    from pipeline.tracking import tags
     from pipeline.train import run_name
 
-    uri = tracking.with_busy_timeout(sqlite_uri(store / "mlflow.db"))
+    uri = tracking_store.with_busy_timeout(sqlite_uri(store / "mlflow.db"))
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment(
         params.tracking.experiment, artifact_location=(store / "mlartifacts").as_uri()
     )
-    run = client.create_run(experiment, run_name=run_name(params.train), tags=tracking.run_tags(Path.cwd()))
+    run = client.create_run(experiment, run_name=run_name(params.train), tags=tags.run_tags(Path.cwd()))
     values = {
         **{f"train.{key}": value for key, value in vars(params.train).items()},
         "tracking.experiment": params.tracking.experiment,
@@ -204,14 +205,11 @@ def write_outputs(out: Path, model, trainer, history) -> Path:
 
 def log_model_and_end(sink: Sink, model, data, history, history_file: Path, train_seconds: float) -> None:
     """Log final metrics, the history CSV and the Keras model into the run, finish the history, end the run."""
-    import keras
     import mlflow
-    import numpy as np
-    import tensorflow as tf
     from mlflow.entities import Metric
-    from mlflow.models import infer_signature
 
     from pipeline.data import scale_pixels
+    from pipeline.tracking import tags
     from pipeline.train import final_metrics
 
     metrics = {**final_metrics(history), "train_seconds": train_seconds}
@@ -226,13 +224,10 @@ def log_model_and_end(sink: Sink, model, data, history, history_file: Path, trai
             synchronous=True,
         )
         sink.client.log_artifact(sink.run_id, str(history_file))
-        # No input_example: mlflow.keras.log_model writes it before creating the model's directory and fails
-        # (mlflow/mlflow#16183, still so in this version). The signature is inferred from the same example.
-        mlflow.keras.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, np.asarray(model(example))),
-            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+        # As the stage does: MLflow's TensorFlow flavour (mlflow.keras.log_model fails with an input
+        # example, mlflow/mlflow#16183), an input example and the locked versions as requirements.
+        mlflow.tensorflow.log_model(
+            model, name="model", input_example=example, pip_requirements=tags.model_requirements()
         )
         sink.finish()
 
