@@ -21,6 +21,9 @@ import yaml
 from pipeline.cli import PipelineError
 from pipeline.data import TRAINING_IMAGES
 
+SEED_LIMIT = 2**32
+FLOAT32_MAX = 3.4028234663852886e38
+
 PARAMS_FILE = Path("params.yaml")
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
@@ -210,8 +213,11 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     validation_size = preprocess.get("validation_size")
     if validation_size is not None and not 0 <= validation_size < TRAINING_IMAGES:
         collector.add(f"preprocess.validation_size must be in [0, {TRAINING_IMAGES}), got {validation_size}")
-    if (learning_rate := train.get("learning_rate")) is not None and learning_rate <= 0:
-        collector.add(f"train.learning_rate must be more than 0, got {learning_rate}")
+    if (learning_rate := train.get("learning_rate")) is not None and not 0 < learning_rate <= FLOAT32_MAX:
+        # Training runs in float32: a larger rate becomes infinity there and every number NaN.
+        collector.add(
+            f"train.learning_rate must be more than 0 and at most {FLOAT32_MAX:.4g} (float32), got {learning_rate}"
+        )
     if (batch_size := train.get("batch_size")) is not None:
         training_size = TRAINING_IMAGES - (validation_size or 0)
         if batch_size < 1:
@@ -221,8 +227,9 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     for key in ("iterations", "eval_interval"):
         if (value := train.get(key)) is not None and value < 1:
             collector.add(f"train.{key} must be at least 1, got {value}")
-    if (seed := train.get("seed")) is not None and seed < 0:
-        collector.add(f"train.seed must be zero or more, got {seed}")
+    if (seed := train.get("seed")) is not None and not 0 <= seed < SEED_LIMIT:
+        # Keras and NumPy seed their generators with 32-bit unsigned integers.
+        collector.add(f"train.seed must be in [0, 2**32), got {seed}")
     if tracking.get("experiment") == "":
         collector.add("tracking.experiment must name an MLflow experiment")
     if (problem := tracking_uri_problem(tracking.get("uri") or "")) is not None:

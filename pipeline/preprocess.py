@@ -18,15 +18,15 @@ import numpy as np
 
 from pipeline import idx
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import NUM_CLASSES, RAW_PAIRS, SPLITS, array_file
+from pipeline.data import NUM_CLASSES, NUM_PIXELS, RAW_PAIRS, SPLITS, array_file
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
 
 
 def flatten(images: np.ndarray) -> np.ndarray:
-    """Turn (count, 28, 28) images into (count, 784) rows, keeping uint8."""
-    return np.ascontiguousarray(images.reshape(len(images), -1))
+    """Turn (count, 28, 28) images into (count, 784) rows, keeping uint8 (count may be 0)."""
+    return np.ascontiguousarray(images.reshape(len(images), NUM_PIXELS))
 
 
 def one_hot(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:

@@ -216,7 +216,7 @@ def main() -> None:
     metrics = score(labels, probabilities)
     predicted = probabilities.argmax(axis=1)
     outputs: dict[Path, bytes] = {
-        args.metrics: (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode(),
+        args.metrics: (json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(),
         args.confusion: confusion_rows(labels, predicted).to_csv(index=False).encode(),
         args.classification_report: classification_report(
             labels, predicted, target_names=CLASS_NAMES, digits=4

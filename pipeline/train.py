@@ -94,6 +94,12 @@ def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallbac
                 order[start:end], start + 1, eval_interval
             )
             ended = time.time()
+            if not np.all(np.isfinite(cross_entropy)):
+                step = start + 1 + int(np.flatnonzero(~np.isfinite(cross_entropy))[0])
+                raise PipelineError(
+                    f"training diverged: the batch cross-entropy is not a finite number at step {step} "
+                    f"(learning rate too large for this batch size). Try a smaller train.learning_rate."
+                )
             history.train_accuracy.append(accuracy)
             history.train_cross_entropy.append(cross_entropy)
             measured = np.flatnonzero(~np.isnan(test_accuracy))
@@ -255,7 +261,12 @@ def main() -> None:
         history_text = history_csv(history)
         history_path.write_text(history_text)
         metrics_path.write_text(
-            json.dumps({**metrics, "environment": tags.environment(store.project_root())}, indent=2, sort_keys=True)
+            json.dumps(
+                {**metrics, "environment": tags.environment(store.project_root())},
+                indent=2,
+                sort_keys=True,
+                allow_nan=False,
+            )
             + "\n"
         )
 

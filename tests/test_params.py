@@ -162,3 +162,24 @@ def test_stages_reject_bad_params_before_heavy_imports_and_change_nothing(tmp_pa
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert not {"tensorflow", "mlflow", "keras"} & imported
     assert snapshot(outputs) == before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("seed", 2**32, "train.seed must be in [0, 2**32), got 4294967296"),
+        ("seed", 1099511627776, "train.seed must be in [0, 2**32)"),
+        ("learning_rate", 1.0e300, "train.learning_rate must be more than 0 and at most 3.403e+38 (float32)"),
+    ],
+)
+def test_values_training_cannot_use_are_refused_with_the_limit(key, value, expected):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"][key] = value
+    assert expected in problems_of(raw)
+
+
+def test_the_largest_seed_and_float32_rate_pass():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(seed=2**32 - 1, learning_rate=3.0e38)
+    params = validate(raw)
+    assert params.train.seed == 2**32 - 1

@@ -94,3 +94,12 @@ def test_corrupt_processed_data_is_reported(tmp_path):
         load_processed(tmp_path / "processed", splits=("test",))
     with pytest.raises(PipelineError, match="train_images.npy does not exist"):
         load_processed(tmp_path / "processed", splits=("train",))
+
+
+def test_a_validation_size_of_zero_means_no_validation_split(tmp_path):
+    write_mnist(tmp_path / "raw", train_count=30, test_count=12, gz=False)
+    write_params(tmp_path, preprocess={"validation_size": 0})
+    result = run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = load_processed(tmp_path / "processed")
+    assert data["train_images"].shape == (30, 784) and data["validation_images"].shape == (0, 784)

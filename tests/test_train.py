@@ -256,3 +256,20 @@ def test_stage_leaves_the_temp_folder_as_it_found_it_and_reruns_give_the_same_by
             for name in ("models/model.keras", "models/p.npy", "metrics/history.csv", "metrics/train.json")
         }
     assert outputs[0] == outputs[1]
+
+
+def test_diverging_training_stops_naming_the_step_and_writes_nothing(processed_project):
+    """A rate float32 can hold but training cannot survive: NaN losses stop the stage, no NaN in any file."""
+    write_params(processed_project, preprocess={"validation_size": 50},
+                 train={"batch_size": 10, "iterations": 60, "eval_interval": 20, "learning_rate": 1.0e30})  # fmt: skip
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "training diverged" in message and "at step" in message and "smaller train.learning_rate" in message
+    assert [*processed_project.glob("models/*"), *processed_project.glob("metrics/*")] == []
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{processed_project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist-softmax").experiment_id])
+    assert run.info.status == "FAILED"
