@@ -71,3 +71,14 @@ def dvc_bin() -> str:
     if not Path(found).exists():
         pytest.fail("the dvc command is not installed; run pip install -e '.[dev]'")
     return found
+
+
+# Fixtures that build a git + DVC repository or run a stage as a subprocess: seconds per test, so
+# the tests that use them belong to the slow set (`pytest -m "not slow"` leaves them out).
+SLOW_FIXTURES = {"repo", "pull_request", "processed_project", "report_project"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -519,6 +519,7 @@ def test_the_default_baseline_is_origin_main_when_there_is_no_local_main(repo, t
     assert "against the merge base with origin/main" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_default_baseline_falls_back_to_head_without_a_main_branch(tmp_path):
     repo = new_repo(tmp_path / "repo", branch="trunk")
     write_metrics(repo, BASE_METRICS)
@@ -529,6 +530,7 @@ def test_the_default_baseline_falls_back_to_head_without_a_main_branch(tmp_path)
     assert f"against HEAD ({head[:7]}), as there is no merge base with main" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_baseline_at_the_revision_passes_and_says_so(tmp_path):
     repo = new_repo(tmp_path / "repo")
     first = commit_all(repo, "params only, before the first pipeline run")
@@ -552,6 +554,7 @@ def test_a_missing_baseline_at_the_revision_passes_and_says_so(tmp_path):
     assert "below the floor of 0.915" in failed.stdout
 
 
+@pytest.mark.slow
 def test_a_repository_without_commits_has_no_baseline(tmp_path):
     repo = new_repo(tmp_path / "repo")
     write_metrics(repo, BASE_METRICS)

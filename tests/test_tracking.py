@@ -13,6 +13,8 @@ from pipeline.cli import PipelineError
 from pipeline.params import TrackingParams
 from pipeline.tracking import record, store, tags
 
+pytestmark = pytest.mark.slow
+
 EXPERIMENT = "recorder-tests"
 
 
