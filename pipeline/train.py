@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,6 +212,11 @@ def main() -> None:
 
     # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
     # without them Keras reports through absl's logger, which only needs to speak up about problems.
+    # TensorFlow's AutoGraph writes each function it converts as a module in the temp folder and
+    # imports it; TensorFlow deletes those files at exit, but not the bytecode Python would cache
+    # beside them (a __pycache__ folder), so none is written from here on. Everything imported above
+    # is cached as usual.
+    sys.dont_write_bytecode = True
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Seeds fix the initial weights; op determinism makes reductions repeat bit for bit.

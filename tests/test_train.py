@@ -261,7 +261,7 @@ def test_stage_leaves_the_temp_folder_as_it_found_it_and_reruns_give_the_same_by
 def test_diverging_training_stops_naming_the_step_and_writes_nothing(processed_project):
     """A rate float32 can hold but training cannot survive: NaN losses stop the stage, no NaN in any file."""
     write_params(processed_project, preprocess={"validation_size": 50},
-                 train={"batch_size": 10, "iterations": 60, "eval_interval": 20, "learning_rate": 1.0e30})  # fmt: skip
+                 train={"batch_size": 10, "iterations": 60, "eval_interval": 20, "learning_rate": 1.0e38})  # fmt: skip
     result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     message = " ".join(result.stderr.split())

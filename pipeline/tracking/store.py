@@ -49,11 +49,11 @@ TRACKING_FIX_HINT = (
     "to use the local SQLite store."
 )
 # MLflow retries failed HTTP requests with exponential backoff; these bounds make a server that dies
-# mid-run fail the stage within about a minute rather than after MLflow's default of several.
+# mid-run fail the stage in seconds rather than after MLflow's default of several minutes.
 HTTP_CLIENT_SETTINGS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 
