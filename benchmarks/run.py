@@ -2,9 +2,9 @@
 
 Run from the project root, with the project's virtualenv::
 
-    .venv/bin/python -m benchmarks.run            # 3 repetitions of everything (about 4 minutes)
-    .venv/bin/python -m benchmarks.run --quick    # 1 repetition
-    .venv/bin/python -m benchmarks.run --only train-loop,memory --repeat 5
+    uv run python -m benchmarks.run            # 3 repetitions of everything (about 4 minutes)
+    uv run python -m benchmarks.run --quick    # 1 repetition
+    uv run python -m benchmarks.run --only train-loop,memory --repeat 5
 
 Sections (``--only``, comma-separated; default all):
 
