@@ -50,6 +50,9 @@ NUM_CLASSES = 10
 PIXEL_SCALE = np.float32(1.0 / 255.0)
 
 SPLITS = ("train", "validation", "test")
+# The per-step history that train writes and report draws: one row per step, the test columns
+# filled only at evaluation steps.
+HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy"]
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:

@@ -26,10 +26,9 @@ import numpy as np
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import NUM_CLASSES, load_processed
+from pipeline.data import HISTORY_COLUMNS, NUM_CLASSES, load_processed
 from pipeline.params import load_params
 from pipeline.tracking import record, store
-from pipeline.train import HISTORY_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd

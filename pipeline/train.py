@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import load_processed, scale_pixels
+from pipeline.data import HISTORY_COLUMNS, load_processed, scale_pixels
 from pipeline.params import TrainParams, load_params
 from pipeline.tracking import record, store, tags
 
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 # The seed prints a line every 1,000 steps.
 PRINT_INTERVAL = 1000
-HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy"]
 
 
 def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:

@@ -275,3 +275,35 @@ def test_diverging_training_stops_naming_the_step_and_writes_nothing(processed_p
     client = MlflowClient(f"sqlite:///{processed_project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("mnist-softmax").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_a_run_whose_process_was_killed_outright_is_closed_by_the_next_training(processed_project):
+    """SIGKILL leaves no chance to end the run; the next train on the same store marks it FAILED."""
+    write_params(processed_project, preprocess={"validation_size": 50},
+                 train={"batch_size": 10, "iterations": 2_000_000, "eval_interval": 1000})  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=processed_project,
+                               env=tracking_env(processed_project), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in process.stderr:
+        if "step 1000:" in line:
+            break
+    process.kill()
+    process.communicate(timeout=60)
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.record import CLOSED_TAG
+
+    client = MlflowClient(f"sqlite:///{processed_project / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("mnist-softmax").experiment_id
+    (killed,) = client.search_runs([experiment_id])
+    assert killed.info.status == "RUNNING"
+
+    write_params(processed_project, preprocess={"validation_size": 50},
+                 train={"batch_size": 10, "iterations": 20, "eval_interval": 10})  # fmt: skip
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
+    assert result.returncode == 0, result.stderr
+    assert f"closed MLflow run {killed.info.run_id} as FAILED" in result.stderr
+    closed = client.get_run(killed.info.run_id)
+    assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags[CLOSED_TAG]
+    statuses = sorted(run.info.status for run in client.search_runs([experiment_id]))
+    assert statuses == ["FAILED", "FINISHED"]

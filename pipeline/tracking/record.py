@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -26,11 +29,18 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Run
 
+logger = logging.getLogger(__name__)
+
 # MLflow accepts at most 1,000 metric values per log_batch call.
 METRICS_PER_BATCH = 1000
 # Tags that link the stages' files to the run: train sets the first, report the second.
 TEST_PROBABILITIES_TAG = "pipeline.test_probabilities_sha256"
 REPORT_TAG = "pipeline.report_sha256"
+# The process recording a run ("<host>:<pid>"), so that a run left RUNNING by a train process that
+# died without closing it (killed outright, its machine restarted) is recognised and closed as
+# FAILED the next time train opens the store, with the reason in CLOSED_TAG.
+PROCESS_TAG = "pipeline.process"
+CLOSED_TAG = "pipeline.closed_because"
 
 # {metric name: (steps, values)}
 Series = Mapping[str, tuple[Sequence[int], Sequence[float]]]
@@ -88,6 +98,35 @@ class TrainingRun:
             ) from None
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # It exists, as another user's process.
+    return True
+
+
+def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs whose train process, on this machine, no longer exists.
+
+    Runs recorded from other machines (a shared server) are left alone: only their own machine can
+    tell whether their process still runs.
+    """
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(PROCESS_TAG, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, CLOSED_TAG, f"its train process ({owner}) ended without closing the run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_id)
+    return closed
+
+
 @contextlib.contextmanager
 def training_run(
     uri: str, location: str | None, experiment: str, run_name: str, params: Mapping[str, object]
@@ -96,8 +135,10 @@ def training_run(
     import mlflow
 
     client, experiment_id = store.open_store(uri, experiment, location)
-    run_tags = tags.run_tags(store.project_root())
+    run_tags = {**tags.run_tags(store.project_root()), PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
     try:
+        for run_id in close_abandoned_runs(client, experiment_id):
+            logger.warning("closed MLflow run %s as FAILED: the train process recording it had ended", run_id)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags)
         mlflow.log_params({key: str(value) for key, value in params.items()})
     except mlflow.exceptions.MlflowException as error:
