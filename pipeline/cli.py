@@ -14,8 +14,13 @@ import os
 import signal
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+# How often a stage started by DVC checks that the dvc process is still there.
+OWNER_CHECK_SECONDS = 1.0
 
 
 class PipelineError(Exception):
@@ -56,17 +61,90 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (which tells a pid's reuse apart), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold spaces; the fields after it are plain numbers.
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def dvc_process() -> int | None:
+    """The dvc process that started this stage, or None when DVC did not start it (or on a system without /proc).
+
+    DVC sets $DVC_STAGE for the commands it runs and runs each through ``$SHELL -c`` (``/bin/sh``
+    without $SHELL), which some shells replace by the command and others keep as our parent. So the
+    dvc process is our parent, or our grandparent when the parent is that shell.
+    """
+    if not os.environ.get("DVC_STAGE") or not Path("/proc/self/stat").exists():
+        return None
+    parent = os.getppid()
+    shell = os.path.realpath(os.environ.get("SHELL") or "/bin/sh")
+    try:
+        if os.path.realpath(f"/proc/{parent}/exe") == shell:
+            parent = _parent(parent)
+    except OSError:
+        return None
+    return parent if parent > 1 else None
+
+
+def watch_owner(pid: int, interval: float = OWNER_CHECK_SECONDS) -> threading.Event:
+    """Interrupt this process (as SIGTERM does) once process ``pid`` has ended; return the event set then.
+
+    A supervisor that sends SIGTERM to ``dvc`` alone ends DVC at once, without passing the signal on
+    to the stage it is running; the stage would go on as an orphan and write its outputs after DVC
+    has gone. Linux tells a child when its parent dies (PR_SET_PDEATHSIG), but DVC's shell can sit
+    between the two, so the stage checks on the dvc process itself.
+    """
+    started = _start_time(pid)
+    gone = threading.Event()
+
+    def watch() -> None:
+        while _start_time(pid) == started:
+            time.sleep(interval)
+        gone.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if started is not None:
+        threading.Thread(target=watch, name="dvc-watch", daemon=True).start()
+    return gone
+
+
+def dvc_outputs_note() -> str:
+    """What a failed stage run by DVC means for its outputs, which DVC deletes before it runs a stage."""
+    if not os.environ.get("DVC_STAGE"):
+        return ""
+    return (
+        " (DVC removed this stage's previous outputs before running it; `dvc checkout` brings back the last "
+        "good ones from its cache.)"
+    )
+
+
 def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
     """Run a stage's main(), turning PipelineError and Ctrl-C into a message and an exit code."""
     configure_logging()
     # `kill` (SIGTERM) takes the same clean path as Ctrl-C: temp files are removed and an open
     # MLflow run is marked FAILED instead of being left RUNNING.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    owner = dvc_process()
+    owner_gone = watch_owner(owner) if owner is not None else threading.Event()
     try:
         main()
     except PipelineError as error:
-        print(format_error(str(error)), file=sys.stderr)
+        print(format_error(f"{error}{dvc_outputs_note()}"), file=sys.stderr)
         sys.exit(error_exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted; no partial output was left behind.", file=sys.stderr)
+        reason = (
+            f"the dvc process that started this stage (pid {owner}) has ended" if owner_gone.is_set() else "interrupted"
+        )
+        print(
+            format_error(f"{reason}; stopped, and no partial output was left behind.{dvc_outputs_note()}"),
+            file=sys.stderr,
+        )
         sys.exit(130)

@@ -56,6 +56,8 @@ class TrainParams:
 class TrackingParams:
     experiment: str
     uri: str
+    retry_seconds: float
+    request_timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,9 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         collector.add("tracking.experiment must name an MLflow experiment")
     if (problem := tracking_uri_problem(tracking.get("uri") or "")) is not None:
         collector.add(f"tracking.uri {problem}")
+    for key, limit in (("retry_seconds", 3600), ("request_timeout_seconds", 600)):
+        if (value := tracking.get(key)) is not None and not 0 < value <= limit:
+            collector.add(f"tracking.{key} must be more than 0 and at most {limit}, got {value}")
     rules = _check_rules(raw.get("check"), collector)
 
     if collector.problems:

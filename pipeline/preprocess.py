@@ -96,7 +96,19 @@ def main() -> None:
             f"{num_training} training images in {args.raw}, or nothing would be left to train on."
         )
     arrays = make_splits(raw, params.validation_size)
-    write_arrays(args.out, arrays)
+    try:
+        write_arrays(args.out, arrays)
+    except OSError as error:
+        needed = sum(array.nbytes for array in arrays.values())
+        try:
+            free = f"{shutil.disk_usage(args.out.parent).free:,} bytes are free there"
+        except OSError:
+            free = "its free space is unknown"
+        raise PipelineError(
+            f"cannot write {args.out} ({error.strerror or error}): the arrays need about {needed:,} bytes and {free}. "
+            f"Nothing half-written was left, and the previous {args.out} (if any) is unchanged. Free some space "
+            f"(or make {args.out.parent} writable) and run again."
+        ) from None
     sizes = ", ".join(f"{split} {len(arrays[f'{split}_images'])}" for split in SPLITS)
     logger.info("wrote %s (%s images)", args.out, sizes)
 

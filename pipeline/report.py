@@ -230,14 +230,15 @@ def main() -> None:
     # Report logs into the run that trained the model it scores (found by the probabilities' digest),
     # and only what that run does not hold already: rerunning report, or train restored from DVC's
     # run cache, leaves a finished run as it was.
-    client, experiment_id = store.open_store(uri, params.experiment, artifact_location)
-    run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)
-    report_digest = record.sha256(b"".join(outputs.values()))
-    if run.data.tags.get(record.REPORT_TAG) == report_digest:
-        logger.info("MLflow run %s already holds this report; nothing logged again", run.info.run_id)
-    else:
-        log_report(client, run.info.run_id, metrics, outputs, report_digest)
-        logger.info("logged the report into MLflow run %s", run.info.run_id)
+    with store.ServerWatch(uri, params).running():
+        client, experiment_id = store.open_store(uri, params.experiment, artifact_location)
+        run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)
+        report_digest = record.sha256(b"".join(outputs.values()))
+        if run.data.tags.get(record.REPORT_TAG) == report_digest:
+            logger.info("MLflow run %s already holds this report; nothing logged again", run.info.run_id)
+        else:
+            log_report(client, run.info.run_id, metrics, outputs, report_digest)
+            logger.info("logged the report into MLflow run %s", run.info.run_id)
 
     # The outputs are replaced only now that the run holds the report.
     for path, data in outputs.items():
@@ -270,7 +271,7 @@ def log_report(client, run_id: str, metrics: dict, outputs: dict[Path, bytes], d
         client.set_tag(run_id, record.REPORT_TAG, digest)
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise PipelineError(
-            f"logging the report into MLflow run {run_id} failed: {store.short(str(error))} No output was changed."
+            f"logging the report into MLflow run {run_id} failed: {store.short(str(error))} The stage wrote no output."
         ) from None
 
 

@@ -39,29 +39,73 @@ logger = logging.getLogger(__name__)
 PRINT_INTERVAL = 1000
 
 
-def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:
+# A chunk's batch indices reach the compiled loop as one int32 tensor; this many indices at most
+# (40 MB), so that a large batch size gives shorter chunks instead of a tensor of gigabytes.
+MAX_CHUNK_INDICES = 10_000_000
+
+
+class BatchOrder:
     """The example indices of every step's batch, drawn as the seed's ``next_batch`` drew them.
 
     ``next_batch`` walks through a shuffled permutation and reshuffles at each epoch's end; a batch
     that crosses the end takes the rest of the old permutation and the start of the new one. Laying
-    the epochs' permutations end to end and cutting consecutive batches gives exactly that.
+    the epochs' permutations end to end and cutting consecutive batches gives exactly that. The
+    permutations are drawn as the steps are asked for, in order (``order[start:end]``), so memory
+    holds one chunk's batches, not the whole run's: 10,000 steps of a 55,000-image batch would be
+    2.2 GB of indices.
     """
-    if batch_size < 1 or batch_size > num_examples:
-        raise ValueError(f"batch_size must be in [1, {num_examples}], got {batch_size}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
-    rng = np.random.default_rng(seed)
-    epochs = -(-iterations * batch_size // num_examples)
-    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
-    return order[: iterations * batch_size].reshape(iterations, batch_size).astype(np.int32)
+
+    def __init__(self, num_examples: int, batch_size: int, iterations: int, seed: int) -> None:
+        if batch_size < 1 or batch_size > num_examples:
+            raise ValueError(f"batch_size must be in [1, {num_examples}], got {batch_size}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {iterations}")
+        self.num_examples, self.batch_size, self.iterations = num_examples, batch_size, iterations
+        self.rng = np.random.default_rng(seed)
+        self.next_step = 0
+        self.drawn = np.empty(0, np.int32)  # Indices drawn but not yet handed out.
+
+    def __len__(self) -> int:
+        return self.iterations
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(steps, batch size), as the whole order's array would have."""
+        return self.iterations, self.batch_size
+
+    def __getitem__(self, steps: slice) -> np.ndarray:
+        start, stop, stride = steps.indices(self.iterations)
+        if start != self.next_step or stride != 1:
+            raise ValueError(f"steps must be asked for in order: expected a slice from {self.next_step}, got {steps}")
+        needed = (stop - start) * self.batch_size
+        parts = [self.drawn]
+        available = len(self.drawn)
+        while available < needed:
+            parts.append(self.rng.permutation(self.num_examples).astype(np.int32))
+            available += self.num_examples
+        indices = np.concatenate(parts)
+        self.drawn, self.next_step = indices[needed:], stop
+        return indices[:needed].reshape(stop - start, self.batch_size)
 
 
-def chunk_ends(iterations: int) -> list[int]:
+def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:
+    """Every step's batch at once, as one (iterations, batch_size) array (for comparisons and benchmarks)."""
+    return BatchOrder(num_examples, batch_size, iterations, seed)[:iterations]
+
+
+def chunk_ends(iterations: int, batch_size: int = 1) -> list[int]:
     """Steps at which Python regains control: every printed line (every PRINT_INTERVAL steps) and the last step.
 
-    Test evaluations happen inside the compiled chunks, so they need no boundary of their own.
+    Test evaluations happen inside the compiled chunks, so they need no boundary of their own. A
+    chunk holds at most MAX_CHUNK_INDICES batch indices, so very large batches add boundaries.
     """
-    return sorted({*range(PRINT_INTERVAL, iterations + 1, PRINT_INTERVAL), iterations})
+    longest = max(1, MAX_CHUNK_INDICES // batch_size)
+    ends: list[int] = []
+    for end in sorted({*range(PRINT_INTERVAL, iterations + 1, PRINT_INTERVAL), iterations}):
+        start = ends[-1] if ends else 0
+        ends.extend(range(start + longest, end, longest))
+        ends.append(end)
+    return ends
 
 
 @dataclass
@@ -82,13 +126,15 @@ class History:
 ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, list[tuple[int, float, float]], float, float], None]
 
 
-def train(trainer, order: np.ndarray, eval_interval: int, on_chunk: ChunkCallback | None = None) -> History:
+def train(
+    trainer, order: BatchOrder | np.ndarray, eval_interval: int, on_chunk: ChunkCallback | None = None
+) -> History:
     """Run every step in ``order`` on ``trainer`` and return the seed's measurements."""
     history = History()
     iterations = len(order)
     start = 0
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
-        for end in chunk_ends(iterations):
+        for end in chunk_ends(iterations, order.shape[1]):
             started = time.time()
             accuracy, cross_entropy, test_accuracy, test_cross_entropy = trainer.train_steps(
                 order[start:end], start + 1, eval_interval
@@ -228,7 +274,7 @@ def main() -> None:
     model = build_model(config.seed)
     trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
                          data["test_images"], data["test_labels"])  # fmt: skip
-    order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
+    order = BatchOrder(num_train, config.batch_size, config.iterations, config.seed)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
         "tracking.experiment": tracking_params.experiment,
@@ -241,6 +287,7 @@ def main() -> None:
     outputs = [args.model, args.test_probabilities, args.history, args.metrics]
     # New outputs replace the old ones only once the run is recorded (files.staged).
     with (
+        store.ServerWatch(uri, tracking_params).running(),
         files.staged(outputs) as (model_path, probabilities_path, history_path, metrics_path),
         record.training_run(
             uri, artifact_location, tracking_params.experiment, run_name(config), run_params
@@ -287,10 +334,10 @@ def main() -> None:
             mlflow.log_metrics({**metrics, "train_seconds": train_seconds}, model_id=logged.model_id)
             mlflow.log_text(history_text, "history.csv")
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities))
-        except mlflow.exceptions.MlflowException as error:
+        except (mlflow.exceptions.MlflowException, OSError) as error:
             raise PipelineError(
-                f"logging the model to MLflow run {mlflow_run.run_id} failed: {store.short(error.message)} "
-                "No output was changed."
+                f"logging the model to MLflow run {mlflow_run.run_id} failed: {store.short(str(error))} "
+                "The stage wrote no output."
             ) from None
 
 

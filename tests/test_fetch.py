@@ -431,27 +431,6 @@ def test_kill_leaves_only_a_temp_file_which_the_next_run_removes(project, data, 
     assert_outputs(out, data)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes).
-
-    Mounting needs root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so.
-    """
-    mountpoint = tmp_path / "small-disk"
-    mountpoint.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mountpoint)]
-    try:
-        mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        pytest.skip("there is no mount command to make a small file system with")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], capture_output=True, check=True)
-
-
 @pytest.mark.parametrize(("readonly", "reason"), [(False, "No space left on device"), (True, "Read-only file system")])
 def test_a_full_or_read_only_disk_stops_the_stage_at_once(
     project, data, no_wheels, tmp_path, server, small_disk, readonly, reason

@@ -173,3 +173,47 @@ def test_second_repro_runs_nothing_and_a_learning_rate_change_reruns_only_train_
     assert [run.data.params["train.learning_rate"] for run in runs] == ["0.003", "0.01"]
     assert runs[-1].info.run_name == "lr=0.01 bs=20 it=50 seed=0"
     assert runs[-1].data.tags["git.dirty"] == "true", "params.yaml differs from the commit"
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_sigterm_to_dvc_alone_stops_the_stage_with_no_outputs_and_the_run_failed(tmp_path, shell):
+    """Supervisors often signal only the process they started. DVC then ends at once without passing
+    the signal on (through the shell DVC runs the command with, which some shells keep as the
+    stage's parent); the stage notices that dvc has gone and stops as if it had been signalled."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from pipeline.tracking.record import PROCESS_TAG
+
+    project = make_project(tmp_path, params={"train": {"iterations": 2_000_000, "eval_interval": 1000}})
+    project.dvc("repro", "preprocess")
+    dvc = subprocess.Popen(
+        [project.env["PATH"].split(os.pathsep)[0] + "/dvc", "repro"],
+        cwd=project.root,
+        env={**project.env, "SHELL": shell},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    assert dvc.stderr is not None
+    for line in dvc.stderr:
+        seen.append(line)
+        if "step 2000:" in line:
+            break
+    assert any("step 2000:" in line for line in seen), "".join(seen)
+    dvc.send_signal(signal.SIGTERM)
+    dvc.wait(timeout=30)
+
+    client, runs = only_runs(project)
+    (run,) = runs
+    train_pid = int(run.data.tags[PROCESS_TAG].rpartition(":")[2])
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{train_pid}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{train_pid}"), "the train stage went on after dvc had gone"
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert not [path for path in TRAIN_OUTPUTS if (project.root / path).exists()]
+    leftovers = [path.name for path in project.root.rglob("*") if ".tmp" in path.name and path.is_file()]
+    assert leftovers == []

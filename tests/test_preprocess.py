@@ -103,3 +103,19 @@ def test_a_validation_size_of_zero_means_no_validation_split(tmp_path):
     assert result.returncode == 0, result.stderr
     data = load_processed(tmp_path / "processed")
     assert data["train_images"].shape == (30, 784) and data["validation_images"].shape == (0, 784)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_the_previous_output(tmp_path, small_disk):
+    write_mnist(tmp_path / "raw", train_count=300, test_count=12, gz=False)
+    write_params(tmp_path, preprocess={"validation_size": 10})
+    out = small_disk / "processed"
+    out.mkdir()
+    (out / "earlier.txt").write_text("the previous output")
+    result = run_module("pipeline.preprocess", "--raw", "raw", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"cannot write {out} (No space left on device)" in message, message
+    assert "bytes are free there" in message and "Nothing half-written was left" in message
+    # The previous output is as it was, and no temp folder is left on the full disk.
+    assert sorted(path.name for path in small_disk.iterdir()) == ["processed"]
+    assert (out / "earlier.txt").read_text() == "the previous output"

@@ -29,7 +29,9 @@ def project(tmp_path, monkeypatch):
 
 
 def open_run(run_name: str = "first", params: dict | None = None):
-    uri, location = store.resolve(TrackingParams(experiment=EXPERIMENT, uri=""))
+    uri, location = store.resolve(
+        TrackingParams(experiment=EXPERIMENT, uri="", retry_seconds=30, request_timeout_seconds=10)
+    )
     return record.training_run(uri, location, EXPERIMENT, run_name, params or {"train.seed": 0})
 
 
@@ -90,12 +92,23 @@ def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project
 
 def test_an_unusable_server_fails_before_anything_is_imported(project):
     with pytest.raises(PipelineError, match="cannot be reached"):
-        store.resolve(TrackingParams(experiment=EXPERIMENT, uri="http://127.0.0.1:9"))
+        store.resolve(
+            TrackingParams(
+                experiment=EXPERIMENT, uri="http://127.0.0.1:9", retry_seconds=30, request_timeout_seconds=10
+            )
+        )
 
 
 def test_a_store_in_a_missing_folder_is_a_clear_error(project):
     with pytest.raises(PipelineError, match="which does not exist"):
-        store.resolve(TrackingParams(experiment=EXPERIMENT, uri=f"sqlite:///{project}/nowhere/mlflow.db"))
+        store.resolve(
+            TrackingParams(
+                experiment=EXPERIMENT,
+                uri=f"sqlite:///{project}/nowhere/mlflow.db",
+                retry_seconds=30,
+                request_timeout_seconds=10,
+            )
+        )
 
 
 def test_the_environment_names_the_locked_versions(project):

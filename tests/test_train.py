@@ -15,7 +15,16 @@ import pytest
 from conftest import run_module, stage_env, write_params
 from idx_fixtures import write_mnist
 
-from pipeline.train import History, batch_order, chunk_ends, history_csv, run_name, train
+from pipeline.train import (
+    MAX_CHUNK_INDICES,
+    BatchOrder,
+    History,
+    batch_order,
+    chunk_ends,
+    history_csv,
+    run_name,
+    train,
+)
 
 
 class NextBatch:
@@ -59,10 +68,31 @@ def test_batch_order_rejects_bad_arguments():
         batch_order(10, 5, 0, 0)
 
 
+def test_batch_order_drawn_chunk_by_chunk_is_the_same_order():
+    whole = batch_order(1000, 300, 50, seed=3)
+    order = BatchOrder(1000, 300, 50, seed=3)
+    assert np.array_equal(np.concatenate([order[0:7], order[7:8], order[8:50]]), whole)
+
+
+def test_batch_order_refuses_steps_out_of_order():
+    order = BatchOrder(1000, 300, 50, seed=3)
+    order[0:5]
+    with pytest.raises(ValueError, match="in order"):
+        order[0:5]
+
+
 def test_chunks_end_at_every_printed_line_and_the_last_step():
     assert chunk_ends(250) == [250]
     assert chunk_ends(2000) == [1000, 2000]
     assert chunk_ends(2500) == [1000, 2000, 2500]
+
+
+def test_large_batches_give_shorter_chunks_of_bounded_size():
+    ends = chunk_ends(10_000, 55_000)
+    assert ends[-1] == 10_000 and {1000, 2000, 9000}.issubset(ends)
+    sizes = np.diff([0, *ends])
+    assert sizes.max() * 55_000 <= MAX_CHUNK_INDICES
+    assert chunk_ends(10_000, 100) == list(range(1000, 10_001, 1000))
 
 
 def test_run_name_says_what_differs():
@@ -99,7 +129,7 @@ def train_once(seed: int = 0, iterations: int = 120):
     keras.utils.set_random_seed(seed)
     model = build_model(seed)
     trainer = SgdTrainer(model, 0.003, *small_data())
-    history = train(trainer, batch_order(400, 20, iterations, seed), eval_interval=50)
+    history = train(trainer, BatchOrder(400, 20, iterations, seed), eval_interval=50)
     return history, model.get_weights()
 
 
@@ -307,3 +337,28 @@ def test_a_run_whose_process_was_killed_outright_is_closed_by_the_next_training(
     assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags[CLOSED_TAG]
     statuses = sorted(run.info.status for run in client.search_runs([experiment_id]))
     assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_an_artifact_folder_that_is_a_file_stops_the_stage_before_training(processed_project):
+    (processed_project / "mlartifacts").write_text("not a folder")
+    env = stage_env()  # The default store: mlflow.db with mlartifacts beside it, at the project root.
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=env)
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "mlartifacts is a file, not a folder" in message and "Nothing was trained" in message, message
+    assert "MLflow run" not in result.stderr
+    assert not (processed_project / "models").exists() and not (processed_project / "metrics").exists()
+
+
+def test_a_damaged_sqlite_store_is_named_with_what_to_do(processed_project):
+    database = processed_project / "mlflow.db"
+    database.write_bytes(b"this is not an SQLite database" * 100)
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"If {database} is damaged, move it aside" in message and "Nothing was trained" in message, message
+    assert "server" not in message.split("Nothing was trained")[0].split("failed:")[0]
+    assert "step " not in result.stderr, "training ran before the store was found unusable"
+    assert [
+        path for path in processed_project.rglob("*") if path.is_file() and path.parent.name in ("models", "metrics")
+    ] == []

@@ -144,18 +144,30 @@ def training_run(
     except mlflow.exceptions.MlflowException as error:
         raise PipelineError(
             f"starting a run in the MLflow tracking store {uri} failed: {store.short(error.message)} "
-            f"{store.TRACKING_FIX_HINT} Nothing was trained."
+            f"{store.fix_hint(uri)} Nothing was trained."
         ) from None
-    # start_run's context ends the run FINISHED, or FAILED if the block raises (Ctrl-C and SIGTERM
-    # included: the stage turns both into KeyboardInterrupt).
-    with active:
-        run = TrainingRun(client, active.info.run_id)
+    # The run ends FINISHED, or FAILED if the block raises (Ctrl-C and SIGTERM included: the stage
+    # turns both into KeyboardInterrupt), as start_run's own context would end it; but a store that
+    # cannot take the FAILED status does not hide the error that stopped the block.
+    run = TrainingRun(client, active.info.run_id)
+    try:
+        yield run
+    except BaseException:
+        with contextlib.suppress(PipelineError):
+            run.wait()
         try:
-            yield run
-        finally:
-            # Values still queued are sent before the run ends, whichever way it ends.
-            with contextlib.suppress(PipelineError):
-                run.wait()
+            mlflow.end_run("FAILED")
+        except mlflow.exceptions.MlflowException as error:
+            logger.warning("MLflow run %s could not be marked FAILED: %s", run.run_id, store.short(error.message))
+        raise
+    # Values still queued are sent before the run ends.
+    run.wait()
+    try:
+        mlflow.end_run("FINISHED")
+    except mlflow.exceptions.MlflowException as error:
+        raise PipelineError(
+            f"ending MLflow run {run.run_id} failed: {store.short(error.message)} The stage wrote no output."
+        ) from None
 
 
 def find_training_run(client: MlflowClient, experiment_id: str, probabilities_sha256: str, uri: str) -> Run:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,13 +51,11 @@ TRACKING_FIX_HINT = (
     "Start or repair the server, fix MLFLOW_TRACKING_URI (or tracking.uri in params.yaml), or unset it "
     "to use the local SQLite store."
 )
-# MLflow retries failed HTTP requests with exponential backoff; these bounds make a server that dies
-# mid-run fail the stage in seconds rather than after MLflow's default of several minutes.
-HTTP_CLIENT_SETTINGS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
+# How often a stage logging to a tracking server checks the server's health while it runs.
+HEALTH_CHECK_SECONDS = 2.0
+# Once the stage has given up on a server, each remaining request (ending the run, values still
+# queued) gets this one short try, so that the stage exits promptly instead of waiting on it again.
+GIVE_UP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -113,6 +114,134 @@ def artifact_location(uri: str, root: Path) -> str | None:
     if urlparse(uri).scheme in ("http", "https", "databricks"):
         return None
     return (root / "mlartifacts").as_uri()
+
+
+def http_client_settings(params: TrackingParams) -> dict[str, str]:
+    """MLflow's HTTP client settings that retry for about ``retry_seconds`` and wait ``request_timeout_seconds``.
+
+    MLflow retries a failed request (refused connection, HTTP 429/5xx, no answer) through urllib3,
+    with waits of 0, 2, 4, 8… seconds (backoff factor 1) plus up to 1 s of jitter; n retries wait
+    2**n - 2 seconds in all, so the smallest n whose waits cover ``retry_seconds`` is chosen.
+    """
+    retries = max(1, math.ceil(math.log2(params.retry_seconds + 2)))
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{params.request_timeout_seconds:g}",
+    }
+
+
+def health_url(uri: str) -> str | None:
+    """The health-check URL of a tracking server, or None for a store that is not a server."""
+    return uri.rstrip("/") + "/health" if urlparse(uri).scheme in ("http", "https") else None
+
+
+def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
+    """Ask a server's health check once: None if it answered, else ("hung" or "down", why)."""
+    health = health_url(uri)
+    if health is None:
+        return None
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:
+            return None if response.status == 200 else ("down", f"its health check answered HTTP {response.status}")
+    except urllib.error.HTTPError as error:
+        return "down", f"its health check answered HTTP {error.code}"
+    except TimeoutError:
+        return "hung", f"it took the request but sent no answer within {timeout:g} s"
+    except (urllib.error.URLError, ConnectionError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            return "hung", f"it took the request but sent no answer within {timeout:g} s"
+        return "down", f"it cannot be reached ({reason})"
+
+
+class ServerWatch:
+    """Checks a tracking server's health while the stage runs, and stops the stage when the server fails it.
+
+    MLflow's own retries ride out a server that is briefly down (its requests wait and are retried,
+    keeping their values), but a server that hangs holds every request for its whole timeout, once
+    per retry, and one that stays down is noticed only when the stage next waits on a request. A
+    health check every HEALTH_CHECK_SECONDS finds both: a check with no answer within the request
+    timeout, or failing checks for longer than the retry time, stop the stage as Ctrl-C would (its
+    outputs are left unwritten) and :meth:`interrupted` turns that into a clear error.
+    """
+
+    def __init__(self, uri: str, params: TrackingParams, interval: float = HEALTH_CHECK_SECONDS) -> None:
+        self.uri, self.params, self.interval = uri, params, interval
+        self.problem: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tracking-server-watch", daemon=True)
+
+    def _watch(self) -> None:
+        down_since = None
+        while not self._stop.wait(self.interval):
+            found = server_problem(self.uri, self.params.request_timeout_seconds)
+            if found is None:
+                down_since = None
+                continue
+            kind, why = found
+            down_since = down_since or time.monotonic()
+            if kind == "hung":
+                self._give_up(f"the MLflow tracking server at {self.uri} stopped answering: {why}")
+                return
+            if time.monotonic() - down_since > self.params.retry_seconds:
+                self._give_up(
+                    f"the MLflow tracking server at {self.uri} has failed its health check for over "
+                    f"{self.params.retry_seconds:g} s (tracking.retry_seconds): {why}"
+                )
+                return
+
+    def _give_up(self, problem: str) -> None:
+        self.problem = problem
+        os.environ.update(GIVE_UP_SETTINGS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Watch the server while the block runs; raise a PipelineError if the watch stopped the block."""
+        if health_url(self.uri) is not None:
+            self._thread.start()
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.problem is None:
+                raise
+            raise PipelineError(
+                f"{self.problem}. The stage stopped and wrote no output. Its MLflow run cannot be marked FAILED "
+                "while the server does not answer; the next training against the server marks it so (runs "
+                f"whose train process has ended are closed as FAILED). {TRACKING_FIX_HINT}"
+            ) from None
+        finally:
+            self._stop.set()
+
+
+def fix_hint(uri: str) -> str:
+    """What to do about a store that cannot be used: a server's hint, or a damaged SQLite file's."""
+    database = sqlite_path(uri)
+    if database is None:
+        return TRACKING_FIX_HINT
+    return (
+        f"If {database} is damaged, move it aside (with its mlartifacts folder) to start a new store there, or "
+        "restore it from a backup; or point MLFLOW_TRACKING_URI (or tracking.uri in params.yaml) at another store."
+    )
+
+
+def check_artifact_folder(location: str | None) -> None:
+    """Fail before any work when a local store's artifact folder cannot take files."""
+    if location is None or urlparse(location).scheme != "file":
+        return
+    folder = Path(urlparse(location).path)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise PipelineError(
+            f"the MLflow artifact folder {folder} cannot be created: {existing} is a file, not a folder. "
+            "Move that file away. Nothing was trained."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineError(
+            f"the MLflow artifact folder {folder} cannot take files: {existing} is read-only for this user. "
+            "Make it writable, or point MLFLOW_TRACKING_URI at another store. Nothing was trained."
+        )
 
 
 def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
@@ -183,12 +312,17 @@ def short(message: str, limit: int = 300) -> str:
 def resolve(params: TrackingParams) -> tuple[str, str | None]:
     """The tracking URI and artifact location the stage will use, checked to be usable.
 
-    Cheap (no MLflow import), so a wrong URI or a dead server is reported before any work.
+    Cheap (no MLflow import), so a wrong URI or a dead server is reported before any work. Also sets
+    MLflow's HTTP retries and timeout from ``params`` (where the environment does not set them).
     """
     root = store_root()
     uri = tracking_uri(params.uri, root)
     check_reachable(uri)
-    return uri, artifact_location(uri, root)
+    location = artifact_location(uri, root)
+    check_artifact_folder(location)
+    for key, value in http_client_settings(params).items():
+        os.environ.setdefault(key, value)
+    return uri, location
 
 
 def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowClient, str]:
@@ -196,9 +330,8 @@ def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowC
 
     Also points MLflow's own global tracking URI at the store, for the calls that use it.
     """
-    for key, value in HTTP_CLIENT_SETTINGS.items():
-        os.environ.setdefault(key, value)
     import mlflow
+    import sqlalchemy.exc
 
     mlflow.set_tracking_uri(uri)
     try:
@@ -216,9 +349,12 @@ def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowC
                 if found is None:
                     raise
                 return client, found.experiment_id
-    except mlflow.exceptions.MlflowException as error:
+    except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as error:
         # A server that passed the health check but cannot serve the API (its database is down, a
-        # proxy in front of it rejects the call) is reported here, still before any training.
+        # proxy in front of it rejects the call), or an SQLite file that is not a database, is
+        # reported here, still before any training. SQLAlchemy's messages end with a link to its
+        # error catalogue, which says nothing about this store.
+        reason = short(str(getattr(error, "orig", None) or getattr(error, "message", error)))
         raise PipelineError(
-            f"the MLflow tracking store {uri} failed: {short(error.message)} {TRACKING_FIX_HINT} Nothing was trained."
+            f"the MLflow tracking store {uri} failed: {reason}. {fix_hint(uri)} Nothing was trained."
         ) from None
