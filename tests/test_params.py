@@ -183,3 +183,30 @@ def test_the_largest_seed_and_float32_rate_pass():
     raw["train"].update(seed=2**32 - 1, learning_rate=3.0e38)
     params = validate(raw)
     assert params.train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("retry_seconds", 0, "tracking.retry_seconds must be more than 0 and at most 3600, got 0"),
+        ("request_timeout_seconds", -1, "tracking.request_timeout_seconds must be more than 0 and at most 600"),
+        ("request_timeout_seconds", "soon", "tracking.request_timeout_seconds must be a number, got 'soon'"),
+    ],
+)
+def test_tracking_retry_and_timeout_must_be_positive_and_bounded(key, value, expected):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tracking"][key] = value
+    assert expected in problems_of(raw)
+
+
+@pytest.mark.parametrize(("seconds", "retries"), [(0.5, 2), (2, 2), (30, 5), (60, 6), (3600, 12)])
+def test_retry_time_becomes_enough_of_mlflows_retries_to_cover_it(seconds, retries):
+    from pipeline.tracking.store import http_client_settings
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tracking"].update(retry_seconds=seconds, request_timeout_seconds=7)
+    settings = http_client_settings(validate(raw).tracking)
+    assert settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == str(retries)
+    # urllib3 waits 0, 2, 4 … seconds between retries (backoff factor 1): 2**n - 2 in all.
+    assert 2**retries - 2 >= seconds > 2 ** (retries - 1) - 2
+    assert settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"

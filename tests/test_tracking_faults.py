@@ -148,7 +148,7 @@ def test_a_server_gone_for_good_stops_the_stage_and_its_run_is_closed_later(proj
     server.start()
     client, (abandoned,) = runs(server)
     assert abandoned.info.status == "RUNNING"
-    second = start_training(project, server, retry_seconds=30, request_timeout_seconds=10)
+    second = start_training(project, server, retry_seconds=30, request_timeout_seconds=60)
     _, stderr = second.communicate(timeout=600)
     assert second.returncode == 0, stderr
     client, (first, _) = runs(server)
