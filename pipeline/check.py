@@ -529,11 +529,12 @@ def promote(client, uri: str, name: str, model_path: Path) -> Promotion:
                 f"{model_path.name} (SHA-256 {digest[:12]}…) is no version of {name} in {uri}: it was trained "
                 "against another tracking store. Rerun the train stage against this one (dvc repro -f train)."
             )
+        number = str(version.version)
         current = registry.version_by_alias(client, name, registry.CHAMPION)
-        if current is not None and current.version == version.version:
-            return Promotion(name, version.version, reason=f"version {version.version} already is the champion")
-        previous = registry.promote(client, name, version.version)
-    return Promotion(name, version.version, previous)
+        if current is not None and str(current.version) == number:
+            return Promotion(name, number, reason=f"version {number} already is the champion")
+        previous = registry.promote(client, name, number)
+    return Promotion(name, number, previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def test_the_run_registers_its_model_as_a_tagged_described_version(repro):
     client, (run,) = only_runs(project)
     name = project.params()["tracking"]["registered_model"]
     (version,) = client.search_model_versions(f"name = '{name}'")
-    assert version.version == "1" and version.run_id == run.info.run_id
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
     tags = version.tags
     assert tags[registry.RUN_ID_TAG] == run.info.run_id
     assert tags["git.commit"] == run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")

@@ -71,10 +71,11 @@ def promote(client: MlflowClient, name: str, version: str) -> str | None:
     ``previous`` is moved first: should the second call fail, both aliases name the old champion and
     nothing points at a model the gate did not pass.
     """
+    # MLflow gives versions as numbers or strings depending on the store; they are compared as strings.
     former = version_by_alias(client, name, CHAMPION)
-    if former is not None and former.version == str(version):
+    if former is not None and str(former.version) == str(version):
         return None
     if former is not None:
-        client.set_registered_model_alias(name, PREVIOUS, former.version)
+        client.set_registered_model_alias(name, PREVIOUS, str(former.version))
     client.set_registered_model_alias(name, CHAMPION, str(version))
-    return None if former is None else former.version
+    return None if former is None else str(former.version)
