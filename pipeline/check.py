@@ -469,6 +469,8 @@ def open_registry(tracking: TrackingParams) -> tuple[Any, str]:
     uri = store.tracking_uri(tracking.uri, store.store_root())
     store.check_reachable(uri)
     store.require_existing(uri)
+    # The gate fetches one small JSON file; a progress bar would only clutter its report.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     return mlflow.MlflowClient(uri), uri
@@ -483,12 +485,15 @@ def baseline_from_champion(client, uri: str, name: str) -> Baseline:
             return Baseline(label, None, f"{name} has no champion yet in {uri}")
         label = f"{label} (version {version.version}, run {str(version.run_id)[:7]})"
         run = client.get_run(version.run_id)
+        metrics: dict[str, Any] = {}
+        # Only the report's JSON files, not its pictures.
+        reports = client.list_artifacts(version.run_id, record.REPORT_ARTIFACTS)
         with tempfile.TemporaryDirectory() as folder:
-            downloaded = Path(client.download_artifacts(version.run_id, record.REPORT_ARTIFACTS, folder))
-            metrics: dict[str, Any] = {}
-            with reading(f"the metrics of {label}"):
-                for path in sorted(downloaded.glob("*.json")):
-                    metrics.update(flatten(json.loads(path.read_text(encoding="utf-8"))))
+            for item in sorted(reports, key=lambda item: item.path):
+                if item.path.endswith(".json"):
+                    path = Path(client.download_artifacts(version.run_id, item.path, folder))
+                    with reading(f"the metrics of {label}"):
+                        metrics.update(flatten(json.loads(path.read_text(encoding="utf-8"))))
     if not metrics:
         return Baseline(label, None, f"the run of {label} logged no report")
     environment_tags = {

@@ -120,6 +120,8 @@ def ink(grey: np.ndarray) -> np.ndarray:
     strongest = float(amount.max())
     if strongest < MIN_CONTRAST:
         raise ImageError("shows no ink: it is empty or all one colour")
+    # Paper texture and JPEG noise, far fainter than the ink, would add mass around the digit and
+    # pull its centre away; what is below half the ink threshold is paper.
     amount[amount < INK_THRESHOLD * strongest / 2] = 0
     return amount * (255.0 / strongest)
 
@@ -144,6 +146,8 @@ def centre_by_mass(digit: np.ndarray, shape: tuple[int, int] = IMAGE_SHAPE, cent
     height, width = digit.shape
     rows, columns = np.indices(digit.shape)
     mass = float(digit.sum())
+    if mass <= 0:
+        raise ImageError("shows no ink: it is empty or all one colour")
     offsets = []
     for coordinates, target, size, field_size in (
         (rows, centre[0], height, shape[0]),
@@ -209,6 +213,11 @@ def load_predictor(model: str):
     """A function from uint8 rows of 784 pixels to probabilities, for a .keras file or an MLflow model URI."""
     # TensorFlow's C++ start-up chatter says nothing our users can act on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    # MLflow's TensorFlow flavour predicts through Keras, whose progress bar would land in our output.
+    keras.config.disable_interactive_logging()
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if ":" in model and not Path(model).exists():
         import mlflow
 
@@ -229,8 +238,6 @@ def load_predictor(model: str):
     if not path.is_file():
         hint = " (run the pipeline first: dvc repro)" if model == DEFAULT_MODEL else ""
         raise PipelineError(f"the model file {path} does not exist{hint}; or pass --model models:/<name>@<alias>.")
-    import keras
-
     try:
         loaded = keras.saving.load_model(path)
     except (ValueError, OSError) as error:
