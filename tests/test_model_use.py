@@ -268,9 +268,9 @@ def test_mnist_predict_asks_the_registry_for_the_champion(flow, tmp_path):
     image = Image.fromarray(np.load(project.root / "data/processed/test_images.npy")[0].reshape(28, 28))
     path = tmp_path / "digit.png"
     image.save(path)
-    local = project.run(sys.executable, "-m", "pipeline.predict", "--json", str(path), timeout=300)
+    local = project.run(sys.executable, "-m", "pipeline.predict", "--json", str(path), timeout=900)
     champion = project.run(
-        str(VENV_BIN / "mnist-predict"), "--json", "--model", f"models:/{NAME}@champion", str(path), timeout=300
+        str(VENV_BIN / "mnist-predict"), "--json", "--model", f"models:/{NAME}@champion", str(path), timeout=900
     )
     # The workspace's model is the champion (the improvement was promoted last).
     assert json.loads(local.stdout) == json.loads(champion.stdout)
