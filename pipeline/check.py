@@ -10,17 +10,25 @@ holds, 1 on a regression and 2 on bad input, including any value the rules canno
     python -m pipeline.check                      # against the merge base with main
     python -m pipeline.check --rev origin/main    # against another revision
     python -m pipeline.check --baseline-file old/metrics.json --json
+    python -m pipeline.check --champion --promote # against the registry's champion; promote if it holds
+
+With ``--champion`` the baseline is the metrics of the registered model's ``champion`` version (the
+report its run logged), read from the MLflow registry the pipeline logs to. With ``--promote``, when
+every rule holds, the model in the working tree (the ``type: model`` artifact dvc.yaml declares,
+found in the registry by its SHA-256) becomes the champion and the former champion ``previous``.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +43,8 @@ from dvc.utils.flatten import flatten
 from dvc.utils.serialize import ParseError
 
 from pipeline.cli import PipelineError, run
-from pipeline.params import CheckRule, load_params
+from pipeline.params import CheckRule, TrackingParams, load_params
+from pipeline.tracking import record, registry, store
 
 MAIN_BRANCHES = ("main", "origin/main")
 EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
@@ -83,6 +92,20 @@ class Baseline:
     rev: str | None = None
     commit: str | None = None
     path: str | None = None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``--promote`` did: the candidate's version, the former champion's, or why nothing moved."""
+
+    model: str
+    version: str | None = None
+    previous: str | None = None
+    reason: str = ""
+
+    @property
+    def promoted(self) -> bool:
+        return not self.reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +307,12 @@ def _json_number(value: float | None) -> float | None:
     return None if value is None else round(value, 12)
 
 
-def render_json(rows: list[Row], baseline: Baseline | None = None, environment: str | None = None) -> str:
+def render_json(
+    rows: list[Row],
+    baseline: Baseline | None = None,
+    environment: str | None = None,
+    promotion: Promotion | None = None,
+) -> str:
     """Render the rows, the overall status, the baseline's origin and the environment's difference as JSON."""
     baseline = baseline or Baseline("the baseline", {})
     report = {
@@ -307,7 +335,23 @@ def render_json(rows: list[Row], baseline: Baseline | None = None, environment: 
             for row in rows
         ],
     }
+    if promotion is not None:
+        report["promotion"] = {**asdict(promotion), "promoted": promotion.promoted, "reason": promotion.reason or None}
     return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_promotion(promotion: Promotion) -> str:
+    """One Markdown line saying which version became the champion, or why none did."""
+    if not promotion.promoted:
+        return f"Not promoted: {promotion.reason}.\n\n"
+    champion = f"`{registry.alias_uri(promotion.model, registry.CHAMPION)}`"
+    if promotion.previous is None:
+        return f"🏆 Promoted {promotion.model} version {promotion.version} to {champion} (there was no champion).\n\n"
+    previous = f"`{registry.alias_uri(promotion.model, registry.PREVIOUS)}`"
+    return (
+        f"🏆 Promoted {promotion.model} version {promotion.version} to {champion}; "
+        f"version {promotion.previous}, the former champion, is now {previous}.\n\n"
+    )
 
 
 def render_error(message: str) -> str:
@@ -406,6 +450,99 @@ def append_summary(path: str, markdown: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The registry: the champion's metrics as a baseline, and promotion.
+
+
+@contextmanager
+def registry_access(uri: str) -> Iterator[None]:
+    """Turn MLflow's failures into a CheckError naming the store."""
+    import mlflow
+
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as error:
+        raise CheckError(f"the MLflow registry at {uri} failed: {store.short(error.message)}") from None
+
+
+def open_registry(tracking: TrackingParams) -> tuple[Any, str]:
+    """A client of the store the pipeline logs to ($MLFLOW_TRACKING_URI, tracking.uri, or mlflow.db), and its URI."""
+    uri = store.tracking_uri(tracking.uri, store.store_root())
+    store.check_reachable(uri)
+    store.require_existing(uri)
+    # The gate fetches one small JSON file; a progress bar would only clutter its report.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    return mlflow.MlflowClient(uri), uri
+
+
+def baseline_from_champion(client, uri: str, name: str) -> Baseline:
+    """The metrics the champion's run logged (its report's JSON files), and its environment from the run's tags."""
+    label = registry.alias_uri(name, registry.CHAMPION)
+    with registry_access(uri):
+        version = registry.version_by_alias(client, name, registry.CHAMPION)
+        if version is None:
+            return Baseline(label, None, f"{name} has no champion yet in {uri}")
+        label = f"{label} (version {version.version}, run {str(version.run_id)[:7]})"
+        run = client.get_run(version.run_id)
+        metrics: dict[str, Any] = {}
+        # Only the report's JSON files, not its pictures.
+        reports = client.list_artifacts(version.run_id, record.REPORT_ARTIFACTS)
+        with tempfile.TemporaryDirectory() as folder:
+            for item in sorted(reports, key=lambda item: item.path):
+                if item.path.endswith(".json"):
+                    path = Path(client.download_artifacts(version.run_id, item.path, folder))
+                    with reading(f"the metrics of {label}"):
+                        metrics.update(flatten(json.loads(path.read_text(encoding="utf-8"))))
+    if not metrics:
+        return Baseline(label, None, f"the run of {label} logged no report")
+    environment_tags = {
+        key.removeprefix("env."): value for key, value in run.data.tags.items() if key.startswith("env.")
+    }
+    metrics.update(flatten({ENVIRONMENT: environment_tags}))
+    return Baseline(label, metrics)
+
+
+def model_artifact() -> Path:
+    """The file of the one ``type: model`` artifact dvc.yaml declares."""
+    root = Path(Repo.find_root())
+    with reading("dvc.yaml's artifacts"), Repo(str(root)) as repo:
+        models = [
+            root / Path(dvcfile).parent / artifact.path
+            for dvcfile, artifacts in repo.artifacts.read().items()
+            for artifact in artifacts.values()
+            if artifact.type == "model"
+        ]
+    if len(models) != 1:
+        raise CheckError(
+            f"--promote needs exactly one artifact of type model in dvc.yaml to know which model to promote, "
+            f"found {len(models)}."
+        )
+    return models[0]
+
+
+def promote(client, uri: str, name: str, model_path: Path) -> Promotion:
+    """Make the registry's version of the file at ``model_path`` the champion."""
+    try:
+        digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise CheckError(f"{model_path} does not exist; run the pipeline first (dvc repro).") from None
+    with registry_access(uri):
+        version = registry.version_of_model(client, name, digest)
+        if version is None:
+            raise CheckError(
+                f"{model_path.name} (SHA-256 {digest[:12]}…) is no version of {name} in {uri}: it was trained "
+                "against another tracking store. Rerun the train stage against this one (dvc repro -f train)."
+            )
+        number = str(version.version)
+        current = registry.version_by_alias(client, name, registry.CHAMPION)
+        if current is not None and str(current.version) == number:
+            return Promotion(name, number, reason=f"version {number} already is the champion")
+        previous = registry.promote(client, name, number)
+    return Promotion(name, number, previous)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -419,6 +556,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--rev", help="baseline git revision (default: merge base of HEAD and main, else HEAD)")
     source.add_argument("--baseline-file", type=Path, help="a JSON file of baseline metrics, instead of git")
+    source.add_argument(
+        "--champion",
+        action="store_true",
+        help="baseline: the metrics of the registered model's champion, from the MLflow registry, instead of git",
+    )
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="when every rule holds, make the working tree's model the registered model's champion "
+        "(the former champion becomes 'previous')",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument(
         "--summary-file",
@@ -433,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the gate and return its exit code; raises PipelineError on bad input."""
     args = parse_args(argv)
     try:
-        rules = load_params(args.params).check
+        params = load_params(args.params)
+        rules = params.check
         if not rules:
             raise CheckError(
                 "params.yaml has no rules in its check section, so the gate would check nothing; "
@@ -446,8 +595,22 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckError(f"{error.filename} does not exist; run the pipeline first (dvc repro).") from None
         if not current:
             raise CheckError("DVC finds no metrics; declare the metrics files in dvc.yaml and run dvc repro.")
-        baseline = read_baseline_file(args.baseline_file) if args.baseline_file else baseline_from_git(args.rev)
+        name = params.tracking.registered_model
+        client, uri = open_registry(params.tracking) if args.champion or args.promote else (None, "")
+        if args.baseline_file:
+            baseline = read_baseline_file(args.baseline_file)
+        elif args.champion:
+            baseline = baseline_from_champion(client, uri, name)
+        else:
+            baseline = baseline_from_git(args.rev)
         rows = compare(baseline.metrics, current, rules)
+        promotion = None
+        if args.promote:
+            model_path = model_artifact()
+            if exit_code(rows) == EXIT_PASS:
+                promotion = promote(client, uri, name, model_path)
+            else:
+                promotion = Promotion(name, reason="the metrics broke their rules")
     except PipelineError as error:
         if args.summary_file:
             append_summary(args.summary_file, render_error(str(error)))
@@ -455,9 +618,11 @@ def main(argv: list[str] | None = None) -> int:
 
     environment = environment_difference(baseline.metrics, current)
     markdown = render_markdown(rows, baseline, environment)
+    if promotion is not None:
+        markdown += render_promotion(promotion)
     if args.summary_file:
         append_summary(args.summary_file, markdown)
-    sys.stdout.write(render_json(rows, baseline, environment) if args.json else markdown)
+    sys.stdout.write(render_json(rows, baseline, environment, promotion) if args.json else markdown)
     return exit_code(rows)
 
 

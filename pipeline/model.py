@@ -60,6 +60,25 @@ def build_model(seed: int) -> keras.Model:
     return model
 
 
+def raw_pixel_model(model: keras.Model) -> keras.Model:
+    """``model`` behind a layer that scales raw pixels (uint8, 0-255) as training did.
+
+    This is the model users get (``models/model.keras``, the logged and served MLflow model): it
+    takes pixels as the IDX files and image files hold them, so nobody has to know the scaling.
+    Rescaling computes ``float32(pixels) * float32(1/255) + 0``, which gives the trained model the
+    very float32 inputs :func:`pipeline.data.scale_pixels` gave it, so the probabilities are
+    bit-identical to the trained model's on scaled pixels.
+    """
+    return keras.Sequential(
+        [
+            keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels"),
+            layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels"),
+            model,
+        ],
+        name="mnist_softmax_raw_pixels",
+    )
+
+
 def save_model(model: keras.Model, path: Path) -> None:
     """Save ``model`` as a ``.keras`` archive whose bytes depend on the model alone.
 

@@ -25,6 +25,8 @@ SEED_LIMIT = 2**32
 FLOAT32_MAX = 3.4028234663852886e38
 
 PARAMS_FILE = Path("params.yaml")
+# Characters that separate a models:/<name>@<alias> or models:/<name>/<version> URI into parts.
+MODEL_NAME_SEPARATORS = ("/", "@", ":")
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -56,6 +58,7 @@ class TrainParams:
 class TrackingParams:
     experiment: str
     uri: str
+    registered_model: str
     retry_seconds: float
     request_timeout_seconds: float
 
@@ -161,6 +164,18 @@ def tracking_uri_problem(uri: str) -> str | None:
     return None
 
 
+def registered_model_problem(name: str | None) -> str | None:
+    """Return why ``name`` cannot name a registered model in a ``models:/<name>@<alias>`` URI, or None."""
+    if name is None:
+        return None
+    if not name.strip():
+        return "must name the MLflow registered model that every run adds a version to"
+    if any(character in name for character in MODEL_NAME_SEPARATORS) or name != name.strip():
+        separators = " ".join(MODEL_NAME_SEPARATORS)
+        return f"{name!r} must not contain {separators} or surrounding spaces (they split a models:/ URI into parts)"
+    return None
+
+
 def _check_rules(raw: Any, collector: _Collector) -> dict[str, CheckRule]:
     if raw is None:
         return {}
@@ -234,6 +249,8 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         collector.add(f"train.seed must be in [0, 2**32), got {seed}")
     if tracking.get("experiment") == "":
         collector.add("tracking.experiment must name an MLflow experiment")
+    if (problem := registered_model_problem(tracking.get("registered_model"))) is not None:
+        collector.add(f"tracking.registered_model {problem}")
     if (problem := tracking_uri_problem(tracking.get("uri") or "")) is not None:
         collector.add(f"tracking.uri {problem}")
     for key, limit in (("retry_seconds", 3600), ("request_timeout_seconds", 600)):

@@ -263,7 +263,7 @@ def log_report(client, run_id: str, metrics: dict, outputs: dict[Path, bytes], d
             # Artifacts keep the outputs' own file names.
             for path, data in outputs.items():
                 (Path(folder) / path.name).write_bytes(data)
-            client.log_artifacts(run_id, folder, artifact_path="report")
+            client.log_artifacts(run_id, folder, artifact_path=record.REPORT_ARTIFACTS)
         lock = store.project_root() / "dvc.lock"
         if lock.exists():
             client.log_artifact(run_id, str(lock))

@@ -1,12 +1,14 @@
 """Stage ``train``: fit the seed's softmax network and record every step.
 
 Reads the processed arrays from ``--data`` and the ``train`` and ``tracking`` sections of
-params.yaml. Writes the Keras model (``--model``), the test set's predicted probabilities for the
+params.yaml. Writes the Keras model (``--model``: the trained network behind a layer that scales raw
+0-255 pixels, see pipeline.model.raw_pixel_model), the test set's predicted probabilities for the
 report stage (``--test-probabilities``, so that report needs no TensorFlow), the per-step history
 (``--history``: step, train_accuracy, train_cross_entropy, test_accuracy, test_cross_entropy) and
 the final training metrics with the environment that produced them (``--metrics``). Records one
 MLflow run (see pipeline.tracking.record): params, tags, the per-step history, the model and the
-final metrics. The outputs are replaced only after the run is recorded.
+final metrics, and registers the model as a new version of ``tracking.registered_model`` (see
+pipeline.tracking.registry). The outputs are replaced only after the run is recorded.
 
 Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
 summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
@@ -29,9 +31,9 @@ from tqdm import tqdm
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import HISTORY_COLUMNS, load_processed, scale_pixels
+from pipeline.data import HISTORY_COLUMNS, load_processed
 from pipeline.params import TrainParams, load_params
-from pipeline.tracking import record, store, tags
+from pipeline.tracking import record, registry, store, tags
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +210,11 @@ def final_metrics(history: History) -> dict[str, float]:
     return metrics
 
 
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The share of images whose most probable class is their label (one-hot ``labels``)."""
+    return float(np.mean(probabilities.argmax(axis=1) == labels.argmax(axis=1)))
+
+
 def run_name(params: TrainParams) -> str:
     return f"lr={params.learning_rate:g} bs={params.batch_size} it={params.iterations} seed={params.seed}"
 
@@ -253,7 +260,7 @@ def main() -> None:
     import mlflow
     import tensorflow as tf
 
-    from pipeline.model import SgdTrainer, build_model, save_model
+    from pipeline.model import SgdTrainer, build_model, raw_pixel_model, save_model
 
     # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
     # without them Keras reports through absl's logger, which only needs to speak up about problems.
@@ -307,8 +314,11 @@ def main() -> None:
         metrics = final_metrics(history)
         logger.info("trained %d steps in %.1f s: %s", config.iterations, train_seconds, metrics)
 
-        probabilities = npy_bytes(trainer.test_probabilities())
-        save_model(model, model_path)
+        test_probabilities = trainer.test_probabilities()
+        probabilities = npy_bytes(test_probabilities)
+        # Users get the model that takes raw 0-255 pixels; its probabilities are the trained model's.
+        user_model = raw_pixel_model(model)
+        save_model(user_model, model_path)
         probabilities_path.write_bytes(probabilities)
         history_text = history_csv(history)
         history_path.write_text(history_text)
@@ -325,15 +335,28 @@ def main() -> None:
         mlflow_run.wait()
         try:
             logged = mlflow.tensorflow.log_model(
-                model,
+                user_model,
                 name="model",
-                input_example=scale_pixels(data["test_images"][:5]),
+                # Raw pixels, so the signature says what the model takes: uint8 rows of 784.
+                input_example=data["test_images"][:5],
                 pip_requirements=tags.model_requirements(),
                 params={key: str(value) for key, value in run_params.items()},
             )
             mlflow.log_metrics({**metrics, "train_seconds": train_seconds}, model_id=logged.model_id)
             mlflow.log_text(history_text, "history.csv")
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities))
+            version = registry.register(
+                mlflow_run.client,
+                tracking_params.registered_model,
+                logged.model_uri,
+                registry.version_tags(
+                    mlflow_run.run_id, tags.run_tags(store.project_root()), record.sha256(model_path.read_bytes())
+                ),
+                registry.description(
+                    accuracy(test_probabilities, data["test_labels"]), len(data["test_images"]), run_name(config)
+                ),
+            )
+            logger.info("registered the model as version %s of %r", version.version, tracking_params.registered_model)
         except (mlflow.exceptions.MlflowException, OSError) as error:
             raise PipelineError(
                 f"logging the model to MLflow run {mlflow_run.run_id} failed: {store.short(str(error))} "

@@ -843,13 +843,14 @@ def step_index(predicate) -> int:
 
 
 def gate_step() -> dict:
-    return steps()[step_index(lambda step: "pipeline.check" in step.get("run", ""))]
+    return steps()[step_index(lambda step: "pipeline.check --rev" in step.get("run", ""))]
 
 
 def test_workflow_runs_on_pull_requests_and_has_its_steps_in_order():
     workflow = load_workflow()
     # YAML 1.1 reads the key `on` as the boolean true.
-    assert "pull_request" in workflow.get("on", workflow.get(True))
+    triggers = workflow.get("on", workflow.get(True))
+    assert "pull_request" in triggers and triggers["push"] == {"branches": ["main"]}
     job = workflow["jobs"]["metrics-gate"]
     assert job["env"]["MNIST_MIRROR"] == "${{ vars.MNIST_MIRROR }}"
 
@@ -862,9 +863,15 @@ def test_workflow_runs_on_pull_requests_and_has_its_steps_in_order():
     assert steps()[cache]["with"]["path"] == ".dvc/cache"
     assert "hashFiles('dvc.lock')" in steps()[cache]["with"]["key"]
     repro = step_index(lambda step: step.get("run", "").strip() == "uv run --locked dvc repro")
-    gate = step_index(lambda step: "pipeline.check" in step.get("run", ""))
-    assert checkout < python < install < cache < repro < gate
-    assert gate == len(steps()) - 1
+    gate = step_index(lambda step: "pipeline.check --rev" in step.get("run", ""))
+    promote = step_index(lambda step: "--promote" in step.get("run", ""))
+    assert checkout < python < install < cache < repro < gate < promote
+    assert promote == len(steps()) - 1
+    # Pull requests are gated against their base branch; only main's pushes move the champion.
+    assert steps()[gate]["if"] == "github.event_name == 'pull_request'"
+    assert steps()[promote]["if"] == "github.event_name == 'push' && github.ref == 'refs/heads/main'"
+    assert "--champion" in steps()[promote]["run"] and "continue-on-error" not in steps()[promote]
+    assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ vars.MLFLOW_TRACKING_URI }}"
 
     gate_run = steps()[gate]["run"]
     assert '--summary-file "$GITHUB_STEP_SUMMARY"' in gate_run
@@ -877,6 +884,7 @@ def test_workflow_runs_on_pull_requests_and_has_its_steps_in_order():
 def github_expressions(text: str) -> str:
     """Stand in for what GitHub substitutes into a pull request's job, with main as the base branch."""
     text = text.replace("${{ github.base_ref }}", "main").replace("${{ vars.MNIST_MIRROR }}", "")
+    text = text.replace("${{ vars.MLFLOW_TRACKING_URI }}", "")
     assert "${{" not in text, text
     return text
 
@@ -936,3 +944,29 @@ def test_workflow_gate_step_fails_the_job_on_a_regression(pull_request, tmp_path
     text = summary.read_text(encoding="utf-8")
     assert text.startswith("### ❌ Metric check failed")
     assert "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |" in text
+
+
+def test_render_promotion_names_the_new_and_the_former_champion():
+    assert check.render_promotion(check.Promotion("mnist-softmax", "3", "1")) == (
+        "🏆 Promoted mnist-softmax version 3 to `models:/mnist-softmax@champion`; version 1, the former champion, "
+        "is now `models:/mnist-softmax@previous`.\n\n"
+    )
+    assert "(there was no champion)" in check.render_promotion(check.Promotion("mnist-softmax", "1"))
+    refused = check.Promotion("mnist-softmax", reason="the metrics broke their rules")
+    assert not refused.promoted
+    assert check.render_promotion(refused) == "Not promoted: the metrics broke their rules.\n\n"
+    report = json.loads(render_json([], Baseline("x", {}), promotion=refused))
+    assert report["promotion"] == {
+        "model": "mnist-softmax",
+        "version": None,
+        "previous": None,
+        "promoted": False,
+        "reason": "the metrics broke their rules",
+    }
+
+
+def test_promotion_needs_a_store_that_exists(repo):
+    # The repository has metrics but no pipeline run, so no MLflow store to promote in.
+    result = run_check(repo, "--promote")
+    assert result.returncode == 2
+    assert "does not exist yet; run the pipeline first" in " ".join(result.stderr.split())

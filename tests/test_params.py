@@ -75,6 +75,10 @@ def test_missing_key_and_section():
         ("preprocess", "validation_size", 60_000, "preprocess.validation_size must be in [0, 60000)"),
         ("preprocess", "validation_size", -1, "preprocess.validation_size must be in [0, 60000)"),
         ("tracking", "uri", "ftp://example/store", "tracking.uri has unknown scheme 'ftp'"),
+        ("tracking", "registered_model", "", "tracking.registered_model must name the MLflow registered model"),
+        ("tracking", "registered_model", "mnist@v1", "tracking.registered_model 'mnist@v1' must not contain / @ :"),
+        ("tracking", "registered_model", "team/mnist", "tracking.registered_model 'team/mnist' must not contain"),
+        ("tracking", "registered_model", 7, "tracking.registered_model must be a string"),
         ("fetch", "timeout_seconds", 0, "fetch.timeout_seconds must be more than 0"),
     ],
 )

@@ -7,6 +7,7 @@ the SQLite file at the project root.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -130,14 +131,18 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
 
     mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
     model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
-    images = np.load(project.root / "data/processed/test_images.npy")[:4].astype(np.float32) / 255
+    # The logged model takes raw pixels, as the IDX files hold them: the scaling travels inside it.
+    images = np.load(project.root / "data/processed/test_images.npy")[:4]
+    assert images.dtype == np.uint8 and images.max() > 1
     probabilities = np.asarray(model(images))
     assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     stored = np.load(project.root / "models/test_probabilities.npy")[:4]
-    assert np.allclose(probabilities, stored, atol=1e-5)
+    assert np.allclose(probabilities, stored, atol=1e-6)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    assert pyfunc.metadata.signature is not None
+    (spec,) = pyfunc.metadata.get_input_schema().inputs
+    assert spec.type == np.dtype("uint8") and spec.shape == (-1, 784)
     assert pyfunc.metadata.saved_input_example_info is not None
+    assert np.allclose(np.asarray(pyfunc.predict(images)), stored, atol=1e-6)
 
     # The run lists the model among its outputs; the model names the run as its source, is READY,
     # and carries the final metrics, which are also the run's own.
@@ -149,6 +154,42 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     linked = {metric.key: metric.value for metric in logged_model.metrics}
     assert linked["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"]) and "train_seconds" in linked
     assert run.data.metrics["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"])
+
+
+def test_the_run_registers_its_model_as_a_tagged_described_version(repro):
+    import keras
+    import mlflow
+
+    from pipeline.tracking import registry
+
+    project, _ = repro
+    client, (run,) = only_runs(project)
+    name = project.params()["tracking"]["registered_model"]
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+    tags = version.tags
+    assert tags[registry.RUN_ID_TAG] == run.info.run_id
+    assert tags["git.commit"] == run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
+    assert tags["data.data/processed"] == lock["preprocess"]["outs"][0]["md5"]
+    # The version names the very file DVC tracks.
+    model_file = project.root / "models/model.keras"
+    assert tags[registry.MODEL_SHA256_TAG] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    accuracy = json.loads((project.root / "metrics/metrics.json").read_text())["test_accuracy"]
+    assert version.description.startswith(f"Test accuracy {accuracy:.4f} on 60 test images")
+    # The registry's model and DVC's file are the same model, taking raw pixels.
+    mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
+    try:
+        registered = mlflow.tensorflow.load_model(f"models:/{name}/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    images = np.load(project.root / "data/processed/test_images.npy")
+    local = keras.saving.load_model(model_file)
+    assert np.array_equal(np.asarray(registered(images)), np.asarray(local(images)))
+    assert np.array_equal(np.asarray(local(images)), np.load(project.root / "models/test_probabilities.npy"))
+    # dvc.yaml declares the same file as its model artifact.
+    (artifact,) = yaml.safe_load((project.root / "dvc.yaml").read_text())["artifacts"].values()
+    assert artifact["path"] == "models/model.keras" and artifact["type"] == "model"
 
 
 def test_metrics_and_plots_commands_work(repro):

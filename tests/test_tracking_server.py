@@ -273,17 +273,40 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     # The server kept them in its --artifacts-destination, not beside the project.
     assert any(artifacts.rglob("accuracy.png")) and any(artifacts.rglob("MLmodel"))
 
-    # The model: loadable by flavour and as pyfunc, predicting what train predicted.
+    # The model: loadable by flavour and as pyfunc, predicting what train predicted from raw pixels.
     (output,) = run.outputs.model_outputs
-    images = np.load(project.root / "data/processed/test_images.npy")[:8].astype(np.float32) / 255
+    images = np.load(project.root / "data/processed/test_images.npy")[:8]
     expected = np.load(project.root / "models/test_probabilities.npy")[:8]
     mlflow.set_tracking_uri(url)
     try:
         keras_model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
-        assert np.allclose(keras_model.predict(images, verbose=0), expected, atol=1e-5)
+        assert np.allclose(keras_model.predict(images, verbose=0), expected, atol=1e-6)
         pyfunc_model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
         predicted = np.asarray(pyfunc_model.predict(images))
-        assert predicted.shape == (8, 10) and np.allclose(predicted, expected, atol=1e-5)
+        assert predicted.shape == (8, 10) and np.allclose(predicted, expected, atol=1e-6)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    # The registry on the server: the run's model is version 1, tagged and described.
+    name = params["tracking"]["registered_model"]
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+    assert version.tags["run_id"] == run.info.run_id and version.tags["git.commit"] == tags["git.commit"]
+    assert version.tags["data.data/processed"] == tags["data.data/processed"]
+    assert version.description.startswith(f"Test accuracy {report['test_accuracy']:.4f} on 60 test images")
+    # The gate promotes it there (the synthetic data's accuracy is far below the floor, so the rules
+    # are loosened for this run), and the champion loads through the server.
+    loose = {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}
+    (project.root / "loose.yaml").write_text(yaml.safe_dump({**params, "check": loose}))
+    check = project.python(
+        "-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote", env={"MLFLOW_TRACKING_URI": url}
+    )
+    assert f"Promoted {name} version 1 to `models:/{name}@champion` (there was no champion)" in check.stdout
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    mlflow.set_tracking_uri(url)
+    try:
+        champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+        assert np.allclose(np.asarray(champion.predict(images)), expected, atol=1e-6)
     finally:
         mlflow.set_tracking_uri(None)
 

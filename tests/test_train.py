@@ -148,6 +148,42 @@ def test_same_params_give_identical_history_and_weights():
     assert not np.array_equal(first_weights[0], other_weights[0])
 
 
+@pytest.mark.slow
+def test_the_users_model_takes_raw_pixels_and_gives_the_trained_probabilities_bit_for_bit(tmp_path):
+    import keras
+
+    from pipeline.data import scale_pixels
+    from pipeline.model import SgdTrainer, build_model, raw_pixel_model, save_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(0)
+    train_images, train_labels, test_images, test_labels = small_data()
+    trainer = SgdTrainer(model, 0.003, train_images, train_labels, test_images, test_labels)
+    train(trainer, batch_order(400, 20, 60, 0), eval_interval=50)
+
+    users = raw_pixel_model(model)
+    # The same float32 inputs reach the trained layer, so not a bit differs.
+    assert np.array_equal(users(test_images).numpy(), model(scale_pixels(test_images)).numpy())
+    assert np.array_equal(users(test_images).numpy(), trainer.test_probabilities())
+    # Saved as train saves it: byte-deterministic, and loaded back as a model of uint8 pixels.
+    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
+    save_model(users, first)
+    save_model(raw_pixel_model(model), second)
+    assert first.read_bytes() == second.read_bytes()
+    loaded = keras.saving.load_model(first)
+    assert loaded.inputs[0].dtype == "uint8"
+    assert np.array_equal(loaded(test_images).numpy(), trainer.test_probabilities())
+
+
+def test_accuracy_is_the_share_of_top_classes_that_match_the_labels():
+    from pipeline.train import accuracy
+
+    labels = np.eye(10, dtype=np.uint8)[[3, 1, 4]]
+    probabilities = np.full((3, 10), 0.05)
+    probabilities[[0, 1, 2], [3, 1, 5]] = 0.55
+    assert accuracy(probabilities, labels) == pytest.approx(2 / 3)
+
+
 def test_initial_weights_follow_the_seed():
     from pipeline.model import build_model
 

@@ -36,6 +36,9 @@ METRICS_PER_BATCH = 1000
 # Tags that link the stages' files to the run: train sets the first, report the second.
 TEST_PROBABILITIES_TAG = "pipeline.test_probabilities_sha256"
 REPORT_TAG = "pipeline.report_sha256"
+# The run's artifact folder for the report's files (metrics.json among them, which the metric gate
+# reads as the champion's baseline).
+REPORT_ARTIFACTS = "report"
 # The process recording a run ("<host>:<pid>"), so that a run left RUNNING by a train process that
 # died without closing it (killed outright, its machine restarted) is recognised and closed as
 # FAILED the next time train opens the store, with the reason in CLOSED_TAG.

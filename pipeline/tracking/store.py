@@ -303,6 +303,16 @@ def store_init_lock(uri: str, timeout: float = SQLITE_INIT_LOCK_SECONDS) -> Iter
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def require_existing(uri: str) -> None:
+    """Fail when ``uri`` is an SQLite store whose file does not exist: MLflow would create an empty one.
+
+    For tools that only read the store (the metric gate, mnist-predict), an empty store would
+    answer "not found" to everything, hiding the real mistake: the wrong directory or URI.
+    """
+    if (database := sqlite_path(uri)) is not None and not database.exists():
+        raise PipelineError(f"the MLflow store {uri} does not exist yet; run the pipeline first (dvc repro).")
+
+
 def short(message: str, limit: int = 300) -> str:
     """One line of at most ``limit`` characters: server errors can carry whole HTML pages."""
     flat = " ".join(str(message).split())

@@ -1,0 +1,308 @@
+"""Which digit is in an image? ``mnist-predict`` (also ``python -m pipeline.predict``) asks the model.
+
+Reads image files (PNG, JPEG or anything else Pillow opens; any size; dark ink on light paper or
+light ink on dark; colour or grey), or one image from stdin for ``-``, and prints per image the
+predicted digit and the three most probable digits (``--json``: a JSON list for machines). The
+model is the pipeline's ``models/model.keras`` by default, or any MLflow model URI
+(``models:/mnist-softmax@champion``, ``runs:/<run id>/model``), looked up in the store the pipeline
+logs to ($MLFLOW_TRACKING_URI, tracking.uri in params.yaml, or the project's mlflow.db).
+
+Each image becomes an MNIST-like input the way MNIST itself was made (LeCun et al.: size-normalised
+into a 20×20 box keeping the aspect ratio, then centred by centre of mass in 28×28): grey levels;
+the ink told from the paper by the border, which is mostly paper, and made white on black; the
+paper's own level subtracted; cropped to the ink's bounding box; scaled to fit 20×20 with
+anti-aliasing; placed so that its centre of mass is at the centre of the 28×28 field. The model
+takes those raw 0-255 pixels (it scales them itself).
+
+An image that cannot be used (not an image, no ink on it, more pixels than Pillow's
+decompression-bomb limit, a missing file) gets a one-paragraph error on stderr; the others are
+still answered, and the exit status is 1. A model that cannot be loaded stops everything (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.cli import PipelineError, format_error, run
+from pipeline.data import IMAGE_SHAPE, NUM_PIXELS
+
+logger = logging.getLogger(__name__)
+
+# The pipeline's model file, the artifact dvc.yaml declares (tests check that the two agree).
+DEFAULT_MODEL = "models/model.keras"
+STDIN = "-"
+# MNIST's digits were scaled to fit this box, then centred by centre of mass in IMAGE_SHAPE; their
+# centre of mass sits at pixel (14, 14) (row, column, counted from 0), within ±0.3 on the test set.
+DIGIT_BOX = 20
+CENTRE = (14.0, 14.0)
+# Ink is what stands out from the paper by more than this share of the strongest ink, which keeps
+# JPEG noise and paper texture out of the bounding box.
+INK_THRESHOLD = 0.3
+# Fewer grey levels than this between paper and ink means there is no ink at all (a blank page).
+MIN_CONTRAST = 32
+TOP = 3
+
+
+class ImageError(ValueError):
+    """One image cannot be turned into a digit; the others can still be answered."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    name: str
+    probabilities: np.ndarray
+
+    @property
+    def digit(self) -> int:
+        return int(self.probabilities.argmax())
+
+    def top(self, count: int = TOP) -> list[tuple[int, float]]:
+        order = np.argsort(-self.probabilities, kind="stable")[:count]
+        return [(int(digit), float(self.probabilities[digit])) for digit in order]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: from an image to MNIST's 784 pixels.
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode ``data`` with Pillow, refusing images larger than its decompression-bomb limit."""
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice that; here both are refused.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = Image.MAX_IMAGE_PIXELS or 0
+            raise ImageError(
+                f"has more pixels than the {limit:,} this tool reads (Pillow's decompression-bomb limit); "
+                "scale it down first"
+            ) from None
+        except UnidentifiedImageError:
+            raise ImageError("is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP…)") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageError(f"is a damaged or truncated image ({error})") from None
+    # Phone photos are often stored sideways with an EXIF note saying how to turn them.
+    return ImageOps.exif_transpose(image)
+
+
+def grey_levels(image: Image.Image) -> np.ndarray:
+    """The image in grey levels 0-255 (float32), transparent parts shown on white paper."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        paper = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(paper, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float32)
+
+
+def ink(grey: np.ndarray) -> np.ndarray:
+    """How much ink each pixel holds, 0 (paper) to 255 (the strongest ink), whichever way round the image is.
+
+    The border is mostly paper, so its median is the paper's level: ink is what differs from it,
+    darker on light paper, lighter on dark paper.
+    """
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    paper = float(np.median(border))
+    amount = paper - grey if paper >= 128 else grey - paper
+    amount = np.clip(amount, 0, None)
+    strongest = float(amount.max())
+    if strongest < MIN_CONTRAST:
+        raise ImageError("shows no ink: it is empty or all one colour")
+    # Paper texture and JPEG noise, far fainter than the ink, would add mass around the digit and
+    # pull its centre away; what is below half the ink threshold is paper.
+    amount[amount < INK_THRESHOLD * strongest / 2] = 0
+    return amount * (255.0 / strongest)
+
+
+def crop_to_ink(amount: np.ndarray) -> np.ndarray:
+    """The smallest rectangle holding every pixel with more than INK_THRESHOLD of the strongest ink."""
+    rows, columns = np.nonzero(amount > INK_THRESHOLD * 255.0)
+    return amount[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+
+
+def fit_box(amount: np.ndarray, box: int = DIGIT_BOX) -> np.ndarray:
+    """Scale so that the longer side is ``box`` pixels, keeping the aspect ratio, with anti-aliasing."""
+    height, width = amount.shape
+    scale = box / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = Image.fromarray(np.clip(amount, 0, 255).astype(np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 255)
+
+
+def centre_by_mass(digit: np.ndarray, shape: tuple[int, int] = IMAGE_SHAPE, centre=CENTRE) -> np.ndarray:
+    """Place ``digit`` in a field of ``shape`` so that its centre of mass lands on ``centre`` (whole pixels)."""
+    height, width = digit.shape
+    rows, columns = np.indices(digit.shape)
+    mass = float(digit.sum())
+    if mass <= 0:
+        raise ImageError("shows no ink: it is empty or all one colour")
+    offsets = []
+    for coordinates, target, size, field_size in (
+        (rows, centre[0], height, shape[0]),
+        (columns, centre[1], width, shape[1]),
+    ):
+        offset = round(target - float((digit * coordinates).sum()) / mass)
+        # A lopsided digit still has to fit in the field.
+        offsets.append(min(max(offset, 0), field_size - size))
+    field = np.zeros(shape, dtype=np.float32)
+    field[offsets[0] : offsets[0] + height, offsets[1] : offsets[1] + width] = digit
+    return field
+
+
+def mnist_pixels(data: bytes) -> np.ndarray:
+    """An image file's bytes as one MNIST-like row of 784 uint8 pixels, white ink on black."""
+    digit = fit_box(crop_to_ink(ink(grey_levels(open_image(data)))))
+    pixels = np.rint(centre_by_mass(digit)).astype(np.uint8).reshape(NUM_PIXELS)
+    if not pixels.any():
+        raise ImageError("shows no ink: it is empty or all one colour")
+    return pixels
+
+
+def render_text(results: Sequence[Answer | str]) -> str:
+    """One line per answered image: its digit, then the three most probable digits."""
+    lines = []
+    for result in results:
+        if isinstance(result, Answer):
+            top = ", ".join(f"{digit}: {probability:.1%}" for digit, probability in result.top())
+            lines.append(f"{result.name}: {result.digit}  ({top})\n")
+    return "".join(lines)
+
+
+def render_json(names: Sequence[str], results: Sequence[Answer | str]) -> str:
+    """A JSON list with every image in the order given: its digit and top three, or its error."""
+    items: list[dict] = []
+    for name, result in zip(names, results):
+        if isinstance(result, Answer):
+            top = [{"digit": digit, "probability": round(probability, 6)} for digit, probability in result.top()]
+            items.append({"image": name, "digit": result.digit, "top": top})
+        else:
+            items.append({"image": name, "error": result})
+    return json.dumps(items, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the model and reading the images: the only code that touches disk and MLflow.
+
+
+def tracking_uri() -> str:
+    """The store the pipeline logs to, for models:/ and runs:/ URIs."""
+    from pipeline.params import ParamsError, load_params
+    from pipeline.tracking import store
+
+    try:
+        params_uri = load_params().tracking.uri
+    except ParamsError:
+        # Outside the project (no params.yaml): only $MLFLOW_TRACKING_URI or the local default.
+        params_uri = ""
+    return store.tracking_uri(params_uri, store.store_root())
+
+
+def load_predictor(model: str):
+    """A function from uint8 rows of 784 pixels to probabilities, for a .keras file or an MLflow model URI."""
+    # TensorFlow's C++ start-up chatter says nothing our users can act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    # MLflow's TensorFlow flavour predicts through Keras, whose progress bar would land in our output.
+    keras.config.disable_interactive_logging()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if ":" in model and not Path(model).exists():
+        import mlflow
+
+        from pipeline.tracking import store
+
+        uri = tracking_uri()
+        store.check_reachable(uri)
+        store.require_existing(uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            loaded = mlflow.pyfunc.load_model(model)
+        except mlflow.exceptions.MlflowException as error:
+            raise PipelineError(f"cannot load the model {model} from {uri}: {store.short(error.message)}") from None
+        except OSError as error:
+            raise PipelineError(f"cannot load the model {model} from {uri}: {error}") from None
+        return lambda pixels: np.asarray(loaded.predict(pixels))
+    path = Path(model)
+    if not path.is_file():
+        hint = " (run the pipeline first: dvc repro)" if model == DEFAULT_MODEL else ""
+        raise PipelineError(f"the model file {path} does not exist{hint}; or pass --model models:/<name>@<alias>.")
+    try:
+        loaded = keras.saving.load_model(path)
+    except (ValueError, OSError) as error:
+        raise PipelineError(f"cannot load the model file {path}: {error}") from None
+    return lambda pixels: np.asarray(loaded(pixels))
+
+
+def read_input(name: str) -> bytes:
+    if name == STDIN:
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except FileNotFoundError:
+        raise ImageError("does not exist") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image file") from None
+    except OSError as error:
+        raise ImageError(f"cannot be read ({error.strerror})") from None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mnist-predict",
+        description="Predict the digit in each image file (PNG, JPEG, any size; - reads one image from stdin).",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or - for stdin")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a .keras file or an MLflow model URI such as models:/mnist-softmax@champion (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    args = parser.parse_args(argv)
+    if args.images.count(STDIN) > 1:
+        parser.error("stdin (-) can be read only once")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Answer every image; return 1 if any could not be answered."""
+    args = parse_args(argv)
+    names = [("<stdin>" if name == STDIN else name) for name in args.images]
+    # Each image's pixels, or the reason it has none.
+    inputs: list[np.ndarray | str] = []
+    for name, shown in zip(args.images, names):
+        try:
+            inputs.append(mnist_pixels(read_input(name)))
+        except ImageError as error:
+            inputs.append(f"{shown} {error}.")
+    usable = [pixels for pixels in inputs if isinstance(pixels, np.ndarray)]
+    probabilities = iter(load_predictor(args.model)(np.stack(usable)) if usable else [])
+    results: list[Answer | str] = [
+        Answer(name, next(probabilities)) if isinstance(item, np.ndarray) else item for name, item in zip(names, inputs)
+    ]
+    for result in results:
+        if isinstance(result, str):
+            print(format_error(result), file=sys.stderr)
+    sys.stdout.write(render_json(names, results) if args.json else render_text(results))
+    return 0 if all(isinstance(result, Answer) for result in results) else 1
+
+
+def cli() -> None:
+    """Entry point of ``mnist-predict`` and ``python -m pipeline.predict``."""
+    run(lambda: sys.exit(main(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    cli()
