@@ -64,6 +64,9 @@ TRIAL_TAG = "sweep.trial"
 NODE_TAG = "sweep.node"
 HOST_TAG = "sweep.host"
 PARENT_TAG = "mlflow.parentRunId"
+# Ray's raylet gives its agent processes a fixed 15 s to start; on a loaded machine they can miss
+# it, and the node fails to start. Starting again usually succeeds (the imports are cached then).
+RAY_START_ATTEMPTS = 3
 # The longest error text a failed trial keeps for the table.
 ERROR_CHARS = 400
 
@@ -461,6 +464,24 @@ def close_unfinished_runs(client, experiment_id: str, parent_run_id: str, status
     return closed
 
 
+def start_ray(address: str) -> None:
+    """Join the cluster at ``address``, or start Ray on this machine, trying again if its start-up times out."""
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address or None, include_dashboard=False, configure_logging=False)
+            return
+        # Ray reports a node that missed a start-up deadline, or an unreachable cluster, as a bare
+        # Exception or a ConnectionError.
+        except Exception as error:
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS or "timed out" not in str(error):
+                where = f"the Ray cluster at {address}" if address else "Ray on this machine"
+                raise PipelineError(f"could not start or join {where}: {store.short(str(error))}") from None
+            logger.warning("Ray did not start in time (attempt %d of %d); trying again", attempt, RAY_START_ATTEMPTS)
+
+
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("sweep", type=Path, metavar="SWEEP.yaml", help="the sweep definition (sweeps/example.yaml)")
@@ -567,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         callbacks=[trial_lines(total, sweep.metric)],
     )
     status, interrupted = "FINISHED", False
-    ray.init(address=args.address or None, include_dashboard=False, configure_logging=False)
+    start_ray(args.address)
     try:
         if tune.Tuner.can_restore(str(state_path)):
             tuner = tune.Tuner.restore(str(state_path), trainable, resume_unfinished=True, resume_errored=True)
