@@ -23,7 +23,6 @@ schedules the trials, limits how many run at once and restarts those whose worke
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -32,7 +31,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -215,29 +213,15 @@ def failure_message(output: str) -> str:
 
 
 def run_command(command: Sequence[str], cwd: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess:
-    """Run a command in its own process group, which is stopped with SIGTERM if the trial is stopped.
+    """Run a trial's command in the Ray worker's own process group, its output captured.
 
-    SIGTERM makes the train stage end its MLflow run FAILED (pipeline.cli) instead of leaving it
-    RUNNING, when Ray stops a trial (Ctrl-C on the sweep) while the pipeline runs.
+    Staying in the worker's process group matters: when Ray stops a trial (Ctrl-C on the sweep) or
+    its worker dies, Ray ends the worker's whole group, so no pipeline keeps running unattended.
     """
-    process = subprocess.Popen(
-        list(command),
-        cwd=cwd,
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate()
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
-    return subprocess.CompletedProcess(list(command), process.returncode, output, "")
+    return subprocess.run(
+        list(command), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
 
 
 def node_identity() -> tuple[str, str]:
@@ -608,7 +592,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
                     num_samples=1 if sweep.search == "grid" else sweep.trials,
-                    max_concurrent_trials=sweep.max_concurrent,
                 ),
                 run_config=run_config,
             )
