@@ -531,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"another name, or delete {state_path} and {state_file} to start it again."
         )
 
+    # Ray first: it is what most often fails to start, and then no MLflow run is left open.
+    start_ray(args.address)
     client, experiment_id = store.open_store(uri, params.tracking.experiment, store.artifact_location(uri, root))
     if previous:
         parent_run_id = previous["parent_run_id"]
@@ -571,8 +573,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         failure_config=tune.FailureConfig(max_failures=sweep.retries),
         callbacks=[trial_lines(total, sweep.metric)],
     )
-    status, interrupted = "FINISHED", False
-    start_ray(args.address)
+    interrupted, results = False, None
     try:
         if tune.Tuner.can_restore(str(state_path)):
             tuner = tune.Tuner.restore(str(state_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -598,17 +599,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = tuner.fit()
         interrupted = any(not results[i].metrics and results[i].error is None for i in range(len(results)))
     except KeyboardInterrupt:
-        interrupted, results = True, None
+        interrupted = True
     finally:
         ray.shutdown()
-        reason = "the sweep was interrupted" if interrupted else "its trial's worker stopped before the run ended"
-        for run_id in close_unfinished_runs(
-            client, experiment_id, parent_run_id, "KILLED" if interrupted else "FAILED", reason
-        ):
+        # Whatever ended the sweep, no run of it stays RUNNING.
+        if interrupted or results is None:
+            reason, status = "the sweep was interrupted or failed", "KILLED" if interrupted else "FAILED"
+        else:
+            reason, status = "its trial's worker stopped before the run ended", "FAILED"
+        for run_id in close_unfinished_runs(client, experiment_id, parent_run_id, status, reason):
             logger.warning("closed MLflow run %s: %s", run_id, reason)
-        if interrupted:
-            client.set_terminated(parent_run_id, "KILLED")
-    if results is None:
+        if interrupted or results is None:
+            client.set_terminated(parent_run_id, status)
+    if interrupted or results is None:
         raise KeyboardInterrupt
 
     children = client.search_runs(
@@ -634,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if best is not None:
         client.log_metric(parent_run_id, f"best_{sweep.metric}", best[sweep.metric])
         client.set_tag(parent_run_id, "sweep.best_experiment", best["experiment"])
-    client.set_terminated(parent_run_id, status)
+    client.set_terminated(parent_run_id, "FINISHED")
     print(f"\nSweep {sweep.name}: {len(rows)} trials, ranked by {sweep.metric} ({sweep.mode})\n{table}")
     if best is not None:
         chosen = " ".join(f"{key}={best[key]}" for key in sweep.parameters)

@@ -27,7 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlflow_compare_screenshot import CHROMIUM_FLAGS, PAGE_TIMEOUT, DevTools  # noqa: E402
+import mlflow_compare_screenshot  # noqa: E402
+from mlflow_compare_screenshot import CHROMIUM_FLAGS, DevTools  # noqa: E402
+
+# The runs table can take a while to load on a busy machine; every wait is bounded by this.
+PAGE_TIMEOUT = mlflow_compare_screenshot.PAGE_TIMEOUT = 240
 
 
 def experiment_url(tracking_uri: str, experiment: str) -> tuple[str, str]:
@@ -84,7 +88,8 @@ async def screenshot(url: str, sweep: str, out: Path, width: int, height: int, c
                 "(() => { const link = [...document.querySelectorAll('a')].find(a => a.textContent.trim() === "
                 f"{json.dumps(sweep)}); if (!link) return false; let row = link;"
                 " while (row && !(row.getAttribute && row.getAttribute('role') === 'row')) row = row.parentElement;"
-                " const button = row && row.querySelector('button'); if (!button) return false;"
+                " const button = row && (row.querySelector('[aria-label*=xpand]') || row.querySelector('button'));"
+                " if (!button) return false;"
                 " button.click(); return true; })()"
             )
             if not expanded:
