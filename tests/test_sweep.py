@@ -173,7 +173,7 @@ def sweep_project(tmp_path: Path, url: str, text: str, **kwargs) -> Project:
     return project
 
 
-def run_sweep(project: Project, *args: str, timeout: float = 600, check: bool = True):
+def run_sweep(project: Project, *args: str, timeout: float = 1500, check: bool = True):
     return project.run(str(VENV_BIN / "mnist-sweep"), "sweep.yaml", *args, timeout=timeout, check=check)
 
 
@@ -313,6 +313,26 @@ def start_node(name: str, directory: Path, env: dict, *arguments: str) -> subpro
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+    )
+
+
+def start_node_retrying(name: str, directory: Path, env: dict, *arguments: str, attempts: int = 3) -> subprocess.Popen:
+    """Start a node, again if it fails: Ray's raylet gives its agents only 15 s to start, which a
+    loaded machine can miss (the node then exits); the next start usually succeeds."""
+    for _ in range(attempts):
+        process = start_node(name, directory, env, *arguments)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if "Ray runtime started" in (directory / "ray.log").read_text():
+                return process
+            if process.poll() is not None:
+                break
+            time.sleep(1)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        kill_node(name)
+    pytest.fail(
+        f"the Ray {name} node did not start in {attempts} attempts:\n{(directory / 'ray.log').read_text()[-3000:]}"
     )
 
 
