@@ -23,6 +23,7 @@ schedules the trials, limits how many run at once and restarts those whose worke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -450,6 +451,7 @@ def close_unfinished_runs(client, experiment_id: str, parent_run_id: str, status
 
 def start_ray(address: str) -> None:
     """Join the cluster at ``address``, or start Ray on this machine, trying again if its start-up times out."""
+    import psutil  # installed with DVC, which depends on it
     import ray
 
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -460,6 +462,11 @@ def start_ray(address: str) -> None:
         # Exception or a ConnectionError.
         except Exception as error:
             ray.shutdown()
+            # A node that failed to start leaves its other processes (GCS, dashboard, monitors)
+            # running as this process's children; nothing else of ours runs at this point.
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
             if attempt == RAY_START_ATTEMPTS or "timed out" not in str(error):
                 where = f"the Ray cluster at {address}" if address else "Ray on this machine"
                 raise PipelineError(f"could not start or join {where}: {store.short(str(error))}") from None
