@@ -150,3 +150,14 @@ def test_mlflow_keras_log_model_still_fails_with_an_input_example(project):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     with mlflow.start_run(experiment_id=experiment_id), pytest.raises(FileNotFoundError, match="input_example"):
         mlflow.keras.log_model(model, name="model", input_example=np.zeros((1, 4), np.float32))
+
+
+def test_extra_run_tags_come_from_the_environment_as_a_json_object(monkeypatch):
+    monkeypatch.delenv(record.EXTRA_TAGS_VARIABLE, raising=False)
+    assert record.extra_tags() == {}
+    monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, '{"mlflow.parentRunId": "abc", "sweep.trial": "t1"}')
+    assert record.extra_tags() == {"mlflow.parentRunId": "abc", "sweep.trial": "t1"}
+    for bad in ("{not json", '["a"]', '{"a": 1}'):
+        monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, bad)
+        with pytest.raises(PipelineError, match=record.EXTRA_TAGS_VARIABLE):
+            record.extra_tags()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -44,6 +45,9 @@ REPORT_ARTIFACTS = "report"
 # FAILED the next time train opens the store, with the reason in CLOSED_TAG.
 PROCESS_TAG = "pipeline.process"
 CLOSED_TAG = "pipeline.closed_because"
+# Extra tags for the run, as a JSON object, from whatever launched the stage: a sweep sets
+# MLflow's own "mlflow.parentRunId" there, which nests the run under the sweep's run in the UI.
+EXTRA_TAGS_VARIABLE = "PIPELINE_RUN_TAGS"
 
 # {metric name: (steps, values)}
 Series = Mapping[str, tuple[Sequence[int], Sequence[float]]]
@@ -101,6 +105,20 @@ class TrainingRun:
             ) from None
 
 
+def extra_tags() -> dict[str, str]:
+    """The tags in $PIPELINE_RUN_TAGS (a JSON object of strings), checked before any training."""
+    text = os.environ.get(EXTRA_TAGS_VARIABLE, "")
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"${EXTRA_TAGS_VARIABLE} is not valid JSON ({error}): {text[:200]!r}") from None
+    if not isinstance(found, dict) or not all(isinstance(value, str) for value in found.values()):
+        raise PipelineError(f"${EXTRA_TAGS_VARIABLE} must be a JSON object of strings, not {text[:200]!r}.")
+    return found
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -138,7 +156,11 @@ def training_run(
     import mlflow
 
     client, experiment_id = store.open_store(uri, experiment, location)
-    run_tags = {**tags.run_tags(store.project_root()), PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+    run_tags = {
+        **extra_tags(),
+        **tags.run_tags(store.project_root()),
+        PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}",
+    }
     try:
         for run_id in close_abandoned_runs(client, experiment_id):
             logger.warning("closed MLflow run %s as FAILED: the train process recording it had ended", run_id)

@@ -1,0 +1,674 @@
+"""Run a hyperparameter sweep on Ray Tune, each trial a DVC experiment and one nested MLflow run.
+
+``mnist-sweep SWEEP.yaml [--address HOST:PORT]`` reads the sweep definition (sweeps/example.yaml
+shows every key), the project's params.yaml (for the tracking section) and git state, and writes:
+
+* one DVC experiment per trial, ``<sweep name>-<trial id>``, on the sweep's commit: each trial clones
+  the repository at that commit into a temporary directory on whichever machine Ray runs it, runs
+  ``dvc exp run -S key=value ...`` there and pushes the experiment back with ``dvc exp push``, so
+  ``dvc exp show`` (after ``dvc exp pull`` in another clone) lists every trial;
+* one MLflow parent run for the sweep (its definition, the ranking table and a plot of the metric
+  against each parameter), under which every trial's training run is nested through MLflow's
+  ``mlflow.parentRunId`` tag, passed to the train stage in ``$PIPELINE_RUN_TAGS``;
+* Ray Tune's experiment state in ``.dvc/tmp/sweeps/<sweep name>`` (ignored by git), from which a
+  rerun of the same sweep resumes: finished trials are not run again.
+
+Without ``--address`` (or ``$RAY_ADDRESS``) Ray runs on this machine, trials clone this repository
+and share its DVC cache. With a cluster, trials clone the git remote ``origin``, pull data from
+the default DVC remote and push their outputs to it; the MLflow store must then be a server. Ray
+schedules the trials, limits how many run at once and restarts those whose worker died
+(``FailureConfig``); this module only describes the search and runs one trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cli import PipelineError, configure_logging, format_error
+from pipeline.params import load_params
+from pipeline.tracking import record, store, tags
+
+logger = logging.getLogger(__name__)
+
+SEARCHES = ("grid", "random", "optuna")
+DISTRIBUTIONS = ("values", "uniform", "loguniform", "randint")
+SWEEP_KEYS = {"name", "search", "trials", "seed", "metric", "mode", "max_concurrent", "retries", "parameters"}
+# Where Ray Tune keeps each sweep's state (for resuming), inside DVC's own git-ignored temp folder.
+STATE_DIR = Path(".dvc/tmp/sweeps")
+STATE_FILE = "mnist-sweep.json"
+# The stage output the metric is read from, as dvc.yaml's report stage writes it.
+METRICS_FILE = "metrics/metrics.json"
+# Tags on the runs: which sweep and trial a run belongs to, and where the trial ran.
+SWEEP_TAG = "sweep.name"
+TRIAL_TAG = "sweep.trial"
+NODE_TAG = "sweep.node"
+HOST_TAG = "sweep.host"
+PARENT_TAG = "mlflow.parentRunId"
+# Ray's raylet gives its agent processes a fixed 15 s to start; on a loaded machine they can miss
+# it, and the node fails to start. Starting again usually succeeds (the imports are cached then).
+RAY_START_ATTEMPTS = 3
+# The longest error text a failed trial keeps for the table.
+ERROR_CHARS = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    kind: str
+    values: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    search: str
+    trials: int
+    seed: int | None
+    metric: str
+    mode: str
+    max_concurrent: int
+    retries: int
+    parameters: dict[str, Parameter]
+
+    def grid_size(self) -> int:
+        return math.prod(len(parameter.values) for parameter in self.parameters.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs to know, the same on every machine."""
+
+    git_url: str
+    commit: str
+    sweep_name: str
+    metric: str
+    tracking_uri: str
+    parent_run_id: str
+    # This repository's DVC cache, shared by local trials; None on a cluster (data from the DVC remote).
+    cache_dir: str | None
+    # Whether outputs go to (and missing data comes from) a DVC remote.
+    dvc_remote: bool
+    git_identity: tuple[str, str]
+
+
+def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
+    """Validate a sweep definition against the project's params.yaml; report every problem at once."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PipelineError(f"the sweep file is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError("the sweep file must be a mapping of keys (see sweeps/example.yaml).")
+    problems = [f"unknown key {key!r}" for key in raw if key not in SWEEP_KEYS]
+    name = str(raw.get("name", ""))
+    if not name or not all(char.isalnum() or char in "-_" for char in name):
+        problems.append(f"name {name!r} must be letters, digits, '-' or '_' (it names DVC experiments)")
+    search = raw.get("search", "grid")
+    if search not in SEARCHES:
+        problems.append(f"search {search!r} must be one of {', '.join(SEARCHES)}")
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        problems.append(f"mode {mode!r} must be max or min")
+    numbers = {}
+    for key, default, low in (("trials", 1, 1), ("max_concurrent", 1, 1), ("retries", 2, 0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{key} must be a whole number of at least {low}, not {value!r}")
+        numbers[key] = value
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        problems.append(f"seed must be a whole number, not {seed!r}")
+    parameters: dict[str, Parameter] = {}
+    if not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
+        problems.append("parameters must map at least one params.yaml key to {values: [...]} or a distribution")
+    else:
+        for key, spec in raw["parameters"].items():
+            section, _, field = str(key).partition(".")
+            if not isinstance(params.get(section), dict) or field not in params[section]:
+                problems.append(f"parameter {key!r} is not a key of params.yaml (section.key)")
+                continue
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                problems.append(f"parameter {key!r} must be one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}")
+                continue
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                problems.append(f"parameter {key!r}: {kind} needs a list")
+            elif kind != "values" and (len(values) != 2 or not all(isinstance(v, int | float) for v in values)):
+                problems.append(f"parameter {key!r}: {kind} needs [low, high]")
+            elif kind != "values" and search == "grid":
+                problems.append(f"parameter {key!r}: a grid search takes only `values`, not {kind}")
+            elif kind == "loguniform" and min(values) <= 0:
+                problems.append(f"parameter {key!r}: loguniform needs positive bounds")
+            else:
+                parameters[key] = Parameter(kind, tuple(values))
+    if problems:
+        raise PipelineError("the sweep file is invalid: " + "; ".join(problems) + ".")
+    return Sweep(
+        name=name,
+        search=search,
+        trials=numbers["trials"],
+        seed=seed,
+        metric=str(raw.get("metric", "test_accuracy")),
+        mode=mode,
+        max_concurrent=numbers["max_concurrent"],
+        retries=numbers["retries"],
+        parameters=parameters,
+    )
+
+
+def param_space(sweep: Sweep) -> dict[str, Any]:
+    """Ray Tune's search space for the sweep's parameters."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, parameter in sweep.parameters.items():
+        values = list(parameter.values)
+        if parameter.kind == "values":
+            space[key] = tune.grid_search(values) if sweep.search == "grid" else tune.choice(values)
+        elif parameter.kind == "uniform":
+            space[key] = tune.uniform(*values)
+        elif parameter.kind == "loguniform":
+            space[key] = tune.loguniform(*values)
+        else:
+            space[key] = tune.randint(*values)
+    return space
+
+
+def set_param_arguments(config: Mapping[str, Any]) -> list[str]:
+    """``dvc exp run`` arguments setting each of the trial's params."""
+    arguments = []
+    for key, value in sorted(config.items()):
+        # Ray hands numpy scalars from its samplers; -S needs plain YAML literals.
+        plain = value.item() if hasattr(value, "item") else value
+        arguments += ["-S", f"{key}={plain!r}" if isinstance(plain, float) else f"{key}={plain}"]
+    return arguments
+
+
+def failure_message(output: str) -> str:
+    """The pipeline's own error from a failed ``dvc exp run``: its `error:` paragraph, else the last lines."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("error: "):
+            paragraph = [line]
+            paragraph += [more.strip() for more in lines[index + 1 :] if more.startswith("  ")]
+            return " ".join(paragraph)[:ERROR_CHARS]
+    return " ".join(lines[-3:])[:ERROR_CHARS]
+
+
+def run_command(command: Sequence[str], cwd: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess:
+    """Run a trial's command in the Ray worker's own process group, its output captured.
+
+    Staying in the worker's process group matters: when Ray stops a trial (Ctrl-C on the sweep) or
+    its worker dies, Ray ends the worker's whole group, so no pipeline keeps running unattended.
+    """
+    return subprocess.run(
+        list(command), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+def node_identity() -> tuple[str, str]:
+    """The Ray node this trial runs on, and this machine's host name."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), socket.gethostname()
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One trial: clone the sweep's commit, ``dvc exp run`` the trial's params, push the experiment back.
+
+    A failing pipeline (invalid params, a training error) is a result, reported with the pipeline's
+    own error, not an exception: Ray restarts only trials whose worker died.
+    """
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    experiment = f"{setup.sweep_name}-{trial_id}"
+    node, host = node_identity()
+    started = time.monotonic()
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "MLFLOW_TRACKING_URI": setup.tracking_uri,
+        record.EXTRA_TAGS_VARIABLE: json.dumps(
+            {
+                PARENT_TAG: setup.parent_run_id,
+                SWEEP_TAG: setup.sweep_name,
+                TRIAL_TAG: trial_id,
+                NODE_TAG: node,
+                HOST_TAG: host,
+            }  # fmt: skip
+        ),
+    }
+    for variable in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "RAY_ADDRESS"):
+        env.pop(variable, None)
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    result: dict[str, Any] = {"experiment": experiment, "node": node, "host": host, "error": ""}
+    workdir = Path(tempfile.mkdtemp(prefix=f"mnist-sweep-{trial_id}-"))
+    try:
+        steps: list[list[str]] = [
+            ["git", "clone", "--quiet", "--no-checkout", setup.git_url, str(workdir)],
+            ["git", "checkout", "--quiet", setup.commit],
+            ["git", "config", "user.name", setup.git_identity[0]],
+            ["git", "config", "user.email", setup.git_identity[1]],
+        ]
+        if setup.cache_dir:
+            steps.append([dvc, "config", "--local", "cache.dir", setup.cache_dir])
+        pull = ["--pull"] if setup.dvc_remote else []
+        steps.append([dvc, "exp", "run", "--name", experiment, *pull, *set_param_arguments(config)])
+        push_cache = [] if setup.dvc_remote else ["--no-cache"]
+        steps.append([dvc, "exp", "push", "--force", *push_cache, "origin", experiment])
+        for command in steps:
+            done = run_command(command, workdir, env)
+            if done.returncode != 0:
+                result["error"] = failure_message(done.stdout) or f"{' '.join(command[:3])} exited {done.returncode}"
+                result[setup.metric] = math.nan
+                break
+        else:
+            metrics = json.loads((workdir / METRICS_FILE).read_text())
+            result[setup.metric] = float(metrics[setup.metric])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    tune.report(result)
+
+
+# -- the driver --------------------------------------------------------------------------------------
+
+
+def git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise PipelineError(f"git {' '.join(args)} failed in {root}: {store.short(done.stderr)}")
+    return done.stdout.strip()
+
+
+def cluster_problems(uri: str, root: Path) -> list[str]:
+    """Why this project cannot sweep on a cluster, if it cannot: trials run on other machines."""
+    problems = []
+    if urlparse_scheme(uri) not in ("http", "https", "databricks"):
+        problems.append(
+            f"the MLflow store is {uri}, a local store that trials on other machines cannot write to; start a "
+            "tracking server (mlflow server, see the README's 'A shared tracking server') and set "
+            "MLFLOW_TRACKING_URI=http://<server>:5000"
+        )
+    remotes = subprocess.run(["git", "remote"], cwd=root, capture_output=True, text=True).stdout.split()
+    if "origin" not in remotes:
+        problems.append("the repository has no git remote 'origin' for the trials to clone and push experiments to")
+    elif not subprocess.run(
+        ["git", "branch", "-r", "--contains", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip():
+        problems.append(
+            "the current commit is not on the git remote 'origin' yet, so trials cannot check it out: git push"
+        )
+    return problems
+
+
+def urlparse_scheme(uri: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(uri).scheme
+
+
+def sweep_key(text: str, commit: str) -> str:
+    return hashlib.sha256(f"{commit}\n{text}".encode()).hexdigest()[:16]
+
+
+def ranking(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Trials best first; failed trials (no metric) last, in trial order."""
+
+    def order(row: dict[str, Any]) -> tuple:
+        value = row.get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return (1, 0.0, row["trial"])
+        return (0, -value if mode == "max" else value, row["trial"])
+
+    return sorted(rows, key=order)
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table (also valid Markdown) of ``rows``."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.6g}"
+        return str(value) if value is not None else "-"
+
+    cells = [[cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]
+    lines = ["| " + " | ".join(column.ljust(width) for column, width in zip(columns, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    lines += ["| " + " | ".join(text.ljust(width) for text, width in zip(line, widths)) + " |" for line in cells]
+    return "\n".join(lines)
+
+
+def results_plot(rows: list[dict[str, Any]], parameters: Mapping[str, Parameter], metric: str) -> bytes:
+    """A PNG with one scatter panel per parameter: the metric against the parameter's value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [row for row in rows if isinstance(row.get(metric), float) and not math.isnan(row[metric])]
+    figure, axes = plt.subplots(1, len(parameters), figsize=(4 * len(parameters), 3.5), squeeze=False)
+    for axis, (key, parameter) in zip(axes[0], parameters.items()):
+        axis.scatter([row[key] for row in scored], [row[metric] for row in scored])
+        if parameter.kind == "loguniform" or (
+            parameter.kind == "values"
+            and all(isinstance(v, int | float) and v > 0 for v in parameter.values)
+            and max(parameter.values) / min(parameter.values) >= 10
+        ):
+            axis.set_xscale("log")
+        axis.set_xlabel(key)
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{metric} of each trial")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def trial_rows(results, runs_by_trial: Mapping[str, Any], sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per trial of Ray's results, joined with its MLflow run."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path)).split("_", 1)[-1]
+        run = runs_by_trial.get(trial_id)
+        row: dict[str, Any] = {"trial": trial_id, **{key: result.config.get(key) for key in sweep.parameters}}
+        value = metrics.get(sweep.metric)
+        row[sweep.metric] = float(value) if value is not None else math.nan
+        row["experiment"] = metrics.get("experiment", "-")
+        row["node"] = (metrics.get("node") or "-")[:8]
+        row["mlflow run"] = run.info.run_id[:8] if run else "-"
+        if result.error is not None:
+            row["status"] = f"error: {store.short(str(result.error), 200)}"
+        elif metrics.get("error"):
+            row["status"] = f"failed: {metrics['error']}"
+        else:
+            row["status"] = "ok"
+        rows.append(row)
+    return rows
+
+
+def trial_lines(total: int, metric: str):
+    """A Ray Tune callback printing one line per finished trial (beside Ray's own progress table)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            params = " ".join(f"{key}={value}" for key, value in sorted(trial.config.items()))
+            outcome = f"failed: {result['error']}" if result.get("error") else f"{metric} {result.get(metric, '?')}"
+            where = f"node {str(result.get('node', '?'))[:8]}, {result.get('seconds', '?')} s"
+            name = result.get("experiment", trial.trial_id)
+            print(f"trial {self.done}/{total} {name} {params}: {outcome} ({where})", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.done += 1
+            print(f"trial {self.done}/{total} {trial.trial_id}: failed after retries ({trial.error_file})", flush=True)
+
+    return TrialLines()
+
+
+def close_unfinished_runs(client, experiment_id: str, parent_run_id: str, status: str, reason: str) -> list[str]:
+    """End the sweep's child runs still RUNNING (their trial's worker died or was stopped)."""
+    closed = []
+    for run in client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    ):
+        client.set_tag(run.info.run_id, record.CLOSED_TAG, reason)
+        client.set_terminated(run.info.run_id, status)
+        closed.append(run.info.run_id)
+    return closed
+
+
+def start_ray(address: str) -> None:
+    """Join the cluster at ``address``, or start Ray on this machine, trying again if its start-up times out."""
+    import psutil  # installed with DVC, which depends on it
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address or None, include_dashboard=False, configure_logging=False)
+            return
+        # Ray reports a node that missed a start-up deadline, or an unreachable cluster, as a bare
+        # Exception or a ConnectionError.
+        except Exception as error:
+            ray.shutdown()
+            # A node that failed to start leaves its other processes (GCS, dashboard, monitors)
+            # running as this process's children; nothing else of ours runs at this point.
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            if attempt == RAY_START_ATTEMPTS or "timed out" not in str(error):
+                where = f"the Ray cluster at {address}" if address else "Ray on this machine"
+                raise PipelineError(f"could not start or join {where}: {store.short(str(error))}") from None
+            logger.warning("Ray did not start in time (attempt %d of %d); trying again", attempt, RAY_START_ATTEMPTS)
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("sweep", type=Path, metavar="SWEEP.yaml", help="the sweep definition (sweeps/example.yaml)")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", ""),
+        help="a Ray cluster to join, HOST:PORT of its head (default $RAY_ADDRESS; none: Ray on this machine)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    root = store.project_root()
+    try:
+        text = args.sweep.read_text()
+    except OSError as error:
+        raise PipelineError(f"cannot read the sweep file {args.sweep}: {error.strerror}") from None
+    params = load_params()
+    sweep = parse_sweep(text, yaml.safe_load((root / "params.yaml").read_text()))
+    uri = store.tracking_uri(params.tracking.uri, root)
+    if args.address:
+        problems = cluster_problems(uri, root)
+        if problems:
+            raise PipelineError("cannot sweep on the Ray cluster at " + args.address + ": " + "; ".join(problems) + ".")
+    store.check_reachable(uri)
+    changed = git(root, "status", "--porcelain", "--untracked-files=no")
+    if changed:
+        raise PipelineError(
+            "the working copy has uncommitted changes, which the trials would not see (they run the sweep's "
+            f"commit): commit or stash them first. Changed: {' '.join(changed.split()[1::2][:5])}"
+        )
+    commit = git(root, "rev-parse", "HEAD")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    has_remote = bool(
+        subprocess.run([dvc, "remote", "default"], cwd=root, capture_output=True, text=True).stdout.strip()
+    )
+    identity = (
+        subprocess.run(["git", "config", "user.name"], cwd=root, capture_output=True, text=True).stdout.strip()
+        or "mnist-sweep",
+        subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True, text=True).stdout.strip()
+        or "mnist-sweep@localhost",
+    )
+    cache_dir = None
+    if not args.address:
+        cache_dir = subprocess.run([dvc, "cache", "dir"], cwd=root, capture_output=True, text=True).stdout.strip()
+        cache_dir = cache_dir or str(root / ".dvc" / "cache")
+    git_url = git(root, "remote", "get-url", "origin") if args.address else str(root)
+
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    key = sweep_key(text, commit)
+    state_root = (root / STATE_DIR).resolve()
+    state_path = state_root / sweep.name
+    state_file = state_root / f"{sweep.name}.{STATE_FILE}"
+    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if previous and previous.get("key") != key:
+        raise PipelineError(
+            f"a sweep named {sweep.name!r} was already run with another definition or commit; give this one "
+            f"another name, or delete {state_path} and {state_file} to start it again."
+        )
+
+    # Ray first: it is what most often fails to start, and then no MLflow run is left open.
+    start_ray(args.address)
+    client, experiment_id = store.open_store(uri, params.tracking.experiment, store.artifact_location(uri, root))
+    if previous:
+        parent_run_id = previous["parent_run_id"]
+        client.update_run(parent_run_id, status="RUNNING")
+        logger.info("resuming sweep %s (MLflow run %s)", sweep.name, parent_run_id)
+    else:
+        parent = client.create_run(
+            experiment_id,
+            run_name=f"sweep {sweep.name}",
+            tags={**tags.git_info(root), SWEEP_TAG: sweep.name, "sweep.key": key},
+        )
+        parent_run_id = parent.info.run_id
+        client.log_text(parent_run_id, text, "sweep.yaml")
+        definition = {f"sweep.{k}": v for k, v in dataclasses.asdict(sweep).items() if k != "parameters"}
+        for name, parameter in sweep.parameters.items():
+            definition[f"sweep.{name}"] = f"{parameter.kind} {list(parameter.values)}"
+        for name, value in definition.items():
+            client.log_param(parent_run_id, name, str(value))
+        state_root.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"key": key, "parent_run_id": parent_run_id}))
+
+    setup = TrialSetup(
+        git_url=git_url,
+        commit=commit,
+        sweep_name=sweep.name,
+        metric=sweep.metric,
+        tracking_uri=uri,
+        parent_run_id=parent_run_id,
+        cache_dir=cache_dir,
+        dvc_remote=bool(args.address) and has_remote,
+        git_identity=identity,
+    )
+    total = sweep.grid_size() if sweep.search == "grid" else sweep.trials
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 1})
+    run_config = tune.RunConfig(
+        name=sweep.name,
+        storage_path=str(state_root),
+        failure_config=tune.FailureConfig(max_failures=sweep.retries),
+        callbacks=[trial_lines(total, sweep.metric)],
+    )
+    interrupted, results = False, None
+    try:
+        if tune.Tuner.can_restore(str(state_path)):
+            tuner = tune.Tuner.restore(str(state_path), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            if sweep.search == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+
+                searcher: Any = ConcurrencyLimiter(
+                    OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed),
+                    max_concurrent=sweep.max_concurrent,
+                )
+            else:
+                searcher = BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=sweep.seed)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=1 if sweep.search == "grid" else sweep.trials,
+                ),
+                run_config=run_config,
+            )
+        results = tuner.fit()
+        interrupted = any(not results[i].metrics and results[i].error is None for i in range(len(results)))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        ray.shutdown()
+        # Whatever ended the sweep, no run of it stays RUNNING.
+        if interrupted or results is None:
+            reason, status = "the sweep was interrupted or failed", "KILLED" if interrupted else "FAILED"
+        else:
+            reason, status = "its trial's worker stopped before the run ended", "FAILED"
+        for run_id in close_unfinished_runs(client, experiment_id, parent_run_id, status, reason):
+            logger.warning("closed MLflow run %s: %s", run_id, reason)
+        if interrupted or results is None:
+            client.set_terminated(parent_run_id, status)
+    if interrupted or results is None:
+        raise KeyboardInterrupt
+
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000
+    )
+    runs_by_trial: dict[str, Any] = {}
+    for run in sorted(children, key=lambda run: run.info.start_time):
+        if run.info.status == "FINISHED" or run.data.tags.get(TRIAL_TAG) not in runs_by_trial:
+            runs_by_trial[run.data.tags.get(TRIAL_TAG, "")] = run
+    finished = [results[i] for i in range(len(results))]
+    rows = ranking(trial_rows(finished, runs_by_trial, sweep), sweep.metric, sweep.mode)
+    columns = ["rank", "trial", *sweep.parameters, sweep.metric, "experiment", "node", "mlflow run", "status"]
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    table = format_table(rows, columns)
+    client.log_text(parent_run_id, table + "\n", "ranking.md")
+    client.log_text(parent_run_id, json.dumps(rows, indent=1, default=str) + "\n", "ranking.json")
+    with tempfile.TemporaryDirectory() as directory:
+        plot = Path(directory) / "results.png"
+        plot.write_bytes(results_plot(rows, sweep.parameters, sweep.metric))
+        client.log_artifact(parent_run_id, str(plot))
+    best = rows[0] if rows and rows[0]["status"] == "ok" else None
+    if best is not None:
+        client.log_metric(parent_run_id, f"best_{sweep.metric}", best[sweep.metric])
+        client.set_tag(parent_run_id, "sweep.best_experiment", best["experiment"])
+    client.set_terminated(parent_run_id, "FINISHED")
+    print(f"\nSweep {sweep.name}: {len(rows)} trials, ranked by {sweep.metric} ({sweep.mode})\n{table}")
+    if best is not None:
+        chosen = " ".join(f"{key}={best[key]}" for key in sweep.parameters)
+        print(f"\nBest: {best['experiment']}: {chosen} ({sweep.metric} {best[sweep.metric]:.6g})")
+        print(f"Apply it with: dvc exp apply {best['experiment']}")
+    print(f"MLflow: sweep run {parent_run_id} in {uri}")
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The ``mnist-sweep`` command: errors as one paragraph, Ctrl-C as a short message."""
+    configure_logging()
+    try:
+        main(argv)
+    except PipelineError as error:
+        print(format_error(str(error)), file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; unfinished trials' runs were marked KILLED. Run the same command again to "
+            "resume: finished trials are not run again.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

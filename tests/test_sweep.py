@@ -1,0 +1,496 @@
+"""mnist-sweep: hyperparameter sweeps on Ray Tune, each trial a DVC experiment and a nested MLflow run.
+
+The quick tests check the sweep definition, the search space and the ranking. The slow ones run
+the real thing on a throwaway copy of the project with tiny synthetic data (tests/pipeline_project.py)
+and a real MLflow server on PostgreSQL (the fixtures of tests/test_tracking_server.py):
+
+* a local sweep of 4 trials, 2 at a time: 4 DVC experiments in the project, 4 FINISHED runs nested
+  under one sweep run, the ranking in the order of the runs' metrics; a sweep whose params the
+  pipeline refuses fails those trials alone, with the pipeline's own error; a rerun of a finished
+  sweep runs nothing again;
+* a two-node Ray cluster on 127.0.0.1 (a head and a worker, each a separate ``ray start`` with one
+  CPU and its own working directory), a bare git remote and a local DVC remote: trials run on both
+  nodes; the worker is killed outright in the middle of a trial, which Ray retries on the head; the
+  sweep completes, no run stays RUNNING, and a fresh clone sees every trial after ``dvc exp pull``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_project import VENV_BIN, Project, base_env, make_project
+from test_tracking_server import free_port, mlflow_server, postgres  # noqa: F401  (fixtures)
+
+from pipeline.cli import PipelineError
+from pipeline.sweep import (
+    NODE_TAG,
+    PARENT_TAG,
+    TRIAL_TAG,
+    Parameter,
+    cluster_problems,
+    failure_message,
+    format_table,
+    param_space,
+    parse_sweep,
+    ranking,
+    set_param_arguments,
+)
+
+PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}, "tracking": {"uri": ""}}
+EXPERIMENT = "mnist-softmax"
+
+
+def definition(**overrides) -> str:
+    sweep = {
+        "name": "s1",
+        "search": "grid",
+        "max_concurrent": 2,
+        "parameters": {"train.learning_rate": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [10, 20]}},
+    }
+    sweep.update(overrides)
+    return yaml.safe_dump(sweep)
+
+
+# -- the definition ----------------------------------------------------------------------------------
+
+
+def test_a_grid_definition_parses_into_its_parameters_and_grid_size():
+    sweep = parse_sweep(definition(), PARAMS)
+    assert sweep.search == "grid" and sweep.metric == "test_accuracy" and sweep.mode == "max"
+    assert sweep.parameters["train.learning_rate"] == Parameter("values", (0.001, 0.01))
+    assert sweep.grid_size() == 4
+    assert sweep.retries == 2
+
+
+def test_every_problem_of_a_definition_is_reported_at_once():
+    text = definition(
+        name="bad name",
+        search="bayes",
+        max_concurrent=0,
+        colour="red",
+        parameters={
+            "train.learning_rat": {"values": [1]},
+            "train.seed": {"uniform": [0, 1]},
+            "train.batch_size": {"loguniform": [0, 10]},
+        },
+    )
+    with pytest.raises(PipelineError) as raised:
+        parse_sweep(text, PARAMS)
+    message = str(raised.value)
+    for expected in (
+        "unknown key 'colour'",
+        "name 'bad name'",
+        "search 'bayes'",
+        "max_concurrent must be",
+        "'train.learning_rat' is not a key of params.yaml",
+        "loguniform needs positive bounds",
+    ):
+        assert expected in message
+
+
+def test_random_and_optuna_searches_take_distributions():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    text = definition(
+        search="optuna",
+        trials=5,
+        parameters={
+            "train.learning_rate": {"loguniform": [0.0005, 0.02]},
+            "train.batch_size": {"values": [10, 20]},
+            "train.seed": {"randint": [0, 4]},
+        },
+    )
+    space = param_space(parse_sweep(text, PARAMS))
+    assert isinstance(space["train.learning_rate"], Float)
+    assert (space["train.learning_rate"].lower, space["train.learning_rate"].upper) == (0.0005, 0.02)
+    assert isinstance(space["train.batch_size"], Categorical) and space["train.batch_size"].categories == [10, 20]
+    assert isinstance(space["train.seed"], Integer)
+
+
+def test_trial_params_become_set_param_arguments_that_round_trip():
+    import numpy as np
+
+    arguments = set_param_arguments({"train.learning_rate": np.float64(0.1) / 3, "train.batch_size": np.int64(20)})
+    assert arguments == ["-S", "train.batch_size=20", "-S", f"train.learning_rate={0.1 / 3!r}"]
+    assert yaml.safe_load(arguments[3].split("=", 1)[1]) == 0.1 / 3
+
+
+def test_the_pipelines_own_error_paragraph_is_kept_from_a_failed_run():
+    output = (
+        "Running stage 'train':\n> python -m pipeline.train\n"
+        "error: params.yaml is invalid: train.learning_rate must be a positive\n"
+        "  number, not -1.\n"
+        "ERROR: failed to reproduce 'train': failed to run: python -m pipeline.train, exited with 1\n"
+    )
+    assert failure_message(output) == (
+        "error: params.yaml is invalid: train.learning_rate must be a positive number, not -1."
+    )
+    assert failure_message("a\nb\nc\nd\n") == "b c d"
+
+
+def test_ranking_puts_the_best_first_and_failed_trials_last():
+    rows = [
+        {"trial": "a", "test_accuracy": 0.5},
+        {"trial": "b", "test_accuracy": math.nan},
+        {"trial": "c", "test_accuracy": 0.9},
+        {"trial": "d", "test_accuracy": 0.7},
+    ]
+    assert [row["trial"] for row in ranking(rows, "test_accuracy", "max")] == ["c", "d", "a", "b"]
+    assert [row["trial"] for row in ranking(rows, "test_accuracy", "min")] == ["a", "d", "c", "b"]
+    table = format_table(ranking(rows, "test_accuracy", "max"), ["trial", "test_accuracy"])
+    assert table.splitlines()[2] == "| c     | 0.9           |"
+    assert table.splitlines()[-1] == "| b     | -             |"
+
+
+def test_a_cluster_sweep_with_a_local_store_is_refused_saying_what_to_set(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    problems = cluster_problems(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)
+    assert any("MLFLOW_TRACKING_URI=http://" in problem and "local store" in problem for problem in problems)
+    assert any("no git remote 'origin'" in problem for problem in problems)
+    assert not any("MLflow" in problem for problem in cluster_problems("http://mlflow.example:5000", tmp_path))
+
+
+# -- real sweeps --------------------------------------------------------------------------------------
+
+
+def sweep_project(tmp_path: Path, url: str, text: str, **kwargs) -> Project:
+    """A project with its data prepared and committed (so trials restore it) and a sweep file."""
+    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url}, **kwargs)
+    (project.root / "sweep.yaml").write_text(text)
+    project.dvc("repro", "preprocess", timeout=600)
+    project.commit("Prepared data and a sweep")
+    return project
+
+
+def run_sweep(project: Project, *args: str, timeout: float = 1500, check: bool = True):
+    return project.run(str(VENV_BIN / "mnist-sweep"), "sweep.yaml", *args, timeout=timeout, check=check)
+
+
+def children(url: str, parent_run_id: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def sweep_run(url: str, name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`sweep.name` = '{name}' and "
+                                "tags.`mlflow.runName` LIKE 'sweep %'")  # fmt: skip
+    return client, run
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The ranking table's data rows printed at the end, as lists of cells."""
+    lines = stdout[stdout.index("ranked by") :].splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  # noqa: F811
+    url, _ = mlflow_server
+    project = sweep_project(tmp_path, url, definition(name="local"))
+
+    done = run_sweep(project)
+    assert done.stdout.count("trial ") >= 4 and "trial 4/4" in done.stdout, done.stdout
+    client, parent = sweep_run(url, "local")
+    assert parent.info.status == "FINISHED"
+    runs = children(url, parent.info.run_id)
+    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
+    configurations = {
+        (float(r.data.params["train.learning_rate"]), int(r.data.params["train.batch_size"])) for r in runs
+    }
+    assert configurations == {(0.001, 10), (0.001, 20), (0.01, 10), (0.01, 20)}
+
+    # Each run is a DVC experiment of the project, named after its trial, with the run's own metric.
+    experiments = project.experiments()
+    assert {run.data.tags["dvc.experiment"] for run in runs} == set(experiments)
+    for run in runs:
+        shown = experiments[run.data.tags["dvc.experiment"]]
+        assert shown["metrics"]["metrics/metrics.json"]["test_accuracy"] == pytest.approx(
+            run.data.metrics["test_accuracy"], abs=1e-6
+        )
+        assert run.data.tags["dvc.experiment"] == f"local-{run.data.tags[TRIAL_TAG]}"
+        assert run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
+
+    # The ranking, best first, is the order of the runs' test accuracies, and the parent holds it.
+    rows = table_rows(done.stdout)
+    by_experiment = {run.data.tags["dvc.experiment"]: run.data.metrics["test_accuracy"] for run in runs}
+    ranked = [row[5] for row in rows]
+    assert sorted(ranked) == sorted(by_experiment)
+    assert [by_experiment[name] for name in ranked] == sorted(by_experiment.values(), reverse=True)
+    assert parent.data.metrics["best_test_accuracy"] == pytest.approx(max(by_experiment.values()), abs=1e-6)
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.yaml", "ranking.md", "ranking.json", "results.png"} <= artifacts
+    # The project's workspace is untouched: the trials ran in their own clones.
+    assert project.git("status", "--porcelain") == ""
+
+    # A rerun of the finished sweep resumes Ray's state: nothing runs again.
+    again = run_sweep(project)
+    assert len(children(url, parent.info.run_id)) == 4
+    assert table_rows(again.stdout) == rows
+
+    # Params the pipeline refuses fail their trials alone, with the pipeline's own error.
+    (project.root / "sweep.yaml").write_text(
+        definition(name="invalid", parameters={"train.learning_rate": {"values": [0.02, -1.0]}})
+    )
+    project.commit("A sweep with an invalid learning rate")
+    failed = run_sweep(project)
+    rows = {row[1]: row for row in table_rows(failed.stdout)}
+    statuses = sorted(row[-1] for row in rows.values())
+    assert statuses[0] == "ok"
+    assert statuses[1].startswith("failed: error: params.yaml") and "train.learning_rate" in statuses[1], statuses
+    _, parent = sweep_run(url, "invalid")
+    (only,) = children(url, parent.info.run_id)
+    assert only.info.status == "FINISHED" and float(only.data.params["train.learning_rate"]) == 0.02
+
+
+# -- a two-node cluster --------------------------------------------------------------------------------
+
+NODE_MARKER = "MNIST_SWEEP_TEST_NODE"
+
+
+def node_processes(name: str) -> list[int]:
+    """Every process that inherited ``NODE_MARKER=name``: the node's Ray daemons, workers and trials."""
+    marker = f"{NODE_MARKER}={name}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_node(name: str) -> None:
+    for _ in range(3):
+        for pid in node_processes(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def start_node(name: str, directory: Path, env: dict, *arguments: str) -> subprocess.Popen:
+    """``ray start --block`` with one CPU, its own working directory and explicit agent ports.
+
+    Fixed agent ports spare the raylet its wait for the agents to report theirs, which a loaded
+    two-core machine can make it miss.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tmp").mkdir(exist_ok=True)
+    ports = [
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+    node_env = {**env, NODE_MARKER: name, "TMPDIR": str(directory / "tmp")}
+    log = open(directory / "ray.log", "w")  # noqa: SIM115 (closed with the node's process)
+    return subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *ports, *arguments],
+        cwd=directory,
+        env=node_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def start_node_retrying(name: str, directory: Path, env: dict, *arguments: str, attempts: int = 3) -> subprocess.Popen:
+    """Start a node, again if it fails: Ray's raylet gives its agents only 15 s to start, which a
+    loaded machine can miss (the node then exits); the next start usually succeeds."""
+    for _ in range(attempts):
+        process = start_node(name, directory, env, *arguments)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if "Ray runtime started" in (directory / "ray.log").read_text():
+                return process
+            if process.poll() is not None:
+                break
+            time.sleep(1)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        kill_node(name)
+    pytest.fail(
+        f"the Ray {name} node did not start in {attempts} attempts:\n{(directory / 'ray.log').read_text()[-3000:]}"
+    )
+
+
+def wait_for_nodes(address: str, env: dict, count: int, timeout: float = 240) -> dict[str, str]:
+    """Wait until ``count`` nodes are alive; return {node id: 'head' or 'worker'}."""
+    script = (
+        "import json, ray\n"
+        f"ray.init(address={address!r}, configure_logging=False, log_to_driver=False)\n"
+        "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))\n"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0:
+            nodes = json.loads(done.stdout.strip().splitlines()[-1])
+            if len(nodes) >= count:
+                return {node: ("head" if "node:__internal_head__" in res else "worker") for node, res in nodes.items()}
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Ray cluster did not reach {count} nodes: {done.stderr[-2000:]}")
+        time.sleep(2)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head and a worker node on 127.0.0.1; yields (address, environment, nodes dir); stops both."""
+    nodes_dir = Path(tempfile.mkdtemp(prefix="ray-nodes-"))
+    env = base_env(tmp_path)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    processes = []
+    try:
+        processes.append(
+            start_node(
+                "head",
+                nodes_dir / "head",
+                env,
+                "--head",
+                f"--port={port}",
+                "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false",
+                f"--temp-dir={nodes_dir / 'ray'}",
+            )  # fmt: skip
+        )
+        processes.append(
+            start_node(
+                "worker",
+                nodes_dir / "worker",
+                env,
+                f"--address={address}",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={nodes_dir / 'ray'}",
+            )  # fmt: skip
+        )
+        yield address, env, nodes_dir
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        kill_node("head")
+        kill_node("worker")
+        subprocess.run(["rm", "-rf", str(nodes_dir)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow_server, cluster):  # noqa: F811
+    url, _ = mlflow_server
+    address, node_env, nodes_dir = cluster
+    # The team's remotes: a bare git repository and a DVC remote directory.
+    remote_git, remote_dvc = tmp_path / "remote.git", tmp_path / "dvc-remote"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote_git)], check=True)
+    project = make_project(tmp_path / "team", env={"MLFLOW_TRACKING_URI": url})
+    (project.root / "sweep.yaml").write_text(definition(name="cluster", retries=2))
+    project.dvc("remote", "add", "--default", "shared", str(remote_dvc))
+    project.git("remote", "add", "origin", str(remote_git))
+    project.dvc("repro", "preprocess", timeout=600)
+    project.commit("Shared remotes, prepared data and a sweep")
+    project.dvc("push", timeout=300)
+    project.git("push", "-q", "-u", "origin", "main")
+
+    roles = wait_for_nodes(address, {**node_env, **project.env}, 2)
+    worker = next(node for node, role in roles.items() if role == "worker")
+
+    # A local SQLite store is refused up front, saying why and what to set.
+    refused = project.run(
+        str(VENV_BIN / "mnist-sweep"), "sweep.yaml", "--address", address,
+        env={"MLFLOW_TRACKING_URI": ""}, check=False, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "MLFLOW_TRACKING_URI=http://" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    sweep = subprocess.Popen(
+        [str(VENV_BIN / "mnist-sweep"), "sweep.yaml", "--address", address],
+        cwd=project.root,
+        env=project.env,
+        stdout=open(tmp_path / "sweep.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    killed_run = None
+    try:
+        # Kill the worker node outright while it runs its second trial (after one finished there).
+        deadline = time.monotonic() + 600
+        while sweep.poll() is None and killed_run is None and time.monotonic() < deadline:
+            time.sleep(1)
+            runs = all_runs(url)
+            on_worker = [run for run in runs if run.data.tags.get(NODE_TAG) == worker]
+            running = [run for run in on_worker if run.info.status == "RUNNING"]
+            if running and any(run.info.status == "FINISHED" for run in on_worker):
+                killed_run = running[0].info.run_id
+                kill_node("worker")
+        sweep.wait(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    log = (tmp_path / "sweep.log").read_text()
+    assert killed_run is not None, f"the worker never ran a second trial to kill:\n{log[-4000:]}"
+    assert sweep.returncode == 0, log[-4000:]
+
+    _, parent = sweep_run(url, "cluster")
+    runs = children(url, parent.info.run_id)
+    # Nothing stays RUNNING: the killed attempt's run ended FAILED; every trial finished once.
+    assert {run.info.status for run in runs} == {"FINISHED", "FAILED"}
+    (failed,) = [run for run in runs if run.info.status == "FAILED"]
+    assert failed.info.run_id == killed_run
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    assert len(finished) == 4
+    assert len({run.data.tags[TRIAL_TAG] for run in finished}) == 4
+    assert failed.data.tags[TRIAL_TAG] in {run.data.tags[TRIAL_TAG] for run in finished}
+    placement = {run.data.tags["dvc.experiment"]: roles[run.data.tags[NODE_TAG]] for run in finished}
+    print("placement of the trials:", placement, "killed attempt on", roles[failed.data.tags[NODE_TAG]])
+    assert set(placement.values()) == {"head", "worker"}
+
+    # A fresh clone of the team's remote sees every trial, with its outputs, after dvc exp pull.
+    clone = Project(root=tmp_path / "fresh", env=project.env)
+    subprocess.run(["git", "clone", "-q", str(remote_git), str(clone.root)], check=True, env=project.env)
+    clone.dvc("exp", "pull", "origin", timeout=300)
+    experiments = clone.experiments()
+    assert set(experiments) == set(placement)
+    for run in finished:
+        shown = experiments[run.data.tags["dvc.experiment"]]
+        assert shown["metrics"]["metrics/metrics.json"]["test_accuracy"] == pytest.approx(
+            run.data.metrics["test_accuracy"], abs=1e-6
+        )
+    name = finished[0].data.tags["dvc.experiment"]
+    clone.dvc("exp", "apply", name, timeout=300)
+    clone.dvc("pull", "models/test_probabilities.npy", timeout=300)
+    assert (clone.root / "models/test_probabilities.npy").stat().st_size > 0
+
+
+def all_runs(url: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
