@@ -119,9 +119,13 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, brows
             route.abort()
 
     page.route("**/*", serve)
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.goto(page_file.as_uri())
     charts = page.eval_on_selector_all("div[id] > script", "scripts => scripts.map(s => '#' + s.parentElement.id)")
-    page.wait_for_function(f"Object.keys(window.renderedViews).length === {len(charts)}", timeout=120_000)
+    deadline = time.monotonic() + 180
+    while (done := page.evaluate("Object.keys(window.renderedViews)")) != charts and time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+    assert sorted(done) == sorted(charts), f"rendered {done} of {charts}; errors: {errors}"
     assert errors == []
 
     rendered = {chart: page.evaluate(RENDERED_SERIES, chart) for chart in charts}
@@ -216,14 +220,23 @@ def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(
     assert "/runs" in page.url
 
     page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}/model-metrics")
-    # The per-step curves form the first section of charts, above the one-point final figures.
-    sections = page.locator("text=/^(history|Model metrics)$/")
-    sections.first.wait_for(timeout=120_000)
-    assert sections.all_inner_texts()[:2] == ["history", "Model metrics"]
-    history = page.locator("xpath=//*[text()='history']/ancestor::*[.//*[text()='train_accuracy']][1]")
+    # The per-step curves form the first section of charts ("history"), above the section of the
+    # one-point final figures ("Model metrics", also the name of the tab above both).
     for title in ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum"):
-        assert history.get_by_text(title, exact=True).count() >= 1, title
-    # A curve has a step axis and was drawn (Plotly draws each chart as an SVG with its traces).
-    page.get_by_text("Step").first.wait_for(timeout=60_000)
+        page.get_by_text(title, exact=True).first.wait_for(timeout=120_000)
+    page.get_by_text("final_test_accuracy", exact=True).first.wait_for(timeout=60_000)
+
+    def top(text: str, which: str = "first") -> float:
+        box = getattr(page.get_by_text(text, exact=True), which).bounding_box()
+        assert box is not None, text
+        return box["y"]
+
+    history, final_figures = top("history"), top("Model metrics", "last")
+    assert history < final_figures
+    for title in ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum"):
+        assert history < top(title) < final_figures, title
+    assert top("final_test_accuracy") > final_figures and top("macro_f1") > final_figures
+    # The curves were drawn against the step, one line each (MLflow draws its charts with Plotly).
+    page.get_by_text("Step", exact=True).first.wait_for(timeout=60_000)
     assert page.locator("svg .scatterlayer .trace").count() >= 4
     assert errors == []
