@@ -56,6 +56,8 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/logging_designs.py`
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import base_env, copy_project, last_json, run_timed, sqlite_uri, stage_command  # noqa: E402
+from pipeline.data import TEST_HISTORY_COLUMNS, TRAIN_HISTORY_COLUMNS  # noqa: E402
+from pipeline.tracking.record import HISTORY_PREFIX  # noqa: E402
 
 DESIGNS = ("helper", "stage", "async", "async-buffered", "after", "none")
 # The last commit whose train stage logged through the hand-made helper process.
@@ -63,7 +65,7 @@ HELPER_REV = "30da5b9"
 # The rule for choosing: the first of these whose median is within KEEP_WITHIN of the fastest design's.
 SIMPLICITY_ORDER = ("after", "async", "async-buffered", "helper")
 KEEP_WITHIN = 0.15
-HISTORY_KEYS = ("train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy")
+HISTORY_KEYS = tuple(HISTORY_PREFIX + name for name in [*TRAIN_HISTORY_COLUMNS[1:], *TEST_HISTORY_COLUMNS[1:]])
 # MLflow accepts at most 1,000 metric values per log_batch call.
 METRICS_PER_BATCH = 1000
 # A chunk of 1,000 steps takes about a second or two to train, so this lets a few chunks queue up.
@@ -194,13 +196,13 @@ def write_outputs(out: Path, model, trainer, history) -> Path:
     import numpy as np
 
     from pipeline import files
-    from pipeline.train import final_metrics, history_csv
+    from pipeline.train import final_metrics, train_history_csv
 
     model.save(out / "model.keras")
     np.save(out / "test_probabilities.npy", trainer.test_probabilities(), allow_pickle=False)
-    files.write_text(out / "history.csv", history_csv(history))
+    files.write_text(out / "train_history.csv", train_history_csv(history))
     files.write_json(out / "train.json", final_metrics(history))
-    return out / "history.csv"
+    return out / "train_history.csv"
 
 
 def log_model_and_end(sink: Sink, model, data, history, history_file: Path, train_seconds: float) -> None:

@@ -12,6 +12,10 @@ Sections (``--only``, comma-separated; default all):
   including XLA compilation, per-step metrics and test evaluations; excluding the TensorFlow import
   and data loading) against benchmarks.numpy_reference.train_numpy on the same data, initial
   weights and batch order. Each run is a fresh process, so every TensorFlow run compiles afresh.
+* ``percentiles``: the same TensorFlow train loop with the weights' and biases' percentiles recorded
+  at every test evaluation (as the train stage does) against the loop without them (by patching
+  ``pipeline.model.percentiles_graph`` to return NaNs in the benchmark's own worker process, so the
+  compiled loop has no sort in it; pipeline/ is not edited), alternating, a fresh process each.
 * ``tracking``: the train stage's wall time (a fresh SQLite MLflow store each time) with its
   per-step MLflow logging against the same stage with that logging switched off (by patching
   ``pipeline.tracking.record.TrainingRun.log_history`` in the benchmark's own process; pipeline/ is
@@ -51,7 +55,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/run.py`
 from pipeline.data import FILES  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-SECTIONS = ("train-loop", "tracking", "pipeline", "memory")
+SECTIONS = ("train-loop", "percentiles", "tracking", "pipeline", "memory")
 STAGES = ("fetch", "preprocess", "train", "report")
 GIT_IDENTITY = {"user.name": "Benchmark", "user.email": "benchmark@example.invalid"}
 MIB = 1024 * 1024
@@ -62,6 +66,7 @@ LARGE_BATCH_STEPS = 300
 
 TARGETS = {
     "train-loop": 1.5,
+    "percentiles": 1.05,
     "tracking": 1.10,
     "pipeline": 5.0,
     "noop": 2.0,
@@ -381,6 +386,35 @@ def bench_train_loop(context: Context) -> list[Row]:
     return [row]
 
 
+def bench_percentiles(context: Context) -> list[Row]:
+    from pipeline.params import load_params
+
+    iterations = context.iterations or load_params(ROOT / "params.yaml").train.iterations
+    env = context.env(PYTHONPATH=str(ROOT))
+    row = Row(
+        f"Percentiles: {iterations:,}-step train loop recording weight and bias percentiles vs not",
+        target=f"≤ {TARGETS['percentiles']:.2f}×",
+        verdict=at_most(TARGETS["percentiles"]),
+    )
+    for repetition in range(context.repeat):
+        order = ("on", "off") if repetition % 2 == 0 else ("off", "on")
+        for state in order:
+            context.say(f"percentiles {repetition + 1}/{context.repeat}: recording {state}")
+            done = run_timed(
+                worker_command("tf-train", "--mirror", str(context.mirror), "--iterations", str(iterations),
+                               "--percentiles", state),
+                cwd=ROOT,
+                env=env,
+                log=context.workdir / "logs" / f"percentiles-{state}-{repetition}",
+            )  # fmt: skip
+            (row.ours if state == "on" else row.reference).append(last_json(done.stdout)["seconds"])
+    ours, reference, _ = row.medians()
+    context.notes.append(
+        f"Percentiles: recording them adds {ours - reference:+.2f} s (median) to a {reference:.2f} s train loop."
+    )
+    return [row]
+
+
 def bench_tracking(context: Context) -> list[Row]:
     project = prepare_stage_project(context)
     arguments = stage_command(project, "train").split()[3:]  # after `python -m pipeline.train`
@@ -586,7 +620,14 @@ def worker_tf_train(args: argparse.Namespace) -> dict:
     import keras
     import tensorflow as tf
 
+    import pipeline.model
     from pipeline.model import SgdTrainer, build_model  # imports TensorFlow (not timed)
+
+    if args.percentiles == "off":
+        # The loop then computes no percentiles: each call is a constant, traced in their place.
+        pipeline.model.percentiles_graph = lambda variables: tf.fill(
+            [len(pipeline.model.PERCENTILES)], tf.constant(float("nan"))
+        )
 
     # As the train stage does.
     keras.config.disable_interactive_logging()
@@ -765,6 +806,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--worker", choices=("tf-train", "numpy-train", "train-stage", "log-series"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--percentiles", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     parser.add_argument("--weights-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--weights-in", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--step-logging", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
@@ -826,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         benches = {
             "train-loop": bench_train_loop,
+            "percentiles": bench_percentiles,
             "tracking": bench_tracking,
             "pipeline": bench_pipeline,
             "memory": bench_memory,

@@ -50,9 +50,23 @@ NUM_CLASSES = 10
 PIXEL_SCALE = np.float32(1.0 / 255.0)
 
 SPLITS = ("train", "validation", "test")
-# The per-step history that train writes and report draws: one row per step, the test columns
-# filled only at evaluation steps.
-HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy", "test_accuracy", "test_cross_entropy"]
+# The histories that train writes and report draws, each a CSV with its own steps so that no cell is
+# empty (DVC's charts read an empty cell as 0): the training batch after every step, and the test set
+# every eval_interval steps. A cross-entropy named ``…_sum`` is summed over the images measured (a
+# batch of 100, or the 10,000 test images, as the seed measures it); ``test_cross_entropy`` in
+# metrics.json is per image.
+TRAIN_HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy_sum"]
+TEST_HISTORY_COLUMNS = ["step", "test_accuracy", "test_cross_entropy_sum"]
+# Every eval_interval steps train also records how the weights (every kernel of the model, together)
+# and the biases (every bias and batch-normalisation offset, together) are distributed: the 8
+# boundaries of 7 buckets holding equal numbers of values (min, 6 quantiles, max), as the seed
+# author's live visualisation draws them (tensorflowvisu.py, HISTOGRAM_BUCKETS = 7).
+PERCENTILES = tuple(100 * bucket / 7 for bucket in range(8))
+PARAMETER_GROUPS = ("weights", "biases")
+PERCENTILE_COLUMNS = [
+    "step",
+    *(f"{group}_p{round(percentile)}" for group in PARAMETER_GROUPS for percentile in PERCENTILES),
+]
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import NUM_CLASSES, NUM_PIXELS, PIXEL_SCALE, scale_pixels
+from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS, PERCENTILES, PIXEL_SCALE, scale_pixels
 
 # TensorFlow's C++ start-up chatter says nothing our users can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -105,6 +105,49 @@ def save_model(model: keras.Model, path: Path) -> None:
             archive.writestr(entry, data)
 
 
+# The variables counted as biases in the percentile bands: dense and convolution biases, and batch
+# normalisation's offsets (which take the biases' place in the author's batch-normalised models).
+BIAS_NAMES = ("bias", "beta")
+
+
+def parameter_groups(model: keras.Model) -> tuple[list, list]:
+    """The model's weights (every trainable variable of two or more dimensions: dense and convolution
+    kernels) and its biases (the trainable variables named in BIAS_NAMES), as the author's
+    visualisation groups them. Other variables (batch normalisation's scales) belong to neither.
+    """
+    variables = model.trainable_variables
+    weights = [variable for variable in variables if len(variable.shape) >= 2]
+    biases = [variable for variable in variables if variable.name in BIAS_NAMES]
+    return weights, biases
+
+
+def percentiles_graph(variables: list) -> tf.Tensor:
+    """PERCENTILES of every value of ``variables`` taken together, interpolated linearly as
+    numpy.percentile does; NaN when there are none. Traced into the training loop.
+    """
+    if not variables:
+        return tf.fill([len(PERCENTILES)], tf.constant(np.nan, tf.float32))
+    values = tf.sort(tf.concat([tf.reshape(tf.cast(variable, tf.float32), [-1]) for variable in variables], 0))
+    count = sum(int(np.prod(variable.shape)) for variable in variables)
+    # The positions are known when the loop is traced, so only two gathers run in it.
+    positions = np.array(PERCENTILES) / 100 * (count - 1)
+    lower, upper = np.floor(positions).astype(np.int32), np.ceil(positions).astype(np.int32)
+    fraction = tf.constant(positions - lower, tf.float32)
+    below, above = tf.gather(values, lower), tf.gather(values, upper)
+    return below + (above - below) * fraction
+
+
+def weight_maps(model: keras.Model) -> np.ndarray:
+    """The ten 28×28 weight maps of a linear classifier (one dense layer from the pixels to the ten
+    classes, like the seed's): each class's weight for every pixel. Other models have no such
+    picture, so for them the array is empty (shape (0, 28, 28)).
+    """
+    weights, _ = parameter_groups(model)
+    if len(weights) != 1 or tuple(weights[0].shape) != (NUM_PIXELS, NUM_CLASSES):
+        return np.zeros((0, *IMAGE_SHAPE), np.float32)
+    return np.asarray(weights[0].numpy(), np.float32).T.reshape(NUM_CLASSES, *IMAGE_SHAPE)
+
+
 class SgdTrainer:
     """Runs chunks of SGD steps, test evaluations included, inside a single compiled TensorFlow loop."""
 
@@ -147,8 +190,20 @@ class SgdTrainer:
         cross_entropies = tf.TensorArray(tf.float32, size=steps)
         test_accuracies = tf.TensorArray(tf.float32, size=steps)
         test_cross_entropies = tf.TensorArray(tf.float32, size=steps)
+        weight_percentiles = tf.TensorArray(tf.float32, size=steps, element_shape=[len(PERCENTILES)])
+        bias_percentiles = tf.TensorArray(tf.float32, size=steps, element_shape=[len(PERCENTILES)])
         variables = self.model.trainable_variables
-        not_measured = (tf.constant(np.nan, tf.float32), tf.constant(np.nan, tf.float32))
+        weights, biases = parameter_groups(self.model)
+        nan, nans = tf.constant(np.nan, tf.float32), tf.fill([len(PERCENTILES)], tf.constant(np.nan, tf.float32))
+        not_measured = (nan, nan, nans, nans)
+
+        def measure_test_set_and_parameters():
+            return (
+                *self._measure(self.test_labels, self.model(self.test_images)),
+                percentiles_graph(weights),
+                percentiles_graph(biases),
+            )
+
         for step in tf.range(steps):
             images = tf.cast(tf.gather(self.train_images, batch_indices[step]), tf.float32) * PIXEL_SCALE
             labels = tf.cast(tf.gather(self.train_labels, batch_indices[step]), tf.float32)
@@ -159,14 +214,24 @@ class SgdTrainer:
             accuracy, cross_entropy = self._measure(labels, self.model(images))
             accuracies = accuracies.write(step, accuracy)
             cross_entropies = cross_entropies.write(step, cross_entropy)
-            # And the test set every eval_interval steps (step numbers count from 1).
+            # And the test set, and the distribution of the weights and biases, every eval_interval
+            # steps (step numbers count from 1).
             due = (eval_interval > 0) & ((first_step + step) % tf.maximum(eval_interval, 1) == 0)
-            test_accuracy, test_cross_entropy = tf.cond(
-                due, lambda: self._measure(self.test_labels, self.model(self.test_images)), lambda: not_measured
+            test_accuracy, test_cross_entropy, weight_percentile, bias_percentile = tf.cond(
+                due, measure_test_set_and_parameters, lambda: not_measured
             )
             test_accuracies = test_accuracies.write(step, test_accuracy)
             test_cross_entropies = test_cross_entropies.write(step, test_cross_entropy)
-        return accuracies.stack(), cross_entropies.stack(), test_accuracies.stack(), test_cross_entropies.stack()
+            weight_percentiles = weight_percentiles.write(step, weight_percentile)
+            bias_percentiles = bias_percentiles.write(step, bias_percentile)
+        return (
+            accuracies.stack(),
+            cross_entropies.stack(),
+            test_accuracies.stack(),
+            test_cross_entropies.stack(),
+            weight_percentiles.stack(),
+            bias_percentiles.stack(),
+        )
 
     def trace(self) -> None:
         """Build the step loop's TensorFlow graph now; XLA compiles it on the first train_steps call.
@@ -180,8 +245,9 @@ class SgdTrainer:
     def train_steps(self, batch_indices: np.ndarray, first_step: int = 1, eval_interval: int = 0):
         """Run one SGD step per row of batch indices, the first being step number ``first_step``.
 
-        Returns four arrays with one value per step: the batch's accuracy and cross-entropy after
-        the update, and the test set's, measured after every step whose number is a multiple of
+        Returns six arrays with one row per step: the batch's accuracy and cross-entropy after the
+        update; the test set's, and the PERCENTILES of the weights and of the biases (see
+        parameter_groups), measured after every step whose number is a multiple of
         ``eval_interval`` (0: never) and NaN after the others.
         """
         results = self._train_steps(

@@ -2,17 +2,20 @@
 
 Reads the processed arrays from ``--data`` and the ``train`` and ``tracking`` sections of
 params.yaml. Writes the Keras model (``--model``: the trained network behind a layer that scales raw
-0-255 pixels, see pipeline.model.raw_pixel_model), the test set's predicted probabilities for the
-report stage (``--test-probabilities``, so that report needs no TensorFlow), the per-step history
-(``--history``: step, train_accuracy, train_cross_entropy, test_accuracy, test_cross_entropy) and
-the final training metrics with the environment that produced them (``--metrics``). Records one
-MLflow run (see pipeline.tracking.record): params, tags, the per-step history, the model and the
-final metrics, and registers the model as a new version of ``tracking.registered_model`` (see
-pipeline.tracking.registry). The outputs are replaced only after the run is recorded.
+0-255 pixels, see pipeline.model.raw_pixel_model), and for the report stage, which needs no
+TensorFlow, the test set's predicted probabilities (``--test-probabilities``) and the model's weight
+maps (``--weight-maps``: ten 28×28 maps for a linear classifier, none for other models). Writes the
+histories (columns in pipeline.data): every step's (``--train-history``), every evaluation's
+(``--test-history``) and the weights' and biases' percentiles at every evaluation
+(``--parameter-percentiles``); and the final training metrics with the environment that produced
+them (``--metrics``). Records one MLflow run (see pipeline.tracking.record): params, tags, the
+per-step history, the model, the history files and the final metrics, and registers the model as a
+new version of ``tracking.registered_model`` (see pipeline.tracking.registry). The outputs are
+replaced only after the run is recorded.
 
 Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
 summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
-cross-entropy is summed over all 10,000 test images).
+cross-entropy is summed over all 10,000 test images). Names ending in ``_sum`` say so.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from tqdm import tqdm
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import HISTORY_COLUMNS, load_processed
+from pipeline.data import (
+    PERCENTILE_COLUMNS,
+    TEST_HISTORY_COLUMNS,
+    TRAIN_HISTORY_COLUMNS,
+    load_processed,
+)
 from pipeline.params import TrainParams, load_params
 from pipeline.tracking import record, registry, store, tags
 
@@ -112,11 +120,16 @@ def chunk_ends(iterations: int, batch_size: int = 1) -> list[int]:
 
 @dataclass
 class History:
+    """The seed's measurements (cross-entropies summed over the images measured), and the weights'
+    and biases' percentiles at every test evaluation (one row of len(PERCENTILES) each)."""
+
     train_accuracy: list[np.ndarray] = field(default_factory=list)
     train_cross_entropy: list[np.ndarray] = field(default_factory=list)
     test_steps: list[int] = field(default_factory=list)
     test_accuracy: list[float] = field(default_factory=list)
     test_cross_entropy: list[float] = field(default_factory=list)
+    weight_percentiles: list[np.ndarray] = field(default_factory=list)
+    bias_percentiles: list[np.ndarray] = field(default_factory=list)
 
     def train_series(self) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate(self.train_accuracy), np.concatenate(self.train_cross_entropy)
@@ -138,8 +151,8 @@ def train(
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
         for end in chunk_ends(iterations, order.shape[1]):
             started = time.time()
-            accuracy, cross_entropy, test_accuracy, test_cross_entropy = trainer.train_steps(
-                order[start:end], start + 1, eval_interval
+            accuracy, cross_entropy, test_accuracy, test_cross_entropy, weight_percentiles, bias_percentiles = (
+                trainer.train_steps(order[start:end], start + 1, eval_interval)
             )
             ended = time.time()
             if not np.all(np.isfinite(cross_entropy)):
@@ -159,6 +172,8 @@ def train(
                 history.test_steps.append(step)
                 history.test_accuracy.append(test_accuracy_value)
                 history.test_cross_entropy.append(test_cross_entropy_value)
+            history.weight_percentiles.extend(weight_percentiles[measured])
+            history.bias_percentiles.extend(bias_percentiles[measured])
             # Like the seed's print(i, a, c): the latest test measurement when there is one.
             if history.test_steps:
                 as_of = "" if history.test_steps[-1] == end else f" (measured at step {history.test_steps[-1]})"
@@ -177,36 +192,42 @@ def train(
     return history
 
 
-def history_csv(history: History) -> str:
-    """The history as CSV: one row per step, the test columns filled only at evaluation steps."""
-    train_accuracy, train_cross_entropy = history.train_series()
-    tests = dict(zip(history.test_steps, zip(history.test_accuracy, history.test_cross_entropy)))
+def csv_text(columns: list[str], rows) -> str:
+    """CSV with a header; every value written as repr(float), which reads back to the same float."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for step, (accuracy, cross_entropy) in enumerate(zip(train_accuracy, train_cross_entropy), start=1):
-        test_accuracy, test_cross_entropy = tests.get(step, ("", ""))
-        writer.writerow(
-            [
-                step,
-                repr(float(accuracy)),
-                repr(float(cross_entropy)),
-                test_accuracy if test_accuracy == "" else repr(test_accuracy),
-                test_cross_entropy if test_cross_entropy == "" else repr(test_cross_entropy),
-            ]
-        )
+    writer.writerow(columns)
+    for step, *values in rows:
+        writer.writerow([step, *(repr(float(value)) for value in values)])
     return buffer.getvalue()
+
+
+def train_history_csv(history: History) -> str:
+    """Every step's batch measurements, one row per step (TRAIN_HISTORY_COLUMNS)."""
+    train_accuracy, train_cross_entropy = history.train_series()
+    return csv_text(TRAIN_HISTORY_COLUMNS, zip(range(1, len(train_accuracy) + 1), train_accuracy, train_cross_entropy))
+
+
+def test_history_csv(history: History) -> str:
+    """Every test evaluation, one row per evaluation (TEST_HISTORY_COLUMNS)."""
+    return csv_text(TEST_HISTORY_COLUMNS, zip(history.test_steps, history.test_accuracy, history.test_cross_entropy))
+
+
+def percentiles_csv(history: History) -> str:
+    """The weights' and biases' percentiles at every test evaluation (PERCENTILE_COLUMNS)."""
+    rows = zip(history.test_steps, history.weight_percentiles, history.bias_percentiles)
+    return csv_text(PERCENTILE_COLUMNS, ((step, *weights, *biases) for step, weights, biases in rows))
 
 
 def final_metrics(history: History) -> dict[str, float]:
     train_accuracy, train_cross_entropy = history.train_series()
     metrics = {
         "final_train_accuracy": float(train_accuracy[-1]),
-        "final_train_cross_entropy": float(train_cross_entropy[-1]),
+        "final_train_cross_entropy_sum": float(train_cross_entropy[-1]),
     }
     if history.test_steps:
         metrics["final_test_accuracy"] = history.test_accuracy[-1]
-        metrics["final_test_cross_entropy"] = history.test_cross_entropy[-1]
+        metrics["final_test_cross_entropy_sum"] = history.test_cross_entropy[-1]
     return metrics
 
 
@@ -228,11 +249,11 @@ def chunk_series(
 ) -> dict[str, tuple[list[int], list[float]]]:
     """A chunk's measurements as MLflow metric histories: {key: (steps, values)}."""
     steps = list(range(first_step, last_step + 1))
-    series = {"train_accuracy": (steps, accuracy.tolist()), "train_cross_entropy": (steps, cross_entropy.tolist())}
+    series = {"train_accuracy": (steps, accuracy.tolist()), "train_cross_entropy_sum": (steps, cross_entropy.tolist())}
     if tests:
         series["test_accuracy"] = ([step for step, _, _ in tests], [value for _, value, _ in tests])
-        series["test_cross_entropy"] = ([step for step, _, _ in tests], [value for _, _, value in tests])
-    return series
+        series["test_cross_entropy_sum"] = ([step for step, _, _ in tests], [value for _, _, value in tests])
+    return {record.HISTORY_PREFIX + name: values for name, values in series.items()}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -242,7 +263,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def main() -> None:
-    args = path_arguments(__doc__, ["data", "model", "test-probabilities", "history", "metrics"])
+    args = path_arguments(__doc__, [
+        "data", "model", "test-probabilities", "weight-maps", "train-history", "test-history",
+        "parameter-percentiles", "metrics",
+    ])  # fmt: skip
     params = load_params()
     config, tracking_params = params.train, params.tracking
 
@@ -260,7 +284,7 @@ def main() -> None:
     import mlflow
     import tensorflow as tf
 
-    from pipeline.model import SgdTrainer, build_model, raw_pixel_model, save_model
+    from pipeline.model import SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
 
     # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
     # without them Keras reports through absl's logger, which only needs to speak up about problems.
@@ -291,11 +315,18 @@ def main() -> None:
         "loss": "cross-entropy summed over the batch",
         "optimizer": "SGD",
     }
-    outputs = [args.model, args.test_probabilities, args.history, args.metrics]
+    outputs = [args.model, args.test_probabilities, args.weight_maps, args.metrics]
+    histories = [args.train_history, args.test_history, args.parameter_percentiles]
     # New outputs replace the old ones only once the run is recorded (files.staged).
     with (
         store.ServerWatch(uri, tracking_params).running(),
-        files.staged(outputs) as (model_path, probabilities_path, history_path, metrics_path),
+        files.staged([*outputs, *histories]) as (
+            model_path,
+            probabilities_path,
+            weight_maps_path,
+            metrics_path,
+            *history_paths,
+        ),
         record.training_run(
             uri, artifact_location, tracking_params.experiment, run_name(config), run_params
         ) as mlflow_run,
@@ -320,8 +351,10 @@ def main() -> None:
         user_model = raw_pixel_model(model)
         save_model(user_model, model_path)
         probabilities_path.write_bytes(probabilities)
-        history_text = history_csv(history)
-        history_path.write_text(history_text)
+        weight_maps_path.write_bytes(npy_bytes(weight_maps(model)))
+        history_texts = [train_history_csv(history), test_history_csv(history), percentiles_csv(history)]
+        for path, text in zip(history_paths, history_texts):
+            path.write_text(text)
         metrics_path.write_text(
             json.dumps(
                 {**metrics, "environment": tags.environment(store.project_root())},
@@ -343,7 +376,8 @@ def main() -> None:
                 params={key: str(value) for key, value in run_params.items()},
             )
             mlflow.log_metrics({**metrics, "train_seconds": train_seconds}, model_id=logged.model_id)
-            mlflow.log_text(history_text, "history.csv")
+            for final_path, text in zip(histories, history_texts):
+                mlflow.log_text(text, final_path.name)
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities))
             version = registry.register(
                 mlflow_run.client,

@@ -61,7 +61,15 @@ TINY_TEST_COUNT = 60
 
 GIT_IDENTITY = {"user.name": "Pipeline Tests", "user.email": "pipeline-tests@example.invalid"}
 # Every stage output that the train and report stages write, relative to the project root.
-TRAIN_OUTPUTS = ("models/model.keras", "models/test_probabilities.npy", "metrics/history.csv", "metrics/train.json")
+TRAIN_OUTPUTS = (
+    "models/model.keras",
+    "models/test_probabilities.npy",
+    "models/weight_maps.npy",
+    "metrics/train_history.csv",
+    "metrics/test_history.csv",
+    "metrics/parameter_percentiles.csv",
+    "metrics/train.json",
+)
 REPORT_OUTPUTS = (
     "metrics/metrics.json",
     "metrics/confusion.csv",
@@ -69,6 +77,9 @@ REPORT_OUTPUTS = (
     "metrics/accuracy.png",
     "metrics/cross_entropy.png",
     "metrics/confusion_matrix.png",
+    "metrics/mistakes.png",
+    "metrics/weight_maps.png",
+    "metrics/parameter_percentiles.png",
 )
 
 

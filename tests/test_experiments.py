@@ -90,7 +90,9 @@ def check_run(run, *, experiment: str, learning_rate: float, commit: str, lock_t
         assert tags[key] == md5, key
     assert set(run.data.params) == PARAM_KEYS
     assert float(run.data.params["train.learning_rate"]) == learning_rate
-    assert {"final_test_accuracy", "train_accuracy", "test_accuracy", "macro_f1"} <= set(run.data.metrics)
+    assert {"final_test_accuracy", "history/train_accuracy", "history/test_accuracy", "macro_f1"} <= set(
+        run.data.metrics
+    )
 
 
 def produced(project: Project, run) -> bool:
@@ -120,8 +122,8 @@ def test_exp_run_and_exp_run_with_set_param_each_log_one_tagged_run(project):
         dirty="false",
     )
     assert produced(project, first)
-    assert metric_steps(project, first.info.run_id, "train_accuracy") == list(range(1, 51))
-    assert metric_steps(project, first.info.run_id, "test_accuracy") == [10, 20, 30, 40, 50]
+    assert metric_steps(project, first.info.run_id, "history/train_accuracy") == list(range(1, 51))
+    assert metric_steps(project, first.info.run_id, "history/test_accuracy") == [10, 20, 30, 40, 50]
     # The store and its artifacts are the project's own.
     assert first.info.artifact_uri.startswith((project.root / "mlartifacts").as_uri())
 
@@ -178,7 +180,7 @@ def test_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_project
         assert run.data.metrics["final_test_accuracy"] == pytest.approx(
             info["metrics"]["metrics/train.json"]["final_test_accuracy"]
         )
-        assert metric_steps(project, run.info.run_id, "test_accuracy") == [10, 20, 30, 40, 50]
+        assert metric_steps(project, run.info.run_id, "history/test_accuracy") == [10, 20, 30, 40, 50]
     assert sorted(float(run.data.params["train.learning_rate"]) for run in new_runs) == list(SWEEP)
     assert len({run.info.experiment_id for run in runs(project)}) == 1
 

@@ -57,16 +57,15 @@ def test_repro_runs_every_stage_and_writes_every_output(repro):
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"fetch", "preprocess", "train", "report"}
 
-    history = pd.read_csv(project.root / "metrics/history.csv")
-    assert list(history.columns) == [
-        "step",
-        "train_accuracy",
-        "train_cross_entropy",
-        "test_accuracy",
-        "test_cross_entropy",
-    ]
+    history = pd.read_csv(project.root / "metrics/train_history.csv")
+    assert list(history.columns) == ["step", "train_accuracy", "train_cross_entropy_sum"]
     assert history["step"].tolist() == list(range(1, 51))
-    assert history.dropna()["step"].tolist() == [10, 20, 30, 40, 50]
+    tests = pd.read_csv(project.root / "metrics/test_history.csv")
+    assert list(tests.columns) == ["step", "test_accuracy", "test_cross_entropy_sum"]
+    assert tests["step"].tolist() == [10, 20, 30, 40, 50]
+    # No file leaves a cell empty, which DVC's charts would draw as 0.
+    for name in ("train_history.csv", "test_history.csv", "parameter_percentiles.csv"):
+        assert not pd.read_csv(project.root / "metrics" / name).isna().any().any(), name
 
     metrics = json.loads((project.root / "metrics/metrics.json").read_text())
     assert set(metrics) == {
@@ -77,11 +76,9 @@ def test_repro_runs_every_stage_and_writes_every_output(repro):
         "macro_f1",
         "per_class_recall",
     }
-    assert metrics["test_accuracy"] == pytest.approx(history["test_accuracy"].dropna().iloc[-1])
+    assert metrics["test_accuracy"] == pytest.approx(tests["test_accuracy"].iloc[-1])
     # The report's cross-entropy is per image; the history's is summed over the 60 test images.
-    assert metrics["test_cross_entropy"] == pytest.approx(
-        history["test_cross_entropy"].dropna().iloc[-1] / 60, rel=1e-4
-    )
+    assert metrics["test_cross_entropy"] == pytest.approx(tests["test_cross_entropy_sum"].iloc[-1] / 60, rel=1e-4)
     assert len(pd.read_csv(project.root / "metrics/confusion.csv")) == 60
     # Outputs stay out of git; the small metrics files are committed.
     ignored = project.git("check-ignore", "data/raw", "models/model.keras")
@@ -100,11 +97,11 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     assert params["train.learning_rate"] == "0.003" and params["train.batch_size"] == "20"
     assert params["train.iterations"] == "50" and params["data.train_examples"] == "200"
 
-    train_history = client.get_metric_history(run.info.run_id, "train_accuracy")
+    train_history = client.get_metric_history(run.info.run_id, "history/train_accuracy")
     assert sorted(metric.step for metric in train_history) == list(range(1, 51))
-    test_history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    test_history = client.get_metric_history(run.info.run_id, "history/test_accuracy")
     assert sorted(metric.step for metric in test_history) == [10, 20, 30, 40, 50]
-    history = pd.read_csv(project.root / "metrics/history.csv")
+    history = pd.read_csv(project.root / "metrics/train_history.csv")
     logged = {metric.step: metric.value for metric in train_history}
     assert logged[37] == pytest.approx(history.loc[36, "train_accuracy"])
     assert run.data.metrics["macro_f1"] > 0
@@ -115,12 +112,15 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     assert any(key.startswith("data.") for key in tags)
 
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
-    assert {"dvc.lock", "history.csv", "report"} <= artifacts
+    assert {"dvc.lock", "train_history.csv", "test_history.csv", "parameter_percentiles.csv", "report"} <= artifacts
     report = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "report")}
     assert {
         "report/accuracy.png",
         "report/cross_entropy.png",
         "report/confusion_matrix.png",
+        "report/mistakes.png",
+        "report/weight_maps.png",
+        "report/parameter_percentiles.png",
         "report/confusion.csv",
         "report/metrics.json",
     } <= report

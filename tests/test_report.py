@@ -10,7 +10,19 @@ import pytest
 from conftest import run_module, snapshot, stage_env, write_params
 from sklearn.metrics import f1_score
 
-from pipeline.report import accuracy_figure, confusion_figure, confusion_rows, cross_entropy_figure, png_bytes, score
+from pipeline.data import PERCENTILE_COLUMNS
+from pipeline.report import (
+    accuracy_figure,
+    confusion_figure,
+    confusion_rows,
+    cross_entropy_figure,
+    mistakes_figure,
+    mistakes_order,
+    percentiles_figure,
+    png_bytes,
+    score,
+    weight_maps_figure,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -39,36 +51,72 @@ def test_confusion_rows_pair_actual_and_predicted():
     assert frame.to_dict("records") == [{"actual": 3, "predicted": 3}, {"actual": 4, "predicted": 9}]
 
 
-def sample_history(steps: int = 300, eval_interval: int = 100) -> pd.DataFrame:
+def sample_histories(steps: int = 300, eval_interval: int = 100) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train, test and percentile histories as train writes them."""
     rng = np.random.default_rng(0)
-    step = np.arange(1, steps + 1)
-    test_steps = step % eval_interval == 0
-    return pd.DataFrame(
+    test_steps = np.arange(eval_interval, steps + 1, eval_interval)
+    train = pd.DataFrame(
         {
-            "step": step,
+            "step": np.arange(1, steps + 1),
             "train_accuracy": rng.uniform(0.8, 1.0, steps),
-            "train_cross_entropy": rng.uniform(10, 60, steps),
-            "test_accuracy": np.where(test_steps, 0.92, np.nan),
-            "test_cross_entropy": np.where(test_steps, 2800.0, np.nan),
+            "train_cross_entropy_sum": rng.uniform(10, 60, steps),
         }
     )
+    test = pd.DataFrame({"step": test_steps, "test_accuracy": 0.92, "test_cross_entropy_sum": 2800.0})
+    spread = np.sort(rng.normal(size=(len(test_steps), 16)), axis=1)
+    percentiles = pd.DataFrame(np.column_stack([test_steps, spread]), columns=PERCENTILE_COLUMNS)
+    return train, test, percentiles
 
 
 def test_figures_are_drawn_as_png():
-    history = sample_history()
+    train, test, percentiles = sample_histories()
     labels = np.array([0, 1, 2, 2, 9])
+    probabilities = np.eye(10)[[0, 1, 2, 1, 9]] * 0.9 + 0.01
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 784), dtype=np.uint8)
     for figure in (
-        accuracy_figure(history),
-        cross_entropy_figure(history),
+        accuracy_figure(train, test),
+        cross_entropy_figure(train, test),
         confusion_figure(labels, np.array([0, 1, 2, 1, 9])),
+        mistakes_figure(images, labels, probabilities),
+        weight_maps_figure(np.random.default_rng(0).normal(size=(10, 28, 28))),
+        weight_maps_figure(np.zeros((0, 28, 28))),
+        percentiles_figure(percentiles),
     ):
         image = png_bytes(figure)
-        assert image.startswith(PNG_SIGNATURE) and len(image) > 10_000
+        assert image.startswith(PNG_SIGNATURE) and len(image) > 5_000
     # The seed's cross-entropy figure shows the test curve per 100 images: 2800 / 100.
-    figure = cross_entropy_figure(history)
+    figure = cross_entropy_figure(train, test)
     test_line = [line for line in figure.axes[0].lines if line.get_label() == "test set"][0]
     assert test_line.get_ydata().tolist() == [28.0, 28.0, 28.0]
     assert figure.axes[1].get_ylim() == (0, 70)
+
+
+def test_mistakes_come_most_confident_first_and_are_labelled_actual_to_predicted():
+    labels = np.array([3, 1, 4, 1, 5])
+    probabilities = np.full((5, 10), 0.01)
+    # Image 0 is right; images 1, 2 and 4 are wrong with 0.6, 0.9 and 0.6 on the wrong class.
+    for row, (predicted, probability) in enumerate([(3, 0.9), (7, 0.6), (9, 0.9), (1, 0.8), (0, 0.6)]):
+        probabilities[row, predicted] = probability
+    assert mistakes_order(labels, probabilities).tolist() == [2, 1, 4]
+    images = np.zeros((5, 784), np.uint8)
+    figure = mistakes_figure(images, labels, probabilities)
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert titles == ["4 → 9  0.90", "1 → 7  0.60", "5 → 0  0.60"]
+    # A blank digit is all background, and the background is red.
+    red, green, blue = figure.axes[0].get_images()[0].get_array()[0, 0]
+    assert red == 1.0 and green == blue < 0.8
+
+
+def test_percentile_bands_nest_from_the_median_outwards():
+    _, _, percentiles = sample_histories()
+    figure = percentiles_figure(percentiles)
+    weights_axis, biases_axis = figure.axes[:2]
+    assert weights_axis.get_title() == "Weights" and biases_axis.get_title() == "Biases"
+    # Four bands per panel: p43-p57, p29-p71, p14-p86 and min-max.
+    assert len(weights_axis.collections) == len(biases_axis.collections) == 4
+    widest = weights_axis.collections[-1].get_paths()[0].vertices[:, 1]
+    assert widest.min() == pytest.approx(percentiles["weights_p0"].min())
+    assert widest.max() == pytest.approx(percentiles["weights_p100"].max())
 
 
 REPORT_OUTPUTS = {
@@ -78,11 +126,16 @@ REPORT_OUTPUTS = {
     "--accuracy-plot": "metrics/accuracy.png",
     "--cross-entropy-plot": "metrics/cross_entropy.png",
     "--confusion-plot": "metrics/confusion_matrix.png",
+    "--mistakes-plot": "metrics/mistakes.png",
+    "--weight-maps-plot": "metrics/weight_maps.png",
+    "--percentiles-plot": "metrics/percentiles.png",
 }
 
 
 def report_args(probabilities: str = "models/p.npy") -> list[str]:
-    args = ["--data", "processed", "--test-probabilities", probabilities, "--history", "metrics/history.csv"]
+    args = ["--data", "processed", "--test-probabilities", probabilities, "--weight-maps", "models/maps.npy"]
+    args += ["--train-history", "metrics/train.csv", "--test-history", "metrics/test.csv"]
+    args += ["--parameter-percentiles", "metrics/percentiles.csv"]
     for option, path in REPORT_OUTPUTS.items():
         args += [option, path]
     return args
@@ -100,7 +153,9 @@ def report_project(tmp_path):
     (tmp_path / "metrics").mkdir()
     probabilities = np.random.default_rng(0).dirichlet(np.ones(10), size=20).astype(np.float32)
     np.save(tmp_path / "models/p.npy", probabilities)
-    sample_history().to_csv(tmp_path / "metrics/history.csv", index=False)
+    np.save(tmp_path / "models/maps.npy", np.random.default_rng(0).normal(size=(10, 28, 28)).astype(np.float32))
+    for frame, name in zip(sample_histories(), ("train", "test", "percentiles")):
+        frame.to_csv(tmp_path / f"metrics/{name}.csv", index=False)
     (tmp_path / "metrics/metrics.json").write_text('{"test_accuracy": 0.5}\n')
     return tmp_path
 
@@ -143,6 +198,8 @@ def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
     assert run.data.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "report")}
     assert {"report/accuracy.png", "report/confusion_matrix.png", "report/metrics.json"} <= artifacts
+    assert {"report/mistakes.png", "report/weight_maps.png", "report/percentiles.png"} <= artifacts
+    assert run.data.metrics["test_cross_entropy"] == pytest.approx(metrics["test_cross_entropy"])
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
     # A rerun on the same inputs (or after DVC restores train from its run cache) finds the report
@@ -175,8 +232,18 @@ def test_report_without_a_training_run_changes_nothing(report_project):
             "holds probabilities of shape (19, 10) but there are 20 test labels",
         ),
         (
-            lambda project: (project / "metrics/history.csv").write_text("step,nonsense\n1,2\n"),
-            "history.csv must have the columns step, train_accuracy",
+            lambda project: (project / "metrics/train.csv").write_text("step,nonsense\n1,2\n"),
+            "train.csv must have the columns step, train_accuracy, train_cross_entropy_sum",
+        ),
+        (
+            lambda project: (project / "metrics/test.csv").write_text(
+                "step,test_accuracy,test_cross_entropy_sum\n1,,2\n"
+            ),
+            "test.csv holds values that are not numbers",
+        ),
+        (
+            lambda project: np.save(project / "models/maps.npy", np.ones((3, 28, 28), np.float32)),
+            "maps.npy holds an array of shape (3, 28, 28)",
         ),
     ],
 )

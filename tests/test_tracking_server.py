@@ -235,15 +235,15 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     assert tags["data.data/processed"] == lock["preprocess"]["outs"][0]["md5"]
 
     # Every step's measurement, with its step, equal to the history DVC plots.
-    history = pd.read_csv(project.root / "metrics/history.csv")
-    tests = history.dropna(subset=["test_accuracy"])
+    history = pd.read_csv(project.root / "metrics/train_history.csv")
+    tests = pd.read_csv(project.root / "metrics/test_history.csv")
     for key, rows in (
         ("train_accuracy", history),
-        ("train_cross_entropy", history),
+        ("train_cross_entropy_sum", history),
         ("test_accuracy", tests),
-        ("test_cross_entropy", tests),
+        ("test_cross_entropy_sum", tests),
     ):
-        logged = client.get_metric_history(run.info.run_id, key)
+        logged = client.get_metric_history(run.info.run_id, f"history/{key}")
         assert [metric.step for metric in logged] == rows["step"].tolist(), key
         assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
     final = json.loads((project.root / "metrics/train.json").read_text())
@@ -254,7 +254,9 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     # Artifacts, fetched back through the server, are the files the stages wrote.
     logged = set(artifact_paths(client, run.info.run_id))
     assert {
-        "history.csv",
+        "train_history.csv",
+        "test_history.csv",
+        "parameter_percentiles.csv",
         "dvc.lock",
         "report/metrics.json",
         "report/accuracy.png",

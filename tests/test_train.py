@@ -15,15 +15,20 @@ import pytest
 from conftest import run_module, stage_env, write_params
 from idx_fixtures import write_mnist
 
+from pipeline.data import PERCENTILE_COLUMNS, PERCENTILES
 from pipeline.train import (
     MAX_CHUNK_INDICES,
     BatchOrder,
     History,
     batch_order,
     chunk_ends,
-    history_csv,
+    percentiles_csv,
     run_name,
     train,
+    train_history_csv,
+)
+from pipeline.train import (
+    test_history_csv as evaluation_history_csv,
 )
 
 
@@ -103,12 +108,62 @@ def test_run_name_says_what_differs():
     )
 
 
-def test_history_csv_has_test_values_only_at_evaluation_steps():
-    history = History([np.array([0.5, 0.75], np.float32)], [np.array([20.0, 10.0], np.float32)], [2], [0.8], [300.0])
-    rows = list(csv.DictReader(io.StringIO(history_csv(history))))
-    assert [row["step"] for row in rows] == ["1", "2"]
-    assert rows[0]["test_accuracy"] == "" and float(rows[1]["test_accuracy"]) == 0.8
-    assert float(rows[1]["train_cross_entropy"]) == 10.0
+def test_each_history_file_has_its_own_steps_and_no_empty_cell():
+    history = History(
+        [np.array([0.5, 0.75], np.float32)],
+        [np.array([20.0, 10.0], np.float32)],
+        [2],
+        [0.8],
+        [300.0],
+        [np.arange(8, dtype=np.float32)],
+        [np.arange(8, dtype=np.float32) / 10],
+    )
+    train_rows = list(csv.DictReader(io.StringIO(train_history_csv(history))))
+    assert [row["step"] for row in train_rows] == ["1", "2"]
+    assert float(train_rows[1]["train_cross_entropy_sum"]) == 10.0
+    test_rows = list(csv.DictReader(io.StringIO(evaluation_history_csv(history))))
+    assert test_rows == [{"step": "2", "test_accuracy": repr(0.8), "test_cross_entropy_sum": "300.0"}]
+    (percentile_row,) = csv.DictReader(io.StringIO(percentiles_csv(history)))
+    assert list(percentile_row) == PERCENTILE_COLUMNS
+    assert percentile_row["step"] == "2" and float(percentile_row["weights_p100"]) == 7.0
+    assert float(percentile_row["biases_p14"]) == pytest.approx(0.1)
+    assert all(value != "" for row in [*train_rows, *test_rows, percentile_row] for value in row.values())
+
+
+def test_percentiles_recorded_in_the_loop_are_numpys_of_the_weights_and_biases_then():
+    """At each evaluation the loop records the percentiles of every weight and every bias as they are
+    after that step; the last ones are numpy.percentile of the final variables."""
+    history, weights = train_once(iterations=100)
+    final_kernel, final_bias = weights
+    np.testing.assert_allclose(history.weight_percentiles[-1], np.percentile(final_kernel, PERCENTILES), atol=1e-6)
+    np.testing.assert_allclose(history.bias_percentiles[-1], np.percentile(final_bias, PERCENTILES), atol=1e-6)
+    assert len(history.weight_percentiles) == len(history.test_steps) == 2
+    # The weights moved between the two evaluations, and so did their spread.
+    assert not np.array_equal(history.weight_percentiles[0], history.weight_percentiles[1])
+
+
+def test_parameter_groups_and_weight_maps_of_the_softmax_and_of_a_deeper_model():
+    import keras
+
+    from pipeline.model import build_model, parameter_groups, weight_maps
+
+    model = build_model(0)
+    weights, biases = parameter_groups(model)
+    assert [tuple(variable.shape) for variable in weights] == [(784, 10)]
+    assert [tuple(variable.shape) for variable in biases] == [(10,)]
+    maps = weight_maps(model)
+    kernel = model.get_weights()[0]
+    # Map d, pixel (row, column) is the weight from pixel 28 * row + column to class d.
+    assert maps.shape == (10, 28, 28) and maps[3, 2, 5] == kernel[28 * 2 + 5, 3]
+
+    deeper = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 5), keras.layers.BatchNormalization(),
+         keras.layers.Flatten(), keras.layers.Dense(10)]
+    )  # fmt: skip
+    weights, biases = parameter_groups(deeper)
+    assert [tuple(variable.shape) for variable in weights] == [(5, 5, 1, 4), (2304, 10)]
+    assert sorted(variable.name for variable in biases) == ["beta", "bias", "bias"]
+    assert weight_maps(deeper).shape == (0, 28, 28)
 
 
 def small_data(seed: int = 0):
@@ -208,8 +263,14 @@ TRAIN_ARGS = [
     "models/model.keras",
     "--test-probabilities",
     "models/p.npy",
-    "--history",
-    "metrics/history.csv",
+    "--weight-maps",
+    "models/maps.npy",
+    "--train-history",
+    "metrics/train_history.csv",
+    "--test-history",
+    "metrics/test_history.csv",
+    "--parameter-percentiles",
+    "metrics/percentiles.csv",
     "--metrics",
     "metrics/train.json",
 ]
@@ -247,10 +308,16 @@ def test_batch_larger_than_the_real_training_set_is_a_clear_error(processed_proj
 def test_stage_writes_outputs_and_one_finished_run(processed_project):
     result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
     assert result.returncode == 0, result.stderr
-    rows = list(csv.DictReader((processed_project / "metrics/history.csv").open()))
-    assert len(rows) == 60 and [row["step"] for row in rows if row["test_accuracy"]] == ["20", "40", "60"]
+    rows = list(csv.DictReader((processed_project / "metrics/train_history.csv").open()))
+    assert [row["step"] for row in rows] == [str(step) for step in range(1, 61)]
+    tests = list(csv.DictReader((processed_project / "metrics/test_history.csv").open()))
+    assert [row["step"] for row in tests] == ["20", "40", "60"]
+    percentiles = list(csv.DictReader((processed_project / "metrics/percentiles.csv").open()))
+    assert [row["step"] for row in percentiles] == ["20", "40", "60"]
     final = json.loads((processed_project / "metrics/train.json").read_text())
-    assert final["final_test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
+    assert final["final_test_accuracy"] == pytest.approx(float(tests[-1]["test_accuracy"]))
+    assert final["final_test_cross_entropy_sum"] == pytest.approx(float(tests[-1]["test_cross_entropy_sum"]))
+    assert np.load(processed_project / "models/maps.npy").shape == (10, 28, 28)
     probabilities = np.load(processed_project / "models/p.npy")
     assert probabilities.shape == (50, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     from mlflow.tracking import MlflowClient
@@ -264,8 +331,13 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
     assert run.data.tags[TEST_PROBABILITIES_TAG] == sha256((processed_project / "models/p.npy").read_bytes())
     assert final["environment"]["keras"] == run.data.tags["env.keras"]
     assert run.data.params["train.batch_size"] == "10"
-    history = client.get_metric_history(run.info.run_id, "train_cross_entropy")
+    history = client.get_metric_history(run.info.run_id, "history/train_cross_entropy_sum")
     assert sorted(metric.step for metric in history) == list(range(1, 61))
+    assert client.get_run(run.info.run_id).data.metrics["final_test_cross_entropy_sum"] == pytest.approx(
+        final["final_test_cross_entropy_sum"]
+    )
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"train_history.csv", "test_history.csv", "percentiles.csv"} <= logged
 
 
 def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(processed_project):
@@ -275,7 +347,7 @@ def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(proc
         train={"batch_size": 10, "iterations": 2_000_000, "eval_interval": 1000},
     )
     (processed_project / "metrics").mkdir()
-    (processed_project / "metrics/history.csv").write_text("an earlier history\n")
+    (processed_project / "metrics/train_history.csv").write_text("an earlier history\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", *TRAIN_ARGS],
         cwd=processed_project,
@@ -293,7 +365,8 @@ def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(proc
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
     assert process.returncode != 0
-    assert (processed_project / "metrics/history.csv").read_text() == "an earlier history\n"
+    assert (processed_project / "metrics/train_history.csv").read_text() == "an earlier history\n"
+    assert not (processed_project / "metrics/test_history.csv").exists()
     leftovers = [
         path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name
     ]
@@ -321,7 +394,15 @@ def test_stage_leaves_the_temp_folder_as_it_found_it_and_reruns_give_the_same_by
         assert sorted(path.name for path in temp.iterdir()) == [], f"run {attempt + 1} left files in the temp folder"
         outputs[attempt] = {
             name: (processed_project / name).read_bytes()
-            for name in ("models/model.keras", "models/p.npy", "metrics/history.csv", "metrics/train.json")
+            for name in (
+                "models/model.keras",
+                "models/p.npy",
+                "models/maps.npy",
+                "metrics/train_history.csv",
+                "metrics/test_history.csv",
+                "metrics/percentiles.csv",
+                "metrics/train.json",
+            )  # fmt: skip
         }
     assert outputs[0] == outputs[1]
 

@@ -58,6 +58,15 @@ HEALTH_CHECK_SECONDS = 2.0
 GIVE_UP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
 
 
+# MLflow 3's UI shows an experiment either as a GenAI one (traces, token usage) or as model training
+# (runs, metric charts). Earlier 3.x UIs pick the view by this experiment tag; the UI of the MLflow
+# this project locks picks it by the sidebar's "GenAI / Machine learning" switch (remembered by the
+# browser, GenAI by default), or by the URL parameter workflowType=machine_learning. Experiments get
+# the tag, and the README says which click (or URL parameter) opens the training runs in the newer UI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def project_root(start: Path | None = None) -> Path:
     """The working copy the stage runs in: the nearest ancestor of ``start`` (or cwd) with dvc.yaml.
 
@@ -350,9 +359,13 @@ def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowC
             client = mlflow.MlflowClient(uri)
             found = client.get_experiment_by_name(experiment)
             if found is not None:
+                if EXPERIMENT_KIND_TAG not in found.tags:
+                    client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return client, found.experiment_id
             try:
-                return client, client.create_experiment(experiment, artifact_location=location)
+                return client, client.create_experiment(
+                    experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             except mlflow.exceptions.MlflowException:
                 # Two runs against a server may race to create it; the loser uses the winner's.
                 found = client.get_experiment_by_name(experiment)
