@@ -253,7 +253,7 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     project.commit("A sweep with an invalid learning rate")
     failed = run_sweep(project)
     rows = {row[1]: row for row in table_rows(failed.stdout)}
-    statuses = sorted(row[-1] for row in rows.values())
+    statuses = sorted((row[-1] for row in rows.values()), key=lambda status: status != "ok")
     assert statuses[0] == "ok"
     assert statuses[1].startswith("failed: error: params.yaml") and "train.learning_rate" in statuses[1], statuses
     _, parent = sweep_run(url, "invalid")
