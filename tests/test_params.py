@@ -183,3 +183,30 @@ def test_the_largest_seed_and_float32_rate_pass():
     raw["train"].update(seed=2**32 - 1, learning_rate=3.0e38)
     params = validate(raw)
     assert params.train.seed == 2**32 - 1
+
+
+def test_every_model_of_the_series_is_accepted():
+    from pipeline.params import MODEL_NAMES
+
+    raw = raw_params()
+    assert validate(raw).train.model == "softmax"
+    for name in MODEL_NAMES:
+        raw["train"]["model"] = name
+        assert validate(raw).train.model == name
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("convnet", "train.model 'convnet' is not a known model (did you mean conv? known models: softmax, "),
+        ("lenet", "train.model 'lenet' is not a known model (known models: softmax, five_layers_sigmoid, "),
+        (3, "train.model must be a string, got 3"),
+    ],
+)
+def test_unknown_model_lists_the_known_ones(value, expected):
+    raw = raw_params()
+    raw["train"]["model"] = value
+    message = problems_of(raw)
+    assert expected in message
+    if isinstance(value, str):
+        assert message.rstrip(".").endswith("conv_batchnorm)")
