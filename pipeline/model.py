@@ -208,6 +208,10 @@ class Series:
     # Test images per model call when the test set is measured: the convolutional nets' activations
     # for all 10,000 images at once would take gigabytes. None: all in one call, as the seed does.
     test_batch_size: int | None = None
+    # Whether XLA compiles the step loop. Not for the convolutional nets: on this CPU, XLA's
+    # convolutions made script 3.0's net 1.7x slower per step and 5x slower per test evaluation than
+    # TensorFlow's own kernels (measured on the real data, one thread each).
+    jit_compile: bool = True
 
 
 # 0.003 decaying to 0.0001 with a time constant of 2,000 steps (scripts 2.1 to 3.1).
@@ -256,6 +260,7 @@ SERIES: dict[str, Series] = {
         lambda _: _adam(DecayToFloor(*_DECAY)),
         "Adam, rate 0.0001 + 0.003 exp(-step/2000)",
         test_batch_size=1000,
+        jit_compile=False,
     ),
     "conv_bigger_dropout": Series(
         "mnist_3.1_convolutional_bigger_dropout.py",
@@ -264,6 +269,7 @@ SERIES: dict[str, Series] = {
         lambda _: _adam(DecayToFloor(*_DECAY)),
         "Adam, rate 0.0001 + 0.003 exp(-step/2000)",
         test_batch_size=1000,
+        jit_compile=False,
     ),
     "conv_batchnorm": Series(
         "mnist_4.2_batchnorm_convolutional.py",
@@ -273,6 +279,7 @@ SERIES: dict[str, Series] = {
         lambda _: _adam(DecayToFloor(0.02, 1600, 0.0001)),
         "Adam, rate 0.0001 + 0.02 exp(-step/1600)",
         test_batch_size=1000,
+        jit_compile=False,
     ),
 }
 
@@ -315,7 +322,8 @@ class SgdTrainer:
     draw their masks from Keras' seeded generators (the loop calls the model with training=True) and
     batch normalisation updates its moving averages in that same call, so both run inside the loop.
     ``test_batch_size`` splits the test set's evaluation into model calls of that many images (None:
-    one call for all, as the seed's model does).
+    one call for all, as the seed's model does); ``jit_compile=False`` runs the loop as a TensorFlow
+    graph without XLA.
     """
 
     def __init__(
@@ -327,6 +335,7 @@ class SgdTrainer:
         test_images: np.ndarray,
         test_labels: np.ndarray,
         test_batch_size: int | None = None,
+        jit_compile: bool = True,
     ) -> None:
         self.model = model
         if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -343,7 +352,7 @@ class SgdTrainer:
         self.test_labels = tf.constant(test_labels.astype(np.float32))
         self._train_steps = tf.function(
             self._train_steps_graph,
-            jit_compile=True,
+            jit_compile=jit_compile,
             input_signature=[
                 tf.TensorSpec([None, None], tf.int32),
                 tf.TensorSpec([], tf.int32),

@@ -234,7 +234,8 @@ def main() -> None:
     series = SERIES[config.model]
     model = build_model(config.seed, config.model)
     trainer = SgdTrainer(model, series.optimizer(config.learning_rate), data["train_images"], data["train_labels"],
-                         data["test_images"], data["test_labels"], series.test_batch_size)  # fmt: skip
+                         data["test_images"], data["test_labels"], series.test_batch_size,
+                         series.jit_compile)  # fmt: skip
     order = batch_order(num_train, config.batch_size, config.iterations, config.seed)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
