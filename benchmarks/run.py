@@ -522,7 +522,7 @@ def bench_series(context: Context) -> list[Row]:
         for name in MODEL_NAMES[1:]
     ]
     context.notes.append(
-        f"Series: one step (median of {SERIES_STEPS} steps, test evaluations included) takes "
+        f"Series: one step (average of {SERIES_STEPS} steps, test evaluations included; median of repetitions) takes "
         + ", ".join(f"{name} {statistics.median(per_step[name]):.2f} ms" for name in MODEL_NAMES)
         + "; compiling the loop and running its first steps: "
         + ", ".join(f"{name} {statistics.median(compile_seconds[name]):.1f} s" for name in MODEL_NAMES)
