@@ -23,6 +23,11 @@ Sections (``--only``, comma-separated; default all):
 * ``pipeline``: a cold ``dvc repro`` of a fresh copy of the project against the NumPy reference
   process (``python -m benchmarks.numpy_reference``, raw IDX files in, scores out), then a no-op
   ``dvc repro`` against ``dvc status`` in that copy.
+* ``series``: one training step of each model of the series (``train.model``), on the real data
+  with the loop the train stage uses (batch of train.batch_size, the batch measured again after the
+  update, the test set every train.eval_interval steps, so its cost is spread over the steps as in
+  a run), after XLA has compiled the loop; each in a fresh process, against the seed's softmax
+  measured the same way in the same run.
 * ``memory``: peak RSS of each stage's dvc.yaml command run as a child process (``os.wait4``'s
   resource usage of exactly that child), the same for train with the largest batch size params.yaml
   accepts (55,000, for LARGE_BATCH_STEPS steps), and the size of data/processed.
@@ -55,7 +60,9 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/run.py`
 from pipeline.data import FILES  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-SECTIONS = ("train-loop", "percentiles", "tracking", "pipeline", "memory")
+SECTIONS = ("train-loop", "percentiles", "tracking", "pipeline", "series", "memory")
+# Steps timed per model in the series section: two test evaluations at the default eval_interval.
+SERIES_STEPS = 200
 STAGES = ("fetch", "preprocess", "train", "report")
 GIT_IDENTITY = {"user.name": "Benchmark", "user.email": "benchmark@example.invalid"}
 MIB = 1024 * 1024
@@ -526,6 +533,43 @@ def bench_pipeline(context: Context) -> list[Row]:
     return [cold, noop]
 
 
+def bench_series(context: Context) -> list[Row]:
+    from pipeline.params import MODEL_NAMES
+
+    env = context.env(PYTHONPATH=str(ROOT))
+    per_step: dict[str, list[float]] = {name: [] for name in MODEL_NAMES}
+    compile_seconds: dict[str, list[float]] = {name: [] for name in MODEL_NAMES}
+    for repetition in range(context.repeat):
+        for name in MODEL_NAMES:
+            context.say(f"series {repetition + 1}/{context.repeat}: one step of {name}")
+            done = run_timed(
+                worker_command("series-step", "--mirror", str(context.mirror), "--model", name),
+                cwd=ROOT,
+                env=env,
+                log=context.workdir / "logs" / f"series-{name}-{repetition}",
+            )
+            result = last_json(done.stdout)
+            per_step[name].append(result["step_seconds"] * 1000)
+            compile_seconds[name].append(result["first_chunk_seconds"])
+    rows = [
+        Row(
+            f"Series: one step of {name} vs one step of softmax",
+            ours=per_step[name],
+            reference=per_step["softmax"],
+            unit="ms",
+        )  # fmt: skip
+        for name in MODEL_NAMES[1:]
+    ]
+    context.notes.append(
+        f"Series: one step (average of {SERIES_STEPS} steps, test evaluations included; median of repetitions) takes "
+        + ", ".join(f"{name} {statistics.median(per_step[name]):.2f} ms" for name in MODEL_NAMES)
+        + "; compiling the loop and running its first steps: "
+        + ", ".join(f"{name} {statistics.median(compile_seconds[name]):.1f} s" for name in MODEL_NAMES)
+        + "."
+    )
+    return rows
+
+
 def bench_memory(context: Context) -> list[Row]:
     project = prepare_stage_project(context)
     env = context.env(MLFLOW_TRACKING_URI=sqlite_uri(project / "mlflow.db"))
@@ -715,6 +759,41 @@ def worker_numpy_train(args: argparse.Namespace) -> dict:
     }
 
 
+def worker_series_step(args: argparse.Namespace) -> dict:
+    """Seconds per training step of one model of the series, after compilation, as the train stage runs it."""
+    from benchmarks.numpy_reference import load_mirror
+    from pipeline.params import load_params
+    from pipeline.train import batch_order
+
+    params = load_params(ROOT / "params.yaml")
+    config = params.train
+    data = load_mirror(args.mirror, params.preprocess.validation_size, verify=False)
+    order = batch_order(len(data["train_images"]), config.batch_size, 2 * SERIES_STEPS, config.seed)
+
+    import keras
+    import tensorflow as tf
+
+    from pipeline.model import SERIES, SgdTrainer, build_model
+
+    keras.config.disable_interactive_logging()
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    series = SERIES[args.model]
+    trainer = SgdTrainer(build_model(config.seed, args.model), series.optimizer(config.learning_rate),
+                         data["train_images"], data["train_labels"], data["test_images"], data["test_labels"],
+                         series.test_batch_size, series.jit_compile)  # fmt: skip
+    started = time.perf_counter()
+    trainer.train_steps(order[:SERIES_STEPS], 1, config.eval_interval)
+    first_chunk_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    trainer.train_steps(order[SERIES_STEPS:], SERIES_STEPS + 1, config.eval_interval)
+    return {
+        "step_seconds": (time.perf_counter() - started) / SERIES_STEPS,
+        "first_chunk_seconds": first_chunk_seconds,
+    }
+
+
 def worker_train_stage(args: argparse.Namespace) -> None:
     """The train stage itself, optionally without its per-step MLflow logging."""
     import pipeline.train as train_module
@@ -769,6 +848,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "numpy-train": worker_numpy_train,
         "train-stage": worker_train_stage,
         "log-series": worker_log_series,
+        "series-step": worker_series_step,
     }
     result = workers[args.worker](args)
     if result is not None:
@@ -804,9 +884,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write every sample and median to this JSON file")
     # Internal: the benchmark runs its measured pieces in fresh processes of this same module.
     parser.add_argument(
-        "--worker", choices=("tf-train", "numpy-train", "train-stage", "log-series"), help=argparse.SUPPRESS
+        "--worker",
+        choices=("tf-train", "numpy-train", "train-stage", "log-series", "series-step"),
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--percentiles", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--weights-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--weights-in", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--step-logging", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
@@ -871,6 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "percentiles": bench_percentiles,
             "tracking": bench_tracking,
             "pipeline": bench_pipeline,
+            "series": bench_series,
             "memory": bench_memory,
         }
         for section in SECTIONS:

@@ -27,6 +27,18 @@ FLOAT32_MAX = 3.4028234663852886e38
 PARAMS_FILE = Path("params.yaml")
 # Characters that separate a models:/<name>@<alias> or models:/<name>/<version> URI into parts.
 MODEL_NAME_SEPARATORS = ("/", "@", ":")
+# The models train.model can name: the seed's softmax, then the rest of the author's series in the
+# order of his scripts (pipeline.model.SERIES builds each; this list needs no TensorFlow to validate).
+MODEL_NAMES = (
+    "softmax",
+    "five_layers_sigmoid",
+    "five_layers_relu",
+    "five_layers_relu_lrdecay",
+    "five_layers_relu_lrdecay_dropout",
+    "conv",
+    "conv_bigger_dropout",
+    "conv_batchnorm",
+)
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -47,6 +59,7 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    model: str
     seed: int
     learning_rate: float
     batch_size: int
@@ -244,6 +257,10 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     for key in ("iterations", "eval_interval"):
         if (value := train.get(key)) is not None and value < 1:
             collector.add(f"train.{key} must be at least 1, got {value}")
+    if (model := train.get("model")) is not None and model not in MODEL_NAMES:
+        close = difflib.get_close_matches(model, MODEL_NAMES, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        collector.add(f"train.model {model!r} is not a known model ({hint}known models: {', '.join(MODEL_NAMES)})")
     if (seed := train.get("seed")) is not None and not 0 <= seed < SEED_LIMIT:
         # Keras and NumPy seed their generators with 32-bit unsigned integers.
         collector.add(f"train.seed must be in [0, 2**32), got {seed}")

@@ -1,4 +1,4 @@
-"""Stage ``train``: fit the seed's softmax network and record every step.
+"""Stage ``train``: fit the model ``train.model`` names (the seed's softmax by default), recording every step.
 
 Reads the processed arrays from ``--data`` and the ``train`` and ``tracking`` sections of
 params.yaml. Writes the Keras model (``--model``: the trained network behind a layer that scales raw
@@ -228,6 +228,10 @@ def final_metrics(history: History) -> dict[str, float]:
     if history.test_steps:
         metrics["final_test_accuracy"] = history.test_accuracy[-1]
         metrics["final_test_cross_entropy_sum"] = history.test_cross_entropy[-1]
+        # The statistic the author's scripts print at the end, and the figure his comments quote.
+        best = int(np.argmax(history.test_accuracy))
+        metrics["max_test_accuracy"] = history.test_accuracy[best]
+        metrics["max_test_accuracy_step"] = history.test_steps[best]
     return metrics
 
 
@@ -237,7 +241,9 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def run_name(params: TrainParams) -> str:
-    return f"lr={params.learning_rate:g} bs={params.batch_size} it={params.iterations} seed={params.seed}"
+    settings = f"bs={params.batch_size} it={params.iterations} seed={params.seed}"
+    # Only the seed's softmax trains at train.learning_rate; the other models name themselves instead.
+    return f"lr={params.learning_rate:g} {settings}" if params.model == "softmax" else f"{params.model} {settings}"
 
 
 def chunk_series(
@@ -284,7 +290,7 @@ def main() -> None:
     import mlflow
     import tensorflow as tf
 
-    from pipeline.model import SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
+    from pipeline.model import SERIES, SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
 
     # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
     # without them Keras reports through absl's logger, which only needs to speak up about problems.
@@ -302,18 +308,21 @@ def main() -> None:
     # step, with identical numbers), and it leaves the other core to MLflow's logging.
     tf.config.threading.set_intra_op_parallelism_threads(1)
 
-    model = build_model(config.seed)
-    trainer = SgdTrainer(model, config.learning_rate, data["train_images"], data["train_labels"],
-                         data["test_images"], data["test_labels"])  # fmt: skip
+    series = SERIES[config.model]
+    model = build_model(config.seed, config.model)
+    trainer = SgdTrainer(model, series.optimizer(config.learning_rate), data["train_images"], data["train_labels"],
+                         data["test_images"], data["test_labels"], series.test_batch_size,
+                         series.jit_compile)  # fmt: skip
     order = BatchOrder(num_train, config.batch_size, config.iterations, config.seed)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
         "tracking.experiment": tracking_params.experiment,
         "data.train_examples": num_train,
         "data.test_examples": len(data["test_images"]),
-        "model": "Dense(10, softmax) on 784 pixels",
+        "model": series.description,
+        "model.script": series.script,
         "loss": "cross-entropy summed over the batch",
-        "optimizer": "SGD",
+        "optimizer": series.optimizer_description,
     }
     outputs = [args.model, args.test_probabilities, args.weight_maps, args.metrics]
     histories = [args.train_history, args.test_history, args.parameter_percentiles]

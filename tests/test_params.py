@@ -232,3 +232,30 @@ def test_retry_time_becomes_enough_of_mlflows_retries_to_cover_it(seconds, retri
     # urllib3 waits 0, 2, 4 … seconds between retries (backoff factor 1): 2**n - 2 in all.
     assert 2**retries - 2 >= seconds > 2 ** (retries - 1) - 2
     assert settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def test_every_model_of_the_series_is_accepted():
+    from pipeline.params import MODEL_NAMES
+
+    raw = raw_params()
+    assert validate(raw).train.model == "softmax"
+    for name in MODEL_NAMES:
+        raw["train"]["model"] = name
+        assert validate(raw).train.model == name
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("convnet", "train.model 'convnet' is not a known model (did you mean conv? known models: softmax, "),
+        ("lenet", "train.model 'lenet' is not a known model (known models: softmax, five_layers_sigmoid, "),
+        (3, "train.model must be a string, got 3"),
+    ],
+)
+def test_unknown_model_lists_the_known_ones(value, expected):
+    raw = raw_params()
+    raw["train"]["model"] = value
+    message = problems_of(raw)
+    assert expected in message
+    if isinstance(value, str):
+        assert message.rstrip(".").endswith("conv_batchnorm)")

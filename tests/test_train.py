@@ -103,9 +103,20 @@ def test_large_batches_give_shorter_chunks_of_bounded_size():
 def test_run_name_says_what_differs():
     from pipeline.params import TrainParams
 
-    assert run_name(TrainParams(seed=0, learning_rate=0.01, batch_size=100, iterations=10000, eval_interval=100)) == (
-        "lr=0.01 bs=100 it=10000 seed=0"
-    )
+    settings = {"seed": 0, "learning_rate": 0.01, "batch_size": 100, "iterations": 10000, "eval_interval": 100}
+    assert run_name(TrainParams(model="softmax", **settings)) == "lr=0.01 bs=100 it=10000 seed=0"
+    # The other models do not train at train.learning_rate, so their name replaces it.
+    assert run_name(TrainParams(model="conv", **settings)) == "conv bs=100 it=10000 seed=0"
+
+
+def test_final_metrics_hold_the_best_test_accuracy_and_its_step():
+    from pipeline.train import final_metrics
+
+    history = History([np.array([0.5, 0.75, 0.8], np.float32)], [np.array([9.0, 8.0, 7.0], np.float32)],
+                      [1, 2, 3], [0.9, 0.95, 0.93], [30.0, 20.0, 25.0])  # fmt: skip
+    metrics = final_metrics(history)
+    assert metrics["max_test_accuracy"] == 0.95 and metrics["max_test_accuracy_step"] == 2
+    assert metrics["final_test_accuracy"] == 0.93
 
 
 def test_each_history_file_has_its_own_steps_and_no_empty_cell():
