@@ -21,8 +21,8 @@ from pipeline_project import make_project
 pytestmark = pytest.mark.slow
 
 STAGES = ("fetch", "preprocess", "train", "report")
-# Command-line tools that are no stage: the metric gate and mnist-predict.
-TOOLS = {"pipeline/check.py", "pipeline/predict.py"}
+# Command-line tools that are no stage: the metric gate, mnist-predict and mnist-sweep.
+TOOLS = {"pipeline/check.py", "pipeline/predict.py", "pipeline/sweep.py"}
 IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(\S+)\s*$", re.MULTILINE)
 
 
