@@ -30,6 +30,7 @@ EXPERIMENT = "mnist-softmax"
 BASELINE_LEARNING_RATE = 0.005
 SWEEP = (0.001, 0.003, 0.01)
 PARAM_KEYS = {
+    "train.model",
     "train.seed",
     "train.learning_rate",
     "train.batch_size",
@@ -39,6 +40,7 @@ PARAM_KEYS = {
     "data.train_examples",
     "data.test_examples",
     "model",
+    "model.script",
     "loss",
     "optimizer",
 }
