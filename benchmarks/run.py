@@ -809,16 +809,17 @@ def worker_train_stage(args: argparse.Namespace) -> None:
 
 def worker_log_series(args: argparse.Namespace) -> dict:
     """TrainingRun.log_history for the seed configuration's 20,200 values, chunk by chunk as train logs them."""
+    from dataclasses import replace
+
     import numpy as np
 
-    from pipeline.params import TrackingParams, load_params
+    from pipeline.params import load_params
     from pipeline.tracking import record, store
     from pipeline.train import chunk_ends
 
     config = load_params(ROOT / "params.yaml").train
-    uri, location = store.resolve(
-        TrackingParams(experiment="benchmark-log-series", uri=args.uri, retry_seconds=30, request_timeout_seconds=10)
-    )
+    tracking = load_params(ROOT / "params.yaml").tracking
+    uri, location = store.resolve(replace(tracking, experiment="benchmark-log-series", uri=args.uri))
     rng = np.random.default_rng(0)
     accuracy = rng.random(config.iterations, dtype=np.float32)
     cross_entropy = rng.random(config.iterations, dtype=np.float32) * 100

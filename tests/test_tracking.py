@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import tomllib
@@ -10,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline.cli import PipelineError
-from pipeline.params import TrackingParams
+from pipeline.params import TrackingParams, load_params
 from pipeline.tracking import record, store, tags
 
 pytestmark = pytest.mark.slow
@@ -28,10 +29,13 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+def tracking_params(**values) -> TrackingParams:
+    """The project's tracking section, with ``values`` changed."""
+    return dataclasses.replace(load_params(ROOT / "params.yaml").tracking, experiment=EXPERIMENT, **values)
+
+
 def open_run(run_name: str = "first", params: dict | None = None):
-    uri, location = store.resolve(
-        TrackingParams(experiment=EXPERIMENT, uri="", retry_seconds=30, request_timeout_seconds=10)
-    )
+    uri, location = store.resolve(tracking_params(uri=""))
     return record.training_run(uri, location, EXPERIMENT, run_name, params or {"train.seed": 0})
 
 
@@ -92,23 +96,12 @@ def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project
 
 def test_an_unusable_server_fails_before_anything_is_imported(project):
     with pytest.raises(PipelineError, match="cannot be reached"):
-        store.resolve(
-            TrackingParams(
-                experiment=EXPERIMENT, uri="http://127.0.0.1:9", retry_seconds=30, request_timeout_seconds=10
-            )
-        )
+        store.resolve(tracking_params(uri="http://127.0.0.1:9"))
 
 
 def test_a_store_in_a_missing_folder_is_a_clear_error(project):
     with pytest.raises(PipelineError, match="which does not exist"):
-        store.resolve(
-            TrackingParams(
-                experiment=EXPERIMENT,
-                uri=f"sqlite:///{project}/nowhere/mlflow.db",
-                retry_seconds=30,
-                request_timeout_seconds=10,
-            )
-        )
+        store.resolve(tracking_params(uri=f"sqlite:///{project}/nowhere/mlflow.db"))
 
 
 def test_the_environment_names_the_locked_versions(project):
