@@ -132,6 +132,9 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
     # `kill` (SIGTERM) takes the same clean path as Ctrl-C: temp files are removed and an open
     # MLflow run is marked FAILED instead of being left RUNNING.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # A shell without job control starts background commands with SIGINT ignored, and Python then
+    # leaves it ignored; Ctrl-C (or `kill -INT`) must stop a stage the same clean way wherever it runs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     owner = dvc_process()
     owner_gone = watch_owner(owner) if owner is not None else threading.Event()
     try:

@@ -218,14 +218,18 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     params = project.params()
+    from pipeline.model import SERIES
+
+    softmax = SERIES["softmax"]
     assert run.data.params == {
         **{f"train.{key}": str(value) for key, value in params["train"].items()},
         "tracking.experiment": EXPERIMENT,
         "data.train_examples": "200",
         "data.test_examples": "60",
-        "model": "Dense(10, softmax) on 784 pixels",
+        "model": softmax.description,
+        "model.script": softmax.script,
         "loss": "cross-entropy summed over the batch",
-        "optimizer": "SGD",
+        "optimizer": softmax.optimizer_description,
     }
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
     tags = run.data.tags
