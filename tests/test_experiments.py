@@ -191,10 +191,6 @@ def test_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_project
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
 
-@pytest.mark.skip(
-    reason="since the merges of #13/#14 DVC reruns train here instead of restoring it from its run cache "
-    "(found at the end of the session, not yet diagnosed; see the closing note)"
-)
 def test_experiment_matching_an_earlier_run_reuses_it_instead_of_logging_a_duplicate(project):
     """DVC restores an experiment whose inputs it has already run from its run cache: no new run."""
     earlier = [run for run in runs(project) if float(run.data.params["train.learning_rate"]) == BASELINE_LEARNING_RATE]
