@@ -380,7 +380,10 @@ def log_report(client, run_id: str, metrics: dict, outputs: dict[Path, bytes], d
     from mlflow.entities import Metric
 
     timestamp_ms = record.timestamp_ms()
+    # The same names as metrics.json, so that a sweep's metric (test_accuracy by default) and the
+    # gate's rules name the same figures in MLflow as in DVC.
     values = {
+        "test_accuracy": metrics["test_accuracy"],
         "test_cross_entropy": metrics["test_cross_entropy"],
         "macro_precision": metrics["macro_precision"],
         "macro_recall": metrics["macro_recall"],

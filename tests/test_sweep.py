@@ -51,12 +51,6 @@ PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}, "trac
 EXPERIMENT = "mnist-softmax"
 
 
-# Issue #15 is still open: these two tests (real Ray, DVC and an MLflow server on PostgreSQL) have
-# not yet passed on the 2-core CI machine (the local sweep failed there and the two-node cluster
-# never got past Ray's start-up), so they are skipped until they do rather than turning CI red.
-UNVERIFIED = "issue #15 is open: this Ray sweep test has not passed on the 2-core CI machine yet"
-
-
 def definition(**overrides) -> str:
     sweep = {
         "name": "s1",
@@ -209,7 +203,6 @@ def table_rows(stdout: str) -> list[list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.skip(reason=UNVERIFIED)
 def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  # noqa: F811
     url, _ = mlflow_server
     project = sweep_project(tmp_path, url, definition(name="local"))
@@ -410,7 +403,6 @@ def cluster(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.skip(reason=UNVERIFIED)
 def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow_server, cluster):  # noqa: F811
     url, _ = mlflow_server
     address, node_env, nodes_dir = cluster
