@@ -63,6 +63,8 @@ TRIAL_TAG = "sweep.trial"
 NODE_TAG = "sweep.node"
 HOST_TAG = "sweep.host"
 PARENT_TAG = "mlflow.parentRunId"
+# On the run of a trial that DVC restored from its run cache: the earlier run that trained the model.
+RESTORED_TAG = "sweep.restored_from"
 # Ray's raylet gives its agent processes a fixed 15 s to start; on a loaded machine they can miss
 # it, and the node fails to start. Starting again usually succeeds (the imports are cached then).
 RAY_START_ATTEMPTS = 3
@@ -101,6 +103,7 @@ class TrialSetup:
     sweep_name: str
     metric: str
     tracking_uri: str
+    experiment_id: str
     parent_run_id: str
     # This repository's DVC cache, shared by local trials; None on a cluster (data from the DVC remote).
     cache_dir: str | None
@@ -285,10 +288,53 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         else:
             metrics = json.loads((workdir / METRICS_FILE).read_text())
             result[setup.metric] = float(metrics[setup.metric])
+            record_restored_trial(setup, workdir, trial_id, experiment, json.loads(env[record.EXTRA_TAGS_VARIABLE]))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - started, 1)
     tune.report(result)
+
+
+def record_restored_trial(setup: TrialSetup, workdir: Path, trial_id: str, experiment: str, trial_tags: dict) -> None:
+    """Give a trial that trained nothing its run under the sweep, pointing at the run that did.
+
+    When an earlier experiment had the trial's params, ``dvc exp run`` restores train and report from
+    DVC's run cache in seconds instead of training again, so no stage logs a run. The trial still
+    gets its one run under the sweep: the earlier run's params and final metrics, this trial's tags,
+    and ``sweep.restored_from`` naming the earlier run, which holds the curves, pictures and model.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(setup.tracking_uri)
+    own = client.search_runs(
+        [setup.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{setup.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
+        "and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if own:
+        return
+    probabilities = (workdir / "models" / "test_probabilities.npy").read_bytes()
+    earlier = record.find_training_run(client, setup.experiment_id, record.sha256(probabilities), setup.tracking_uri)
+    # Not the pipeline's own tags: the output digests must keep leading to the run that holds the outputs.
+    run_tags = {
+        key: value for key, value in earlier.data.tags.items() if not key.startswith(("mlflow.", "sweep.", "pipeline."))
+    }
+    run_tags.update(tags.git_info(workdir))
+    run_tags.update({**trial_tags, "dvc.experiment": experiment, RESTORED_TAG: earlier.info.run_id})
+    run = client.create_run(setup.experiment_id, run_name=earlier.info.run_name, tags=run_tags)
+    now = record.timestamp_ms()
+    client.log_batch(
+        run.info.run_id,
+        metrics=[
+            Metric(key, value, now, 0)
+            for key, value in earlier.data.metrics.items()
+            if not key.startswith(record.HISTORY_PREFIX)
+        ],
+        params=[Param(key, value) for key, value in earlier.data.params.items()],
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
 
 
 # -- the driver --------------------------------------------------------------------------------------
@@ -567,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sweep_name=sweep.name,
         metric=sweep.metric,
         tracking_uri=uri,
+        experiment_id=experiment_id,
         parent_run_id=parent_run_id,
         cache_dir=cache_dir,
         dvc_remote=bool(args.address) and has_remote,

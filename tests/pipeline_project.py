@@ -36,6 +36,16 @@ from idx_fixtures import write_digests, write_mnist  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
+
+def server_env() -> dict[str, str]:
+    """The environment for a test's ``mlflow server``: none of this process's MLflow settings, and no
+    background job workers (MLflow 3 starts seven of them for its GenAI jobs, which no test uses and
+    which cost a loaded two-core machine seconds of start-up and a gigabyte of memory)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    return env
+
+
 # What the pipeline needs to run; the rest of the checkout (tests, docs, outputs) stays behind.
 PROJECT_FILES = (
     "dvc.yaml",

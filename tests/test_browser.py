@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from pipeline_project import VENV_BIN, make_project
+from pipeline_project import VENV_BIN, make_project, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -188,9 +188,7 @@ def mlflow_ui(project, tmp_path):
     chromium_or_skip()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # Without its background job workers (GenAI jobs), which this page does not need.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env = server_env()
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pipeline.cli import PipelineError
 from pipeline.sweep import (
     NODE_TAG,
     PARENT_TAG,
+    RESTORED_TAG,
     TRIAL_TAG,
     Parameter,
     cluster_problems,
@@ -201,18 +203,64 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
 
 
+def interrupt_after_first_trial(project: Project, log: Path) -> subprocess.CompletedProcess:
+    """Start the sweep as a terminal would, and press Ctrl-C once its first trial has finished.
+
+    The terminal's Ctrl-C reaches the whole foreground process group: the sweep, Ray's processes it
+    started, and the trials' pipelines.
+    """
+    command = [str(VENV_BIN / "mnist-sweep"), "sweep.yaml"]
+    with open(log, "w") as output:
+        sweep = subprocess.Popen(
+            command, cwd=project.root, env=project.env, stdout=output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 900
+            while "trial 1/4" not in log.read_text() and sweep.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert sweep.poll() is None, f"the sweep ended before a trial had finished:\n{log.read_text()[-3000:]}"
+            os.killpg(sweep.pid, signal.SIGINT)
+            sweep.wait(timeout=300)
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
+    return subprocess.CompletedProcess(command, sweep.returncode, log.read_text(), "")
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  # noqa: F811
     url, _ = mlflow_server
     project = sweep_project(tmp_path, url, definition(name="local"))
 
+    # Ctrl-C after the first trial: the sweep stops with a short message and leaves nothing RUNNING.
+    interrupted = interrupt_after_first_trial(project, tmp_path / "interrupted.log")
+    assert interrupted.returncode == 130, interrupted.stdout[-3000:]
+    assert "interrupted" in interrupted.stdout and "Traceback" not in interrupted.stdout, interrupted.stdout[-3000:]
+    client, parent = sweep_run(url, "local")
+    assert parent.info.status == "KILLED"
+    # No trial's pipeline goes on running: the trials' processes carry the sweep's run id.
+    deadline = time.monotonic() + 60
+    while processes_whose_environment_has(parent.info.run_id) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not processes_whose_environment_has(parent.info.run_id), "a trial's pipeline outlived the sweep"
+    before = children(url, parent.info.run_id)
+    assert before and "RUNNING" not in {run.info.status for run in before}
+    finished_before = {run.info.run_id for run in before if run.info.status == "FINISHED"}
+    assert finished_before
+
+    # Running the same command again resumes: the finished trials are not run again.
     done = run_sweep(project)
-    assert done.stdout.count("trial ") >= 4 and "trial 4/4" in done.stdout, done.stdout
+    assert done.stdout.count("trial ") >= 4, done.stdout
     client, parent = sweep_run(url, "local")
     assert parent.info.status == "FINISHED"
     runs = children(url, parent.info.run_id)
-    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
+    assert "RUNNING" not in {run.info.status for run in runs}
+    runs = [run for run in runs if run.info.status == "FINISHED"]
+    assert finished_before <= {run.info.run_id for run in runs}
+    assert len(runs) == 4 and len({run.data.tags[TRIAL_TAG] for run in runs}) == 4
     configurations = {
         (float(r.data.params["train.learning_rate"]), int(r.data.params["train.batch_size"])) for r in runs
     }
@@ -243,8 +291,30 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
 
     # A rerun of the finished sweep resumes Ray's state: nothing runs again.
     again = run_sweep(project)
-    assert len(children(url, parent.info.run_id)) == 4
+    assert len(children(url, parent.info.run_id)) == len(before) + 4 - len(finished_before)
     assert table_rows(again.stdout) == rows
+
+    # Another sweep over params already run: DVC restores those trials from its run cache instead
+    # of training again, and each still gets its one run under its sweep, naming the run that trained.
+    (project.root / "sweep.yaml").write_text(
+        definition(
+            name="repeat",
+            parameters={"train.learning_rate": {"values": [0.001]}, "train.batch_size": {"values": [10, 20]}},
+        )  # fmt: skip
+    )
+    project.commit("A sweep repeating two trials")
+    repeated = run_sweep(project)
+    assert "Running stage 'train'" not in repeated.stdout
+    _, repeat_parent = sweep_run(url, "repeat")
+    restored = children(url, repeat_parent.info.run_id)
+    assert len(restored) == 2 and {run.info.status for run in restored} == {"FINISHED"}
+    originals = {run.info.run_id: run for run in runs}
+    for run in restored:
+        original = originals[run.data.tags[RESTORED_TAG]]
+        assert original.data.params["train.batch_size"] == run.data.params["train.batch_size"]
+        assert run.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
+        assert run.data.tags["dvc.experiment"] == f"repeat-{run.data.tags[TRIAL_TAG]}"
+        assert run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
 
     # Params the pipeline refuses fail their trials alone, with the pipeline's own error.
     (project.root / "sweep.yaml").write_text(
@@ -266,19 +336,24 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
 NODE_MARKER = "MNIST_SWEEP_TEST_NODE"
 
 
-def node_processes(name: str) -> list[int]:
-    """Every process that inherited ``NODE_MARKER=name``: the node's Ray daemons, workers and trials."""
-    marker = f"{NODE_MARKER}={name}".encode()
+def processes_whose_environment_has(text: str) -> list[int]:
+    """Every process with ``text`` in one of its environment variables (processes inherit them)."""
+    marker = text.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
+            if any(marker in variable for variable in (entry / "environ").read_bytes().split(b"\0")):
                 found.append(int(entry.name))
         except OSError:
             continue
     return found
+
+
+def node_processes(name: str) -> list[int]:
+    """Every process that inherited ``NODE_MARKER=name``: the node's Ray daemons, workers and trials."""
+    return processes_whose_environment_has(f"{NODE_MARKER}={name}")
 
 
 def kill_node(name: str) -> None:
@@ -355,11 +430,24 @@ def wait_for_nodes(address: str, env: dict, count: int, timeout: float = 240) ->
         time.sleep(2)
 
 
+def ray_auth(token: Path) -> dict[str, str]:
+    """The environment that makes a Ray process use the cluster's token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
 @pytest.fixture
 def cluster(tmp_path):
-    """A head and a worker node on 127.0.0.1; yields (address, environment, nodes dir); stops both."""
+    """A head and a worker node on 127.0.0.1; yields (address, environment, nodes dir); stops both.
+
+    The cluster uses Ray's token authentication, as a team's should (Ray enables it on a head that
+    finds a token in ~/.ray, which any earlier local ray.init() leaves there, and then refuses nodes
+    and drivers without it): a token of its own, given to every node and to the sweep through the
+    environment.
+    """
     nodes_dir = Path(tempfile.mkdtemp(prefix="ray-nodes-"))
-    env = base_env(tmp_path)
+    token = nodes_dir / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**base_env(tmp_path), **ray_auth(token)}
     port = free_port()
     address = f"127.0.0.1:{port}"
     processes = []
@@ -409,7 +497,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     # The team's remotes: a bare git repository and a DVC remote directory.
     remote_git, remote_dvc = tmp_path / "remote.git", tmp_path / "dvc-remote"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote_git)], check=True)
-    project = make_project(tmp_path / "team", env={"MLFLOW_TRACKING_URI": url})
+    project = make_project(tmp_path / "team", env={"MLFLOW_TRACKING_URI": url, **ray_auth(nodes_dir / "auth_token")})
     (project.root / "sweep.yaml").write_text(definition(name="cluster", retries=2))
     project.dvc("remote", "add", "--default", "shared", str(remote_dvc))
     project.git("remote", "add", "origin", str(remote_git))

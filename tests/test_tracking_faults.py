@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import run_module, stage_env, write_params
 from idx_fixtures import write_mnist
-from pipeline_project import VENV_BIN
+from pipeline_project import VENV_BIN, server_env
 from test_tracking_server import free_port, wait_for_http
 from test_train import TRAIN_ARGS
 
@@ -41,7 +41,7 @@ class Server:
 
     def start(self) -> None:
         log = self.directory / "server.log"
-        env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        env = server_env()
         with open(log, "a") as handle:
             self.process = subprocess.Popen(
                 [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, VENV_BIN, Project, base_env, make_project
+from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, VENV_BIN, Project, base_env, make_project, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def mlflow_server(postgres, tmp_path_factory):
     directory = tmp_path_factory.mktemp("mlflow-server")
     artifacts, log_path, port = directory / "artifacts", directory / "server.log", free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env = server_env()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [
