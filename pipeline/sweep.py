@@ -55,6 +55,7 @@ SWEEP_KEYS = {"name", "search", "trials", "seed", "metric", "mode", "max_concurr
 # Where Ray Tune keeps each sweep's state (for resuming), inside DVC's own git-ignored temp folder.
 STATE_DIR = Path(".dvc/tmp/sweeps")
 STATE_FILE = "mnist-sweep.json"
+RESULTS_FILE = "results.jsonl"
 # The stage output the metric is read from, as dvc.yaml's report stage writes it.
 METRICS_FILE = "metrics/metrics.json"
 # Tags on the runs: which sweep and trial a run belongs to, and where the trial ran.
@@ -68,6 +69,8 @@ RESTORED_TAG = "sweep.restored_from"
 # Ray's raylet gives its agent processes a fixed 15 s to start; on a loaded machine they can miss
 # it, and the node fails to start. Starting again usually succeeds (the imports are cached then).
 RAY_START_ATTEMPTS = 3
+# The key of every trial's one result (its DVC experiment's name); a trial without it never ended.
+RESULT_KEY = "experiment"
 # The longest error text a failed trial keeps for the table.
 ERROR_CHARS = 400
 
@@ -264,7 +267,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     for variable in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "RAY_ADDRESS"):
         env.pop(variable, None)
     dvc = str(Path(sys.executable).with_name("dvc"))
-    result: dict[str, Any] = {"experiment": experiment, "node": node, "host": host, "error": ""}
+    result: dict[str, Any] = {RESULT_KEY: experiment, "node": node, "host": host, "error": ""}
     workdir = Path(tempfile.mkdtemp(prefix=f"mnist-sweep-{trial_id}-"))
     try:
         steps: list[list[str]] = [
@@ -434,51 +437,81 @@ def results_plot(rows: list[dict[str, Any]], parameters: Mapping[str, Parameter]
     return buffer.getvalue()
 
 
-def trial_rows(results, runs_by_trial: Mapping[str, Any], sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per trial of Ray's results, joined with its MLflow run."""
+def read_trial_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The trials recorded so far (see trial_recorder), by trial id; a trial recorded twice keeps its last record."""
+    if not path.exists():
+        return {}
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            records[entry["trial"]] = entry
+    return records
+
+
+def trial_rows(records: Mapping[str, dict[str, Any]], runs_by_trial: Mapping[str, Any], sweep: Sweep) -> list[dict]:
+    """One row per recorded trial, joined with its MLflow run."""
     rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path)).split("_", 1)[-1]
+    for trial_id, entry in records.items():
         run = runs_by_trial.get(trial_id)
-        row: dict[str, Any] = {"trial": trial_id, **{key: result.config.get(key) for key in sweep.parameters}}
-        value = metrics.get(sweep.metric)
-        row[sweep.metric] = float(value) if value is not None else math.nan
-        row["experiment"] = metrics.get("experiment", "-")
-        row["node"] = (metrics.get("node") or "-")[:8]
+        config = entry.get("config") or {}
+        row: dict[str, Any] = {"trial": trial_id, **{key: config.get(key) for key in sweep.parameters}}
+        value = entry.get(sweep.metric)
+        row[sweep.metric] = float(value) if isinstance(value, int | float) else math.nan
+        row["experiment"] = entry.get(RESULT_KEY) or "-"
+        row["node"] = (entry.get("node") or "-")[:8]
         row["mlflow run"] = run.info.run_id[:8] if run else "-"
-        if result.error is not None:
-            row["status"] = f"error: {store.short(str(result.error), 200)}"
-        elif metrics.get("error"):
-            row["status"] = f"failed: {metrics['error']}"
+        if entry.get("crashed"):
+            row["status"] = f"error: {entry['crashed']}"
+        elif entry.get("error"):
+            row["status"] = f"failed: {entry['error']}"
         else:
             row["status"] = "ok"
         rows.append(row)
     return rows
 
 
-def trial_lines(total: int, metric: str):
-    """A Ray Tune callback printing one line per finished trial (beside Ray's own progress table)."""
+def trial_recorder(path: Path, total: int, metric: str):
+    """A Ray Tune callback that records each trial's outcome as a line of JSON in ``path`` and prints
+    one line per finished trial (beside Ray's own progress table).
+
+    The records go to a file rather than into this object because Ray Tune pickles its callbacks
+    with the sweep's state and, when a sweep is resumed, calls the unpickled copy; the file then
+    collects the trials of every run of the sweep, and the table at the end is made from it.
+    """
     from ray.tune import Callback
 
-    class TrialLines(Callback):
-        def __init__(self) -> None:
-            self.done = 0
+    def plain(value: Any) -> Any:
+        return value.item() if hasattr(value, "item") else value
+
+    class TrialRecorder(Callback):
+        def record(self, entry: dict[str, Any]) -> int:
+            with open(path, "a") as file:
+                file.write(json.dumps(entry, default=str) + "\n")
+            return len(read_trial_records(path))
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self.done += 1
             result = trial.last_result or {}
-            params = " ".join(f"{key}={value}" for key, value in sorted(trial.config.items()))
-            outcome = f"failed: {result['error']}" if result.get("error") else f"{metric} {result.get(metric, '?')}"
-            where = f"node {str(result.get('node', '?'))[:8]}, {result.get('seconds', '?')} s"
-            name = result.get("experiment", trial.trial_id)
-            print(f"trial {self.done}/{total} {name} {params}: {outcome} ({where})", flush=True)
+            entry = {"trial": trial.trial_id, "config": {key: plain(value) for key, value in trial.config.items()}}
+            entry.update({key: result.get(key) for key in (RESULT_KEY, metric, "node", "host", "seconds", "error")})
+            done = self.record(entry)
+            params = " ".join(f"{key}={value}" for key, value in sorted(entry["config"].items()))
+            outcome = f"failed: {entry['error']}" if entry["error"] else f"{metric} {entry[metric]}"
+            where = f"node {str(entry['node'])[:8]}, {entry['seconds']} s"
+            print(f"trial {done}/{total} {entry[RESULT_KEY]} {params}: {outcome} ({where})", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self.done += 1
-            print(f"trial {self.done}/{total} {trial.trial_id}: failed after retries ({trial.error_file})", flush=True)
+            # The trial raised or its worker died, as often as the sweep allows retries.
+            try:
+                lines = Path(trial.error_file).read_text().strip().splitlines()
+                reason = store.short(lines[-1], 200) if lines else "no error message"
+            except (OSError, TypeError):
+                reason = "no error message"
+            config = {key: plain(value) for key, value in trial.config.items()}
+            done = self.record({"trial": trial.trial_id, "config": config, "crashed": reason})
+            print(f"trial {done}/{total} {trial.trial_id}: failed after its retries: {reason}", flush=True)
 
-    return TrialLines()
+    return TrialRecorder()
 
 
 def close_unfinished_runs(client, experiment_id: str, parent_run_id: str, status: str, reason: str) -> list[str]:
@@ -577,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state_root = (root / STATE_DIR).resolve()
     state_path = state_root / sweep.name
     state_file = state_root / f"{sweep.name}.{STATE_FILE}"
+    records_path = state_root / f"{sweep.name}.{RESULTS_FILE}"
     previous = json.loads(state_file.read_text()) if state_file.exists() else {}
     if previous and previous.get("key") != key:
         raise PipelineError(
@@ -605,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, value in definition.items():
             client.log_param(parent_run_id, name, str(value))
         state_root.mkdir(parents=True, exist_ok=True)
+        records_path.unlink(missing_ok=True)
         state_file.write_text(json.dumps({"key": key, "parent_run_id": parent_run_id}))
 
     setup = TrialSetup(
@@ -625,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         name=sweep.name,
         storage_path=str(state_root),
         failure_config=tune.FailureConfig(max_failures=sweep.retries),
-        callbacks=[trial_lines(total, sweep.metric)],
+        callbacks=[trial_recorder(records_path, total, sweep.metric)],
     )
     interrupted, results = False, None
     try:
@@ -651,7 +686,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_config=run_config,
             )
         results = tuner.fit()
-        interrupted = any(not results[i].metrics and results[i].error is None for i in range(len(results)))
+        # Ray Tune returns from a Ctrl-C too, having stopped the trials still running: a trial that
+        # neither reported nor failed for good is one it stopped.
+        interrupted = len(read_trial_records(records_path)) < total
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -675,8 +712,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for run in sorted(children, key=lambda run: run.info.start_time):
         if run.info.status == "FINISHED" or run.data.tags.get(TRIAL_TAG) not in runs_by_trial:
             runs_by_trial[run.data.tags.get(TRIAL_TAG, "")] = run
-    finished = [results[i] for i in range(len(results))]
-    rows = ranking(trial_rows(finished, runs_by_trial, sweep), sweep.metric, sweep.mode)
+    rows = ranking(trial_rows(read_trial_records(records_path), runs_by_trial, sweep), sweep.metric, sweep.mode)
     columns = ["rank", "trial", *sweep.parameters, sweep.metric, "experiment", "node", "mlflow run", "status"]
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
