@@ -4,10 +4,12 @@ The quick tests check the sweep definition, the search space and the ranking. Th
 the real thing on a throwaway copy of the project with tiny synthetic data (tests/pipeline_project.py)
 and a real MLflow server on PostgreSQL (the fixtures of tests/test_tracking_server.py):
 
-* a local sweep of 4 trials, 2 at a time: 4 DVC experiments in the project, 4 FINISHED runs nested
-  under one sweep run, the ranking in the order of the runs' metrics; a sweep whose params the
-  pipeline refuses fails those trials alone, with the pipeline's own error; a rerun of a finished
-  sweep runs nothing again;
+* a local sweep of 4 trials, 2 at a time, stopped with Ctrl-C after its first trial and run again:
+  nothing stays RUNNING and no pipeline outlives the sweep, the rerun runs only the unfinished
+  trials; then 4 DVC experiments in the project, 4 FINISHED runs nested under one sweep run, the
+  ranking in the order of the runs' metrics; a rerun of a finished sweep runs nothing again; a
+  second sweep repeating a trial gets it from DVC's run cache (its run names the one that trained),
+  and its trial with params the pipeline refuses fails alone, with the pipeline's own error;
 * a two-node Ray cluster on 127.0.0.1 (a head and a worker, each a separate ``ray start`` with one
   CPU and its own working directory), a bare git remote and a local DVC remote: trials run on both
   nodes; the worker is killed outright in the middle of a trial, which Ray retries on the head; the
@@ -294,41 +296,29 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     assert len(children(url, parent.info.run_id)) == len(before) + 4 - len(finished_before)
     assert table_rows(again.stdout) == rows
 
-    # Another sweep over params already run: DVC restores those trials from its run cache instead
-    # of training again, and each still gets its one run under its sweep, naming the run that trained.
+    # Another sweep: params already run are restored by DVC from its run cache instead of training
+    # again, and the trial still gets its one run under its sweep, naming the run that trained;
+    # params the pipeline refuses fail their trial alone, with the pipeline's own error.
     (project.root / "sweep.yaml").write_text(
         definition(
-            name="repeat",
-            parameters={"train.learning_rate": {"values": [0.001]}, "train.batch_size": {"values": [10, 20]}},
+            name="again",
+            parameters={"train.learning_rate": {"values": [0.001, -1.0]}, "train.batch_size": {"values": [10]}},
         )  # fmt: skip
     )
-    project.commit("A sweep repeating two trials")
+    project.commit("A sweep repeating a trial, with an invalid learning rate")
     repeated = run_sweep(project)
-    assert "Running stage 'train'" not in repeated.stdout
-    _, repeat_parent = sweep_run(url, "repeat")
-    restored = children(url, repeat_parent.info.run_id)
-    assert len(restored) == 2 and {run.info.status for run in restored} == {"FINISHED"}
-    originals = {run.info.run_id: run for run in runs}
-    for run in restored:
-        original = originals[run.data.tags[RESTORED_TAG]]
-        assert original.data.params["train.batch_size"] == run.data.params["train.batch_size"]
-        assert run.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
-        assert run.data.tags["dvc.experiment"] == f"repeat-{run.data.tags[TRIAL_TAG]}"
-        assert run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
-
-    # Params the pipeline refuses fail their trials alone, with the pipeline's own error.
-    (project.root / "sweep.yaml").write_text(
-        definition(name="invalid", parameters={"train.learning_rate": {"values": [0.02, -1.0]}})
-    )
-    project.commit("A sweep with an invalid learning rate")
-    failed = run_sweep(project)
-    rows = {row[1]: row for row in table_rows(failed.stdout)}
+    rows = {row[1]: row for row in table_rows(repeated.stdout)}
     statuses = sorted((row[-1] for row in rows.values()), key=lambda status: status != "ok")
     assert statuses[0] == "ok"
     assert statuses[1].startswith("failed: error: params.yaml") and "train.learning_rate" in statuses[1], statuses
-    _, parent = sweep_run(url, "invalid")
-    (only,) = children(url, parent.info.run_id)
-    assert only.info.status == "FINISHED" and float(only.data.params["train.learning_rate"]) == 0.02
+    _, again = sweep_run(url, "again")
+    (restored,) = children(url, again.info.run_id)
+    assert restored.info.status == "FINISHED" and float(restored.data.params["train.learning_rate"]) == 0.001
+    original = {run.info.run_id: run for run in runs}[restored.data.tags[RESTORED_TAG]]
+    assert original.data.params["train.batch_size"] == restored.data.params["train.batch_size"] == "10"
+    assert restored.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
+    assert restored.data.tags["dvc.experiment"] == f"again-{restored.data.tags[TRIAL_TAG]}"
+    assert restored.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
 
 
 # -- a two-node cluster --------------------------------------------------------------------------------
