@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -205,6 +206,11 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
 
 
+def trial_lines(stdout: str) -> list[str]:
+    """The line the sweep prints for each trial that ends (beside Ray's own tables)."""
+    return [line for line in stdout.splitlines() if re.match(r"trial \d+/\d+ ", line)]
+
+
 def interrupt_after_first_trial(project: Project, log: Path) -> subprocess.CompletedProcess:
     """Start the sweep as a terminal would, and press Ctrl-C once its first trial has finished.
 
@@ -255,7 +261,8 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
 
     # Running the same command again resumes: the finished trials are not run again.
     done = run_sweep(project)
-    assert done.stdout.count("trial ") >= 4, done.stdout
+    first, resumed = trial_lines(interrupted.stdout), trial_lines(done.stdout)
+    assert first and len(first) + len(resumed) == 4 and resumed[-1].startswith("trial 4/4"), done.stdout
     client, parent = sweep_run(url, "local")
     assert parent.info.status == "FINISHED"
     runs = children(url, parent.info.run_id)
