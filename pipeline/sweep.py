@@ -535,7 +535,10 @@ def start_ray(address: str) -> None:
 
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            ray.init(address=address or None, include_dashboard=False, configure_logging=False)
+            # Trials report through their results (the pipeline's own error included) and Ray's
+            # error files, so the workers' console output is not forwarded here: it adds only the
+            # noise of workers being stopped (Ray's SystemExit in a worker on Ctrl-C).
+            ray.init(address=address or None, include_dashboard=False, configure_logging=False, log_to_driver=False)
             return
         # Ray reports a node that missed a start-up deadline, or an unreachable cluster, as a bare
         # Exception or a ConnectionError.
