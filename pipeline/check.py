@@ -55,7 +55,7 @@ TABLE_HEADER = "| metric | baseline | current | change | rule | verdict |"
 # The train stage records the versions it ran with under this key of its metrics file. They are
 # strings, which DVC keeps (it drops only lists and nulls), so they arrive with the metrics.
 ENVIRONMENT = "environment"
-ENVIRONMENT_NAMES = {"uv_lock_sha256": "uv.lock"}
+ENVIRONMENT_NAMES = {"uv_lock_sha256": "uv.lock changed", "cpu": "the baseline came from another CPU ({old})"}
 
 
 class CheckError(PipelineError):
@@ -228,7 +228,7 @@ def environment_difference(baseline: dict[str, Any] | None, current: dict[str, A
         for m in (baseline, current)
     )
     changes = [
-        f"{ENVIRONMENT_NAMES[key]} changed"
+        ENVIRONMENT_NAMES[key].format(old=old.get(key, "(none)"))
         if key in ENVIRONMENT_NAMES
         else f"{key} {old.get(key, '(none)')} → {new.get(key, '(none)')}"
         for key in dict.fromkeys([*old, *new])

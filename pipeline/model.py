@@ -18,23 +18,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
+from keras import layers
 
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS, PERCENTILES, PIXEL_SCALE, scale_pixels
-
-# TensorFlow's C++ start-up chatter says nothing our users can act on.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402 - after the setting above, which TensorFlow reads when it loads.
-import tensorflow as tf  # noqa: E402
-from keras import layers  # noqa: E402
 
 # A fixed time for every entry of a saved archive (zip's earliest), so that equal models give equal bytes.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)

@@ -247,7 +247,6 @@ def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict
             "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
             "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
             "PYTHONDONTWRITEBYTECODE": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
         }
     )
     env.update(extra or {})

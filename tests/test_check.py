@@ -338,6 +338,10 @@ def test_environment_difference_names_what_changed():
     assert environment_difference(TRAIN_METRICS, {"environment": added}) == (
         "Environment differs from the baseline's: jax (none) → 0.5.0."
     )
+    baseline = {"environment": {**ENVIRONMENT, "cpu": "CPU A (x86_64: avx2)"}}
+    assert environment_difference(baseline, {"environment": {**ENVIRONMENT, "cpu": "CPU B (x86_64: avx512f)"}}) == (
+        "Environment differs from the baseline's: the baseline came from another CPU (CPU A (x86_64: avx2))."
+    )
 
 
 def test_environment_difference_says_nothing_when_equal_or_when_a_side_has_none():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,12 @@ ENVIRONMENT_PACKAGES = {
     "mlflow": ("mlflow",),
 }
 LOCK_FILE = "uv.lock"
+# The instruction-set extensions TensorFlow's CPU kernels (XLA, oneDNN, Eigen) choose their code by:
+# two CPUs that differ in these round differently in the last bits (see pipeline.reproduce).
+KERNEL_ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+    "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
 # What a logged model needs to be loaded and served, in the exact versions this run used.
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
@@ -41,9 +48,26 @@ def installed(names: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
+def cpu() -> str:
+    """The CPU's model and kernel-relevant extensions, and any setting that limits what TensorFlow uses."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+        model, flags = fields.get("model name", model), set(fields.get("flags", "").split())
+    except OSError:
+        pass
+    text = f"{model} ({platform.machine()}: {' '.join(flag for flag in KERNEL_ISA_FLAGS if flag in flags)})"
+    if limit := re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", "")):
+        text += f", XLA limited to {limit.group(1)}"
+    if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
+        text += f", TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}"
+    return text
+
+
 def environment(root: Path) -> dict[str, str]:
-    """Python and the key packages' versions, and the SHA-256 of ``root``'s uv.lock."""
-    versions = {"python": platform.python_version()}
+    """Python, the CPU, the key packages' versions, and the SHA-256 of ``root``'s uv.lock."""
+    versions = {"python": platform.python_version(), "cpu": cpu()}
     for label, names in ENVIRONMENT_PACKAGES.items():
         found = installed(names)
         versions[label] = found[1] if found else "not installed"

@@ -1,0 +1,145 @@
+"""The reproduction check: identical on the same CPU, within tolerance on another, not reproduced beyond it.
+
+The unit tests feed ``verdict`` what ``dvc metrics diff --json --all`` gives. The end-to-end test runs
+the real pipeline on tiny synthetic data, commits it, and checks the three cases as CI meets them: a
+rerun on the same machine, a rerun on "another CPU" (XLA limited to SSE4.2, which rounds differently
+on any x86 machine), and a metric moved beyond its tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pipeline_project import make_project
+
+from pipeline.reproduce import (
+    EXIT_NOT_REPRODUCED,
+    EXIT_REPRODUCED,
+    beyond,
+    changed_predictions,
+    lock_differences,
+    verdict,
+)
+
+CPU_A, CPU_B = "CPU A (x86_64: avx2)", "CPU B (x86_64: avx512f)"
+
+
+def metrics_diff(cpu_old: str, cpu_new: str, **values: tuple[float, float]) -> dict:
+    train = {"environment.cpu": {"old": cpu_old, "new": cpu_new}, "environment.keras": {"old": "3", "new": "3"}}
+    train.update({name: {"old": old, "new": new, "diff": new - old} for name, (old, new) in values.items()})
+    return {"metrics/train.json": train}
+
+
+def test_rounding_on_another_cpu_is_within_tolerance_and_names_the_largest_difference():
+    diff = metrics_diff(
+        CPU_A,
+        CPU_B,
+        final_test_cross_entropy_sum=(2695.878173828125, 2695.87841796875),
+        final_test_accuracy=(0.92, 0.92),
+    )
+    code, message = verdict([], diff, (0, 10_000))
+    assert code == EXIT_REPRODUCED
+    assert message.startswith("within tolerance on a different CPU (committed on CPU A")
+    assert "final_test_cross_entropy_sum" in message and "0 of 10,000 test predictions changed" in message
+
+
+def test_the_same_difference_on_the_same_cpu_is_not_a_reproduction():
+    diff = metrics_diff(CPU_A, CPU_A, final_test_cross_entropy_sum=(2695.878173828125, 2695.87841796875))
+    code, message = verdict([], diff, None)
+    assert code == EXIT_NOT_REPRODUCED
+    assert message.startswith("not reproduced on the same CPU")
+
+
+def test_differences_beyond_tolerance_fail_and_are_listed():
+    diff = metrics_diff(CPU_A, CPU_B, final_test_cross_entropy_sum=(2695.0, 2696.0), final_test_accuracy=(0.92, 0.93))
+    code, message = verdict([], diff, (100, 10_000))
+    assert code == EXIT_NOT_REPRODUCED
+    assert message.startswith("beyond tolerance on a different CPU")
+    assert "2 metrics beyond tolerance" in message
+
+
+def test_changed_inputs_or_environment_are_not_a_reproduction_whatever_the_metrics():
+    diff = metrics_diff(CPU_A, CPU_B, final_test_accuracy=(0.92, 0.92))
+    diff["metrics/train.json"]["environment.keras"] = {"old": "3.15", "new": "3.16"}
+    code, message = verdict(["train's params differ"], diff, None)
+    assert code == EXIT_NOT_REPRODUCED
+    assert "train's params differ" in message and "environment.keras 3.15 → 3.16" in message
+
+
+@pytest.mark.parametrize(
+    ("metric", "old", "new", "within"),
+    [
+        ("final_test_cross_entropy_sum", 2695.0, 2695.0 * (1 + 0.9e-5), True),
+        ("final_test_cross_entropy_sum", 2695.0, 2695.0 * (1 + 1.1e-5), False),
+        ("test_accuracy", 0.9248, 0.9257, True),
+        ("test_accuracy", 0.9248, 0.9260, False),
+        ("max_test_accuracy_step", 9100, 9100, True),
+        ("max_test_accuracy_step", 9100, 9200, False),
+    ],
+)
+def test_tolerances(metric, old, new, within):
+    assert (beyond(metric, old, new) <= 1) is within
+
+
+def test_lock_differences_allow_trained_outputs_to_differ_but_not_data_or_inputs():
+    committed = {
+        "stages": {
+            "preprocess": {"cmd": "p", "deps": [], "outs": [{"path": "data/processed", "md5": "a"}]},
+            "train": {"cmd": "t", "deps": [], "params": {"train": 1}, "outs": [{"path": "model", "md5": "b"}]},
+            "report": {"cmd": "r", "deps": [{"path": "model", "md5": "b"}], "outs": [{"path": "m", "md5": "d"}]},
+        }
+    }
+    current = json.loads(json.dumps(committed))
+    current["stages"]["train"]["outs"] = [{"path": "model", "md5": "c"}]
+    current["stages"]["report"]["deps"] = [{"path": "model", "md5": "c"}]
+    current["stages"]["report"]["outs"] = [{"path": "m", "md5": "e"}]
+    assert lock_differences(committed, current) == []
+    current["stages"]["preprocess"]["outs"] = [{"path": "data/processed", "md5": "z"}]
+    current["stages"]["train"]["params"] = {"train": 2}
+    assert lock_differences(committed, current) == ["preprocess's outs differ", "train's params differ"]
+
+
+def test_changed_predictions_counts_rows():
+    old = "actual,predicted\n1,1\n2,2\n3,3\n"
+    assert changed_predictions(old, old) == (0, 3)
+    assert changed_predictions(old, "actual,predicted\n1,1\n2,7\n3,3\n") == (1, 3)
+
+
+@pytest.mark.slow
+def test_the_check_on_a_real_pipeline_same_cpu_other_cpu_and_beyond_tolerance(tmp_path):
+    project = make_project(tmp_path)
+    project.dvc("repro")
+    project.git("add", "-A")
+    project.commit("Results")
+
+    def check():
+        return project.python("-m", "pipeline.reproduce", check=False)
+
+    # Same machine, same bytes.
+    project.dvc("repro", "-f")
+    same = check()
+    assert same.returncode == EXIT_REPRODUCED, same.stdout + same.stderr
+    assert same.stdout.startswith("identical: dvc.lock and metrics/ are byte for byte"), same.stdout
+
+    # "Another CPU": XLA limited to SSE4.2 rounds differently; the check must say so and pass.
+    project.dvc("repro", "-f", env={"XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"})
+    other = check()
+    assert other.returncode == EXIT_REPRODUCED, other.stdout + other.stderr
+    assert "on a different CPU" in other.stdout and "XLA limited to SSE4_2" in other.stdout, other.stdout
+    train = json.loads((project.root / "metrics/train.json").read_text())
+    assert train["environment"]["cpu"].endswith("XLA limited to SSE4_2")
+
+    # A metric beyond its tolerance fails, naming it.
+    metrics = json.loads((project.root / "metrics/metrics.json").read_text())
+    metrics["test_cross_entropy"] *= 1.01
+    (project.root / "metrics/metrics.json").write_text(json.dumps(metrics))
+    failed = check()
+    assert failed.returncode == EXIT_NOT_REPRODUCED, failed.stdout + failed.stderr
+    assert "beyond tolerance" in failed.stdout and "test_cross_entropy" in failed.stdout
+
+    # Any other file the run left behind is no reproduction either.
+    project.git("checkout", "--", "metrics")
+    (project.root / "stray.txt").write_text("left behind")
+    stray = check()
+    assert stray.returncode == EXIT_NOT_REPRODUCED and "stray.txt" in stray.stdout
