@@ -6,10 +6,11 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import SHARED_MNIST
+from conftest import ROOT, SHARED_MNIST
 from pipeline_project import make_project
 
 from pipeline.data import FILES
+from pipeline.reproduce import beyond
 
 SEED_CONFIGURATION = {
     "preprocess": {"validation_size": 5000},
@@ -36,3 +37,16 @@ def test_seed_configuration_on_full_mnist_reaches_92_percent(tmp_path):
     assert 20 < tests["test_cross_entropy_sum"].iloc[-1] / 100 < 40
     processed = sum(path.stat().st_size for path in (project.root / "data/processed").iterdir())
     assert processed < 60_000_000
+
+    # The committed results, on whatever CPU this runs: every number within the reproduction tolerance.
+    for name in ("train.json", "metrics.json"):
+        committed = pd.json_normalize(json.loads((ROOT / "metrics" / name).read_text())).iloc[0]
+        reproduced = pd.json_normalize(json.loads((project.root / "metrics" / name).read_text())).iloc[0]
+        numbers = [key for key, value in committed.items() if not isinstance(value, str)]
+        assert numbers, name
+        outside = {
+            key: (committed[key], reproduced[key])
+            for key in numbers
+            if beyond(key, committed[key], reproduced[key]) > 1
+        }
+        assert not outside, f"{name}: beyond the reproduction tolerance: {outside}"
