@@ -196,27 +196,25 @@ def write_outputs(out: Path, model, trainer, history) -> Path:
     import numpy as np
 
     from pipeline import files
+    from pipeline.model import raw_pixel_model, save_model
     from pipeline.train import final_metrics, train_history_csv
 
-    model.save(out / "model.keras")
+    save_model(raw_pixel_model(model), out / "model.keras")
     np.save(out / "test_probabilities.npy", trainer.test_probabilities(), allow_pickle=False)
     files.write_text(out / "train_history.csv", train_history_csv(history))
     files.write_json(out / "train.json", final_metrics(history))
     return out / "train_history.csv"
 
 
-def log_model_and_end(sink: Sink, model, data, history, history_file: Path, train_seconds: float) -> None:
+def log_model_and_end(sink: Sink, data, history, history_file: Path, train_seconds: float) -> None:
     """Log final metrics, the history CSV and the Keras model into the run, finish the history, end the run."""
     import mlflow
     from mlflow.entities import Metric
 
-    from pipeline.data import scale_pixels
-    from pipeline.tracking import tags
-    from pipeline.train import final_metrics
+    from pipeline.train import final_metrics, log_model
 
     metrics = {**final_metrics(history), "train_seconds": train_seconds}
     now_ms = int(time.time() * 1000)
-    example = scale_pixels(data["test_images"][:5])
     # log_model runs inside the resumed run so that MLflow links the model to it; leaving the block ends it.
     with mlflow.start_run(run_id=sink.run_id):
         # Step-0 metrics logged before the model are linked to it by log_model itself.
@@ -226,11 +224,8 @@ def log_model_and_end(sink: Sink, model, data, history, history_file: Path, trai
             synchronous=True,
         )
         sink.client.log_artifact(sink.run_id, str(history_file))
-        # As the stage does: MLflow's TensorFlow flavour (mlflow.keras.log_model fails with an input
-        # example, mlflow/mlflow#16183), an input example and the locked versions as requirements.
-        mlflow.tensorflow.log_model(
-            model, name="model", input_example=example, pip_requirements=tags.model_requirements()
-        )
+        # As the stage does (pipeline.serving's model, the Keras file as its artifact).
+        log_model(history_file.parent / "model.keras", data["test_images"][:5], {})
         sink.finish()
 
 
@@ -262,7 +257,7 @@ def worker_design(design: str, store: Path, out: Path) -> dict:
     times["train"], clock = time.perf_counter() - clock, time.perf_counter()
 
     history_file = write_outputs(out, model, trainer, history)
-    log_model_and_end(sink, model, data, history, history_file, times["train"])
+    log_model_and_end(sink, data, history, history_file, times["train"])
     times["outputs_model_finish"] = time.perf_counter() - clock
     return {"run_id": run_id, "seconds": times}
 

@@ -2,10 +2,13 @@
 
 Reads image files (PNG, JPEG or anything else Pillow opens; any size; dark ink on light paper or
 light ink on dark; colour or grey), or one image from stdin for ``-``, and prints per image the
-predicted digit and the three most probable digits (``--json``: a JSON list for machines). The
-model is the pipeline's ``models/model.keras`` by default, or any MLflow model URI
-(``models:/mnist-softmax@champion``, ``runs:/<run id>/model``), looked up in the store the pipeline
-logs to ($MLFLOW_TRACKING_URI, tracking.uri in params.yaml, or the project's mlflow.db).
+predicted digit and the three most probable digits (``--json``: a JSON list for machines), after
+the model that gave the answers (a file's path, or a registered model's name, version and aliases).
+The model is the registry's champion by default (``models:/mnist-softmax@champion``), or any MLflow
+model URI (``models:/mnist-softmax/3``, ``runs:/<run id>/model``) or ``.keras`` file. MLflow URIs are
+looked up in the store the pipeline logs to ($MLFLOW_TRACKING_URI, tracking.uri in params.yaml, or
+the project's mlflow.db), the project being the one around the current folder or else the one this
+package is installed from, so the command works from any folder.
 
 Each image becomes an MNIST-like input the way MNIST itself was made (LeCun et al.: size-normalised
 into a 20×20 box keeping the aspect ratio, then centred by centre of mass in 28×28): grey levels;
@@ -22,15 +25,17 @@ still answered, and the exit status is 1. A model that cannot be loaded stops ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -40,8 +45,8 @@ from pipeline.data import IMAGE_SHAPE, NUM_PIXELS
 
 logger = logging.getLogger(__name__)
 
-# The pipeline's model file, the artifact dvc.yaml declares (tests check that the two agree).
-DEFAULT_MODEL = "models/model.keras"
+# The registered model's name when no params.yaml says otherwise.
+DEFAULT_REGISTERED_MODEL = "mnist-softmax"
 STDIN = "-"
 # MNIST's digits were scaled to fit this box, then centred by centre of mass in IMAGE_SHAPE; their
 # centre of mass sits at pixel (14, 14) (row, column, counted from 0), within ±0.3 on the test set.
@@ -170,23 +175,34 @@ def mnist_pixels(data: bytes) -> np.ndarray:
     return pixels
 
 
-def render_text(results: Sequence[Answer | str]) -> str:
-    """One line per answered image: its digit, then the three most probable digits."""
-    lines = []
+def model_text(model: dict[str, Any]) -> str:
+    """The model that answered, as the text output's first line names it."""
+    if "file" in model:
+        return f"file {model['file']}"
+    if "version" in model:
+        aliases = "".join(f", alias {alias}" for alias in model["aliases"])
+        return f"{model['name']} version {model['version']}{aliases}"
+    return model["uri"]
+
+
+def render_text(results: Sequence[Answer | str], model: dict[str, Any]) -> str:
+    """The model that answered, then one line per answered image: its digit and the three most probable digits."""
+    lines = [f"model: {model_text(model)}\n"]
     for result in results:
         if isinstance(result, Answer):
             top = ", ".join(f"{digit}: {probability:.1%}" for digit, probability in result.top())
             lines.append(f"{result.name}: {result.digit}  ({top})\n")
-    return "".join(lines)
+    return "".join(lines) if len(lines) > 1 else ""
 
 
-def render_json(names: Sequence[str], results: Sequence[Answer | str]) -> str:
-    """A JSON list with every image in the order given: its digit and top three, or its error."""
+def render_json(names: Sequence[str], results: Sequence[Answer | str], model: dict[str, Any]) -> str:
+    """A JSON list with every image in the order given: its digit, top three and the model that answered,
+    or its error."""
     items: list[dict] = []
     for name, result in zip(names, results):
         if isinstance(result, Answer):
             top = [{"digit": digit, "probability": round(probability, 6)} for digit, probability in result.top()]
-            items.append({"image": name, "digit": result.digit, "top": top})
+            items.append({"image": name, "digit": result.digit, "top": top, "model": model})
         else:
             items.append({"image": name, "error": result})
     return json.dumps(items, indent=2) + "\n"
@@ -196,53 +212,120 @@ def render_json(names: Sequence[str], results: Sequence[Answer | str]) -> str:
 # Loading the model and reading the images: the only code that touches disk and MLflow.
 
 
-def tracking_uri() -> str:
-    """The store the pipeline logs to, for models:/ and runs:/ URIs."""
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null while the block runs.
+
+    TensorFlow's C++ start-up lines ("oneDNN custom operations are on" on CPUs where it enables
+    oneDNN, absl's "All log messages before absl::InitializeLog()") are written while it is imported,
+    whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow/tensorflow#100442). Its real failures reach
+    Python as exceptions, which are reported after the block.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def project_root() -> Path:
+    """The project whose store answers models:/ URIs: the one around the current folder, else the one
+    this package was installed from (the editable install a clone's ``uv sync`` makes), else the current folder."""
+    from pipeline.tracking import store
+
+    for root in (store.store_root(), store.project_root(Path(__file__).parent)):
+        if (root / "dvc.yaml").exists():
+            return root
+    return store.store_root()
+
+
+def tracking(root: Path) -> tuple[str, str]:
+    """The store the pipeline logs to and the registered model's name, as ``root``'s params.yaml sets them."""
     from pipeline.params import ParamsError, load_params
     from pipeline.tracking import store
 
     try:
-        params_uri = load_params().tracking.uri
+        params = load_params(root / "params.yaml").tracking
+        params_uri, name = params.uri, params.registered_model
     except ParamsError:
-        # Outside the project (no params.yaml): only $MLFLOW_TRACKING_URI or the local default.
-        params_uri = ""
-    return store.tracking_uri(params_uri, store.store_root())
+        # No params.yaml there: only $MLFLOW_TRACKING_URI or the local default.
+        params_uri, name = "", DEFAULT_REGISTERED_MODEL
+    return store.tracking_uri(params_uri, root), name
 
 
-def load_predictor(model: str):
-    """A function from uint8 rows of 784 pixels to probabilities, for a .keras file or an MLflow model URI."""
-    # TensorFlow's C++ start-up chatter says nothing our users can act on.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+def load_mlflow_model(model: str | None):
+    """The predictor for an MLflow model URI (None: the registry's champion), and which model it is."""
+    import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    # MLflow's TensorFlow flavour predicts through Keras, whose progress bar would land in our output.
+    from pipeline.tracking import registry, store
+
+    uri, name = tracking(project_root())
+    store.check_reachable(uri)
+    database = store.sqlite_path(uri)
+    if database is not None and not database.exists():
+        raise PipelineError(
+            f"there is no MLflow store at {database} yet: run the pipeline there first (dvc repro), or set "
+            "MLFLOW_TRACKING_URI to the store that holds the model (sqlite:////path/to/project/mlflow.db, or "
+            "the team's tracking server); or pass --model with a .keras file."
+        )
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    requested = wanted = model or registry.alias_uri(name, registry.CHAMPION)
+    described: dict[str, Any] = {"uri": wanted}
+    try:
+        if model is None and registry.version_by_alias(client, name, registry.CHAMPION) is None:
+            raise PipelineError(
+                f"the registry has no {registry.CHAMPION} of {name} yet, so there is no default model: promote a "
+                f"version with `mnist-check --champion --promote`, or pass --model models/model.keras (the "
+                f"workspace's latest training) or --model models:/{name}/<version>."
+            )
+        found = get_model_name_and_version(client, wanted) if wanted.startswith("models:/") else ()
+        if len(found) == 2:
+            # Loaded by its number, so the version named in the answers is the one that gave them.
+            version = client.get_model_version(*found)
+            wanted = f"models:/{version.name}/{version.version}"
+            described = {"name": version.name, "version": str(version.version), "aliases": list(version.aliases)}
+        loaded = mlflow.pyfunc.load_model(wanted)
+    except mlflow.exceptions.MlflowException as error:
+        raise PipelineError(f"cannot load the model {requested} from {uri}: {store.short(error.message)}") from None
+    except OSError as error:
+        raise PipelineError(f"cannot load the model {requested} from {uri}: {error}") from None
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        predictions = loaded.predict(pixels)
+        if isinstance(predictions, list):
+            return np.array([prediction["probabilities"] for prediction in predictions])
+        # Versions logged before pipeline.serving give the bare probabilities.
+        return np.asarray(predictions)
+
+    return predict, described
+
+
+def load_predictor(model: str | None):
+    """A function from uint8 rows of 784 pixels to probabilities, and which model it is: a .keras file,
+    an MLflow model URI, or (None) the registry's champion."""
+    with native_stderr_silenced():
+        import keras
+
+    # MLflow's TensorFlow flavour (older versions) predicts through Keras, whose progress bar would land in our output.
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if ":" in model and not Path(model).exists():
-        import mlflow
-
-        from pipeline.tracking import store
-
-        uri = tracking_uri()
-        store.check_reachable(uri)
-        store.require_existing(uri)
-        mlflow.set_tracking_uri(uri)
-        try:
-            loaded = mlflow.pyfunc.load_model(model)
-        except mlflow.exceptions.MlflowException as error:
-            raise PipelineError(f"cannot load the model {model} from {uri}: {store.short(error.message)}") from None
-        except OSError as error:
-            raise PipelineError(f"cannot load the model {model} from {uri}: {error}") from None
-        return lambda pixels: np.asarray(loaded.predict(pixels))
+    if model is None or (":" in model and not Path(model).exists()):
+        return load_mlflow_model(model)
     path = Path(model)
     if not path.is_file():
-        hint = " (run the pipeline first: dvc repro)" if model == DEFAULT_MODEL else ""
-        raise PipelineError(f"the model file {path} does not exist{hint}; or pass --model models:/<name>@<alias>.")
+        raise PipelineError(f"the model file {path} does not exist; or pass --model models:/<name>@<alias>.")
     try:
         loaded = keras.saving.load_model(path)
     except (ValueError, OSError) as error:
         raise PipelineError(f"cannot load the model file {path}: {error}") from None
-    return lambda pixels: np.asarray(loaded(pixels))
+    return (lambda pixels: np.asarray(loaded(pixels))), {"file": str(path.resolve())}
 
 
 def read_input(name: str) -> bytes:
@@ -266,8 +349,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or - for stdin")
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"a .keras file or an MLflow model URI such as models:/mnist-softmax@champion (default: {DEFAULT_MODEL})",
+        help="a .keras file or an MLflow model URI such as models:/mnist-softmax/3 "
+        "(default: the registry's champion, models:/<registered model>@champion)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     args = parser.parse_args(argv)
@@ -288,14 +371,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImageError as error:
             inputs.append(f"{shown} {error}.")
     usable = [pixels for pixels in inputs if isinstance(pixels, np.ndarray)]
-    probabilities = iter(load_predictor(args.model)(np.stack(usable)) if usable else [])
+    model: dict[str, Any] = {}
+    probabilities: Iterator[np.ndarray] = iter([])
+    if usable:
+        predictor, model = load_predictor(args.model)
+        probabilities = iter(predictor(np.stack(usable)))
     results: list[Answer | str] = [
         Answer(name, next(probabilities)) if isinstance(item, np.ndarray) else item for name, item in zip(names, inputs)
     ]
     for result in results:
         if isinstance(result, str):
             print(format_error(result), file=sys.stderr)
-    sys.stdout.write(render_json(names, results) if args.json else render_text(results))
+    sys.stdout.write(render_json(names, results, model) if args.json else render_text(results, model))
     return 0 if all(isinstance(result, Answer) for result in results) else 1
 
 

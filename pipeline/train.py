@@ -9,9 +9,9 @@ histories (columns in pipeline.data): every step's (``--train-history``), every 
 (``--test-history``) and the weights' and biases' percentiles at every evaluation
 (``--parameter-percentiles``); and the final training metrics with the environment that produced
 them (``--metrics``). Records one MLflow run (see pipeline.tracking.record): params, tags, the
-per-step history, the model, the history files and the final metrics, and registers the model as a
-new version of ``tracking.registered_model`` (see pipeline.tracking.registry). The outputs are
-replaced only after the run is recorded.
+per-step history, the model (as pipeline.serving serves it), the history files and the final
+metrics, and registers the model as a new version of ``tracking.registered_model`` (see
+pipeline.tracking.registry). The outputs are replaced only after the run is recorded.
 
 Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
 summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
@@ -24,10 +24,13 @@ import csv
 import io
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -268,6 +271,28 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def log_model(model_path: Path, example: np.ndarray, run_params: dict):
+    """Log the Keras file at ``model_path`` as the served model (pipeline.serving) in the active run."""
+    import mlflow
+
+    from pipeline import serving
+
+    with tempfile.TemporaryDirectory() as folder:
+        # The logged model keeps the artifact's file name, which should not be the staged file's.
+        keras_file = Path(folder) / "model.keras"
+        shutil.copyfile(model_path, keras_file)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.__file__,
+            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+            signature=serving.SIGNATURE,
+            # Saved as the model's request example: raw pixels, as serving takes them.
+            input_example=example,
+            pip_requirements=tags.model_requirements(),
+            params={key: str(value) for key, value in run_params.items()},
+        )
+
+
 def main() -> None:
     args = path_arguments(__doc__, [
         "data", "model", "test-probabilities", "weight-maps", "train-history", "test-history",
@@ -357,8 +382,7 @@ def main() -> None:
         test_probabilities = trainer.test_probabilities()
         probabilities = npy_bytes(test_probabilities)
         # Users get the model that takes raw 0-255 pixels; its probabilities are the trained model's.
-        user_model = raw_pixel_model(model)
-        save_model(user_model, model_path)
+        save_model(raw_pixel_model(model), model_path)
         probabilities_path.write_bytes(probabilities)
         weight_maps_path.write_bytes(npy_bytes(weight_maps(model)))
         history_texts = [train_history_csv(history), test_history_csv(history), percentiles_csv(history)]
@@ -376,14 +400,7 @@ def main() -> None:
 
         mlflow_run.wait()
         try:
-            logged = mlflow.tensorflow.log_model(
-                user_model,
-                name="model",
-                # Raw pixels, so the signature says what the model takes: uint8 rows of 784.
-                input_example=data["test_images"][:5],
-                pip_requirements=tags.model_requirements(),
-                params={key: str(value) for key, value in run_params.items()},
-            )
+            logged = log_model(model_path, data["test_images"][:5], run_params)
             mlflow.log_metrics({**metrics, "train_seconds": train_seconds}, model_id=logged.model_id)
             for final_path, text in zip(histories, history_texts):
                 mlflow.log_text(text, final_path.name)
