@@ -18,10 +18,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,3 +325,54 @@ def make_project(
             project.git("config", key, value)
         project.commit("Copy of the pipeline with tiny synthetic data")
     return project
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving a registered model with ``mlflow models serve``.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    """POST a JSON body; the HTTP status and the JSON answer, for errors too."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@contextlib.contextmanager
+def model_server(project: Project, model_uri: str) -> Iterator[str]:
+    """``mlflow models serve -m model_uri --env-manager local`` on the project's store; yields its URL."""
+    port = free_port()
+    log_path = project.root.parent / f"serve-{port}.log"
+    env = {**project.env, "MLFLOW_TRACKING_URI": f"sqlite:///{project.root / 'mlflow.db'}"}
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, cwd=project.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)

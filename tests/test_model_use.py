@@ -11,13 +11,7 @@ asked about test digits turned into photos of all kinds.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +19,7 @@ import pytest
 import yaml
 from conftest import ROOT, SHARED_MNIST
 from PIL import Image
-from pipeline_project import VENV_BIN, make_project
+from pipeline_project import VENV_BIN, make_project, model_server, post
 
 from pipeline.data import FILES
 
@@ -140,53 +134,12 @@ def test_the_workflows_promotion_step_is_the_command_tested_here():
 # Serving the champion.
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
-
-
 @pytest.fixture(scope="module")
 def served(flow):
     """``mlflow models serve -m models:/mnist-softmax@champion --env-manager local`` on 127.0.0.1."""
     project, _ = flow
-    port = free_port()
-    log_path = project.root.parent / "serve.log"
-    env = {**project.env, "MLFLOW_TRACKING_URI": f"sqlite:///{project.root / 'mlflow.db'}"}
-    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion"]
-    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=project.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(1)
+    with model_server(project, f"models:/{NAME}@champion") as url:
         yield url, project
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def test_the_served_champion_answers_raw_test_images_as_the_pipeline_did(served):
@@ -195,9 +148,9 @@ def test_the_served_champion_answers_raw_test_images_as_the_pipeline_did(served)
     expected = np.load(project.root / "models/test_probabilities.npy")[:100]
     status, answer = post(f"{url}/invocations", json.dumps({"inputs": images.tolist()}).encode())
     assert status == 200, answer
-    probabilities = np.array(answer["predictions"])
+    probabilities = np.array([prediction["probabilities"] for prediction in answer["predictions"]])
     assert probabilities.shape == (100, 10)
-    assert np.array_equal(probabilities.argmax(axis=1), expected.argmax(axis=1))
+    assert [prediction["digit"] for prediction in answer["predictions"]] == expected.argmax(axis=1).tolist()
     assert np.allclose(probabilities, expected, atol=1e-6)
 
 
@@ -263,15 +216,18 @@ def test_mnist_predict_agrees_with_the_model_on_test_digits_made_into_photos(flo
     assert all(share >= 0.9 for share in shares.values()), shares
 
 
-def test_mnist_predict_asks_the_registry_for_the_champion(flow, tmp_path):
+def test_mnist_predict_asks_the_registry_for_the_champion_by_default(flow, tmp_path):
     project, _ = flow
     image = Image.fromarray(np.load(project.root / "data/processed/test_images.npy")[0].reshape(28, 28))
     path = tmp_path / "digit.png"
     image.save(path)
-    local = project.run(sys.executable, "-m", "pipeline.predict", "--json", str(path), timeout=900)
-    champion = project.run(
-        str(VENV_BIN / "mnist-predict"), "--json", "--model", f"models:/{NAME}@champion", str(path), timeout=900
-    )
-    # The workspace's model is the champion (the improvement was promoted last).
-    assert json.loads(local.stdout) == json.loads(champion.stdout)
+    model_file = project.root / "models/model.keras"
+    local = project.run(sys.executable, "-m", "pipeline.predict", "--json", "--model", str(model_file), str(path))
+    champion = project.run(str(VENV_BIN / "mnist-predict"), "--json", str(path), timeout=900)
+    (local_item,) = json.loads(local.stdout)
+    (champion_item,) = json.loads(champion.stdout)
+    # Each answer names its model; the workspace's model is the champion (the improvement was promoted last).
+    assert local_item.pop("model") == {"file": str(model_file)}
+    assert champion_item.pop("model") == {"name": NAME, "version": "3", "aliases": ["champion"]}
+    assert local_item == champion_item
     print(f"\n{champion.stdout}")
