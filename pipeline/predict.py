@@ -187,12 +187,12 @@ def model_text(model: dict[str, Any]) -> str:
 
 def render_text(results: Sequence[Answer | str], model: dict[str, Any]) -> str:
     """The model that answered, then one line per answered image: its digit and the three most probable digits."""
-    lines = [f"model: {model_text(model)}\n"]
+    lines = []
     for result in results:
         if isinstance(result, Answer):
             top = ", ".join(f"{digit}: {probability:.1%}" for digit, probability in result.top())
             lines.append(f"{result.name}: {result.digit}  ({top})\n")
-    return "".join(lines) if len(lines) > 1 else ""
+    return "".join([f"model: {model_text(model)}\n", *lines]) if lines else ""
 
 
 def render_json(names: Sequence[str], results: Sequence[Answer | str], model: dict[str, Any]) -> str:
@@ -264,6 +264,9 @@ def load_mlflow_model(model: str | None):
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     from pipeline.tracking import registry, store
+
+    # MLflow's notes (creating an empty store's tables, downloading artifacts) are not answers.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     uri, name = tracking(project_root())
     store.check_reachable(uri)
