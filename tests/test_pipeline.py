@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -133,19 +134,22 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_model(repro):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
-    model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
-    # The logged model takes raw pixels, as the IDX files hold them: the scaling travels inside it.
+    # The logged model takes raw pixels, as the IDX files hold them (the scaling travels inside it),
+    # and answers each image with its digit and probabilities: pipeline.serving's model.
     images = np.load(project.root / "data/processed/test_images.npy")[:4]
     assert images.dtype == np.uint8 and images.max() > 1
-    probabilities = np.asarray(model(images))
-    assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    stored = np.load(project.root / "models/test_probabilities.npy")[:4]
-    assert np.allclose(probabilities, stored, atol=1e-6)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    (spec,) = pyfunc.metadata.get_input_schema().inputs
-    assert spec.type == np.dtype("uint8") and spec.shape == (-1, 784)
-    assert pyfunc.metadata.saved_input_example_info is not None
-    assert np.allclose(np.asarray(pyfunc.predict(images)), stored, atol=1e-6)
+    answers = pyfunc.predict(images)
+    probabilities = np.array([answer["probabilities"] for answer in answers])
+    stored = np.load(project.root / "models/test_probabilities.npy")[:4]
+    assert probabilities.shape == (4, 10) and np.allclose(probabilities, stored, atol=1e-6)
+    assert [answer["digit"] for answer in answers] == stored.argmax(axis=1).tolist()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="integer pixels 0-255"):
+        pyfunc.predict(images / 255)
+    assert pyfunc.metadata.get_input_schema() is None and pyfunc.metadata.saved_input_example_info is not None
+    # Its requirements are the locked versions, pinned.
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"runs:/{run.info.run_id}/model"))
+    assert all("==" in line for line in requirements.read_text().split()), requirements.read_text()
 
     # The run lists the model among its outputs; the model names the run as its source, is READY,
     # and carries the final metrics, which are also the run's own.
@@ -180,15 +184,15 @@ def test_the_run_registers_its_model_as_a_tagged_described_version(repro):
     assert tags[registry.MODEL_SHA256_TAG] == hashlib.sha256(model_file.read_bytes()).hexdigest()
     accuracy = json.loads((project.root / "metrics/metrics.json").read_text())["test_accuracy"]
     assert version.description.startswith(f"Test accuracy {accuracy:.4f} on 60 test images")
-    # The registry's model and DVC's file are the same model, taking raw pixels.
+    # The registry's model holds the very file DVC tracks, which Keras loads, taking raw pixels.
     mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
     try:
-        registered = mlflow.tensorflow.load_model(f"models:/{name}/1")
+        registered = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1"))
     finally:
         mlflow.set_tracking_uri(None)
+    assert (registered / "artifacts/model.keras").read_bytes() == model_file.read_bytes()
     images = np.load(project.root / "data/processed/test_images.npy")
     local = keras.saving.load_model(model_file)
-    assert np.array_equal(np.asarray(registered(images)), np.asarray(local(images)))
     assert np.array_equal(np.asarray(local(images)), np.load(project.root / "models/test_probabilities.npy"))
     # dvc.yaml declares the same file as its model artifact.
     (artifact,) = yaml.safe_load((project.root / "dvc.yaml").read_text())["artifacts"].values()

@@ -129,22 +129,6 @@ def test_the_models_requirements_are_the_locked_versions():
         assert locked[name] == version, name
 
 
-def test_mlflow_keras_log_model_still_fails_with_an_input_example(project):
-    """Why train logs its model with mlflow.tensorflow.log_model (MLflow's TensorFlow flavour, which
-    saves Keras 3 models too): mlflow.keras.log_model writes the input example before it creates the
-    model's folder, https://github.com/mlflow/mlflow/issues/16183. When this test fails, MLflow has
-    fixed that, and train can use mlflow.keras.log_model."""
-    import keras
-    import mlflow
-    import numpy as np
-
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    experiment_id = mlflow.create_experiment("bug", artifact_location=(project / "artifacts").as_uri())
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    with mlflow.start_run(experiment_id=experiment_id), pytest.raises(FileNotFoundError, match="input_example"):
-        mlflow.keras.log_model(model, name="model", input_example=np.zeros((1, 4), np.float32))
-
-
 def test_extra_run_tags_come_from_the_environment_as_a_json_object(monkeypatch):
     monkeypatch.delenv(record.EXTRA_TAGS_VARIABLE, raising=False)
     assert record.extra_tags() == {}
