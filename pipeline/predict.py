@@ -316,7 +316,7 @@ def load_predictor(model: str | None):
     with native_stderr_silenced():
         import keras
 
-    # MLflow's TensorFlow flavour (older versions) predicts through Keras, whose progress bar would land in our output.
+    # Versions logged with MLflow's TensorFlow flavour predict through Keras, whose progress bar would show.
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
     if model is None or (":" in model and not Path(model).exists()):
