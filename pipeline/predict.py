@@ -5,7 +5,7 @@ light ink on dark; colour or grey), or one image from stdin for ``-``, and print
 predicted digit and the three most probable digits (``--json``: a JSON list for machines). The
 model is the pipeline's ``models/model.keras`` by default, or any MLflow model URI
 (``models:/mnist-softmax@champion``, ``runs:/<run id>/model``), looked up in the store the pipeline
-logs to ($MLFLOW_TRACKING_URI, tracking.uri in params.yaml, or the project's mlflow.db).
+logs to ($MLFLOW_TRACKING_URI, or the project's mlflow.db).
 
 Each image becomes an MNIST-like input the way MNIST itself was made (LeCun et al.: size-normalised
 into a 20×20 box keeping the aspect ratio, then centred by centre of mass in 28×28): grey levels;
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.cli import PipelineError, format_error, run
+from pipeline.cli import PipelineError, format_error, redact, run
 from pipeline.data import IMAGE_SHAPE, NUM_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -196,19 +196,6 @@ def render_json(names: Sequence[str], results: Sequence[Answer | str]) -> str:
 # Loading the model and reading the images: the only code that touches disk and MLflow.
 
 
-def tracking_uri() -> str:
-    """The store the pipeline logs to, for models:/ and runs:/ URIs."""
-    from pipeline.params import ParamsError, load_params
-    from pipeline.tracking import store
-
-    try:
-        params_uri = load_params().tracking.uri
-    except ParamsError:
-        # Outside the project (no params.yaml): only $MLFLOW_TRACKING_URI or the local default.
-        params_uri = ""
-    return store.tracking_uri(params_uri, store.store_root())
-
-
 def load_predictor(model: str):
     """A function from uint8 rows of 784 pixels to probabilities, for a .keras file or an MLflow model URI."""
     # TensorFlow's C++ start-up chatter says nothing our users can act on.
@@ -221,18 +208,23 @@ def load_predictor(model: str):
     if ":" in model and not Path(model).exists():
         import mlflow
 
+        from pipeline.params import tracking_settings
         from pipeline.tracking import store
 
-        uri = tracking_uri()
+        uri = store.tracking_uri(tracking_settings().uri, store.store_root())
         store.check_reachable(uri)
         store.require_existing(uri)
         mlflow.set_tracking_uri(uri)
         try:
             loaded = mlflow.pyfunc.load_model(model)
         except mlflow.exceptions.MlflowException as error:
-            raise PipelineError(f"cannot load the model {model} from {uri}: {store.short(error.message)}") from None
+            raise PipelineError(
+                f"cannot load the model {model} from {redact(uri)}: {store.short(error.message)}"
+            ) from None
         except OSError as error:
-            raise PipelineError(f"cannot load the model {model} from {uri}: {error}") from None
+            raise PipelineError(
+                f"cannot load the model {model} from {redact(uri)}: {store.short(str(error))}"
+            ) from None
         return lambda pixels: np.asarray(loaded.predict(pixels))
     path = Path(model)
     if not path.is_file():
