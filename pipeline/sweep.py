@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 from pipeline.cli import PipelineError, configure_logging, format_error, redact
-from pipeline.params import load_params, tracking_settings
+from pipeline.params import credential_keys, load_params, tracking_settings
 from pipeline.tracking import record, store, tags
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
     if not isinstance(raw, dict):
         raise PipelineError("the sweep file must be a mapping of keys (see sweeps/example.yaml).")
     problems = [f"unknown key {key!r}" for key in raw if key not in SWEEP_KEYS]
+    if secrets := credential_keys(raw):
+        # The file is committed and uploaded to the sweep's MLflow run.
+        problems.append(f"{', '.join(secrets)} must not hold credentials; keep them in the environment")
     name = str(raw.get("name", ""))
     if not name or not all(char.isalnum() or char in "-_" for char in name):
         problems.append(f"name {name!r} must be letters, digits, '-' or '_' (it names DVC experiments)")

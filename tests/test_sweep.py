@@ -84,6 +84,7 @@ def test_every_problem_of_a_definition_is_reported_at_once():
         search="bayes",
         max_concurrent=0,
         colour="red",
+        metric="https://host/?token=hunter22",
         parameters={
             "train.learning_rat": {"values": [1]},
             "train.seed": {"uniform": [0, 1]},
@@ -100,6 +101,7 @@ def test_every_problem_of_a_definition_is_reported_at_once():
         "max_concurrent must be",
         "'train.learning_rat' is not a key of params.yaml",
         "loguniform needs positive bounds",
+        "metric must not hold credentials; keep them in the environment",
     ):
         assert expected in message
 

@@ -11,9 +11,9 @@ runs in temporary copies of the repository under ``.dvc/tmp/exps``:
 * the *project root* (the working copy), where the stage runs; its ``dvc.lock`` and git state
   describe the run (see :mod:`pipeline.tracking.tags`).
 
-``$MLFLOW_TRACKING_URI`` overrides the default store (see :func:`pipeline.params.tracking_settings`). Runs
-started at the same time (``dvc queue start -j 2``) share an SQLite store safely: its first use is
-serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
+``$MLFLOW_TRACKING_URI`` overrides the default store (see :func:`pipeline.params.tracking_settings`).
+Runs started at the same time (``dvc queue start -j 2``) share an SQLite store safely: its first use
+is serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
 """
 
 from __future__ import annotations
