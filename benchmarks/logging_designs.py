@@ -165,6 +165,7 @@ def start_run(store: Path, params, data) -> tuple:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
+    from pipeline.params import tracking_settings
     from pipeline.tracking import store as tracking_store
     from pipeline.tracking import tags
     from pipeline.train import run_name
@@ -173,12 +174,11 @@ def start_run(store: Path, params, data) -> tuple:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment(
-        params.tracking.experiment, artifact_location=(store / "mlartifacts").as_uri()
+        tracking_settings().experiment, artifact_location=(store / "mlartifacts").as_uri()
     )
     run = client.create_run(experiment, run_name=run_name(params.train), tags=tags.run_tags(Path.cwd()))
     values = {
         **{f"train.{key}": value for key, value in vars(params.train).items()},
-        "tracking.experiment": params.tracking.experiment,
         "data.train_examples": len(data["train_images"]),
         "data.test_examples": len(data["test_images"]),
         "model": "Dense(10, softmax) on 784 pixels",

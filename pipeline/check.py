@@ -42,8 +42,8 @@ from dvc.repo import Repo
 from dvc.utils.flatten import flatten
 from dvc.utils.serialize import ParseError
 
-from pipeline.cli import PipelineError, run
-from pipeline.params import CheckRule, TrackingParams, load_params
+from pipeline.cli import PipelineError, redact, run
+from pipeline.params import CheckRule, TrackingSettings, load_params, tracking_settings
 from pipeline.tracking import record, registry, store
 
 MAIN_BRANCHES = ("main", "origin/main")
@@ -356,7 +356,7 @@ def render_promotion(promotion: Promotion) -> str:
 
 def render_error(message: str) -> str:
     """The Markdown appended to the summary file when the gate cannot run, so the run page says why."""
-    return f"### ⚠️ Metric check could not run\n\n{' '.join(message.split())}\n\n"
+    return f"### ⚠️ Metric check could not run\n\n{' '.join(redact(message).split())}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,11 +461,11 @@ def registry_access(uri: str) -> Iterator[None]:
     try:
         yield
     except mlflow.exceptions.MlflowException as error:
-        raise CheckError(f"the MLflow registry at {uri} failed: {store.short(error.message)}") from None
+        raise CheckError(f"the MLflow registry at {redact(uri)} failed: {store.short(error.message)}") from None
 
 
-def open_registry(tracking: TrackingParams) -> tuple[Any, str]:
-    """A client of the store the pipeline logs to ($MLFLOW_TRACKING_URI, tracking.uri, or mlflow.db), and its URI."""
+def open_registry(tracking: TrackingSettings) -> tuple[Any, str]:
+    """A client of the store the pipeline logs to ($MLFLOW_TRACKING_URI, or mlflow.db), and its URI."""
     uri = store.tracking_uri(tracking.uri, store.store_root())
     store.check_reachable(uri)
     store.require_existing(uri)
@@ -482,7 +482,7 @@ def baseline_from_champion(client, uri: str, name: str) -> Baseline:
     with registry_access(uri):
         version = registry.version_by_alias(client, name, registry.CHAMPION)
         if version is None:
-            return Baseline(label, None, f"{name} has no champion yet in {uri}")
+            return Baseline(label, None, f"{name} has no champion yet in {redact(uri)}")
         label = f"{label} (version {version.version}, run {str(version.run_id)[:7]})"
         run = client.get_run(version.run_id)
         metrics: dict[str, Any] = {}
@@ -531,7 +531,7 @@ def promote(client, uri: str, name: str, model_path: Path) -> Promotion:
         version = registry.version_of_model(client, name, digest)
         if version is None:
             raise CheckError(
-                f"{model_path.name} (SHA-256 {digest[:12]}…) is no version of {name} in {uri}: it was trained "
+                f"{model_path.name} (SHA-256 {digest[:12]}…) is no version of {name} in {redact(uri)}: it was trained "
                 "against another tracking store. Rerun the train stage against this one (dvc repro -f train)."
             )
         number = str(version.version)
@@ -595,8 +595,11 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckError(f"{error.filename} does not exist; run the pipeline first (dvc repro).") from None
         if not current:
             raise CheckError("DVC finds no metrics; declare the metrics files in dvc.yaml and run dvc repro.")
-        name = params.tracking.registered_model
-        client, uri = open_registry(params.tracking) if args.champion or args.promote else (None, "")
+        client, uri, name = None, "", ""
+        if args.champion or args.promote:
+            tracking = tracking_settings()
+            client, uri = open_registry(tracking)
+            name = tracking.registered_model
         if args.baseline_file:
             baseline = read_baseline_file(args.baseline_file)
         elif args.champion:

@@ -4,6 +4,9 @@ A stage's ``main()`` raises :class:`PipelineError` for anything the user can fix
 data, an unreachable server). :func:`run` prints that as one paragraph on stderr and exits non-zero,
 so users never see a traceback for their own mistakes. The process then ends normally, so that
 atexit handlers and the libraries' own clean-up (TensorFlow's temporary files, MLflow's queues) run.
+
+Secrets never leave the environment: :func:`redact` is the one place that turns a URI, or any text
+that may hold one, into its printable form, and every error paragraph and log line goes through it.
 """
 
 from __future__ import annotations
@@ -11,20 +14,65 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 # How often a stage started by DVC checks that the dvc process is still there.
 OWNER_CHECK_SECONDS = 1.0
+MASK = "***"
+# A URI's scheme and authority (user:password@host:port): the user information ends at the last @.
+AUTHORITY = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^\s/?#@]*(?:@[^\s/?#@]*)*)@", re.IGNORECASE)
+# A query parameter whose name says it holds a secret (?password=…, &access_token=…, &X-Amz-Signature=…).
+SECRET_QUERY = re.compile(r"([?&;][^=&#\s]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#\s]*=)[^&#\s'\"]+",
+                          re.IGNORECASE)  # fmt: skip
+# Variables whose values are secrets, and variables holding URIs whose passwords are: their values
+# are masked wherever they appear, also outside a URI (a driver's error may quote a password alone).
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_PYPI_INDEX_URL")
+# Shorter secrets are not searched for outside URIs: they would mask ordinary words.
+SHORTEST_SECRET = 4
 
 
 class PipelineError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
+
+
+def _mask_user_information(match: re.Match) -> str:
+    user, colon, _ = match.group(2).partition(":")
+    return f"{match.group(1)}{user}:{MASK}@" if colon else f"{match.group(1)}{MASK}@"
+
+
+def known_secrets(environ: Mapping[str, str] = os.environ) -> set[str]:
+    """The secrets the environment gives the pipeline: MLflow's password and token, and its URIs' passwords."""
+    found = {environ.get(name, "") for name in SECRET_VARIABLES}
+    for name in URI_VARIABLES:
+        try:
+            password = urlsplit(environ.get(name, "")).password or ""
+        except ValueError:
+            continue
+        found |= {password, unquote(password)}
+    return {secret for secret in found if len(secret) >= SHORTEST_SECRET}
+
+
+def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``text`` (a URI, or a message that may quote one) with its credentials masked.
+
+    ``scheme://user:password@host`` becomes ``scheme://user:***@host`` (a user alone, which is often
+    a token, becomes ``***@``), secret query values (``?password=``, ``&token=``…) become ``***``,
+    and the secrets of :func:`known_secrets` are masked wherever they appear. No library masks URIs
+    inside free text (SQLAlchemy's ``URL.render_as_string`` masks only its own URLs' passwords).
+    """
+    text = SECRET_QUERY.sub(rf"\1{MASK}", AUTHORITY.sub(_mask_user_information, str(text)))
+    for secret in sorted(known_secrets(environ), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def configure_logging() -> None:
@@ -34,6 +82,21 @@ def configure_logging() -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Every log record, whichever library makes it and whichever handler prints it (MLflow's own
+    # loggers do not propagate to ours), is masked when it is made.
+    make_record = logging.getLogRecordFactory()
+
+    def redacted_record(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return record  # A malformed call: the handler reports it as logging does.
+        if (masked := redact(message)) != message:
+            record.msg, record.args = masked, None
+        return record
+
+    logging.setLogRecordFactory(redacted_record)
 
 
 def path_arguments(description: str, names: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,7 +113,7 @@ def path_arguments(description: str, names: Sequence[str], argv: Sequence[str] |
 
 def format_error(message: str) -> str:
     """Wrap an error into one readable paragraph."""
-    paragraph = " ".join(str(message).split())
+    paragraph = " ".join(redact(message).split())
     # Paths must survive the wrapping whole, so lines break only at spaces.
     return textwrap.fill(
         f"error: {paragraph}", width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False

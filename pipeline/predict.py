@@ -6,9 +6,9 @@ predicted digit and the three most probable digits (``--json``: a JSON list for 
 the model that gave the answers (a file's path, or a registered model's name, version and aliases).
 The model is the registry's champion by default (``models:/mnist-softmax@champion``), or any MLflow
 model URI (``models:/mnist-softmax/3``, ``runs:/<run id>/model``) or ``.keras`` file. MLflow URIs are
-looked up in the store the pipeline logs to ($MLFLOW_TRACKING_URI, tracking.uri in params.yaml, or
-the project's mlflow.db), the project being the one around the current folder or else the one this
-package is installed from, so the command works from any folder.
+looked up in the store the pipeline logs to ($MLFLOW_TRACKING_URI, or the project's mlflow.db), the
+project being the one around the current folder or else the one this package is installed from, so
+the command works from any folder.
 
 Each image becomes an MNIST-like input the way MNIST itself was made (LeCun et al.: size-normalised
 into a 20×20 box keeping the aspect ratio, then centred by centre of mass in 28×28): grey levels;
@@ -40,13 +40,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.cli import PipelineError, format_error, run
+from pipeline.cli import PipelineError, format_error, redact, run
 from pipeline.data import IMAGE_SHAPE, NUM_PIXELS
 
 logger = logging.getLogger(__name__)
 
 # The registered model's name when no params.yaml says otherwise.
-DEFAULT_REGISTERED_MODEL = "mnist-softmax"
 STDIN = "-"
 # MNIST's digits were scaled to fit this box, then centred by centre of mass in IMAGE_SHAPE; their
 # centre of mass sits at pixel (14, 14) (row, column, counted from 0), within ±0.3 on the test set.
@@ -245,17 +244,12 @@ def project_root() -> Path:
 
 
 def tracking(root: Path) -> tuple[str, str]:
-    """The store the pipeline logs to and the registered model's name, as ``root``'s params.yaml sets them."""
-    from pipeline.params import ParamsError, load_params
+    """The store the pipeline logs to ($MLFLOW_TRACKING_URI, else ``root``'s mlflow.db) and the model's name."""
+    from pipeline.params import tracking_settings
     from pipeline.tracking import store
 
-    try:
-        params = load_params(root / "params.yaml").tracking
-        params_uri, name = params.uri, params.registered_model
-    except ParamsError:
-        # No params.yaml there: only $MLFLOW_TRACKING_URI or the local default.
-        params_uri, name = "", DEFAULT_REGISTERED_MODEL
-    return store.tracking_uri(params_uri, root), name
+    settings = tracking_settings()
+    return store.tracking_uri(settings.uri, root), settings.registered_model
 
 
 def load_mlflow_model(model: str | None):
@@ -296,9 +290,13 @@ def load_mlflow_model(model: str | None):
             described = {"name": version.name, "version": str(version.version), "aliases": list(version.aliases)}
         loaded = mlflow.pyfunc.load_model(wanted)
     except mlflow.exceptions.MlflowException as error:
-        raise PipelineError(f"cannot load the model {requested} from {uri}: {store.short(error.message)}") from None
+        raise PipelineError(
+            f"cannot load the model {requested} from {redact(uri)}: {store.short(error.message)}"
+        ) from None
     except OSError as error:
-        raise PipelineError(f"cannot load the model {requested} from {uri}: {error}") from None
+        raise PipelineError(
+            f"cannot load the model {requested} from {redact(uri)}: {store.short(str(error))}"
+        ) from None
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         predictions = loaded.predict(pixels)

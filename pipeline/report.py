@@ -39,7 +39,7 @@ from pipeline.data import (
     TRAIN_HISTORY_COLUMNS,
     load_processed,
 )
-from pipeline.params import load_params
+from pipeline.params import load_params, tracking_settings
 from pipeline.tracking import record, store
 
 if TYPE_CHECKING:
@@ -293,9 +293,11 @@ def main() -> None:
         "metrics", "confusion", "classification-report", "accuracy-plot", "cross-entropy-plot", "confusion-plot",
         "mistakes-plot", "weight-maps-plot", "percentiles-plot",
     ])  # fmt: skip
-    params = load_params().tracking
+    # Report reads no section of params.yaml, but checks it as every stage does.
+    load_params()
+    tracking = tracking_settings()
     # A wrong tracking URI or a dead server is reported now, before any work.
-    uri, artifact_location = store.resolve(params)
+    uri, artifact_location = store.resolve(tracking)
 
     test = load_processed(args.data, splits=("test",))
     images, labels = test["test_images"], test["test_labels"].argmax(axis=1)
@@ -344,8 +346,8 @@ def main() -> None:
     # Report logs into the run that trained the model it scores (found by the probabilities' digest),
     # and only what that run does not hold already: rerunning report, or train restored from DVC's
     # run cache, leaves a finished run as it was.
-    with store.ServerWatch(uri, params).running():
-        client, experiment_id = store.open_store(uri, params.experiment, artifact_location)
+    with store.ServerWatch(uri, tracking).running():
+        client, experiment_id = store.open_store(uri, tracking.experiment, artifact_location)
         run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)
         report_digest = record.sha256(b"".join(outputs.values()))
         if run.data.tags.get(record.REPORT_TAG) == report_digest:

@@ -1,7 +1,8 @@
 """Run a hyperparameter sweep on Ray Tune, each trial a DVC experiment and one nested MLflow run.
 
 ``mnist-sweep SWEEP.yaml [--address HOST:PORT]`` reads the sweep definition (sweeps/example.yaml
-shows every key), the project's params.yaml (for the tracking section) and git state, and writes:
+shows every key), the project's params.yaml (for the keys it may set), the tracking settings (see
+pipeline.params.tracking_settings) and git state, and writes:
 
 * one DVC experiment per trial, ``<sweep name>-<trial id>``, on the sweep's commit: each trial clones
   the repository at that commit into a temporary directory on whichever machine Ray runs it, runs
@@ -43,8 +44,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import PipelineError, configure_logging, format_error
-from pipeline.params import load_params
+from pipeline.cli import PipelineError, configure_logging, format_error, redact
+from pipeline.params import credential_keys, load_params, tracking_settings
 from pipeline.tracking import record, store, tags
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class TrialSetup:
     sweep_name: str
     metric: str
     tracking_uri: str
+    # The settings that say where trials record their runs, for trials on machines without them.
+    settings: dict[str, str]
     experiment_id: str
     parent_run_id: str
     # This repository's DVC cache, shared by local trials; None on a cluster (data from the DVC remote).
@@ -124,6 +127,9 @@ def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
     if not isinstance(raw, dict):
         raise PipelineError("the sweep file must be a mapping of keys (see sweeps/example.yaml).")
     problems = [f"unknown key {key!r}" for key in raw if key not in SWEEP_KEYS]
+    if secrets := credential_keys(raw):
+        # The file is committed and uploaded to the sweep's MLflow run.
+        problems.append(f"{', '.join(secrets)} must not hold credentials; keep them in the environment")
     name = str(raw.get("name", ""))
     if not name or not all(char.isalnum() or char in "-_" for char in name):
         problems.append(f"name {name!r} must be letters, digits, '-' or '_' (it names DVC experiments)")
@@ -254,6 +260,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         **os.environ,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "MLFLOW_TRACKING_URI": setup.tracking_uri,
+        **setup.settings,
         record.EXTRA_TAGS_VARIABLE: json.dumps(
             {
                 PARENT_TAG: setup.parent_run_id,
@@ -355,7 +362,7 @@ def cluster_problems(uri: str, root: Path) -> list[str]:
     problems = []
     if urlparse_scheme(uri) not in ("http", "https", "databricks"):
         problems.append(
-            f"the MLflow store is {uri}, a local store that trials on other machines cannot write to; start a "
+            f"the MLflow store is {redact(uri)}, a local store that trials on other machines cannot write to; start a "
             "tracking server (mlflow server, see the README's 'A shared tracking server') and set "
             "MLFLOW_TRACKING_URI=http://<server>:5000"
         )
@@ -573,9 +580,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = args.sweep.read_text()
     except OSError as error:
         raise PipelineError(f"cannot read the sweep file {args.sweep}: {error.strerror}") from None
-    params = load_params()
+    load_params()
+    settings = tracking_settings()
     sweep = parse_sweep(text, yaml.safe_load((root / "params.yaml").read_text()))
-    uri = store.tracking_uri(params.tracking.uri, root)
+    uri = store.tracking_uri(settings.uri, root)
     if args.address:
         problems = cluster_problems(uri, root)
         if problems:
@@ -623,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Ray first: it is what most often fails to start, and then no MLflow run is left open.
     start_ray(args.address)
-    client, experiment_id = store.open_store(uri, params.tracking.experiment, store.artifact_location(uri, root))
+    store.quiet_links(uri)
+    client, experiment_id = store.open_store(uri, settings.experiment, store.artifact_location(uri, root))
     if previous:
         parent_run_id = previous["parent_run_id"]
         client.update_run(parent_run_id, status="RUNNING")
@@ -651,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sweep_name=sweep.name,
         metric=sweep.metric,
         tracking_uri=uri,
+        settings={"MLFLOW_EXPERIMENT_NAME": settings.experiment, "MNIST_REGISTERED_MODEL": settings.registered_model},
         experiment_id=experiment_id,
         parent_run_id=parent_run_id,
         cache_dir=cache_dir,
@@ -736,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         chosen = " ".join(f"{key}={best[key]}" for key in sweep.parameters)
         print(f"\nBest: {best['experiment']}: {chosen} ({sweep.metric} {best[sweep.metric]:.6g})")
         print(f"Apply it with: dvc exp apply {best['experiment']}")
-    print(f"MLflow: sweep run {parent_run_id} in {uri}")
+    print(f"MLflow: sweep run {parent_run_id} in {redact(uri)}")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -1,17 +1,18 @@
 """Stage ``train``: fit the model ``train.model`` names (the seed's softmax by default), recording every step.
 
-Reads the processed arrays from ``--data`` and the ``train`` and ``tracking`` sections of
-params.yaml. Writes the Keras model (``--model``: the trained network behind a layer that scales raw
-0-255 pixels, see pipeline.model.raw_pixel_model), and for the report stage, which needs no
-TensorFlow, the test set's predicted probabilities (``--test-probabilities``) and the model's weight
-maps (``--weight-maps``: ten 28×28 maps for a linear classifier, none for other models). Writes the
-histories (columns in pipeline.data): every step's (``--train-history``), every evaluation's
-(``--test-history``) and the weights' and biases' percentiles at every evaluation
-(``--parameter-percentiles``); and the final training metrics with the environment that produced
-them (``--metrics``). Records one MLflow run (see pipeline.tracking.record): params, tags, the
-per-step history, the model (as pipeline.serving serves it), the history files and the final
-metrics, and registers the model as a new version of ``tracking.registered_model`` (see
-pipeline.tracking.registry). The outputs are replaced only after the run is recorded.
+Reads the processed arrays from ``--data``, the ``train`` section of params.yaml and the tracking
+settings (pipeline.params.tracking_settings). Writes the Keras model (``--model``: the trained
+network behind a layer that scales raw 0-255 pixels, see pipeline.model.raw_pixel_model), and for
+the report stage, which needs no TensorFlow, the test set's predicted probabilities
+(``--test-probabilities``) and the model's weight maps (``--weight-maps``: ten 28×28 maps for a
+linear classifier, none for other models). Writes the histories (columns in pipeline.data): every
+step's (``--train-history``), every evaluation's (``--test-history``) and the weights' and biases'
+percentiles at every evaluation (``--parameter-percentiles``); and the final training metrics with
+the environment that produced them (``--metrics``). Records one MLflow run (see
+pipeline.tracking.record): params, tags, the per-step history, the model (as pipeline.serving
+serves it), the history files and the final metrics, and registers the model as a new version of the registered model
+``$MNIST_REGISTERED_MODEL`` names (see pipeline.tracking.registry). The outputs are replaced only
+after the run is recorded.
 
 Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
 summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
@@ -43,7 +44,7 @@ from pipeline.data import (
     TRAIN_HISTORY_COLUMNS,
     load_processed,
 )
-from pipeline.params import TrainParams, load_params
+from pipeline.params import TrainParams, load_params, tracking_settings
 from pipeline.tracking import record, registry, store, tags
 
 logger = logging.getLogger(__name__)
@@ -298,8 +299,7 @@ def main() -> None:
         "data", "model", "test-probabilities", "weight-maps", "train-history", "test-history",
         "parameter-percentiles", "metrics",
     ])  # fmt: skip
-    params = load_params()
-    config, tracking_params = params.train, params.tracking
+    config, tracking = load_params().train, tracking_settings()
 
     data = load_processed(args.data, splits=("train", "test"))
     num_train = len(data["train_images"])
@@ -308,7 +308,7 @@ def main() -> None:
             f"train.batch_size ({config.batch_size}) is larger than the training set ({num_train} images)."
         )
     # A wrong tracking URI or a dead server is reported now, before TensorFlow's import and any training.
-    uri, artifact_location = store.resolve(tracking_params)
+    uri, artifact_location = store.resolve(tracking)
 
     # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
     import keras
@@ -341,7 +341,6 @@ def main() -> None:
     order = BatchOrder(num_train, config.batch_size, config.iterations, config.seed)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
-        "tracking.experiment": tracking_params.experiment,
         "data.train_examples": num_train,
         "data.test_examples": len(data["test_images"]),
         "model": series.description,
@@ -353,7 +352,7 @@ def main() -> None:
     histories = [args.train_history, args.test_history, args.parameter_percentiles]
     # New outputs replace the old ones only once the run is recorded (files.staged).
     with (
-        store.ServerWatch(uri, tracking_params).running(),
+        store.ServerWatch(uri, tracking).running(),
         files.staged([*outputs, *histories]) as (
             model_path,
             probabilities_path,
@@ -361,13 +360,9 @@ def main() -> None:
             metrics_path,
             *history_paths,
         ),
-        record.training_run(
-            uri, artifact_location, tracking_params.experiment, run_name(config), run_params
-        ) as mlflow_run,
+        record.training_run(uri, artifact_location, tracking.experiment, run_name(config), run_params) as mlflow_run,
     ):
-        logger.info(
-            "MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking_params.experiment
-        )
+        logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking.experiment)
 
         def log_chunk(first_step, last_step, accuracy, cross_entropy, tests, started, ended) -> None:
             series = chunk_series(first_step, last_step, accuracy, cross_entropy, tests)
@@ -407,7 +402,7 @@ def main() -> None:
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities))
             version = registry.register(
                 mlflow_run.client,
-                tracking_params.registered_model,
+                tracking.registered_model,
                 logged.model_uri,
                 registry.version_tags(
                     mlflow_run.run_id, tags.run_tags(store.project_root()), record.sha256(model_path.read_bytes())
@@ -416,7 +411,7 @@ def main() -> None:
                     accuracy(test_probabilities, data["test_labels"]), len(data["test_images"]), run_name(config)
                 ),
             )
-            logger.info("registered the model as version %s of %r", version.version, tracking_params.registered_model)
+            logger.info("registered the model as version %s of %r", version.version, tracking.registered_model)
         except (mlflow.exceptions.MlflowException, OSError) as error:
             raise PipelineError(
                 f"logging the model to MLflow run {mlflow_run.run_id} failed: {store.short(str(error))} "

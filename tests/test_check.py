@@ -876,6 +876,8 @@ def test_workflow_runs_on_pull_requests_and_has_its_steps_in_order():
     assert steps()[promote]["if"] == "github.event_name == 'push' && github.ref == 'refs/heads/main'"
     assert "--champion" in steps()[promote]["run"] and "continue-on-error" not in steps()[promote]
     assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ vars.MLFLOW_TRACKING_URI }}"
+    # The server's credentials come from the repository's secrets, never from the readable URI variable.
+    assert job["env"]["MLFLOW_TRACKING_PASSWORD"] == "${{ secrets.MLFLOW_TRACKING_PASSWORD }}"
 
     gate_run = steps()[gate]["run"]
     assert '--summary-file "$GITHUB_STEP_SUMMARY"' in gate_run
@@ -889,6 +891,9 @@ def github_expressions(text: str) -> str:
     """Stand in for what GitHub substitutes into a pull request's job, with main as the base branch."""
     text = text.replace("${{ github.base_ref }}", "main").replace("${{ vars.MNIST_MIRROR }}", "")
     text = text.replace("${{ vars.MLFLOW_TRACKING_URI }}", "")
+    text = text.replace("${{ secrets.MLFLOW_TRACKING_USERNAME }}", "").replace(
+        "${{ secrets.MLFLOW_TRACKING_PASSWORD }}", ""
+    )
     assert "${{" not in text, text
     return text
 

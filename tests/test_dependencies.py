@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 STAGES = ("fetch", "preprocess", "train", "report")
 # Command-line tools that are no stage: the metric gate, mnist-predict and mnist-sweep.
-TOOLS = {"pipeline/check.py", "pipeline/predict.py", "pipeline/sweep.py"}
+TOOLS = {"pipeline/check.py", "pipeline/predict.py", "pipeline/reproduce.py", "pipeline/sweep.py"}
 IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(\S+)\s*$", re.MULTILINE)
 
 

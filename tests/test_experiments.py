@@ -36,7 +36,6 @@ PARAM_KEYS = {
     "train.batch_size",
     "train.iterations",
     "train.eval_interval",
-    "tracking.experiment",
     "data.train_examples",
     "data.test_examples",
     "model",
@@ -215,11 +214,11 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     script = (
         "import pathlib, sys, time\n"
         "import mlflow\n"
-        "from pipeline.params import load_params\n"
+        "from pipeline.params import tracking_settings\n"
         "from pipeline.tracking import record, store\n"
         "print('ready', flush=True)\n"
         "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.005)\n"
-        f"uri, location = store.resolve(load_params({str(ROOT / 'params.yaml')!r}).tracking)\n"
+        "uri, location = store.resolve(tracking_settings())\n"
         "with record.training_run(uri, location, 'mnist-softmax', 'concurrent', {}) as run:\n"
         "    run.log_history({'train_accuracy': (range(1, 1001), [0.5] * 1000)}, time.time(), time.time())\n"
     )

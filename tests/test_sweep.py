@@ -52,7 +52,7 @@ from pipeline.sweep import (
     set_param_arguments,
 )
 
-PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}, "tracking": {"uri": ""}}
+PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}}
 EXPERIMENT = "mnist-softmax"
 
 
@@ -84,6 +84,7 @@ def test_every_problem_of_a_definition_is_reported_at_once():
         search="bayes",
         max_concurrent=0,
         colour="red",
+        metric="https://host/?token=hunter22",
         parameters={
             "train.learning_rat": {"values": [1]},
             "train.seed": {"uniform": [0, 1]},
@@ -100,6 +101,7 @@ def test_every_problem_of_a_definition_is_reported_at_once():
         "max_concurrent must be",
         "'train.learning_rat' is not a key of params.yaml",
         "loguniform needs positive bounds",
+        "metric must not hold credentials; keep them in the environment",
     ):
         assert expected in message
 
@@ -241,7 +243,9 @@ def interrupt_after_first_trial(project: Project, log: Path) -> subprocess.Compl
 @pytest.mark.postgres
 def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  # noqa: F811
     url, _ = mlflow_server
-    project = sweep_project(tmp_path, url, definition(name="local"))
+    # With a password in the URI (the server does not check it), which the sweep must never print.
+    secret = "sweep-secret-pw"
+    project = sweep_project(tmp_path, url.replace("http://", f"http://user:{secret}@"), definition(name="local"))
 
     # Ctrl-C after the first trial: the sweep stops with a short message and leaves nothing RUNNING.
     interrupted = interrupt_after_first_trial(project, tmp_path / "interrupted.log")
@@ -297,6 +301,9 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     assert {"sweep.yaml", "ranking.md", "ranking.json", "results.png"} <= artifacts
     # The project's workspace is untouched: the trials ran in their own clones.
     assert project.git("status", "--porcelain") == ""
+
+    assert f"in {url.replace('http://', 'http://user:***@')}" in done.stdout.splitlines()[-1]
+    assert secret not in interrupted.stdout + done.stdout + done.stderr
 
     # A rerun of the finished sweep resumes Ray's state: nothing runs again.
     again = run_sweep(project)

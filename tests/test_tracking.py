@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import tomllib
@@ -11,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline.cli import PipelineError
-from pipeline.params import TrackingParams, load_params
+from pipeline.params import TrackingSettings, tracking_settings
 from pipeline.tracking import record, store, tags
 
 pytestmark = pytest.mark.slow
@@ -29,13 +28,13 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def tracking_params(**values) -> TrackingParams:
-    """The project's tracking section, with ``values`` changed."""
-    return dataclasses.replace(load_params(ROOT / "params.yaml").tracking, experiment=EXPERIMENT, **values)
+def settings(uri: str = "") -> TrackingSettings:
+    """The tracking settings of an environment that names this store and the tests' experiment."""
+    return tracking_settings({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT})
 
 
 def open_run(run_name: str = "first", params: dict | None = None):
-    uri, location = store.resolve(tracking_params(uri=""))
+    uri, location = store.resolve(settings())
     return record.training_run(uri, location, EXPERIMENT, run_name, params or {"train.seed": 0})
 
 
@@ -96,12 +95,22 @@ def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project
 
 def test_an_unusable_server_fails_before_anything_is_imported(project):
     with pytest.raises(PipelineError, match="cannot be reached"):
-        store.resolve(tracking_params(uri="http://127.0.0.1:9"))
+        store.resolve(settings("http://127.0.0.1:9"))
 
 
 def test_a_store_in_a_missing_folder_is_a_clear_error(project):
     with pytest.raises(PipelineError, match="which does not exist"):
-        store.resolve(tracking_params(uri=f"sqlite:///{project}/nowhere/mlflow.db"))
+        store.resolve(settings(f"sqlite:///{project}/nowhere/mlflow.db"))
+
+
+def test_a_servers_credentials_stay_out_of_its_health_check_and_of_every_message(project):
+    uri = "http://admin:hunter22@127.0.0.1:9/"
+    assert store.health_url(uri) == "http://127.0.0.1:9/health"
+    with pytest.raises(PipelineError) as caught:
+        store.resolve(settings(uri))
+    # The health check reached for 127.0.0.1 (not for a host named "admin:hunter22@127.0.0.1").
+    assert "http://admin:***@127.0.0.1:9/ cannot be reached ([Errno 111] Connection refused)" in str(caught.value)
+    assert "hunter22" not in str(caught.value)
 
 
 def test_the_environment_names_the_locked_versions(project):

@@ -86,10 +86,12 @@ def project(tmp_path):
     return root
 
 
-def start_training(project: Path, server: Server, **tracking) -> subprocess.Popen:
-    write_params(project, preprocess={"validation_size": 50}, tracking=tracking,
+def start_training(project: Path, server: Server, retries: int, timeout: int) -> subprocess.Popen:
+    """Train against ``server`` with MLflow's HTTP settings: ``retries`` (backoff factor 1) and ``timeout`` seconds."""
+    write_params(project, preprocess={"validation_size": 50},
                  train={"batch_size": 10, "iterations": 3000, "eval_interval": 100})  # fmt: skip
-    env = stage_env(MLFLOW_TRACKING_URI=server.url)
+    env = stage_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries),
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))  # fmt: skip
     command = [sys.executable, "-m", "pipeline.train", *TRAIN_ARGS]
     return subprocess.Popen(command, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
 
@@ -116,7 +118,8 @@ def runs(server: Server):
 
 def test_a_server_restarted_mid_run_loses_nothing(project, server):
     # A generous request timeout: the restarted server, with one worker, takes every queued request at once.
-    process = start_training(project, server, retry_seconds=120, request_timeout_seconds=60)
+    # Seven retries wait 126 s in all.
+    process = start_training(project, server, retries=7, timeout=60)
     wait_for_line(process, "MLflow run ")
     server.kill()
     time.sleep(2)  # Requests sent meanwhile are refused, and retried.
@@ -132,7 +135,8 @@ def test_a_server_restarted_mid_run_loses_nothing(project, server):
 
 
 def test_a_server_gone_for_good_stops_the_stage_and_its_run_is_closed_later(project, server):
-    process = start_training(project, server, retry_seconds=4, request_timeout_seconds=10)
+    # Three retries wait 6 s in all.
+    process = start_training(project, server, retries=3, timeout=10)
     wait_for_line(process, "MLflow run ")
     server.kill()
     gone = time.monotonic()
@@ -148,7 +152,7 @@ def test_a_server_gone_for_good_stops_the_stage_and_its_run_is_closed_later(proj
     server.start()
     client, (abandoned,) = runs(server)
     assert abandoned.info.status == "RUNNING"
-    second = start_training(project, server, retry_seconds=30, request_timeout_seconds=60)
+    second = start_training(project, server, retries=5, timeout=60)
     _, stderr = second.communicate(timeout=600)
     assert second.returncode == 0, stderr
     client, (first, _) = runs(server)
@@ -156,7 +160,7 @@ def test_a_server_gone_for_good_stops_the_stage_and_its_run_is_closed_later(proj
 
 
 def test_a_hung_server_stops_the_stage_within_the_request_timeout(project, server):
-    process = start_training(project, server, retry_seconds=4, request_timeout_seconds=3)
+    process = start_training(project, server, retries=3, timeout=3)
     wait_for_line(process, "MLflow run ")
     server.signal(signal.SIGSTOP)
     hung = time.monotonic()
@@ -170,7 +174,7 @@ def test_a_hung_server_stops_the_stage_within_the_request_timeout(project, serve
     assert "stopped answering" in message and "within 3 s" in message, message
     assert not any((project / name).exists() for name in OUTPUTS)
     # Found by a health check (every 2 s) with no answer in 3 s. The stage then exits once the
-    # requests already in flight have spent their retries: 3 retries (for 4 s) of 3 s each, plus
+    # requests already in flight have spent their retries: 3 retries of 3 s each, plus
     # 6 s of backoff, so about 20 s at most, against 125 s before.
     assert took < 45, f"the stage took {took:.0f} s to give up on a hung server"
     client, (run,) = runs(server)

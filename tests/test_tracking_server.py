@@ -223,7 +223,6 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     softmax = SERIES["softmax"]
     assert run.data.params == {
         **{f"train.{key}": str(value) for key, value in params["train"].items()},
-        "tracking.experiment": EXPERIMENT,
         "data.train_examples": "200",
         "data.test_examples": "60",
         "model": softmax.description,
@@ -292,7 +291,7 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
         mlflow.set_tracking_uri(None)
 
     # The registry on the server: the run's model is version 1, tagged and described.
-    name = params["tracking"]["registered_model"]
+    name = "mnist-softmax"  # The default of $MNIST_REGISTERED_MODEL.
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
     assert version.tags["run_id"] == run.info.run_id and version.tags["git.commit"] == tags["git.commit"]
@@ -485,3 +484,108 @@ def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_
     # Nothing ran: no stage wrote an MLflow store in the clone.
     assert "Running stage" not in pulled.stdout
     assert not (clone / "mlflow.db").exists() and not (clone / "mlartifacts").exists()
+
+
+# The password in the tracking URI of the tests below: found nowhere the pipeline writes or prints.
+SECRET = "Pw-" + hashlib.sha256(b"test_tracking_server").hexdigest()[:20]
+
+
+@pytest.fixture(scope="module")
+def server_with_password(tmp_path_factory):
+    """``mlflow server`` on SQLite; yields its URL with a user and password in it, and its folder.
+
+    The server does not check the password: its basic-auth app needs Flask-WTF (``mlflow[auth]``),
+    which the project does not install. What matters here is what the pipeline does with the URI.
+    """
+    directory = tmp_path_factory.mktemp("mlflow-server-with-password")
+    log_path, port = directory / "server.log", free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+             "--artifacts-destination", str(directory / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), cwd=directory,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log_path)
+        yield f"http://admin:{SECRET}@127.0.0.1:{port}", directory
+    finally:
+        stop(process)
+
+
+def files_holding(secret: str, *folders: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Every file under ``folders`` whose bytes contain ``secret``."""
+    return [
+        str(path)
+        for folder in folders
+        for path in folder.rglob("*")
+        if path.is_file() and path.name not in skip and secret.encode() in path.read_bytes()
+    ]
+
+
+def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(server_with_password, tmp_path):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    url, server_folder = server_with_password
+    masked = url.replace(SECRET, "***")
+    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    printed = [project.dvc("repro", timeout=600)]
+    # The gate, against the registry on that server: no champion yet, then a promotion (the rules
+    # loosened for the synthetic data, as above), then a comparison with the champion, as JSON.
+    (project.root / "loose.yaml").write_text(
+        yaml.safe_dump({**project.params(), "check": {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}})
+    )
+    gate = ["-m", "pipeline.check", "--params", "loose.yaml", "--summary-file", "summary.md"]
+    printed.append(project.python(*gate, "--champion", "--json", check=False))
+    assert printed[-1].returncode == 0, printed[-1].stdout + printed[-1].stderr
+    assert (
+        json.loads(printed[-1].stdout)["baseline"]["missing_reason"] == f"mnist-softmax has no champion yet in {masked}"
+    )
+    printed.append(project.python(*gate, "--champion", "--promote"))
+    assert "Promoted mnist-softmax version 1" in printed[-1].stdout
+    printed.append(project.python(*gate, "--champion", "--json"))
+    # mnist-predict through the registry: an answer, and an error that names the store.
+    images = np.load(project.root / "data/processed/test_images.npy")
+    Image.fromarray(images[0].reshape(28, 28)).save(project.root / "digit.png")
+    predict = ["-m", "pipeline.predict", "digit.png", "--model"]
+    printed.append(project.python(*predict, "models:/mnist-softmax@champion"))
+    printed.append(project.python(*predict, "models:/no-such-model@champion", check=False))
+    assert printed[-1].returncode == 1 and masked in " ".join(printed[-1].stderr.split()), printed[-1].stderr
+
+    output = "".join(result.stdout + result.stderr for result in printed)
+    assert SECRET not in output
+    # Every file of the project (dvc.lock, DVC's cache and run cache, metrics/, the summary, git's
+    # objects), and the server's store and artifacts, which hold what the pipeline sent.
+    assert (project.root / ".dvc/cache/runs").is_dir() and (project.root / "summary.md").is_file()
+    assert files_holding(SECRET, tmp_path, server_folder, skip=("server.log",)) == []
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    versions = client.search_model_versions("name = 'mnist-softmax'")
+    assert len(runs) == 1 and len(versions) == 1
+    for entity in (*[run.data for run in runs], *versions):
+        assert SECRET not in json.dumps([entity.params if hasattr(entity, "params") else {}, entity.tags])
+
+
+@pytest.mark.postgres
+def test_the_gate_prints_no_database_password(postgres, reproduced, tmp_path):
+    # PostgreSQL's trust authentication accepts any password, so the URI works with one in it.
+    uri = postgres.replace("postgresql://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(
+        yaml.safe_dump(
+            {**reproduced.params(), "check": {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}}
+        )
+    )
+    summary = tmp_path / "summary.md"
+    result = reproduced.python(
+        "-m", "pipeline.check", "--params", str(loose), "--champion", "--json", "--summary-file", str(summary),
+        env={"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"},
+    )  # fmt: skip
+    masked = uri.replace(SECRET, "***")
+    assert (
+        json.loads(result.stdout)["baseline"]["missing_reason"] == f"gate-password-test has no champion yet in {masked}"
+    )
+    assert masked in summary.read_text()
+    assert SECRET not in result.stdout + result.stderr + summary.read_text()

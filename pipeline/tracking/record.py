@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.cli import PipelineError
+from pipeline.cli import PipelineError, redact
 from pipeline.tracking import store, tags
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def training_run(
         mlflow.log_params({key: str(value) for key, value in params.items()})
     except mlflow.exceptions.MlflowException as error:
         raise PipelineError(
-            f"starting a run in the MLflow tracking store {uri} failed: {store.short(error.message)} "
+            f"starting a run in the MLflow tracking store {redact(uri)} failed: {store.short(error.message)} "
             f"{store.fix_hint(uri)} Nothing was trained."
         ) from None
     # The run ends FINISHED, or FAILED if the block raises (Ctrl-C and SIGTERM included: the stage
@@ -214,10 +214,12 @@ def find_training_run(client: MlflowClient, experiment_id: str, probabilities_sh
             max_results=1,
         )
     except mlflow.exceptions.MlflowException as error:
-        raise PipelineError(f"searching the MLflow tracking store {uri} failed: {store.short(error.message)}") from None
+        raise PipelineError(
+            f"searching the MLflow tracking store {redact(uri)} failed: {store.short(error.message)}"
+        ) from None
     if not runs:
         raise PipelineError(
-            f"no finished MLflow run in {uri} recorded the training that wrote these test probabilities "
+            f"no finished MLflow run in {redact(uri)} recorded the training that wrote these test probabilities "
             f"(SHA-256 {probabilities_sha256[:12]}…), so the report has no run to log into. This happens when "
             "the outputs came from another tracking store; rerun the train stage here (dvc repro -f train)."
         )

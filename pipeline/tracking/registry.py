@@ -1,8 +1,8 @@
 """The model registry: every trained model is a version of one registered model; aliases say which is in use.
 
-Train adds its model as a new version of the registered model that ``tracking.registered_model``
-names, tagged with what produced it (its run, commit, data, DVC experiment, and the SHA-256 of the
-``.keras`` file DVC tracks) and described by its test accuracy. The metric gate
+Train adds its model as a new version of the registered model that ``$MNIST_REGISTERED_MODEL``
+names (``mnist-softmax`` by default), tagged with what produced it (its run, commit, data, DVC
+experiment, and the SHA-256 of the ``.keras`` file DVC tracks) and described by its test accuracy. The metric gate
 (``mnist-check --promote``) then moves the alias ``champion`` to a version whose metrics pass, and
 ``previous`` to the version that held it, so the last champion stays one alias away. Users load or
 serve ``models:/<name>@champion``. MLflow's aliases replace its deprecated stages.

@@ -11,16 +11,15 @@ runs in temporary copies of the repository under ``.dvc/tmp/exps``:
 * the *project root* (the working copy), where the stage runs; its ``dvc.lock`` and git state
   describe the run (see :mod:`pipeline.tracking.tags`).
 
-``$MLFLOW_TRACKING_URI``, then ``tracking.uri`` in params.yaml, override the default store. Runs
-started at the same time (``dvc queue start -j 2``) share an SQLite store safely: its first use is
-serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
+``$MLFLOW_TRACKING_URI`` overrides the default store (see :func:`pipeline.params.tracking_settings`).
+Runs started at the same time (``dvc queue start -j 2``) share an SQLite store safely: its first use
+is serialised by a lock file, and SQLite waits for a busy database instead of failing at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import signal
 import threading
@@ -32,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlparse
 
-from pipeline.cli import PipelineError
-from pipeline.params import TrackingParams, tracking_uri_problem
+from pipeline.cli import PipelineError, redact
+from pipeline.params import TrackingSettings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -47,10 +46,7 @@ SQLITE_BUSY_SECONDS = 60
 # How long a process waits for another one to finish creating or upgrading an SQLite store.
 SQLITE_INIT_LOCK_SECONDS = 120
 # Appended to every "cannot use the tracking store" error, so users know what to do next.
-TRACKING_FIX_HINT = (
-    "Start or repair the server, fix MLFLOW_TRACKING_URI (or tracking.uri in params.yaml), or unset it "
-    "to use the local SQLite store."
-)
+TRACKING_FIX_HINT = "Start or repair the server, fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
 # How often a stage logging to a tracking server checks the server's health while it runs.
 HEALTH_CHECK_SECONDS = 2.0
 # Once the stage has given up on a server, each remaining request (ending the run, values still
@@ -106,16 +102,9 @@ def with_busy_timeout(uri: str) -> str:
     return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_SECONDS}"
 
 
-def tracking_uri(params_uri: str, root: Path) -> str:
-    """Pick the tracking URI: $MLFLOW_TRACKING_URI, then params.yaml, then SQLite at the root."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params_uri
-    if uri:
-        problem = tracking_uri_problem(uri)
-        if problem:
-            source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
-            raise PipelineError(f"{source} {problem}.")
-        return with_busy_timeout(uri)
-    return with_busy_timeout(f"sqlite:///{(root / 'mlflow.db').as_posix()}")
+def tracking_uri(uri: str, root: Path) -> str:
+    """The store ``uri`` names (TrackingSettings.uri), or, when it is empty, the SQLite file at the root."""
+    return with_busy_timeout(uri or f"sqlite:///{(root / 'mlflow.db').as_posix()}")
 
 
 def artifact_location(uri: str, root: Path) -> str | None:
@@ -125,24 +114,16 @@ def artifact_location(uri: str, root: Path) -> str | None:
     return (root / "mlartifacts").as_uri()
 
 
-def http_client_settings(params: TrackingParams) -> dict[str, str]:
-    """MLflow's HTTP client settings that retry for about ``retry_seconds`` and wait ``request_timeout_seconds``.
-
-    MLflow retries a failed request (refused connection, HTTP 429/5xx, no answer) through urllib3,
-    with waits of 0, 2, 4, 8… seconds (backoff factor 1) plus up to 1 s of jitter; n retries wait
-    2**n - 2 seconds in all, so the smallest n whose waits cover ``retry_seconds`` is chosen.
-    """
-    retries = max(1, math.ceil(math.log2(params.retry_seconds + 2)))
-    return {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{params.request_timeout_seconds:g}",
-    }
-
-
 def health_url(uri: str) -> str | None:
-    """The health-check URL of a tracking server, or None for a store that is not a server."""
-    return uri.rstrip("/") + "/health" if urlparse(uri).scheme in ("http", "https") else None
+    """The health-check URL of a tracking server, or None for a store that is not a server.
+
+    Without the URI's credentials (``http://user:password@host``, which MLflow accepts): urllib would
+    read them as part of the host name, and the health check needs none.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
 
 
 def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
@@ -175,8 +156,8 @@ class ServerWatch:
     outputs are left unwritten) and :meth:`interrupted` turns that into a clear error.
     """
 
-    def __init__(self, uri: str, params: TrackingParams, interval: float = HEALTH_CHECK_SECONDS) -> None:
-        self.uri, self.params, self.interval = uri, params, interval
+    def __init__(self, uri: str, settings: TrackingSettings, interval: float = HEALTH_CHECK_SECONDS) -> None:
+        self.uri, self.settings, self.interval = uri, settings, interval
         self.problem: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tracking-server-watch", daemon=True)
@@ -184,19 +165,20 @@ class ServerWatch:
     def _watch(self) -> None:
         down_since = None
         while not self._stop.wait(self.interval):
-            found = server_problem(self.uri, self.params.request_timeout_seconds)
+            found = server_problem(self.uri, self.settings.request_timeout)
             if found is None:
                 down_since = None
                 continue
             kind, why = found
             down_since = down_since or time.monotonic()
             if kind == "hung":
-                self._give_up(f"the MLflow tracking server at {self.uri} stopped answering: {why}")
+                self._give_up(f"the MLflow tracking server at {redact(self.uri)} stopped answering: {why}")
                 return
-            if time.monotonic() - down_since > self.params.retry_seconds:
+            if time.monotonic() - down_since > self.settings.retry_seconds:
                 self._give_up(
-                    f"the MLflow tracking server at {self.uri} has failed its health check for over "
-                    f"{self.params.retry_seconds:g} s (tracking.retry_seconds): {why}"
+                    f"the MLflow tracking server at {redact(self.uri)} has failed its health check for over "
+                    f"{self.settings.retry_seconds} s (the time MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
+                    f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR retry for): {why}"
                 )
                 return
 
@@ -231,7 +213,7 @@ def fix_hint(uri: str) -> str:
         return TRACKING_FIX_HINT
     return (
         f"If {database} is damaged, move it aside (with its mlartifacts folder) to start a new store there, or "
-        "restore it from a backup; or point MLFLOW_TRACKING_URI (or tracking.uri in params.yaml) at another store."
+        "restore it from a backup; or point MLFLOW_TRACKING_URI at another store."
     )
 
 
@@ -255,27 +237,28 @@ def check_artifact_folder(location: str | None) -> None:
 
 def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
     """Fail fast, with a clear message, when a tracking server or a local store cannot be used."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
+    shown = redact(uri)
+    if (health := health_url(uri)) is not None:
         try:
             with urllib.request.urlopen(health, timeout=timeout) as response:
                 if response.status != 200:
-                    raise PipelineError(f"the MLflow tracking server at {uri} answered {response.status} to {health}.")
+                    raise PipelineError(
+                        f"the MLflow tracking server at {shown} answered {response.status} to {health}."
+                    )
         except urllib.error.HTTPError as error:
             # Something answers there, but not an MLflow server's health check: a wrong port or path.
             raise PipelineError(
-                f"{uri} does not look like an MLflow tracking server: {health} answered HTTP {error.code} "
+                f"{shown} does not look like an MLflow tracking server: {health} answered HTTP {error.code} "
                 f"({error.reason}). {TRACKING_FIX_HINT} Nothing was trained."
             ) from None
         except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise PipelineError(
-                f"the MLflow tracking server at {uri} cannot be reached ({reason}) within {timeout:g} s. "
+                f"the MLflow tracking server at {shown} cannot be reached ({reason}) within {timeout:g} s. "
                 f"{TRACKING_FIX_HINT} Nothing was trained."
             ) from None
     elif (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
-        raise PipelineError(f"the MLflow SQLite store {uri} is in {database.parent}, which does not exist.")
+        raise PipelineError(f"the MLflow SQLite store {shown} is in {database.parent}, which does not exist.")
 
 
 @contextlib.contextmanager
@@ -303,7 +286,7 @@ def store_init_lock(uri: str, timeout: float = SQLITE_INIT_LOCK_SECONDS) -> Iter
                 if time.monotonic() > deadline:
                     raise PipelineError(
                         f"another process has held {database}-lock for over {timeout:g} s while opening the "
-                        f"MLflow store {uri}; if none is running, delete that file."
+                        f"MLflow store {redact(uri)}; if none is running, delete that file."
                     ) from None
                 time.sleep(0.2)
         try:
@@ -319,29 +302,42 @@ def require_existing(uri: str) -> None:
     answer "not found" to everything, hiding the real mistake: the wrong directory or URI.
     """
     if (database := sqlite_path(uri)) is not None and not database.exists():
-        raise PipelineError(f"the MLflow store {uri} does not exist yet; run the pipeline first (dvc repro).")
+        raise PipelineError(f"the MLflow store {redact(uri)} does not exist yet; run the pipeline first (dvc repro).")
 
 
 def short(message: str, limit: int = 300) -> str:
-    """One line of at most ``limit`` characters: server errors can carry whole HTML pages."""
-    flat = " ".join(str(message).split())
+    """One line of at most ``limit`` characters (server errors can carry whole HTML pages), secrets masked.
+
+    MLflow's and SQLAlchemy's errors often quote the URI they failed on, credentials included.
+    """
+    flat = " ".join(redact(message).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def resolve(params: TrackingParams) -> tuple[str, str | None]:
+def resolve(settings: TrackingSettings) -> tuple[str, str | None]:
     """The tracking URI and artifact location the stage will use, checked to be usable.
 
-    Cheap (no MLflow import), so a wrong URI or a dead server is reported before any work. Also sets
-    MLflow's HTTP retries and timeout from ``params`` (where the environment does not set them).
+    Cheap (no MLflow import), so a wrong URI or a dead server is reported before any work. Also gives
+    MLflow the project's HTTP retries and timeout where the environment sets none.
     """
     root = store_root()
-    uri = tracking_uri(params.uri, root)
+    uri = tracking_uri(settings.uri, root)
     check_reachable(uri)
     location = artifact_location(uri, root)
     check_artifact_folder(location)
-    for key, value in http_client_settings(params).items():
+    for key, value in settings.http_environment().items():
         os.environ.setdefault(key, value)
+    quiet_links(uri)
     return uri, location
+
+
+def quiet_links(uri: str) -> None:
+    """Stop MLflow printing its "View run … at <server URL>" links when the URL holds credentials.
+
+    MLflow prints the tracking URI as it was given, password included, to stdout when a run ends.
+    """
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowClient, str]:
@@ -379,5 +375,5 @@ def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowC
         # error catalogue, which says nothing about this store.
         reason = short(str(getattr(error, "orig", None) or getattr(error, "message", error)))
         raise PipelineError(
-            f"the MLflow tracking store {uri} failed: {reason}. {fix_hint(uri)} Nothing was trained."
+            f"the MLflow tracking store {redact(uri)} failed: {reason}. {fix_hint(uri)} Nothing was trained."
         ) from None
