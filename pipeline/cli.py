@@ -12,6 +12,7 @@ that may hold one, into its printable form, and every error paragraph and log li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -214,3 +215,24 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null while the block runs.
+
+    TensorFlow's C++ start-up lines ("oneDNN custom operations are on" on CPUs where it enables
+    oneDNN, absl's "All log messages before absl::InitializeLog()") are written while it is imported,
+    whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow/tensorflow#100442). Its real failures reach
+    Python as exceptions, which are reported after the block.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

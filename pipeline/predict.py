@@ -25,11 +25,9 @@ still answered, and the exit status is 1. A model that cannot be loaded stops ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.cli import PipelineError, format_error, redact, run
+from pipeline.cli import PipelineError, format_error, native_stderr_silenced, redact, run
 from pipeline.data import IMAGE_SHAPE, NUM_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -209,27 +207,6 @@ def render_json(names: Sequence[str], results: Sequence[Answer | str], model: di
 
 # ---------------------------------------------------------------------------------------------
 # Loading the model and reading the images: the only code that touches disk and MLflow.
-
-
-@contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """Send what native code writes to file descriptor 2 to /dev/null while the block runs.
-
-    TensorFlow's C++ start-up lines ("oneDNN custom operations are on" on CPUs where it enables
-    oneDNN, absl's "All log messages before absl::InitializeLog()") are written while it is imported,
-    whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow/tensorflow#100442). Its real failures reach
-    Python as exceptions, which are reported after the block.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def project_root() -> Path:

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import files
-from pipeline.cli import PipelineError, path_arguments, run
+from pipeline.cli import PipelineError, native_stderr_silenced, path_arguments, run
 from pipeline.data import (
     PERCENTILE_COLUMNS,
     TEST_HISTORY_COLUMNS,
@@ -310,12 +310,12 @@ def main() -> None:
     # A wrong tracking URI or a dead server is reported now, before TensorFlow's import and any training.
     uri, artifact_location = store.resolve(tracking)
 
-    # pipeline.model quietens TensorFlow's start-up logging, so it is imported first.
-    import keras
-    import mlflow
-    import tensorflow as tf
+    with native_stderr_silenced():
+        import keras
+        import mlflow
+        import tensorflow as tf
 
-    from pipeline.model import SERIES, SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
+        from pipeline.model import SERIES, SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
 
     # Keras' per-call progress bars would interleave with ours when MLflow checks the model;
     # without them Keras reports through absl's logger, which only needs to speak up about problems.
