@@ -238,7 +238,7 @@ def worker_design(design: str, store: Path, out: Path) -> dict:
     times = {}
     clock = time.perf_counter()
     params = load_params(Path("params.yaml"))
-    data = load_processed(Path("data/processed"), splits=("train", "test"))
+    data, _ = load_processed(Path("data/processed"), splits=("train", "test"))
     model, trainer = build_trainer(params.train, data)
     order = batch_order(len(data["train_images"]), params.train.batch_size, params.train.iterations, params.train.seed)
     times["tensorflow"], clock = time.perf_counter() - clock, time.perf_counter()

@@ -12,10 +12,11 @@ holds, 1 on a regression and 2 on bad input, including any value the rules canno
     python -m pipeline.check --baseline-file old/metrics.json --json
     python -m pipeline.check --champion --promote # against the registry's champion; promote if it holds
 
-With ``--champion`` the baseline is the metrics of the registered model's ``champion`` version (the
-report its run logged), read from the MLflow registry the pipeline logs to. With ``--promote``, when
+With ``--champion`` the baseline is the metrics of the registered model's ``champion`` version (those
+its run recorded), read from the MLflow registry the pipeline logs to. With ``--promote``, when
 every rule holds, the model in the working tree (the ``type: model`` artifact dvc.yaml declares,
 found in the registry by its SHA-256) becomes the champion and the former champion ``previous``.
+Neither the champion nor the version to promote may lack a metric that a rule names (bad input).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -469,33 +469,41 @@ def open_registry(tracking: TrackingSettings) -> tuple[Any, str]:
     uri = store.tracking_uri(tracking.uri, store.store_root())
     store.check_reachable(uri)
     store.require_existing(uri)
-    # The gate fetches one small JSON file; a progress bar would only clutter its report.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     return mlflow.MlflowClient(uri), uri
 
 
-def baseline_from_champion(client, uri: str, name: str) -> Baseline:
-    """The metrics the champion's run logged (its report's JSON files), and its environment from the run's tags."""
+def recorded_metrics(client, version, label: str, rules: dict[str, CheckRule]) -> tuple[dict[str, Any], Any]:
+    """The final metrics a version's run recorded (train logs those the rules name: pipeline.score), and the run.
+
+    They live in the store itself, not in artifact files, so nothing but the store can take them
+    away. A version without a metric that a rule names could never be compared with: bad input,
+    never a check of floors alone.
+    """
+    run = client.get_run(version.run_id)
+    metrics = {key: value for key, value in run.data.metrics.items() if not key.startswith(record.HISTORY_PREFIX)}
+    if missing := [metric for metric in rules if metric not in metrics]:
+        raise CheckError(
+            f"{label}, run {str(version.run_id)[:7]}, recorded no {', '.join(missing)}, which the check rules need, "
+            "so it can be neither the baseline nor the champion. This happens to a version registered by an older "
+            "pipeline, which left these metrics to the report stage, when DVC restored that stage from its cache. "
+            "Retrain with this "
+            "pipeline (dvc repro -f train registers a version that has them) and promote that version against the "
+            "committed metrics: mnist-check --promote."
+        )
+    return metrics, run
+
+
+def baseline_from_champion(client, uri: str, name: str, rules: dict[str, CheckRule]) -> Baseline:
+    """The metrics the champion's run recorded, and its environment from the run's tags."""
     label = registry.alias_uri(name, registry.CHAMPION)
     with registry_access(uri):
         version = registry.version_by_alias(client, name, registry.CHAMPION)
         if version is None:
             return Baseline(label, None, f"{name} has no champion yet in {redact(uri)}")
         label = f"{label} (version {version.version}, run {str(version.run_id)[:7]})"
-        run = client.get_run(version.run_id)
-        metrics: dict[str, Any] = {}
-        # Only the report's JSON files, not its pictures.
-        reports = client.list_artifacts(version.run_id, record.REPORT_ARTIFACTS)
-        with tempfile.TemporaryDirectory() as folder:
-            for item in sorted(reports, key=lambda item: item.path):
-                if item.path.endswith(".json"):
-                    path = Path(client.download_artifacts(version.run_id, item.path, folder))
-                    with reading(f"the metrics of {label}"):
-                        metrics.update(flatten(json.loads(path.read_text(encoding="utf-8"))))
-    if not metrics:
-        return Baseline(label, None, f"the run of {label} logged no report")
+        metrics, run = recorded_metrics(client, version, f"the champion, version {version.version} of {name}", rules)
     environment_tags = {
         key.removeprefix("env."): value for key, value in run.data.tags.items() if key.startswith("env.")
     }
@@ -521,8 +529,8 @@ def model_artifact() -> Path:
     return models[0]
 
 
-def promote(client, uri: str, name: str, model_path: Path) -> Promotion:
-    """Make the registry's version of the file at ``model_path`` the champion."""
+def promote(client, uri: str, name: str, model_path: Path, rules: dict[str, CheckRule]) -> Promotion:
+    """Make the registry's version of the file at ``model_path`` the champion, if it has every rule's metric."""
     try:
         digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     except FileNotFoundError:
@@ -535,6 +543,7 @@ def promote(client, uri: str, name: str, model_path: Path) -> Promotion:
                 "against another tracking store. Rerun the train stage against this one (dvc repro -f train)."
             )
         number = str(version.version)
+        recorded_metrics(client, version, f"version {number} of {name} ({model_path.name})", rules)
         current = registry.version_by_alias(client, name, registry.CHAMPION)
         if current is not None and str(current.version) == number:
             return Promotion(name, number, reason=f"version {number} already is the champion")
@@ -603,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_file:
             baseline = read_baseline_file(args.baseline_file)
         elif args.champion:
-            baseline = baseline_from_champion(client, uri, name)
+            baseline = baseline_from_champion(client, uri, name, rules)
         else:
             baseline = baseline_from_git(args.rev)
         rows = compare(baseline.metrics, current, rules)
@@ -611,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.promote:
             model_path = model_artifact()
             if exit_code(rows) == EXIT_PASS:
-                promotion = promote(client, uri, name, model_path)
+                promotion = promote(client, uri, name, model_path, rules)
             else:
                 promotion = Promotion(name, reason="the metrics broke their rules")
     except PipelineError as error:

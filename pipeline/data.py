@@ -8,6 +8,8 @@ pair of ``.npy`` arrays per split (``<split>_images.npy``: uint8 rows of 784 pix
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +81,21 @@ def array_file(name: str) -> str:
     return f"{name}.npy"
 
 
-def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
-    """Load the processed arrays of the given splits, with a clear error when they are missing or corrupt."""
-    arrays = {}
+def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load the processed arrays of the given splits, with a clear error when they are missing or corrupt.
+
+    Returns the arrays and, for each file read, the md5 of the bytes it was read from, keyed by its
+    path: DVC's own hash of a file, so a run's tags name the data it really read (and where it is in
+    DVC's cache) even when a file was changed behind DVC's back. Checks what costs little against
+    the time training takes: every file's dtype and shape, and labels that are one-hot rows.
+    """
+    arrays, digests = {}, {}
     for split in splits:
         for kind, width in (("images", NUM_PIXELS), ("labels", NUM_CLASSES)):
             path = Path(data_dir) / array_file(f"{split}_{kind}")
             try:
-                array = np.load(path, allow_pickle=False)
+                data = path.read_bytes()
+                array = np.load(io.BytesIO(data), allow_pickle=False)
             except FileNotFoundError:
                 raise PipelineError(f"{path} does not exist; run the preprocess stage first (dvc repro).") from None
             except (ValueError, OSError, EOFError) as error:
@@ -98,7 +107,15 @@ def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> dict[str
                     f"{path} holds a {array.dtype} array of shape {array.shape}, expected uint8 rows of "
                     f"{width}; rerun the preprocess stage (dvc repro -f preprocess)."
                 )
+            if kind == "labels" and len(bad := np.flatnonzero((array > 1).any(axis=1) | (array.sum(axis=1) != 1))):
+                raise PipelineError(
+                    f"{path} holds labels that are not one-hot (a single 1 among 0s) in {len(bad)} of its "
+                    f"{len(array)} rows, the first row {bad[0]}: {array[bad[0]].tolist()}. Preprocess writes only "
+                    "one-hot rows, so the file was changed since; rerun it (dvc repro -f preprocess: DVC may not "
+                    "have noticed the change)."
+                )
             arrays[f"{split}_{kind}"] = array
+            digests[path.as_posix()] = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
             raise PipelineError(f"{data_dir}: the {split} images and labels have different counts; rerun preprocess.")
-    return arrays
+    return arrays, digests

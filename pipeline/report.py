@@ -9,8 +9,9 @@ actual,predicted row per test image, for DVC's confusion template), ``--classifi
 and six PNGs: the seed's accuracy and cross-entropy figures (full and zoomed panels), a labelled
 confusion-matrix heatmap, the most confident mistakes (``--mistakes-plot``), the ten weight maps of
 a linear classifier (``--weight-maps-plot``) and the percentile bands of the weights and biases over
-training (``--percentiles-plot``). Everything is also logged into the MLflow run that trained the
-model (see pipeline.tracking.record), and the outputs are replaced only once it is.
+training (``--percentiles-plot``). The files are also logged into the MLflow run that trained the
+model (see pipeline.tracking.record), which holds the metrics already (train logged them, see
+pipeline.score), and the outputs are replaced only once it is.
 
 pandas, matplotlib and scikit-learn are imported where they are used, so that bad input is reported
 before their import cost.
@@ -40,6 +41,7 @@ from pipeline.data import (
     load_processed,
 )
 from pipeline.params import load_params, tracking_settings
+from pipeline.score import CLASS_NAMES, score
 from pipeline.tracking import record, store
 
 if TYPE_CHECKING:
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
 # The seed plots the test cross-entropy (summed over 10,000 images) divided by 100, which puts it
 # on the scale of the training batches (sums over 100 images).
 TEST_TO_BATCH_SCALE = 100
@@ -68,29 +69,6 @@ def pyplot():
     import matplotlib.pyplot
 
     return matplotlib.pyplot
-
-
-def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
-    """Test-set metrics from integer labels and predicted class probabilities."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    if probabilities.ndim != 2 or probabilities.shape != (len(labels), len(CLASS_NAMES)):
-        raise ValueError(f"expected probabilities of shape ({len(labels)}, 10), got {probabilities.shape}")
-    predicted = probabilities.argmax(axis=1)
-    # Clipping keeps log(0) finite should a probability underflow.
-    true_class = np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0)
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
-    per_class_recall = precision_recall_fscore_support(
-        labels, predicted, labels=range(NUM_CLASSES), average=None, zero_division=0
-    )[1]
-    return {
-        "test_accuracy": float(np.mean(predicted == labels)),
-        "test_cross_entropy": float(-np.mean(np.log(true_class.astype(np.float64)))),
-        "macro_precision": float(precision),
-        "macro_recall": float(recall),
-        "macro_f1": float(f1),
-        "per_class_recall": {name: float(value) for name, value in zip(CLASS_NAMES, per_class_recall)},
-    }
 
 
 def confusion_rows(labels: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
@@ -299,7 +277,7 @@ def main() -> None:
     # A wrong tracking URI or a dead server is reported now, before any work.
     uri, artifact_location = store.resolve(tracking)
 
-    test = load_processed(args.data, splits=("test",))
+    test, _ = load_processed(args.data, splits=("test",))
     images, labels = test["test_images"], test["test_labels"].argmax(axis=1)
     try:
         probabilities_bytes = args.test_probabilities.read_bytes()
@@ -353,7 +331,7 @@ def main() -> None:
         if run.data.tags.get(record.REPORT_TAG) == report_digest:
             logger.info("MLflow run %s already holds this report; nothing logged again", run.info.run_id)
         else:
-            log_report(client, run.info.run_id, metrics, outputs, report_digest)
+            log_report(client, run.info.run_id, outputs, report_digest)
             logger.info("logged the report into MLflow run %s", run.info.run_id)
 
     # The outputs are replaced only now that the run holds the report.
@@ -376,22 +354,15 @@ def read_weight_maps(path: Path) -> np.ndarray:
     return maps
 
 
-def log_report(client, run_id: str, metrics: dict, outputs: dict[Path, bytes], digest: str) -> None:
-    """Log the report's metrics and files into the run, and mark it with the report's digest."""
-    import mlflow
-    from mlflow.entities import Metric
+def log_report(client, run_id: str, outputs: dict[Path, bytes], digest: str) -> None:
+    """Log the report's files into the run, and mark it with the report's digest.
 
-    timestamp_ms = record.timestamp_ms()
-    # The same names as metrics.json, so that a sweep's metric (test_accuracy by default) and the
-    # gate's rules name the same figures in MLflow as in DVC.
-    values = {
-        "test_accuracy": metrics["test_accuracy"],
-        "test_cross_entropy": metrics["test_cross_entropy"],
-        "macro_precision": metrics["macro_precision"],
-        "macro_recall": metrics["macro_recall"],
-        "macro_f1": metrics["macro_f1"],
-        **{f"recall_{digit}": value for digit, value in metrics["per_class_recall"].items()},
-    }
+    The test metrics are not logged here: train logged them on the run (and its registry version)
+    already, from the same probabilities, so that a report DVC restores from its cache leaves no
+    version without them.
+    """
+    import mlflow
+
     try:
         with tempfile.TemporaryDirectory() as folder:
             # Artifacts keep the outputs' own file names.
@@ -401,7 +372,6 @@ def log_report(client, run_id: str, metrics: dict, outputs: dict[Path, bytes], d
         lock = store.project_root() / "dvc.lock"
         if lock.exists():
             client.log_artifact(run_id, str(lock))
-        client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp_ms, 0) for key, value in values.items()])
         client.set_tag(run_id, record.REPORT_TAG, digest)
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise PipelineError(

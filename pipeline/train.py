@@ -9,10 +9,11 @@ linear classifier, none for other models). Writes the histories (columns in pipe
 step's (``--train-history``), every evaluation's (``--test-history``) and the weights' and biases'
 percentiles at every evaluation (``--parameter-percentiles``); and the final training metrics with
 the environment that produced them (``--metrics``). Records one MLflow run (see
-pipeline.tracking.record): params, tags, the per-step history, the model (as pipeline.serving
-serves it), the history files and the final metrics, and registers the model as a new version of the registered model
-``$MNIST_REGISTERED_MODEL`` names (see pipeline.tracking.registry). The outputs are replaced only
-after the run is recorded.
+pipeline.tracking.record): params, tags (the data's from the files read), the per-step history,
+the model (as pipeline.serving serves it), the history files, the final metrics and the test metrics
+the gate compares (pipeline.score), and registers the model as a new version of the registered model
+``$MNIST_REGISTERED_MODEL`` names, or links the run to the version that already holds the same model
+and metrics (see pipeline.tracking.registry). The outputs are replaced only after the run is recorded.
 
 Measurements follow the seed exactly: after every update, the batch's accuracy and cross-entropy
 summed over its images; every ``eval_interval`` steps, the same on the full test set (so the test
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import files
+from pipeline import files, score
 from pipeline.cli import PipelineError, native_stderr_silenced, path_arguments, run
 from pipeline.data import (
     PERCENTILE_COLUMNS,
@@ -239,11 +240,6 @@ def final_metrics(history: History) -> dict[str, float]:
     return metrics
 
 
-def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The share of images whose most probable class is their label (one-hot ``labels``)."""
-    return float(np.mean(probabilities.argmax(axis=1) == labels.argmax(axis=1)))
-
-
 def run_name(params: TrainParams) -> str:
     settings = f"bs={params.batch_size} it={params.iterations} seed={params.seed}"
     # Only the seed's softmax trains at train.learning_rate; the other models name themselves instead.
@@ -301,7 +297,7 @@ def main() -> None:
     ])  # fmt: skip
     config, tracking = load_params().train, tracking_settings()
 
-    data = load_processed(args.data, splits=("train", "test"))
+    data, data_digests = load_processed(args.data, splits=("train", "test"))
     num_train = len(data["train_images"])
     if config.batch_size > num_train:
         raise PipelineError(
@@ -360,7 +356,9 @@ def main() -> None:
             metrics_path,
             *history_paths,
         ),
-        record.training_run(uri, artifact_location, tracking.experiment, run_name(config), run_params) as mlflow_run,
+        record.training_run(
+            uri, artifact_location, tracking.experiment, run_name(config), run_params, data_digests
+        ) as mlflow_run,
     ):
         logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking.experiment)
 
@@ -376,6 +374,9 @@ def main() -> None:
 
         test_probabilities = trainer.test_probabilities()
         probabilities = npy_bytes(test_probabilities)
+        # The metrics the gate compares, logged with the model so that every registry version has
+        # them, whatever DVC later restores of the report stage from its cache.
+        scores = score.flat(score.score(data["test_labels"].argmax(axis=1), test_probabilities))
         # Users get the model that takes raw 0-255 pixels; its probabilities are the trained model's.
         save_model(raw_pixel_model(model), model_path)
         probabilities_path.write_bytes(probabilities)
@@ -396,22 +397,27 @@ def main() -> None:
         mlflow_run.wait()
         try:
             logged = log_model(model_path, data["test_images"][:5], run_params)
-            mlflow.log_metrics({**metrics, "train_seconds": train_seconds}, model_id=logged.model_id)
+            mlflow.log_metrics({**metrics, **scores, "train_seconds": train_seconds}, model_id=logged.model_id)
             for final_path, text in zip(histories, history_texts):
                 mlflow.log_text(text, final_path.name)
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities))
-            version = registry.register(
-                mlflow_run.client,
-                tracking.registered_model,
-                logged.model_uri,
-                registry.version_tags(
-                    mlflow_run.run_id, tags.run_tags(store.project_root()), record.sha256(model_path.read_bytes())
-                ),
-                registry.description(
-                    accuracy(test_probabilities, data["test_labels"]), len(data["test_images"]), run_name(config)
-                ),
-            )
-            logger.info("registered the model as version %s of %r", version.version, tracking.registered_model)
+            name, model_sha256 = tracking.registered_model, record.sha256(model_path.read_bytes())
+            version = registry.same_version(mlflow_run.client, name, model_sha256, scores)
+            if version is not None:
+                logger.info("the model is version %s of %r already, with the same metrics: linked, not registered "
+                            "again", version.version, name)  # fmt: skip
+            else:
+                version = registry.register(
+                    mlflow_run.client,
+                    name,
+                    logged.model_uri,
+                    registry.version_tags(
+                        mlflow_run.run_id, tags.run_tags(store.project_root(), data_digests), model_sha256
+                    ),
+                    registry.description(scores["test_accuracy"], len(data["test_images"]), run_name(config)),
+                )
+                logger.info("registered the model as version %s of %r", version.version, name)
+            mlflow.set_tag(registry.RUN_VERSION_TAG, registry.version_uri(name, version.version))
         except (mlflow.exceptions.MlflowException, OSError) as error:
             raise PipelineError(
                 f"logging the model to MLflow run {mlflow_run.run_id} failed: {store.short(str(error))} "

@@ -181,6 +181,14 @@ class Project:
                     }
         return found
 
+    def data_tags(self, lock_text: str) -> dict[str, str]:
+        """The data tags train's run must carry: for each file train reads, the md5 that the listing of
+        ``data/processed`` in DVC's cache gives it, for the processed data that ``lock_text`` names."""
+        (out,) = yaml.safe_load(lock_text)["stages"]["preprocess"]["outs"]
+        listing = json.loads((self.root / ".dvc/cache/files/md5" / out["md5"][:2] / out["md5"][2:]).read_text())
+        read = [entry for entry in listing if entry["relpath"].startswith(("train_", "test_"))]
+        return {f"data.{out['path']}/{entry['relpath']}": entry["md5"] for entry in read}
+
     def output_sha256(self, path: str, *revs: str) -> dict[str, str]:
         """The SHA-256 of a DVC-tracked output (``models/test_probabilities.npy``, say) in each of ``revs``."""
         script = (

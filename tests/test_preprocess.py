@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from conftest import run_module, snapshot, write_params
@@ -43,8 +45,11 @@ def test_stage_writes_compact_splits(tmp_path):
     write_params(tmp_path, preprocess={"validation_size": 5})
     result = run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    data = load_processed(tmp_path / "processed")
+    data, digests = load_processed(tmp_path / "processed")
     assert data["train_images"].shape == (25, 784) and data["train_images"].dtype == np.uint8
+    # Each file's md5, DVC's own hash of a file, of the bytes it was read from.
+    files = sorted((tmp_path / "processed").iterdir())
+    assert digests == {path.as_posix(): hashlib.md5(path.read_bytes()).hexdigest() for path in files}
     assert data["validation_images"].shape == (5, 784)
     assert data["test_images"].shape == (12, 784)
     assert np.array_equal(data["train_images"][0], arrays[TRAIN_IMAGES][5].ravel())
@@ -96,12 +101,31 @@ def test_corrupt_processed_data_is_reported(tmp_path):
         load_processed(tmp_path / "processed", splits=("train",))
 
 
+@pytest.mark.parametrize(
+    ("row", "value"),
+    [(3, [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]), (0, [0] * 10), (5, [0, 0, 2, 0, 0, 0, 0, 0, 0, 0]), (7, [1] * 10)],
+)
+def test_labels_that_are_not_one_hot_are_refused_naming_the_first_bad_row(tmp_path, row, value):
+    """Rewritten in place (so that DVC need not notice), labels that are no longer one-hot would train garbage."""
+    labels = np.eye(10, dtype=np.uint8)[np.arange(12) % 10]
+    labels[row] = value
+    np.save(tmp_path / "test_images.npy", np.zeros((12, 784), np.uint8))
+    np.save(tmp_path / "test_labels.npy", labels)
+    from pipeline.cli import PipelineError
+
+    with pytest.raises(PipelineError) as raised:
+        load_processed(tmp_path, splits=("test",))
+    message = str(raised.value)
+    assert f"not one-hot (a single 1 among 0s) in 1 of its 12 rows, the first row {row}: {value}." in message
+    assert "dvc repro -f preprocess" in message
+
+
 def test_a_validation_size_of_zero_means_no_validation_split(tmp_path):
     write_mnist(tmp_path / "raw", train_count=30, test_count=12, gz=False)
     write_params(tmp_path, preprocess={"validation_size": 0})
     result = run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    data = load_processed(tmp_path / "processed")
+    data, _ = load_processed(tmp_path / "processed")
     assert data["train_images"].shape == (30, 784) and data["validation_images"].shape == (0, 784)
 
 

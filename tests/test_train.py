@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import signal
@@ -16,6 +17,8 @@ from conftest import run_module, stage_env, write_params
 from idx_fixtures import write_mnist
 
 from pipeline.data import PERCENTILE_COLUMNS, PERCENTILES
+from pipeline.score import flat, score
+from pipeline.tracking.registry import RUN_VERSION_TAG
 from pipeline.train import (
     MAX_CHUNK_INDICES,
     BatchOrder,
@@ -241,15 +244,6 @@ def test_the_users_model_takes_raw_pixels_and_gives_the_trained_probabilities_bi
     assert np.array_equal(loaded(test_images).numpy(), trainer.test_probabilities())
 
 
-def test_accuracy_is_the_share_of_top_classes_that_match_the_labels():
-    from pipeline.train import accuracy
-
-    labels = np.eye(10, dtype=np.uint8)[[3, 1, 4]]
-    probabilities = np.full((3, 10), 0.05)
-    probabilities[[0, 1, 2], [3, 1, 5]] = 0.55
-    assert accuracy(probabilities, labels) == pytest.approx(2 / 3)
-
-
 def test_initial_weights_follow_the_seed():
     from pipeline.model import build_model
 
@@ -309,6 +303,26 @@ def test_missing_processed_data_is_a_clear_error(tmp_path):
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 
+def test_labels_that_are_not_one_hot_stop_training_before_it_starts(tmp_path):
+    """Labels rewritten in place (which DVC need not notice) are refused, not trained on."""
+    write_params(tmp_path)
+    (tmp_path / "processed").mkdir()
+    labels = np.eye(10, dtype=np.uint8)[np.arange(30) % 10]
+    labels[4] = 0
+    for split, count in (("train", 30), ("test", 10)):
+        np.save(tmp_path / f"processed/{split}_images.npy", np.zeros((count, 784), np.uint8))
+        np.save(tmp_path / f"processed/{split}_labels.npy", labels[:count])
+    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=tmp_path, env=tracking_env(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert (
+        "processed/train_labels.npy holds labels that are not one-hot (a single 1 among 0s) in 1 of its 30 rows, "
+        in message
+    )
+    assert "the first row 4: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]" in message and "dvc repro -f preprocess" in message
+    assert not (tmp_path / "models").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_batch_larger_than_the_real_training_set_is_a_clear_error(processed_project):
     write_params(processed_project, preprocess={"validation_size": 50}, train={"batch_size": 251})
     result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
@@ -349,6 +363,17 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
     )
     logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"train_history.csv", "test_history.csv", "percentiles.csv"} <= logged
+    # The metrics the gate compares, logged by train itself, so that no registry version lacks them
+    # whatever DVC restores of report from its cache; the run names its version.
+    labels = np.load(processed_project / "processed/test_labels.npy").argmax(axis=1)
+    for name, value in flat(score(labels, probabilities)).items():
+        assert run.data.metrics[name] == value, name
+    (version,) = client.search_model_versions("name = 'mnist-softmax'")
+    assert version.run_id == run.info.run_id and run.data.tags[RUN_VERSION_TAG] == "models:/mnist-softmax/1"
+    # The data tags are the md5 of the files train read (DVC's hash of a file), not dvc.lock's claims.
+    for split in ("train_images", "train_labels", "test_images", "test_labels"):
+        md5 = hashlib.md5((processed_project / f"processed/{split}.npy").read_bytes()).hexdigest()
+        assert run.data.tags[f"data.processed/{split}.npy"] == md5 == version.tags[f"data.processed/{split}.npy"]
 
 
 def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(processed_project):
@@ -416,6 +441,15 @@ def test_stage_leaves_the_temp_folder_as_it_found_it_and_reruns_give_the_same_by
             )  # fmt: skip
         }
     assert outputs[0] == outputs[1]
+    # The same model, with the same metrics, is no second registry version: the rerun's run links to
+    # the first one's.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{processed_project / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name = 'mnist-softmax'")
+    runs = client.search_runs([client.get_experiment_by_name("mnist-softmax").experiment_id])
+    assert len(runs) == 2 and {run.data.tags[RUN_VERSION_TAG] for run in runs} == {"models:/mnist-softmax/1"}
+    assert version.run_id == runs[-1].info.run_id and "linked, not registered again" in result.stderr
 
 
 def test_diverging_training_stops_naming_the_step_and_writes_nothing(processed_project):

@@ -155,15 +155,23 @@ def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 @contextlib.contextmanager
 def training_run(
-    uri: str, location: str | None, experiment: str, run_name: str, params: Mapping[str, object]
+    uri: str,
+    location: str | None,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, object],
+    data: Mapping[str, str] | None = None,
 ) -> Iterator[TrainingRun]:
-    """Open the store, start a new run with the project's tags and ``params``, and end it on exit."""
+    """Open the store, start a new run with the project's tags and ``params``, and end it on exit.
+
+    ``data``: the md5 of each data file the run trains on, by path (tagged ``data.<path>``).
+    """
     import mlflow
 
     client, experiment_id = store.open_store(uri, experiment, location)
     run_tags = {
         **extra_tags(),
-        **tags.run_tags(store.project_root()),
+        **tags.run_tags(store.project_root(), data),
         PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}",
     }
     try:

@@ -23,10 +23,17 @@ PREVIOUS = "previous"
 # byte-deterministically, so the same model always has the same digest).
 MODEL_SHA256_TAG = "pipeline.model_sha256"
 RUN_ID_TAG = "run_id"
+# The run's link to the version that holds its model (models:/<name>/<version>): the one it
+# registered, or the existing one it matched (see same_version).
+RUN_VERSION_TAG = "pipeline.model_version"
 
 
 def alias_uri(name: str, alias: str) -> str:
     return f"models:/{name}@{alias}"
+
+
+def version_uri(name: str, version: str) -> str:
+    return f"models:/{name}/{version}"
 
 
 def description(test_accuracy: float, test_examples: int, run_name: str) -> str:
@@ -51,6 +58,24 @@ def version_of_model(client: MlflowClient, name: str, model_sha256: str) -> Mode
     """The newest version of ``name`` whose model file has this SHA-256, or None."""
     versions = client.search_model_versions(f"name = '{name}' and tags.`{MODEL_SHA256_TAG}` = '{model_sha256}'")
     return max(versions, key=lambda version: int(version.version), default=None)
+
+
+def same_version(
+    client: MlflowClient, name: str, model_sha256: str, metrics: Mapping[str, float]
+) -> ModelVersion | None:
+    """The version that already holds this model file and these test metrics, or None.
+
+    A retrain that reproduces a registered model byte for byte (DVC restored report from its
+    cache, a comment-only change, ``dvc repro -f``) links its run to that version instead of adding
+    an identical one. Only when the version's run recorded the same metrics, though: a version
+    registered before train logged them (or scored on other test data) gets a new version that has
+    them, because the gate cannot compare against one that lacks them.
+    """
+    version = version_of_model(client, name, model_sha256)
+    if version is None or version.run_id is None:
+        return None
+    recorded = client.get_run(version.run_id).data.metrics
+    return version if all(recorded.get(key) == value for key, value in metrics.items()) else None
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

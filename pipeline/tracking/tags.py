@@ -1,8 +1,8 @@
 """What a run is tagged with: its commit, its data, its DVC experiment and its environment.
 
 Everything here is read from the working copy the stage runs in (:func:`store.project_root`): its
-git state, its ``dvc.lock`` and its ``uv.lock``. Package versions come from the installed
-distributions' metadata, so nothing heavy is imported to learn them.
+git state and its ``uv.lock``; the data's digests come from the files the stage read. Package
+versions come from the installed distributions' metadata, so nothing heavy is imported to learn them.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-
-import yaml
 
 # The packages whose versions can change a result, by distribution name. TensorFlow is installed as
 # tensorflow-cpu on Linux x86-64 and as tensorflow elsewhere (pyproject.toml); either is "tensorflow".
@@ -106,27 +105,13 @@ def git_info(root: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": dirty}
 
 
-def data_hashes(root: Path) -> dict[str, str]:
-    """The md5 of every fetch and preprocess output recorded in ``root``'s dvc.lock, keyed by path.
+def run_tags(root: Path, data: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tags linking a run to its commit, data, DVC experiment and environment.
 
-    DVC updates dvc.lock after each stage, so when train runs it holds the entries of the data that
-    train is about to read, in a queued experiment's temporary copy as in the workspace.
+    ``data`` holds the md5 of each data file the stage read, by path (see pipeline.data.load_processed):
+    what it really read, which dvc.lock only claims.
     """
-    try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    hashes = {}
-    for stage in ("fetch", "preprocess"):
-        for out in (lock.get("stages", {}).get(stage, {}) or {}).get("outs", []) or []:
-            if "md5" in out:
-                hashes[f"data.{out['path']}"] = out["md5"]
-    return hashes
-
-
-def run_tags(root: Path) -> dict[str, str]:
-    """Tags linking a run to its commit, data, DVC experiment and environment."""
-    tags = {**git_info(root), **data_hashes(root)}
+    tags = {**git_info(root), **{f"data.{path}": md5 for path, md5 in (data or {}).items()}}
     tags.update({f"env.{key}": value for key, value in environment(root).items()})
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]

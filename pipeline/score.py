@@ -1,0 +1,44 @@
+"""The test-set metrics every trained model is judged by, for train (which logs them on the model's run
+and registry version) and report (which writes them to metrics.json).
+
+Both stages compute them from the same test probabilities, so the registry's figures and the
+committed ones are the same numbers under the same names: those of ``dvc metrics show``, which the
+metric gate's rules use. scikit-learn is imported only when a score is computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data import NUM_CLASSES
+
+CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Test-set metrics from integer labels and predicted class probabilities."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    if probabilities.ndim != 2 or probabilities.shape != (len(labels), len(CLASS_NAMES)):
+        raise ValueError(f"expected probabilities of shape ({len(labels)}, 10), got {probabilities.shape}")
+    predicted = probabilities.argmax(axis=1)
+    # Clipping keeps log(0) finite should a probability underflow.
+    true_class = np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
+    per_class_recall = precision_recall_fscore_support(
+        labels, predicted, labels=range(NUM_CLASSES), average=None, zero_division=0
+    )[1]
+    return {
+        "test_accuracy": float(np.mean(predicted == labels)),
+        "test_cross_entropy": float(-np.mean(np.log(true_class.astype(np.float64)))),
+        "macro_precision": float(precision),
+        "macro_recall": float(recall),
+        "macro_f1": float(f1),
+        "per_class_recall": {name: float(value) for name, value in zip(CLASS_NAMES, per_class_recall)},
+    }
+
+
+def flat(metrics: dict) -> dict[str, float]:
+    """``score``'s metrics as MLflow metrics, named as ``dvc metrics show`` names them (per_class_recall.3)."""
+    recall = {f"per_class_recall.{name}": value for name, value in metrics["per_class_recall"].items()}
+    return {**{key: value for key, value in metrics.items() if key != "per_class_recall"}, **recall}
