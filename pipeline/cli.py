@@ -206,12 +206,14 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
     except PipelineError as error:
         print(format_error(f"{error}{dvc_outputs_note()}"), file=sys.stderr)
         sys.exit(error_exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         reason = (
             f"the dvc process that started this stage (pid {owner}) has ended" if owner_gone.is_set() else "interrupted"
         )
+        # What the stage did on its way out (an MLflow run marked FAILED), when it says.
+        detail = f" {interrupt}." if interrupt.args else ""
         print(
-            format_error(f"{reason}; stopped, and no partial output was left behind.{dvc_outputs_note()}"),
+            format_error(f"{reason}; stopped, and no partial output was left behind.{detail}{dvc_outputs_note()}"),
             file=sys.stderr,
         )
         sys.exit(130)
