@@ -17,7 +17,7 @@ Every design trains the seed configuration (10,000 steps of batch 100, the test 
   that logged through a hand-made helper process (pipeline.tracking.RunRecorder: a socket-pair RPC
   to ``python -m pipeline.tracking``), run from a copy of that revision with the same data.
 * ``stage``: the train stage as it is now (``python -m pipeline.train`` with dvc.yaml's arguments),
-  which logs like ``async`` below through pipeline.tracking.record.
+  which logs like ``async`` below, from a writer thread of its own (pipeline.tracking.record).
 * ``async``: this module's worker; each 1,000-step chunk is handed to MLflow's own async logging
   queue with ``MlflowClient.log_batch(..., synchronous=False)`` from train()'s ``on_chunk`` callback,
   and the returned RunOperations are waited for before the run ends.

@@ -414,6 +414,7 @@ class SgdTrainer:
                 tf.TensorSpec([None, None], tf.int32),
                 tf.TensorSpec([], tf.int32),
                 tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
             ],
         )
 
@@ -421,14 +422,14 @@ class SgdTrainer:
         correct = tf.equal(tf.argmax(probabilities, axis=1), tf.argmax(labels, axis=1))
         return tf.reduce_mean(tf.cast(correct, tf.float32)), self.loss(labels, probabilities)
 
-    def _train_steps_graph(self, batch_indices, first_step, eval_interval):
-        steps = tf.shape(batch_indices)[0]
-        accuracies = tf.TensorArray(tf.float32, size=steps)
-        cross_entropies = tf.TensorArray(tf.float32, size=steps)
-        test_accuracies = tf.TensorArray(tf.float32, size=steps)
-        test_cross_entropies = tf.TensorArray(tf.float32, size=steps)
-        weight_percentiles = tf.TensorArray(tf.float32, size=steps, element_shape=[len(PERCENTILES)])
-        bias_percentiles = tf.TensorArray(tf.float32, size=steps, element_shape=[len(PERCENTILES)])
+    def _train_steps_graph(self, batch_indices, steps, first_step, eval_interval):
+        rows = tf.shape(batch_indices)[0]
+        accuracies = tf.TensorArray(tf.float32, size=rows, element_shape=[])
+        cross_entropies = tf.TensorArray(tf.float32, size=rows, element_shape=[])
+        test_accuracies = tf.TensorArray(tf.float32, size=rows, element_shape=[])
+        test_cross_entropies = tf.TensorArray(tf.float32, size=rows, element_shape=[])
+        weight_percentiles = tf.TensorArray(tf.float32, size=rows, element_shape=[len(PERCENTILES)])
+        bias_percentiles = tf.TensorArray(tf.float32, size=rows, element_shape=[len(PERCENTILES)])
         variables = self.model.trainable_variables
         weights, biases = parameter_groups(self.model)
         nan, nans = tf.constant(np.nan, tf.float32), tf.fill([len(PERCENTILES)], tf.constant(np.nan, tf.float32))
@@ -441,7 +442,10 @@ class SgdTrainer:
                 percentiles_graph(biases),
             )
 
-        for step in tf.range(steps):
+        # XLA needs the loop's bound when it compiles, so the loop counts rows and stops at ``steps``.
+        for step in tf.range(rows):
+            if step == steps:
+                break
             images = tf.cast(tf.gather(self.train_images, batch_indices[step]), tf.float32) * PIXEL_SCALE
             labels = tf.cast(tf.gather(self.train_labels, batch_indices[step]), tf.float32)
             with tf.GradientTape() as tape:
@@ -485,20 +489,28 @@ class SgdTrainer:
         """
         self._train_steps.get_concrete_function()
 
-    def train_steps(self, batch_indices: np.ndarray, first_step: int = 1, eval_interval: int = 0):
+    def train_steps(self, batch_indices: np.ndarray, first_step: int = 1, eval_interval: int = 0, rows: int = 0):
         """Run one SGD step per row of batch indices, the first being step number ``first_step``.
 
         Returns six arrays with one row per step: the batch's accuracy and cross-entropy after the
         update; the test set's, and the PERCENTILES of the weights and of the biases (see
         parameter_groups), measured after every step whose number is a multiple of
         ``eval_interval`` (0: never) and NaN after the others.
+
+        XLA compiles the loop once per shape of its input (about half a second each), so chunks of
+        different lengths are padded to ``rows`` rows (unused: the loop runs one step per given row)
+        and share one compiled loop.
         """
+        steps = len(batch_indices)
+        padded = np.zeros((max(rows, steps), batch_indices.shape[1]), np.int32)
+        padded[:steps] = batch_indices
         results = self._train_steps(
-            tf.constant(batch_indices, dtype=tf.int32),
+            tf.constant(padded),
+            tf.constant(steps, tf.int32),
             tf.constant(first_step, tf.int32),
             tf.constant(eval_interval, tf.int32),
         )
-        return tuple(result.numpy() for result in results)
+        return tuple(result.numpy()[:steps] for result in results)
 
     def test_probabilities(self) -> np.ndarray:
         """The test set's class probabilities (once per run: not worth compiling)."""

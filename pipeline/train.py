@@ -52,8 +52,11 @@ logger = logging.getLogger(__name__)
 
 # The seed prints a line every 1,000 steps.
 PRINT_INTERVAL = 1000
-
-
+# Python regains control between chunks of steps run as one compiled loop: to stop on Ctrl-C or
+# SIGTERM and to hand the history to MLflow. Each chunk runs as many steps as the previous chunk's
+# pace fits in about this many seconds, whatever the model (a step of conv_batchnorm takes some
+# 300 times as long as one of the seed's softmax); chunks also end at every printed line.
+CHUNK_SECONDS = 0.5
 # A chunk's batch indices reach the compiled loop as one int32 tensor; this many indices at most
 # (40 MB), so that a large batch size gives shorter chunks instead of a tensor of gigabytes.
 MAX_CHUNK_INDICES = 10_000_000
@@ -108,19 +111,19 @@ def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) 
     return BatchOrder(num_examples, batch_size, iterations, seed)[:iterations]
 
 
-def chunk_ends(iterations: int, batch_size: int = 1) -> list[int]:
-    """Steps at which Python regains control: every printed line (every PRINT_INTERVAL steps) and the last step.
+def longest_chunk(iterations: int, batch_size: int) -> int:
+    """The most steps a chunk runs: no more than the steps between printed lines, the run's steps, or
+    MAX_CHUNK_INDICES batch indices. Every chunk is padded to it, so that XLA compiles the loop once."""
+    return min(PRINT_INTERVAL, iterations, max(1, MAX_CHUNK_INDICES // batch_size))
 
-    Test evaluations happen inside the compiled chunks, so they need no boundary of their own. A
-    chunk holds at most MAX_CHUNK_INDICES batch indices, so very large batches add boundaries.
+
+def next_chunk_steps(planned: int, ran: int, seconds: float, longest: int, chunk_seconds: float = CHUNK_SECONDS) -> int:
+    """How many steps the next chunk plans, after one that planned ``planned`` and ran ``ran`` in ``seconds``.
+
+    As many as the measured pace fits in ``chunk_seconds``, but at most twice the last plan (the
+    first chunk, one step, also compiles the loop: the pace is learnt, not guessed) and ``longest``.
     """
-    longest = max(1, MAX_CHUNK_INDICES // batch_size)
-    ends: list[int] = []
-    for end in sorted({*range(PRINT_INTERVAL, iterations + 1, PRINT_INTERVAL), iterations}):
-        start = ends[-1] if ends else 0
-        ends.extend(range(start + longest, end, longest))
-        ends.append(end)
-    return ends
+    return max(1, min(2 * planned, longest, int(ran * chunk_seconds / max(seconds, 1e-9))))
 
 
 @dataclass
@@ -147,19 +150,30 @@ ChunkCallback = Callable[[int, int, np.ndarray, np.ndarray, list[tuple[int, floa
 
 
 def train(
-    trainer, order: BatchOrder | np.ndarray, eval_interval: int, on_chunk: ChunkCallback | None = None
+    trainer,
+    order: BatchOrder | np.ndarray,
+    eval_interval: int,
+    on_chunk: ChunkCallback | None = None,
+    chunk_seconds: float = CHUNK_SECONDS,
 ) -> History:
-    """Run every step in ``order`` on ``trainer`` and return the seed's measurements."""
+    """Run every step in ``order`` on ``trainer`` and return the seed's measurements.
+
+    The chunks' lengths depend on the machine's pace, the results do not: every step runs the same
+    compiled code, wherever its chunk starts.
+    """
     history = History()
-    iterations = len(order)
-    start = 0
+    iterations, batch_size = order.shape
+    longest = longest_chunk(iterations, batch_size)
+    start, planned = 0, 1
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
-        for end in chunk_ends(iterations, order.shape[1]):
-            started = time.time()
+        while start < iterations:
+            end = min(start + planned, (start // PRINT_INTERVAL + 1) * PRINT_INTERVAL, iterations)
+            started, clock = time.time(), time.perf_counter()
             accuracy, cross_entropy, test_accuracy, test_cross_entropy, weight_percentiles, bias_percentiles = (
-                trainer.train_steps(order[start:end], start + 1, eval_interval)
+                trainer.train_steps(order[start:end], start + 1, eval_interval, longest)
             )
             ended = time.time()
+            planned = next_chunk_steps(planned, end - start, time.perf_counter() - clock, longest, chunk_seconds)
             if not np.all(np.isfinite(cross_entropy)):
                 step = start + 1 + int(np.flatnonzero(~np.isfinite(cross_entropy))[0])
                 raise PipelineError(
@@ -180,13 +194,14 @@ def train(
             history.weight_percentiles.extend(weight_percentiles[measured])
             history.bias_percentiles.extend(bias_percentiles[measured])
             # Like the seed's print(i, a, c): the latest test measurement when there is one.
-            if history.test_steps:
+            printed = end % PRINT_INTERVAL == 0 or end == iterations
+            if printed and history.test_steps:
                 as_of = "" if history.test_steps[-1] == end else f" (measured at step {history.test_steps[-1]})"
                 logger.info(
                     "step %d: test accuracy %.4f, test cross-entropy %.2f%s",
                     end, history.test_accuracy[-1], history.test_cross_entropy[-1], as_of,
                 )  # fmt: skip
-            else:
+            elif printed:
                 logger.info(
                     "step %d: batch accuracy %.4f, batch cross-entropy %.2f", end, accuracy[-1], cross_entropy[-1]
                 )

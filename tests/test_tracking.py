@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 import time
 import tomllib
 
@@ -77,6 +79,59 @@ def test_an_error_in_the_stage_marks_the_run_failed_after_logging_what_was_queue
 def test_ctrl_c_marks_the_run_failed(project):
     with pytest.raises(KeyboardInterrupt), open_run("interrupted") as run:
         raise KeyboardInterrupt
+    assert client_for(project).get_run(run.run_id).info.status == "FAILED"
+
+
+def lock_store(project) -> sqlite3.Connection:
+    """Hold the SQLite store's write lock, as a busy writer in another process would: MLflow's writes wait."""
+    connection = sqlite3.connect(project / "mlflow.db", check_same_thread=False, isolation_level=None)
+    connection.execute("BEGIN EXCLUSIVE")
+    return connection
+
+
+def history(steps: range) -> dict:
+    return {"train_accuracy": (steps, [0.5] * len(steps)), "train_cross_entropy_sum": (steps, [9.0] * len(steps))}
+
+
+def test_a_store_that_takes_no_values_holds_training_back_at_the_bound(project):
+    """Memory stays bounded however slow the store: beyond MAX_PENDING_VALUES, logging waits."""
+    with open_run("held back") as run:
+        lock = lock_store(project)
+        queued: list[int] = []
+
+        def train() -> None:
+            for start in range(0, 15_000, 500):  # 30 chunks of 1,000 values
+                run.log_history(history(range(start + 1, start + 501)), time.time(), time.time())
+                queued.append(run.pending_values())
+
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        trainer.join(timeout=3)
+        assert trainer.is_alive(), "logging did not wait for a store that took nothing"
+        assert 0 < max(queued) <= record.MAX_PENDING_VALUES + 1000
+        lock.rollback()
+        trainer.join(timeout=60)
+        assert max(queued) <= record.MAX_PENDING_VALUES + 1000
+    client = client_for(project)
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(run.run_id, "train_accuracy")) == 15_000
+
+
+def test_a_stop_gives_the_backlog_a_short_grace_then_counts_what_was_not_written(project):
+    lock = None
+    with pytest.raises(KeyboardInterrupt) as stopped, open_run("stopped") as run:
+        lock = lock_store(project)
+        run.log_history(history(range(1, 1501)), time.time(), time.time())
+        # The store takes writes again after the grace, so that the run can be marked FAILED.
+        threading.Timer(record.STOP_GRACE_SECONDS + 1, lock.rollback).start()
+        interrupted = time.monotonic()
+        raise KeyboardInterrupt
+    took = time.monotonic() - interrupted
+    assert f"MLflow run {run.run_id} was marked FAILED; 3000 values of its training history were not written" == str(
+        stopped.value
+    )
+    # The grace, then ending the run once the store answers; not the time to write a backlog.
+    assert record.STOP_GRACE_SECONDS <= took < record.STOP_GRACE_SECONDS + 5
     assert client_for(project).get_run(run.run_id).info.status == "FAILED"
 
 

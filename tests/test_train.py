@@ -24,7 +24,8 @@ from pipeline.train import (
     BatchOrder,
     History,
     batch_order,
-    chunk_ends,
+    longest_chunk,
+    next_chunk_steps,
     percentiles_csv,
     run_name,
     train,
@@ -89,18 +90,50 @@ def test_batch_order_refuses_steps_out_of_order():
         order[0:5]
 
 
-def test_chunks_end_at_every_printed_line_and_the_last_step():
-    assert chunk_ends(250) == [250]
-    assert chunk_ends(2000) == [1000, 2000]
-    assert chunk_ends(2500) == [1000, 2000, 2500]
+def test_chunks_grow_from_one_step_to_what_the_pace_fits_in_half_a_second():
+    # At most twice the last plan, however fast the steps ran: the first chunk's time includes compiling.
+    assert next_chunk_steps(1, 1, 1e-6, 1000) == 2
+    assert next_chunk_steps(512, 489, 1e-3, 1000) == 1000
+    # A slow pace (conv_batchnorm's 30 steps a second) shrinks the next chunk to half a second's worth.
+    assert next_chunk_steps(64, 64, 2.0, 1000) == 16
+    # Never fewer than one step, however long one took.
+    assert next_chunk_steps(4, 1, 100.0, 1000) == 1
 
 
 def test_large_batches_give_shorter_chunks_of_bounded_size():
-    ends = chunk_ends(10_000, 55_000)
-    assert ends[-1] == 10_000 and {1000, 2000, 9000}.issubset(ends)
-    sizes = np.diff([0, *ends])
-    assert sizes.max() * 55_000 <= MAX_CHUNK_INDICES
-    assert chunk_ends(10_000, 100) == list(range(1000, 10_001, 1000))
+    assert longest_chunk(10_000, 100) == 1000 and longest_chunk(250, 100) == 250
+    assert longest_chunk(10_000, 55_000) * 55_000 <= MAX_CHUNK_INDICES < (longest_chunk(10_000, 55_000) + 1) * 55_000
+    assert longest_chunk(10, 20_000_000) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "iterations"), [("softmax", 1100), ("conv_batchnorm", 30)])
+def test_chunks_depend_on_the_pace_but_the_numbers_do_not(name, iterations):
+    """One step per chunk, or chunks doubling up to each printed line: the same numbers, bit for bit,
+    with XLA (softmax) and without (conv_batchnorm, with dropout and batch normalisation)."""
+    import keras
+
+    from pipeline.model import SERIES, SgdTrainer, build_model
+
+    runs = []
+    for chunk_seconds in (1e-9, 1e9):
+        keras.utils.set_random_seed(0)
+        model = build_model(0, name)
+        series = SERIES[name]
+        trainer = SgdTrainer(model, series.optimizer(0.003), *small_data(), jit_compile=series.jit_compile)
+        ends: list[int] = []
+        record_end = lambda first, last, *_, ends=ends: ends.append(last)  # noqa: E731
+        history = train(trainer, BatchOrder(400, 20, iterations, 0), 10, record_end, chunk_seconds)
+        runs.append((ends, history, model.get_weights()))
+    (one_step_ends, one_step, one_step_weights), (ends, grown, weights) = runs
+    assert one_step_ends == list(range(1, iterations + 1))
+    if iterations > 1000:
+        assert ends == [1, 3, 7, 15, 31, 63, 127, 255, 511, 1000, iterations]
+    for first, second in zip(one_step.train_series(), grown.train_series()):
+        assert np.array_equal(first, second)
+    assert one_step.test_steps == grown.test_steps == list(range(10, iterations + 1, 10))
+    assert one_step.test_cross_entropy == grown.test_cross_entropy
+    assert all(np.array_equal(a, b) for a, b in zip(one_step_weights, weights))
 
 
 def test_run_name_says_what_differs():
@@ -376,12 +409,38 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
         assert run.data.tags[f"data.processed/{split}.npy"] == md5 == version.tags[f"data.processed/{split}.npy"]
 
 
-def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(processed_project):
-    write_params(
-        processed_project,
-        preprocess={"validation_size": 50},
-        train={"batch_size": 10, "iterations": 2_000_000, "eval_interval": 1000},
-    )
+# Seconds from SIGTERM to the end of a stopped train stage: a chunk (half a second), the logging
+# backlog's grace (2 s) and the interpreter's exit (1-2 s on a loaded machine), with a margin.
+STOP_SECONDS = 10
+
+
+def wait_for_training(process: subprocess.Popen, store: str, timeout: float = 120) -> list[str]:
+    """Wait until the stage's MLflow run holds some of the per-step history; return its stderr so far."""
+    from mlflow.tracking import MlflowClient
+
+    seen = []
+    assert process.stderr is not None
+    for line in process.stderr:
+        seen.append(line)
+        if "MLflow run " in line:
+            break
+    run_id = "".join(seen).rpartition("MLflow run ")[2].split()[0]
+    client, deadline = MlflowClient(store), time.monotonic() + timeout
+    while not client.get_metric_history(run_id, "history/train_accuracy") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get_metric_history(run_id, "history/train_accuracy"), "".join(seen)
+    return seen
+
+
+@pytest.mark.parametrize(("model", "batch_size"), [("softmax", 10), ("conv_batchnorm", 250)])
+def test_stopping_a_long_training_is_prompt_leaves_no_partial_output_and_marks_the_run_failed(
+    processed_project, model, batch_size
+):
+    """2,000,000 steps: a stop comes within seconds whatever the model, the step count, or what
+    waits to be logged. (A step of conv_batchnorm on 250 images takes ~0.1 s: 1,000 steps were once
+    one uninterruptible chunk.)"""
+    settings = {"model": model, "batch_size": batch_size, "iterations": 2_000_000, "eval_interval": 1000}
+    write_params(processed_project, preprocess={"validation_size": 50}, train=settings)
     (processed_project / "metrics").mkdir()
     (processed_project / "metrics/train_history.csv").write_text("an earlier history\n")
     process = subprocess.Popen(
@@ -391,16 +450,17 @@ def test_killing_training_leaves_no_partial_output_and_marks_the_run_failed(proc
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "step 2000:" in line or time.monotonic() > deadline:
-            break
-    assert any("step 2000:" in line for line in seen), "".join(seen)
+    seen = wait_for_training(process, f"sqlite:///{processed_project / 'mlflow.db'}")
+    time.sleep(1)
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
-    assert process.returncode != 0
+    stopped = time.monotonic()
+    stderr = process.communicate(timeout=60)[1]
+    took = time.monotonic() - stopped
+    message = " ".join("".join([*seen, stderr]).split())
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert took < STOP_SECONDS, f"the stage took {took:.1f} s to stop"
+    assert "interrupted; stopped, and no partial output was left behind" in message, message
+    assert "was marked FAILED" in message, message
     assert (processed_project / "metrics/train_history.csv").read_text() == "an earlier history\n"
     assert not (processed_project / "metrics/test_history.csv").exists()
     leftovers = [

@@ -194,13 +194,15 @@ class ServerWatch:
             self._thread.start()
         try:
             yield
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             if self.problem is None:
                 raise
+            # What happened to the MLflow run, as pipeline.tracking.record says it.
+            outcome = f" {interrupt}." if interrupt.args else ""
             raise PipelineError(
-                f"{self.problem}. The stage stopped and wrote no output. Its MLflow run cannot be marked FAILED "
-                "while the server does not answer; the next training against the server marks it so (runs "
-                f"whose train process has ended are closed as FAILED). {TRACKING_FIX_HINT}"
+                f"{self.problem}. The stage stopped and wrote no output.{outcome} A run the server could not mark "
+                "FAILED is marked so by the next training against the server (runs whose train process has ended "
+                f"are closed as FAILED). {TRACKING_FIX_HINT}"
             ) from None
         finally:
             self._stop.set()
