@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
+# The single numbers score() reports at the top of metrics.json, which a sweep can rank trials by.
+SCORES = ("test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1")
 # The seed plots the test cross-entropy (summed over 10,000 images) divided by 100, which puts it
 # on the scale of the training batches (sums over 100 images).
 TEST_TO_BATCH_SCALE = 100
