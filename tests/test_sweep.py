@@ -484,6 +484,15 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     assert restored.data.tags["dvc.experiment"] == f"again-{restored.data.tags[TRIAL_TAG]}"
     assert restored.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
 
+    # A sweep none of whose trials succeeded found nothing: exit 1, its run FAILED.
+    (project.root / "sweep.yaml").write_text(
+        definition(name="none", parameters={"train.learning_rate": {"values": [-1.0]}})
+    )
+    project.commit("A sweep whose only trial the pipeline refuses")
+    failed = run_sweep(project, check=False)
+    assert failed.returncode == 1 and "error: no trial of sweep none succeeded" in failed.stderr, failed.stderr
+    assert sweep_run(url, "none")[1].info.status == "FAILED"
+
 
 # -- a two-node cluster --------------------------------------------------------------------------------
 
