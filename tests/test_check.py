@@ -34,6 +34,7 @@ from pipeline.check import (
     render_json,
     render_markdown,
 )
+from pipeline.files import READ_LIMIT
 from pipeline.params import CheckRule, ParamsError, load_params, validate
 
 WORKFLOW = ROOT / ".github" / "workflows" / "metrics-gate.yml"
@@ -702,6 +703,49 @@ def test_rule_for_a_metric_not_in_the_metrics(repo):
         "cannot be checked against the current metrics",
         "test_acuracy is not in it (did you mean test_accuracy?)",
     )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_a_baseline_file_that_is_no_regular_file_or_too_large_is_refused_without_reading_it(tmp_path, kind):
+    path = {"device": Path("/dev/zero")}.get(kind, tmp_path / "baseline.json")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "huge":
+        with open(path, "wb") as handle:
+            handle.truncate(READ_LIMIT + 1)
+    reason = {
+        "fifo": "it is a FIFO, not a regular file",
+        "device": "it is a device, not a regular file",
+        "directory": "it is a directory, not a regular file",
+        "huge": "it holds more than the 67,108,864 bytes this command reads",
+    }[kind]
+    with pytest.raises(CheckError) as raised:
+        check.read_baseline_file(path)
+    assert str(raised.value) == f"cannot read the baseline file {path}: {reason}."
+
+
+def test_a_summary_file_that_cannot_take_the_report_is_bad_input(tmp_path):
+    fifo = tmp_path / "summary.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckError, match="summary.fifo: it is a FIFO that nothing reads"):
+        check.append_summary(str(fifo), "report")
+    with pytest.raises(CheckError, match="summary file .* Is a directory"):
+        check.append_summary(str(tmp_path), "report")
+
+
+def test_a_summary_file_that_cannot_be_written_keeps_the_real_error_and_the_verdict(repo, tmp_path):
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    result = run_check(repo, "--rev", "nope", "--summary-file", str(folder))
+    assert_bad_input(
+        result, "unknown git revision 'nope'", f"(Also, cannot append the report to the summary file {folder}"
+    )
+    write_metrics(repo, WORSE_METRICS)
+    result = run_check(repo, "--summary-file", str(folder))
+    assert result.returncode == 2 and "### ❌ Metric check failed" in result.stdout, result
+    assert "cannot append the report to the summary file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_baseline_file(repo, tmp_path):
