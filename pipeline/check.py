@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from dvc.repo import Repo
 from dvc.utils.flatten import flatten
 from dvc.utils.serialize import ParseError
 
+from pipeline import files
 from pipeline.cli import PipelineError, redact, run
 from pipeline.params import CheckRule, TrackingSettings, load_params, tracking_settings
 from pipeline.tracking import record, registry, store
@@ -432,7 +434,7 @@ def read_baseline_file(path: Path) -> Baseline:
     """A JSON object of metrics, such as a copy of a metrics file or what dvc.api.metrics_show returns."""
     try:
         with reading(f"the baseline file {path}"):
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(files.read_bytes(path).decode("utf-8"))
             metrics = flatten(data) if isinstance(data, dict) else None
     except FileNotFoundError:
         raise CheckError(f"the baseline file {path} does not exist; pass an existing metrics file.") from None
@@ -443,10 +445,15 @@ def read_baseline_file(path: Path) -> Baseline:
 
 def append_summary(path: str, markdown: str) -> None:
     try:
-        with open(path, "a", encoding="utf-8") as handle:
+        # Opened without blocking, because opening a FIFO that nothing reads would wait forever;
+        # then written normally.
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        os.set_blocking(descriptor, True)
+        with open(descriptor, "a", encoding="utf-8") as handle:
             handle.write(markdown)
     except OSError as error:
-        raise CheckError(f"cannot append the report to the summary file {path}: {error}") from None
+        reason = "it is a FIFO that nothing reads" if error.errno == errno.ENXIO else error.strerror or error
+        raise CheckError(f"cannot append the report to the summary file {path}: {reason}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,16 +632,22 @@ def main(argv: list[str] | None = None) -> int:
                 promotion = Promotion(name, reason="the metrics broke their rules")
     except PipelineError as error:
         if args.summary_file:
-            append_summary(args.summary_file, render_error(str(error)))
+            try:
+                append_summary(args.summary_file, render_error(str(error)))
+            except CheckError as summary_error:
+                # The error that stopped the gate matters more than the summary that could not say so.
+                raise CheckError(f"{error} (Also, {summary_error}.)") from None
         raise
 
     environment = environment_difference(baseline.metrics, current)
     markdown = render_markdown(rows, baseline, environment)
     if promotion is not None:
         markdown += render_promotion(promotion)
+    # The report first: a summary file that cannot take it must not hide the verdict.
+    sys.stdout.write(render_json(rows, baseline, environment, promotion) if args.json else markdown)
+    sys.stdout.flush()
     if args.summary_file:
         append_summary(args.summary_file, markdown)
-    sys.stdout.write(render_json(rows, baseline, environment, promotion) if args.json else markdown)
     return exit_code(rows)
 
 

@@ -1,7 +1,9 @@
-"""Atomic file writes: a temp file beside the target, then a rename.
+"""Atomic file writes (a temp file beside the target, then a rename) and bounded reads of users' files.
 
 Every stage writes through these helpers, so killing a stage at any moment leaves either the old
-file or the new one at an output path, never half of one.
+file or the new one at an output path, never half of one. Every command reads the files a user
+names through :func:`read_bytes`, so a device, a FIFO or a huge file is refused instead of hanging
+the command or exhausting its memory.
 """
 
 from __future__ import annotations
@@ -9,10 +11,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+# The most a command reads of one file a user names: far more than any metrics file, sweep
+# definition, params file or photo of a digit, far less than would strain memory.
+READ_LIMIT = 64 * 2**20
+KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+class UnreadableFile(OSError):
+    """A file that is no regular file, or larger than the limit: its message says which, without the path."""
 
 
 @contextlib.contextmanager
@@ -58,3 +70,27 @@ def staged(paths: list[Path]) -> Iterator[list[Path]]:
     """
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def read_bounded(stream: BinaryIO, limit: int = READ_LIMIT) -> bytes:
+    """All of ``stream`` (a file or a pipe), refusing it beyond ``limit`` bytes without reading further."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise UnreadableFile(f"it holds more than the {limit:,} bytes this command reads")
+    return data
+
+
+def read_bytes(path: Path | str, limit: int = READ_LIMIT) -> bytes:
+    """The bytes of the regular file at ``path`` (or a link to one), at most ``limit`` of them.
+
+    Raises UnreadableFile for a directory, a FIFO or a device (/dev/zero never ends, a FIFO waits
+    for a writer) and for a file over the limit, and OSError for a file that cannot be opened. The
+    file is opened without blocking, because opening a FIFO blocks until something writes to it.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(descriptor)
+        raise UnreadableFile(f"it is {KINDS.get(kind, 'a special file')}, not a regular file")
+    with open(descriptor, "rb") as stream:
+        return read_bounded(stream, limit)

@@ -17,9 +17,11 @@ paper's own level subtracted; cropped to the ink's bounding box; scaled to fit 2
 anti-aliasing; placed so that its centre of mass is at the centre of the 28×28 field. The model
 takes those raw 0-255 pixels (it scales them itself).
 
-An image that cannot be used (not an image, no ink on it, more pixels than Pillow's
-decompression-bomb limit, a missing file) gets a one-paragraph error on stderr; the others are
-still answered, and the exit status is 1. A model that cannot be loaded stops everything (exit 1).
+An image that cannot be used (not an image, damaged, no ink on it, more pixels than Pillow's
+decompression-bomb limit, a missing file, a directory or device, more than 64 MiB) gets a
+one-paragraph error on stderr; the others are still answered, and the exit status is 1. A model
+that cannot be loaded, or that does not take MNIST's 784 pixels and answer with 10 probabilities,
+stops everything (exit 1).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import logging
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +41,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline import files
 from pipeline.cli import PipelineError, format_error, native_stderr_silenced, redact, run
-from pipeline.data import IMAGE_SHAPE, NUM_PIXELS
+from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ INK_THRESHOLD = 0.3
 # Fewer grey levels than this between paper and ink means there is no ink at all (a blank page).
 MIN_CONTRAST = 32
 TOP = 3
+# The most a .keras file may unpack to: far above any model of the series (a few MB), far below
+# what would strain memory. A zip bomb declares more and is refused before Keras opens it.
+MODEL_LIMIT = 2**30
 
 
 class ImageError(ValueError):
@@ -79,14 +86,18 @@ class Answer:
 # Pure functions: from an image to MNIST's 784 pixels.
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode ``data`` with Pillow, refusing images larger than its decompression-bomb limit."""
+def open_image(data: bytes) -> np.ndarray:
+    """Decode ``data`` with Pillow into grey levels, refusing images larger than its decompression-bomb limit."""
     with warnings.catch_warnings():
-        # Pillow only warns between its limit and twice that; here both are refused.
+        # Pillow's warnings about damaged metadata would only clutter the one-paragraph errors; it
+        # only warns between its pixel limit and twice that, and here both are refused.
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
+            # Phone photos are often stored sideways with an EXIF note saying how to turn them.
+            return grey_levels(ImageOps.exif_transpose(image))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             limit = Image.MAX_IMAGE_PIXELS or 0
             raise ImageError(
@@ -95,10 +106,10 @@ def open_image(data: bytes) -> Image.Image:
             ) from None
         except UnidentifiedImageError:
             raise ImageError("is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP…)") from None
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"is a damaged or truncated image ({error})") from None
-    # Phone photos are often stored sideways with an EXIF note saying how to turn them.
-    return ImageOps.exif_transpose(image)
+        # Pillow's decoders report damage with whatever exception they meet (its own fuzzing
+        # harness catches Exception for that reason); one damaged image must not stop the others.
+        except Exception as error:
+            raise ImageError(f"is a damaged or truncated image ({error or type(error).__name__})") from None
 
 
 def grey_levels(image: Image.Image) -> np.ndarray:
@@ -106,6 +117,12 @@ def grey_levels(image: Image.Image) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         paper = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(paper, image.convert("RGBA"))
+    if image.mode == "LAB":
+        # Pillow converts LAB to no other mode, but its L band is the lightness already.
+        image = image.getchannel("L")
+    if image.mode.startswith("I;16"):
+        # 16-bit grey, which converting to 8 bits would clip to white.
+        return np.asarray(image, dtype=np.float32) / 257
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
@@ -165,7 +182,7 @@ def centre_by_mass(digit: np.ndarray, shape: tuple[int, int] = IMAGE_SHAPE, cent
 
 def mnist_pixels(data: bytes) -> np.ndarray:
     """An image file's bytes as one MNIST-like row of 784 uint8 pixels, white ink on black."""
-    digit = fit_box(crop_to_ink(ink(grey_levels(open_image(data)))))
+    digit = fit_box(crop_to_ink(ink(open_image(data))))
     pixels = np.rint(centre_by_mass(digit)).astype(np.uint8).reshape(NUM_PIXELS)
     if not pixels.any():
         raise ImageError("shows no ink: it is empty or all one colour")
@@ -275,6 +292,13 @@ def load_mlflow_model(model: str | None):
             f"cannot load the model {requested} from {redact(uri)}: {store.short(str(error))}"
         ) from None
 
+    # Versions logged with a tensor signature (before pipeline.serving) state their shapes.
+    signature = [loaded.metadata.get_input_schema(), loaded.metadata.get_output_schema()]
+    if all(schema is not None and schema.is_tensor_spec() for schema in signature):
+        inputs, outputs = ([spec.shape for spec in schema.inputs] for schema in signature)
+        if problem := shape_problem(requested, inputs, outputs):
+            raise PipelineError(problem)
+
     def predict(pixels: np.ndarray) -> np.ndarray:
         predictions = loaded.predict(pixels)
         if isinstance(predictions, list):
@@ -285,38 +309,90 @@ def load_mlflow_model(model: str | None):
     return predict, described
 
 
+def shape_problem(model: str, inputs: Sequence[tuple], outputs: Sequence[tuple]) -> str | None:
+    """Why a model with these input and output shapes (None or -1 for any batch) is no MNIST model, or None."""
+    shapes = [tuple(None if size == -1 else size for size in shape) for shape in (*inputs, *outputs)]
+    if shapes == [(None, NUM_PIXELS), (None, NUM_CLASSES)]:
+        return None
+    return (
+        f"the model {model} takes {' and '.join(map(str, inputs)) or 'no input'} and answers with "
+        f"{' and '.join(map(str, outputs)) or 'nothing'}, but an MNIST model takes rows of {NUM_PIXELS} pixels "
+        f"(None, {NUM_PIXELS}) and answers {NUM_CLASSES} digit probabilities (None, {NUM_CLASSES})."
+    )
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse a model file that is missing, special, or no sound .keras archive (a zip) of a sane size.
+
+    Done before TensorFlow is imported. Keras reads a damaged archive as "File not found", and
+    unpacks a zip bomb until memory runs out, so the archive's members and their declared sizes
+    (which Python's zipfile never reads past) are checked here first.
+    """
+    try:
+        data = files.read_bytes(path, MODEL_LIMIT)
+    except FileNotFoundError:
+        hint = " (run the pipeline first: dvc repro)" if path.name == "model.keras" else ""
+        raise PipelineError(
+            f"the model file {path} does not exist{hint}; or pass --model models:/<name>@<alias>."
+        ) from None
+    except OSError as error:
+        raise PipelineError(f"cannot read the model file {path}: {error.strerror or error}.") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+            damaged = None if unpacked > MODEL_LIMIT else archive.testzip()
+    # zipfile reports damage with whatever exception it meets (zlib's, EOF, an unknown method).
+    except Exception as error:
+        raise PipelineError(f"the model file {path} is not a sound .keras file (a zip archive): {error}.") from None
+    if unpacked > MODEL_LIMIT:
+        raise PipelineError(
+            f"the model file {path} would unpack to {unpacked:,} bytes, more than the {MODEL_LIMIT:,} this tool "
+            "allows a model; it is no model of this project."
+        )
+    if damaged is not None:
+        raise PipelineError(f"the model file {path} is damaged: its member {damaged} fails its checksum.")
+
+
 def load_predictor(model: str | None):
     """A function from uint8 rows of 784 pixels to probabilities, and which model it is: a .keras file,
     an MLflow model URI, or (None) the registry's champion."""
+    is_uri = model is None or (":" in model and not Path(model).exists())
+    if not is_uri:
+        check_model_file(Path(str(model)))
     with native_stderr_silenced():
         import keras
 
     # Versions logged with MLflow's TensorFlow flavour predict through Keras, whose progress bar would show.
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if model is None or (":" in model and not Path(model).exists()):
+    if is_uri:
         return load_mlflow_model(model)
-    path = Path(model)
-    if not path.is_file():
-        raise PipelineError(f"the model file {path} does not exist; or pass --model models:/<name>@<alias>.")
+    path = Path(str(model))
     try:
         loaded = keras.saving.load_model(path)
-    except (ValueError, OSError) as error:
-        raise PipelineError(f"cannot load the model file {path}: {error}") from None
+    # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError
+    # for an unknown class, KeyError for a missing member).
+    except Exception as error:
+        from pipeline.tracking import store
+
+        raise PipelineError(f"cannot load the model file {path}: {store.short(str(error))}") from None
+    inputs, outputs = ([tuple(tensor.shape) for tensor in getattr(loaded, side, [])] for side in ("inputs", "outputs"))
+    if problem := shape_problem(str(path), inputs, outputs):
+        raise PipelineError(problem)
     return (lambda pixels: np.asarray(loaded(pixels))), {"file": str(path.resolve())}
 
 
 def read_input(name: str) -> bytes:
-    if name == STDIN:
-        return sys.stdin.buffer.read()
     try:
-        return Path(name).read_bytes()
+        if name != STDIN:
+            return files.read_bytes(name)
+        if sys.stdin.isatty():
+            raise ImageError("is the terminal; pipe an image in, as in mnist-predict - < digit.png")
+        return files.read_bounded(sys.stdin.buffer)
     except FileNotFoundError:
         raise ImageError("does not exist") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image file") from None
     except OSError as error:
-        raise ImageError(f"cannot be read ({error.strerror})") from None
+        raise ImageError(f"cannot be read: {error.strerror or error}") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,6 +13,8 @@ import numpy as np
 from pipeline.data import NUM_CLASSES
 
 CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
+# The single numbers score() reports at the top of metrics.json, which a sweep can rank trials by.
+SCORES = ("test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1")
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:

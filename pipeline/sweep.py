@@ -44,8 +44,10 @@ from typing import Any
 
 import yaml
 
+from pipeline import files
 from pipeline.cli import PipelineError, configure_logging, format_error, redact
 from pipeline.params import credential_keys, load_params, tracking_settings
+from pipeline.score import SCORES
 from pipeline.tracking import record, store, tags
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,20 @@ RAY_START_ATTEMPTS = 3
 RESULT_KEY = "experiment"
 # The longest error text a failed trial keeps for the table.
 ERROR_CHARS = 400
+# The most trials one sweep may hold (a grid's combinations, or random and optuna draws): far more
+# than a sweep of trainings can run, few enough for Ray Tune to plan.
+MAX_TRIALS = 10_000
+# Ray Tune's samplers seed NumPy, which takes seeds from 0 to 2**32 - 1.
+SEED_LIMIT = 2**32
+# Ray's own connection settings, for joining a cluster: one attempt (its default is 20, of about 36 s
+# each against a dead port or a server that is not Ray's), giving up on an address after 2 s and on
+# the cluster's answer after 10 s (a live one answers in milliseconds), so a wrong --address fails
+# in about 15 s. The environment can still set each of them.
+RAY_JOIN_SETTINGS = {
+    "RAY_gcs_server_port_wait_time_s": "1",
+    "RAY_gcs_rpc_server_connect_timeout_s": "2",
+    "RAY_py_gcs_connect_timeout_s": "10",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,36 +134,73 @@ class TrialSetup:
     git_identity: tuple[str, str]
 
 
+def shown(value: Any) -> str:
+    """A value from the sweep file as an error message quotes it: a huge one cut short."""
+    return store.short(repr(value), 60)
+
+
+def distribution_problem(kind: str, values: list, current: Any) -> str | None:
+    """Why ``kind: values`` cannot be drawn from for a params.yaml key now set to ``current``, or None."""
+    if kind == "values":
+        return None if values else "values needs a non-empty list"
+    numbers = len(values) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    # Compared rather than converted: an integer of 400 digits has no float.
+    if not numbers or not all(abs(v) <= sys.float_info.max for v in values):
+        return f"{kind} needs [low, high], two finite numbers"
+    low, high = values
+    if low >= high:
+        return f"{kind} needs low < high, got [{low}, {high}]"
+    if kind == "loguniform" and low <= 0:
+        return "loguniform needs positive bounds"
+    if kind == "randint" and not all(isinstance(v, int) for v in values):
+        return "randint needs whole numbers [low, high) (high excluded)"
+    if kind != "randint" and isinstance(current, int) and not isinstance(current, bool):
+        return f"{kind} draws fractions, but params.yaml holds a whole number there; use randint or values"
+    return None
+
+
 def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
     """Validate a sweep definition against the project's params.yaml; report every problem at once."""
     try:
+        # A sweep file has no use for aliases, and nested ones multiply into billions of values.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise PipelineError("the sweep file uses YAML aliases (*name); write each value out instead.")
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise PipelineError(f"the sweep file is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise PipelineError("the sweep file must be a mapping of keys (see sweeps/example.yaml).")
-    problems = [f"unknown key {key!r}" for key in raw if key not in SWEEP_KEYS]
+    problems = [f"unknown key {shown(key)}" for key in raw if key not in SWEEP_KEYS]
     if secrets := credential_keys(raw):
         # The file is committed and uploaded to the sweep's MLflow run.
         problems.append(f"{', '.join(secrets)} must not hold credentials; keep them in the environment")
     name = str(raw.get("name", ""))
     if not name or not all(char.isalnum() or char in "-_" for char in name):
-        problems.append(f"name {name!r} must be letters, digits, '-' or '_' (it names DVC experiments)")
+        problems.append(f"name {shown(name)} must be letters, digits, '-' or '_' (it names DVC experiments)")
     search = raw.get("search", "grid")
     if search not in SEARCHES:
-        problems.append(f"search {search!r} must be one of {', '.join(SEARCHES)}")
+        problems.append(f"search {shown(search)} must be one of {', '.join(SEARCHES)}")
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
-        problems.append(f"mode {mode!r} must be max or min")
-    numbers = {}
-    for key, default, low in (("trials", 1, 1), ("max_concurrent", 1, 1), ("retries", 2, 0)):
+        problems.append(f"mode {shown(mode)} must be max or min")
+    metric = raw.get("metric", "test_accuracy")
+    if metric not in SCORES:
+        problems.append(
+            f"metric {shown(metric)} must be one of the scores metrics/metrics.json holds: {', '.join(SCORES)}"
+        )
+    numbers: dict[str, Any] = {}
+    for key, default, low, high in (
+        ("trials", 1, 1, MAX_TRIALS),
+        ("max_concurrent", 1, 1, 1000),
+        ("retries", 2, 0, 100),
+        ("seed", None, 0, SEED_LIMIT - 1),
+    ):
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"{key} must be a whole number of at least {low}, not {value!r}")
+        if key == "seed" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(f"{key} must be a whole number from {low} to {high}, not {shown(value)}")
         numbers[key] = value
-    seed = raw.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        problems.append(f"seed must be a whole number, not {seed!r}")
     parameters: dict[str, Parameter] = {}
     if not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
         problems.append("parameters must map at least one params.yaml key to {values: [...]} or a distribution")
@@ -155,30 +208,31 @@ def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
         for key, spec in raw["parameters"].items():
             section, _, field = str(key).partition(".")
             if not isinstance(params.get(section), dict) or field not in params[section]:
-                problems.append(f"parameter {key!r} is not a key of params.yaml (section.key)")
+                problems.append(f"parameter {shown(key)} is not a key of params.yaml (section.key)")
                 continue
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                problems.append(f"parameter {key!r} must be one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}")
+                problems.append(f"parameter {shown(key)} must be one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}")
                 continue
             kind, values = next(iter(spec.items()))
-            if not isinstance(values, list) or not values:
-                problems.append(f"parameter {key!r}: {kind} needs a list")
-            elif kind != "values" and (len(values) != 2 or not all(isinstance(v, int | float) for v in values)):
-                problems.append(f"parameter {key!r}: {kind} needs [low, high]")
+            if not isinstance(values, list):
+                problems.append(f"parameter {shown(key)}: {kind} needs a list")
             elif kind != "values" and search == "grid":
-                problems.append(f"parameter {key!r}: a grid search takes only `values`, not {kind}")
-            elif kind == "loguniform" and min(values) <= 0:
-                problems.append(f"parameter {key!r}: loguniform needs positive bounds")
+                problems.append(f"parameter {shown(key)}: a grid search takes only `values`, not {kind}")
+            elif problem := distribution_problem(kind, values, params[section][field]):
+                problems.append(f"parameter {shown(key)}: {problem}")
             else:
                 parameters[key] = Parameter(kind, tuple(values))
+    grid = math.prod(len(parameter.values) for parameter in parameters.values())
+    if search == "grid" and grid > MAX_TRIALS:
+        problems.append(f"the grid has {grid:,} combinations, more than the {MAX_TRIALS:,} a sweep may run")
     if problems:
         raise PipelineError("the sweep file is invalid: " + "; ".join(problems) + ".")
     return Sweep(
         name=name,
         search=search,
         trials=numbers["trials"],
-        seed=seed,
-        metric=str(raw.get("metric", "test_accuracy")),
+        seed=raw.get("seed"),
+        metric=metric,
         mode=mode,
         max_concurrent=numbers["max_concurrent"],
         retries=numbers["retries"],
@@ -537,6 +591,10 @@ def close_unfinished_runs(client, experiment_id: str, parent_run_id: str, status
 
 def start_ray(address: str) -> None:
     """Join the cluster at ``address``, or start Ray on this machine, trying again if its start-up times out."""
+    if address:
+        # Before Ray's import, which reads some of them.
+        for key, value in RAY_JOIN_SETTINGS.items():
+            os.environ.setdefault(key, value)
     import psutil  # installed with DVC, which depends on it
     import ray
 
@@ -577,9 +635,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_arguments(argv)
     root = store.project_root()
     try:
-        text = args.sweep.read_text()
-    except OSError as error:
-        raise PipelineError(f"cannot read the sweep file {args.sweep}: {error.strerror}") from None
+        text = files.read_bytes(args.sweep).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise PipelineError(f"cannot read the sweep file {args.sweep}: {reason}") from None
     load_params()
     settings = tracking_settings()
     sweep = parse_sweep(text, yaml.safe_load((root / "params.yaml").read_text()))
@@ -629,10 +688,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"another name, or delete {state_path} and {state_file} to start it again."
         )
 
-    # Ray first: it is what most often fails to start, and then no MLflow run is left open.
-    start_ray(args.address)
+    # The store before Ray, so that a store that refuses this user fails before Ray's start-up; Ray
+    # before the sweep's run, so that a Ray that fails to start leaves no MLflow run open.
     store.quiet_links(uri)
     client, experiment_id = store.open_store(uri, settings.experiment, store.artifact_location(uri, root))
+    start_ray(args.address)
     if previous:
         parent_run_id = previous["parent_run_id"]
         client.update_run(parent_run_id, status="RUNNING")
@@ -740,13 +800,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if best is not None:
         client.log_metric(parent_run_id, f"best_{sweep.metric}", best[sweep.metric])
         client.set_tag(parent_run_id, "sweep.best_experiment", best["experiment"])
-    client.set_terminated(parent_run_id, "FINISHED")
+    # A sweep none of whose trials succeeded found nothing: its run and exit status say it failed.
+    client.set_terminated(parent_run_id, "FINISHED" if best is not None else "FAILED")
     print(f"\nSweep {sweep.name}: {len(rows)} trials, ranked by {sweep.metric} ({sweep.mode})\n{table}")
     if best is not None:
         chosen = " ".join(f"{key}={best[key]}" for key in sweep.parameters)
         print(f"\nBest: {best['experiment']}: {chosen} ({sweep.metric} {best[sweep.metric]:.6g})")
         print(f"Apply it with: dvc exp apply {best['experiment']}")
     print(f"MLflow: sweep run {parent_run_id} in {redact(uri)}")
+    if best is None:
+        raise PipelineError(f"no trial of sweep {sweep.name} succeeded; the table above says why each one failed.")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

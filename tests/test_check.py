@@ -21,6 +21,8 @@ import pytest
 import yaml
 from conftest import ROOT
 from dvc.repo import Repo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline import check
 from pipeline.check import (
@@ -32,6 +34,7 @@ from pipeline.check import (
     render_json,
     render_markdown,
 )
+from pipeline.files import READ_LIMIT
 from pipeline.params import CheckRule, ParamsError, load_params, validate
 
 WORKFLOW = ROOT / ".github" / "workflows" / "metrics-gate.yml"
@@ -702,6 +705,49 @@ def test_rule_for_a_metric_not_in_the_metrics(repo):
     )
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_a_baseline_file_that_is_no_regular_file_or_too_large_is_refused_without_reading_it(tmp_path, kind):
+    path = {"device": Path("/dev/zero")}.get(kind, tmp_path / "baseline.json")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "huge":
+        with open(path, "wb") as handle:
+            handle.truncate(READ_LIMIT + 1)
+    reason = {
+        "fifo": "it is a FIFO, not a regular file",
+        "device": "it is a device, not a regular file",
+        "directory": "it is a directory, not a regular file",
+        "huge": "it holds more than the 67,108,864 bytes this command reads",
+    }[kind]
+    with pytest.raises(CheckError) as raised:
+        check.read_baseline_file(path)
+    assert str(raised.value) == f"cannot read the baseline file {path}: {reason}."
+
+
+def test_a_summary_file_that_cannot_take_the_report_is_bad_input(tmp_path):
+    fifo = tmp_path / "summary.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckError, match="summary.fifo: it is a FIFO that nothing reads"):
+        check.append_summary(str(fifo), "report")
+    with pytest.raises(CheckError, match="summary file .* Is a directory"):
+        check.append_summary(str(tmp_path), "report")
+
+
+def test_a_summary_file_that_cannot_be_written_keeps_the_real_error_and_the_verdict(repo, tmp_path):
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    result = run_check(repo, "--rev", "nope", "--summary-file", str(folder))
+    assert_bad_input(
+        result, "unknown git revision 'nope'", f"(Also, cannot append the report to the summary file {folder}"
+    )
+    write_metrics(repo, WORSE_METRICS)
+    result = run_check(repo, "--summary-file", str(folder))
+    assert result.returncode == 2 and "### ❌ Metric check failed" in result.stdout, result
+    assert "cannot append the report to the summary file" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_baseline_file(repo, tmp_path):
     assert_bad_input(
         run_check(repo, "--baseline-file", str(tmp_path / "gone.json")), "the baseline file", "gone.json does not exist"
@@ -979,3 +1025,53 @@ def test_promotion_needs_a_store_that_exists(repo):
     result = run_check(repo, "--promote")
     assert result.returncode == 2
     assert "does not exist yet; run the pipeline first" in " ".join(result.stderr.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Whatever a baseline file or a metrics file holds, the gate gives a verdict (0, 1) or bad input (2).
+
+PROJECT_RULES = load_params(ROOT / "params.yaml").check
+# Metric values as JSON can hold them, with the edges most likely to break a comparison.
+EDGES = st.sampled_from([0, -0.0, 1e-320, 1e308, -1e308, 2**53 + 1, 10**400, math.nan, math.inf, -math.inf])
+VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | EDGES
+JSON = st.recursive(
+    VALUES,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=12,
+)
+NAMES = st.sampled_from([*PROJECT_RULES, "per_class_recall", "environment", "a:test_accuracy", ""])
+
+
+def gate(baseline: dict | None, current: dict) -> int:
+    """The gate after its reading: compare and render, returning its exit code (2 for CheckError)."""
+    try:
+        rows = compare(baseline, current, PROJECT_RULES)
+    except CheckError as error:
+        assert str(error)
+        return check.EXIT_BAD_INPUT
+    base = Baseline("the baseline", baseline)
+    environment = environment_difference(baseline, current)
+    render_markdown(rows, base, environment)
+    json.loads(render_json(rows, base, environment))
+    return check.exit_code(rows)
+
+
+@settings(max_examples=300, deadline=None)
+@given(metric=NAMES, value=JSON, side=st.sampled_from(["baseline", "current"]))
+def test_any_metric_value_gives_a_verdict_or_bad_input(metric, value, side):
+    changed = {**BASE_METRICS, metric: value}
+    baseline, current = (changed, BASE_METRICS) if side == "baseline" else (BASE_METRICS, changed)
+    assert gate(baseline, current) in (0, 1, 2)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=JSON.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=64))
+def test_any_baseline_file_gives_a_verdict_or_bad_input(tmp_path, content):
+    path = tmp_path / "baseline.json"
+    path.write_bytes(content)
+    try:
+        baseline = check.read_baseline_file(path)
+    except CheckError as error:
+        assert str(path) in str(error)
+        return
+    assert gate(baseline.metrics, BASE_METRICS) in (0, 1, 2)

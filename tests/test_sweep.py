@@ -31,13 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pipeline_project import VENV_BIN, Project, base_env, make_project
 from test_tracking_server import free_port, mlflow_server, postgres  # noqa: F401  (fixtures)
 
+from pipeline import report
 from pipeline.cli import PipelineError
 from pipeline.sweep import (
+    MAX_TRIALS,
     NODE_TAG,
     PARENT_TAG,
     RESTORED_TAG,
@@ -53,6 +58,7 @@ from pipeline.sweep import (
 )
 
 PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}}
+ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "mnist-softmax"
 
 
@@ -166,6 +172,157 @@ def test_a_cluster_sweep_with_a_local_store_is_refused_saying_what_to_set(tmp_pa
     assert any("MLFLOW_TRACKING_URI=http://" in problem and "local store" in problem for problem in problems)
     assert any("no git remote 'origin'" in problem for problem in problems)
     assert not any("MLflow" in problem for problem in cluster_problems("http://mlflow.example:5000", tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        (
+            {"metric": "test_acc"},
+            "metric 'test_acc' must be one of the scores metrics/metrics.json holds: test_accuracy,",
+        ),
+        ({"metric": "per_class_recall"}, "metric 'per_class_recall' must be one of the scores"),
+        ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, not -1"),
+        ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295, not 4294967296"),
+        ({"seed": True}, "seed must be a whole number from 0 to 4294967295, not True"),
+        ({"trials": 10**100, "search": "random"}, "trials must be a whole number from 1 to 10000, not 1000000"),
+        ({"retries": -1}, "retries must be a whole number from 0 to 100, not -1"),
+        ({"max_concurrent": 10**6}, "max_concurrent must be a whole number from 1 to 1000"),
+        (
+            {"search": "random", "parameters": {"train.learning_rate": {"loguniform": [0.1, 0.001]}}},
+            "'train.learning_rate': loguniform needs low < high, got [0.1, 0.001]",
+        ),
+        (
+            {"search": "random", "parameters": {"train.learning_rate": {"uniform": [0.1, 0.1]}}},
+            "'train.learning_rate': uniform needs low < high, got [0.1, 0.1]",
+        ),
+        (
+            {"search": "random", "parameters": {"train.seed": {"randint": [5, 1]}}},
+            "'train.seed': randint needs low < high, got [5, 1]",
+        ),
+        (
+            {"search": "random", "parameters": {"train.seed": {"randint": [0, 2.5]}}},
+            "'train.seed': randint needs whole numbers [low, high) (high excluded)",
+        ),
+        (
+            {"search": "random", "parameters": {"train.learning_rate": {"uniform": [0, math.inf]}}},
+            "'train.learning_rate': uniform needs [low, high], two finite numbers",
+        ),
+        (
+            {"search": "random", "parameters": {"train.learning_rate": {"uniform": [0, 10**400]}}},
+            "'train.learning_rate': uniform needs [low, high], two finite numbers",
+        ),
+        (
+            {"search": "random", "parameters": {"train.learning_rate": {"uniform": [False, True]}}},
+            "uniform needs [low, high], two finite numbers",
+        ),
+        (
+            {"search": "random", "parameters": {"train.batch_size": {"uniform": [10, 100]}}},
+            "'train.batch_size': uniform draws fractions, but params.yaml holds a whole number there",
+        ),
+        (
+            {"parameters": {"train.learning_rate": {"values": []}}},
+            "'train.learning_rate': values needs a non-empty list",
+        ),
+        (
+            {"parameters": {f"train.{key}": {"values": list(range(22))} for key in PARAMS["train"]}},
+            "the grid has 10,648 combinations, more than the 10,000 a sweep may run",
+        ),
+        ({"name": "x y" * 5_000}, "name 'x yx yx y"),
+    ],
+)
+def test_bad_sweep_values_are_refused_up_front(overrides, phrase):
+    with pytest.raises(PipelineError) as raised:
+        parse_sweep(definition(**overrides), PARAMS)
+    message = str(raised.value)
+    assert message.startswith("the sweep file is invalid: ") and phrase in message, message
+    assert len(message) < 600, "a huge value is quoted cut short"
+
+
+def test_yaml_aliases_are_refused_before_they_multiply():
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi")
+    )
+    with pytest.raises(PipelineError, match=r"the sweep file uses YAML aliases \(\*name\)"):
+        parse_sweep(bomb + definition(), PARAMS)
+
+
+def test_the_metrics_a_sweep_can_rank_by_are_the_reports_scores():
+    labels = np.arange(10)
+    scores = report.score(labels, np.eye(10)[labels])
+    assert tuple(key for key, value in scores.items() if isinstance(value, float)) == report.SCORES
+    for metric in report.SCORES:
+        assert parse_sweep(definition(metric=metric), PARAMS).metric == metric
+    example = parse_sweep(
+        (ROOT / "sweeps" / "example.yaml").read_text(), yaml.safe_load((ROOT / "params.yaml").read_text())
+    )
+    assert example.metric == "test_accuracy" and example.grid_size() == 6
+
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+DEFINITIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["s1", "bad name", ""]) | SCALARS,
+        "search": st.sampled_from(["grid", "random", "optuna", "bayes"]),
+        "trials": SCALARS,
+        "seed": SCALARS | st.sampled_from([-1, 0, 2**32 - 1, 2**32]),
+        "metric": st.sampled_from([*report.SCORES, "test_acc"]) | SCALARS,
+        "mode": st.sampled_from(["max", "min", "up"]),
+        "max_concurrent": SCALARS,
+        "retries": SCALARS,
+        "parameters": st.dictionaries(
+            st.sampled_from(["train.learning_rate", "train.batch_size", "train.seed", "train.nope", "nope"]),
+            st.dictionaries(
+                st.sampled_from(["values", "uniform", "loguniform", "randint", "normal"]),
+                st.lists(SCALARS, max_size=3) | SCALARS,
+                max_size=2,
+            ),
+            max_size=3,
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=DEFINITIONS)
+def test_any_definition_is_refused_with_its_reasons_or_gives_a_space_ray_can_draw_from(raw):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    try:
+        sweep = parse_sweep(yaml.safe_dump(raw), PARAMS)
+    except PipelineError as error:
+        assert str(error).startswith("the sweep file ")
+        return
+    BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=sweep.seed)
+    np.random.RandomState(sweep.seed)
+    assert sweep.metric in report.SCORES and 1 <= sweep.grid_size() <= MAX_TRIALS
+    for key, domain in param_space(sweep).items():
+        if hasattr(domain, "sample"):
+            value = domain.sample()
+            low, high = sweep.parameters[key].values
+            assert low <= value <= high
+
+
+def test_a_bad_sweep_file_fails_before_ray_or_git_is_touched(tmp_path):
+    """One paragraph and exit 1 within a second or two: nothing imports Ray before the definition holds."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(definition(metric="accuracy"))
+    for path, phrase in (
+        (fifo, f"cannot read the sweep file {fifo}: it is a FIFO, not a regular file"),
+        ("/dev/zero", "cannot read the sweep file /dev/zero: it is a device, not a regular file"),
+        (bad, "metric 'accuracy' must be one of the scores"),
+    ):
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.sweep", str(path)], cwd=ROOT,
+            env={**base_env(tmp_path), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+        assert phrase in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+        assert time.monotonic() - started < 30
 
 
 # -- real sweeps --------------------------------------------------------------------------------------
@@ -333,6 +490,15 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     assert restored.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
     assert restored.data.tags["dvc.experiment"] == f"again-{restored.data.tags[TRIAL_TAG]}"
     assert restored.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
+
+    # A sweep none of whose trials succeeded found nothing: exit 1, its run FAILED.
+    (project.root / "sweep.yaml").write_text(
+        definition(name="none", parameters={"train.learning_rate": {"values": [-1.0]}})
+    )
+    project.commit("A sweep whose only trial the pipeline refuses")
+    failed = run_sweep(project, check=False)
+    assert failed.returncode == 1 and "error: no trial of sweep none succeeded" in failed.stderr, failed.stderr
+    assert sweep_run(url, "none")[1].info.status == "FAILED"
 
 
 # -- a two-node cluster --------------------------------------------------------------------------------
@@ -586,3 +752,53 @@ def all_runs(url: str) -> list:
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+# -- failing fast -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_wrong_address_fails_within_seconds(tmp_path):
+    """A dead port, and a server that is not Ray's: Ray's own connection settings end the wait in ~15 s, not 300."""
+    import http.server
+    import threading
+
+    # Ray connects to what 127.0.0.1 names as this machine's own address; 127.0.0.2 stays on loopback.
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (
+        "import sys\nfrom pipeline.cli import PipelineError\nfrom pipeline.sweep import start_ray\n"
+        "try:\n    start_ray(sys.argv[1])\nexcept PipelineError as error:\n    print(error)\n"
+    )
+    try:
+        for address in (f"127.0.0.1:{free_port()}", f"127.0.0.2:{server.server_address[1]}"):
+            started = time.monotonic()
+            result = subprocess.run(
+                [sys.executable, "-c", script, address], cwd=tmp_path,
+                env={**base_env(tmp_path), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert time.monotonic() - started < 45, result.stderr
+            assert result.stdout.startswith(f"could not start or join the Ray cluster at {address}: "), result.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_a_store_that_refuses_the_user_fails_before_ray_starts(tmp_path):
+    from test_tracking_server import FakeServer
+
+    server = FakeServer(health_status=200, other_status=401)
+    try:
+        project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": server.url})
+        (project.root / "sweep.yaml").write_text(definition(name="refused"))
+        project.commit("A sweep")
+        started = time.monotonic()
+        result = run_sweep(project, check=False, timeout=300)
+    finally:
+        server.close()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert "failed with error code 401" in " ".join(output.split()), output
+    # Ray never started: no Ray session was made, which takes 15 s or more on this machine.
+    assert "Started a local Ray instance" not in output and time.monotonic() - started < 60, output
