@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from pipeline_project import VENV_BIN, Project, base_env, make_project
 from test_tracking_server import free_port, mlflow_server, postgres  # noqa: F401  (fixtures)
 
-from pipeline import report
+from pipeline import score
 from pipeline.cli import PipelineError
 from pipeline.sweep import (
     MAX_TRIALS,
@@ -249,9 +249,9 @@ def test_yaml_aliases_are_refused_before_they_multiply():
 
 def test_the_metrics_a_sweep_can_rank_by_are_the_reports_scores():
     labels = np.arange(10)
-    scores = report.score(labels, np.eye(10)[labels])
-    assert tuple(key for key, value in scores.items() if isinstance(value, float)) == report.SCORES
-    for metric in report.SCORES:
+    scores = score.score(labels, np.eye(10)[labels])
+    assert tuple(key for key, value in scores.items() if isinstance(value, float)) == score.SCORES
+    for metric in score.SCORES:
         assert parse_sweep(definition(metric=metric), PARAMS).metric == metric
     example = parse_sweep(
         (ROOT / "sweeps" / "example.yaml").read_text(), yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -267,7 +267,7 @@ DEFINITIONS = st.fixed_dictionaries(
         "search": st.sampled_from(["grid", "random", "optuna", "bayes"]),
         "trials": SCALARS,
         "seed": SCALARS | st.sampled_from([-1, 0, 2**32 - 1, 2**32]),
-        "metric": st.sampled_from([*report.SCORES, "test_acc"]) | SCALARS,
+        "metric": st.sampled_from([*score.SCORES, "test_acc"]) | SCALARS,
         "mode": st.sampled_from(["max", "min", "up"]),
         "max_concurrent": SCALARS,
         "retries": SCALARS,
@@ -296,7 +296,7 @@ def test_any_definition_is_refused_with_its_reasons_or_gives_a_space_ray_can_dra
         return
     BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=sweep.seed)
     np.random.RandomState(sweep.seed)
-    assert sweep.metric in report.SCORES and 1 <= sweep.grid_size() <= MAX_TRIALS
+    assert sweep.metric in score.SCORES and 1 <= sweep.grid_size() <= MAX_TRIALS
     for key, domain in param_space(sweep).items():
         if hasattr(domain, "sample"):
             value = domain.sample()
