@@ -39,8 +39,8 @@ PARAMS_FILE = Path("params.yaml")
 YAML_LIMIT = 2**20
 YAML_DEPTH = 50
 YAML_INT_CHARS = 40
-# Training steps are counted in int32 inside the compiled loop, and the batch plan keeps a list entry
-# per printed line; ten million steps (1,000 times the author's 10,000) bounds both.
+# The compiled training loop counts steps in int32; ten million steps (1,000 times the author's
+# 10,000) stays far inside that and bounds what a typo can cost.
 MAX_ITERATIONS = 10_000_000
 # Registered model names that every store keeps (the SQL stores' column holds 256 characters), that
 # need no quoting in models:/ URIs and search filters, and that make no path (MLflow's file store).
