@@ -463,12 +463,15 @@ def test_any_text_parses_or_is_a_params_error(text):
 
 
 @pytest.mark.parametrize(
-    "text",
-    ["train: {seed: " + "9" * 5000 + "}\n", "check:\n  macro_f1: {better: higher}\n  macro_f1: {better: lower}\n"],
+    ("old", "new", "expected"),
+    [
+        ("max_worsening: 0.002", "max_worsening: " + "9" * 5000, "an integer of 5000 characters"),
+        ("macro_f1:", "test_accuracy:", "the key 'test_accuracy' appears twice"),
+    ],
 )
-def test_the_gate_answers_bad_params_with_bad_input_exit_2(tmp_path, text):
+def test_the_gate_answers_bad_params_with_bad_input_exit_2(tmp_path, old, new, expected):
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text() + text)
+    path.write_text((ROOT / "params.yaml").read_text().replace(old, new))
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.check", "--params", str(path)],
         cwd=ROOT,
@@ -478,4 +481,5 @@ def test_the_gate_answers_bad_params_with_bad_input_exit_2(tmp_path, text):
         timeout=120,
     )
     assert result.returncode == 2, result
-    assert result.stderr.startswith(f"error: {path} is not valid YAML") and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {path} is not valid YAML") and expected in result.stderr
+    assert "Traceback" not in result.stderr
