@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +26,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from pipeline import files
 from pipeline.cli import PipelineError, redact
 from pipeline.data import TRAINING_IMAGES
 
@@ -32,8 +34,19 @@ SEED_LIMIT = 2**32
 FLOAT32_MAX = 3.4028234663852886e38
 
 PARAMS_FILE = Path("params.yaml")
-# Characters that separate a models:/<name>@<alias> or models:/<name>/<version> URI into parts.
-MODEL_NAME_SEPARATORS = ("/", "@", ":")
+# Bounds on what a hand-written YAML file needs: its size, its nesting and an integer's length. With
+# aliases refused too, parsing is quick and small whatever the file holds.
+YAML_LIMIT = 2**20
+YAML_DEPTH = 50
+YAML_INT_CHARS = 40
+# The compiled training loop counts steps in int32; ten million steps (1,000 times the author's
+# 10,000) stays far inside that and bounds what a typo can cost.
+MAX_ITERATIONS = 10_000_000
+# Registered model names that every store keeps (the SQL stores' column holds 256 characters), that
+# need no quoting in models:/ URIs and search filters, and that make no path (MLflow's file store).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,255}", re.ASCII)
+# mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH (not imported: importing MLflow takes seconds).
+MAX_EXPERIMENT_NAME = 500
 # The models train.model can name: the seed's softmax, then the rest of the author's series in the
 # order of his scripts (pipeline.model.SERIES builds each; this list needs no TensorFlow to validate).
 MODEL_NAMES = (
@@ -67,6 +80,76 @@ MOVED_SECTIONS = {
 
 class ParamsError(PipelineError):
     """params.yaml is missing, malformed or holds invalid values."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader for every YAML file a user hands the project, refusing what no settings file needs.
+
+    Aliases (nested ones multiply into billions of values), duplicate keys (DVC refuses them, PyYAML
+    silently keeps the last), deep nesting (Python's recursion limit) and integers of hundreds of
+    digits (Python's digit limit, or numbers no float holds) are refused with the line they are on.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted; write each value out",
+                                              self.peek_event().start_mark)  # fmt: skip
+        if self.depth >= YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"values nest more than {YAML_DEPTH} deep",
+                                              self.peek_event().start_mark)  # fmt: skip
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        mapping = super().construct_mapping(node, deep)
+        seen: set = set()
+        for key_node, _ in node.value:
+            if (key := self.construct_object(key_node)) in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r:.80} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return mapping
+
+    def construct_yaml_int(self, node: Any) -> int:
+        if len(node.value) > YAML_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters is out of any sane range", node.start_mark
+            )
+        return super().construct_yaml_int(node)
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError) -> Any:
+    """The YAML in ``text`` read by :class:`StrictLoader`; raises ``error`` naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (StrictLoader is a SafeLoader)
+    except yaml.MarkedYAMLError as problem:
+        mark = problem.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise error(f"{source} is not valid YAML{where}: {problem.problem or problem.context}.") from None
+    except (yaml.YAMLError, ValueError) as problem:
+        # A timestamp such as 2024-13-45 reaches datetime, which raises ValueError.
+        raise error(f"{source} is not valid YAML: {problem}.") from None
+
+
+def read_params(path: Path) -> Any:
+    """The parsed YAML of the params file at ``path``, unvalidated, read through the bounded reader."""
+    try:
+        text = files.read_bytes(path, YAML_LIMIT).decode("utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path} does not exist; run from the project root, where params.yaml lives.") from None
+    except (OSError, UnicodeDecodeError) as problem:
+        reason = problem.strerror if isinstance(problem, OSError) and problem.strerror else problem
+        raise ParamsError(f"cannot read {path}: {reason}.") from None
+    return parse_yaml(text, str(path))
 
 
 @dataclass(frozen=True)
@@ -155,7 +238,12 @@ class _Collector:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
                 hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid keys: {', '.join(known)})"
-                self.add(f"{prefix}{key} is not a known key{hint}")
+                self.add(f"{prefix}{_shown(key)} is not a known key{hint}")
+
+
+def _shown(key: Any) -> str:
+    """A key as it reads in a one-line message: as written, or quoted when it holds a line break or the like."""
+    return str(key) if str(key).isprintable() else repr(key)
 
 
 def _typed(value: Any, kind: type, name: str, collector: _Collector) -> Any:
@@ -165,8 +253,10 @@ def _typed(value: Any, kind: type, name: str, collector: _Collector) -> Any:
         if isinstance(value, str):
             with contextlib.suppress(ValueError):
                 value = float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        # An integer beyond any float (hundreds of digits) is an OverflowError, not infinity.
+        with contextlib.suppress(OverflowError):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
         collector.add(f"{name} must be a number, got {value!r}")
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -214,15 +304,13 @@ def tracking_uri_problem(uri: str) -> str | None:
     return None
 
 
-def registered_model_problem(name: str | None) -> str | None:
-    """Return why ``name`` cannot name a registered model in a ``models:/<name>@<alias>`` URI, or None."""
-    if name is None:
-        return None
-    if not name.strip():
-        return "must name the MLflow registered model that every run adds a version to"
-    if any(character in name for character in MODEL_NAME_SEPARATORS) or name != name.strip():
-        separators = " ".join(MODEL_NAME_SEPARATORS)
-        return f"{name!r} must not contain {separators} or surrounding spaces (they split a models:/ URI into parts)"
+def registered_model_problem(name: str) -> str | None:
+    """Return why ``name`` cannot name a registered model in every store and ``models:/`` URI, or None."""
+    if not MODEL_NAME.fullmatch(name):
+        return (
+            f"{name!r} must be 1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit "
+            "(the names every MLflow store keeps and models:/<name>@<alias> URIs can hold)"
+        )
     return None
 
 
@@ -234,7 +322,7 @@ def _check_rules(raw: Any, collector: _Collector) -> dict[str, CheckRule]:
         return {}
     rules = {}
     for metric, rule in raw.items():
-        prefix = f"check.{metric}"
+        prefix = f"check.{_shown(metric)}"
         if not isinstance(rule, dict):
             collector.add(f"{prefix} must be a mapping with keys {', '.join(RULE_KEYS)}")
             continue
@@ -308,14 +396,18 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
             f"train.learning_rate must be more than 0 and at most {FLOAT32_MAX:.4g} (float32), got {learning_rate}"
         )
     if (batch_size := train.get("batch_size")) is not None:
-        training_size = TRAINING_IMAGES - (validation_size or 0)
+        held_out = validation_size if validation_size is not None and 0 <= validation_size < TRAINING_IMAGES else 0
+        training_size = TRAINING_IMAGES - held_out
         if batch_size < 1:
             collector.add(f"train.batch_size must be at least 1, got {batch_size}")
-        elif validation_size is not None and 0 <= validation_size < TRAINING_IMAGES and batch_size > training_size:
+        elif batch_size > training_size:
             collector.add(f"train.batch_size ({batch_size}) is larger than the training set ({training_size} images)")
-    for key in ("iterations", "eval_interval"):
-        if (value := train.get(key)) is not None and value < 1:
-            collector.add(f"train.{key} must be at least 1, got {value}")
+    iterations, eval_interval = train.get("iterations"), train.get("eval_interval")
+    if iterations is not None and not 1 <= iterations <= MAX_ITERATIONS:
+        collector.add(f"train.iterations must be from 1 to {MAX_ITERATIONS:,}, got {iterations}")
+    if eval_interval is not None and not 1 <= eval_interval <= (iterations or eval_interval):
+        # Report evaluates the last logged test metrics: with none logged it would have nothing to read.
+        collector.add(f"train.eval_interval must be from 1 to train.iterations ({iterations}), got {eval_interval}")
     if (model := train.get("model")) is not None and model not in MODEL_NAMES:
         close = difflib.get_close_matches(model, MODEL_NAMES, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
@@ -331,15 +423,7 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
 def load_params(path: Path | str | None = None) -> Params:
     """Read and validate params.yaml (or ``$PIPELINE_PARAMS``, or ``path``)."""
     path = Path(path or os.environ.get("PIPELINE_PARAMS") or PARAMS_FILE)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"{path} does not exist; run from the project root, where params.yaml lives.") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path} is not valid YAML: {error}") from None
-    return validate(raw, str(path))
+    return validate(read_params(path), str(path))
 
 
 def _environment_number(environ: Mapping[str, str], name: str, default: float, low: float, high: float,
@@ -384,6 +468,9 @@ def tracking_settings(environ: Mapping[str, str] = os.environ) -> TrackingSettin
     if (problem := tracking_uri_problem(uri)) is not None:
         collector.add(f"MLFLOW_TRACKING_URI {problem}")
     experiment = environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
+    if len(experiment) > MAX_EXPERIMENT_NAME:
+        collector.add(f"MLFLOW_EXPERIMENT_NAME must be at most {MAX_EXPERIMENT_NAME} characters (MLflow's limit), "
+                      f"got {len(experiment)}")  # fmt: skip
     registered_model = environ.get("MNIST_REGISTERED_MODEL", "").strip() or DEFAULT_REGISTERED_MODEL
     if (problem := registered_model_problem(registered_model)) is not None:
         collector.add(f"MNIST_REGISTERED_MODEL {problem}")

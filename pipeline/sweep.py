@@ -42,11 +42,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline import files
 from pipeline.cli import PipelineError, configure_logging, format_error, redact
-from pipeline.params import credential_keys, load_params, tracking_settings
+from pipeline.params import credential_keys, load_params, parse_yaml, read_params, tracking_settings
 from pipeline.score import SCORES
 from pipeline.tracking import record, store, tags
 
@@ -161,13 +159,7 @@ def distribution_problem(kind: str, values: list, current: Any) -> str | None:
 
 def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
     """Validate a sweep definition against the project's params.yaml; report every problem at once."""
-    try:
-        # A sweep file has no use for aliases, and nested ones multiply into billions of values.
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise PipelineError("the sweep file uses YAML aliases (*name); write each value out instead.")
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise PipelineError(f"the sweep file is not valid YAML: {error}") from None
+    raw = parse_yaml(text, "the sweep file", PipelineError)
     if not isinstance(raw, dict):
         raise PipelineError("the sweep file must be a mapping of keys (see sweeps/example.yaml).")
     problems = [f"unknown key {shown(key)}" for key in raw if key not in SWEEP_KEYS]
@@ -641,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise PipelineError(f"cannot read the sweep file {args.sweep}: {reason}") from None
     load_params()
     settings = tracking_settings()
-    sweep = parse_sweep(text, yaml.safe_load((root / "params.yaml").read_text()))
+    sweep = parse_sweep(text, read_params(root / "params.yaml"))
     uri = store.tracking_uri(settings.uri, root)
     if args.address:
         problems = cluster_problems(uri, root)

@@ -185,7 +185,6 @@ def test_a_cluster_sweep_with_a_local_store_is_refused_saying_what_to_set(tmp_pa
         ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, not -1"),
         ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295, not 4294967296"),
         ({"seed": True}, "seed must be a whole number from 0 to 4294967295, not True"),
-        ({"trials": 10**100, "search": "random"}, "trials must be a whole number from 1 to 10000, not 1000000"),
         ({"retries": -1}, "retries must be a whole number from 0 to 100, not -1"),
         ({"max_concurrent": 10**6}, "max_concurrent must be a whole number from 1 to 1000"),
         (
@@ -206,10 +205,6 @@ def test_a_cluster_sweep_with_a_local_store_is_refused_saying_what_to_set(tmp_pa
         ),
         (
             {"search": "random", "parameters": {"train.learning_rate": {"uniform": [0, math.inf]}}},
-            "'train.learning_rate': uniform needs [low, high], two finite numbers",
-        ),
-        (
-            {"search": "random", "parameters": {"train.learning_rate": {"uniform": [0, 10**400]}}},
             "'train.learning_rate': uniform needs [low, high], two finite numbers",
         ),
         (
@@ -239,11 +234,23 @@ def test_bad_sweep_values_are_refused_up_front(overrides, phrase):
     assert len(message) < 600, "a huge value is quoted cut short"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        ({"trials": 10**100, "search": "random"}, "an integer of 101 characters is out of any sane range"),
+        ({"search": "random", "parameters": {"train.learning_rate": {"uniform": [0, 10**400]}}}, "of 401 characters"),
+    ],
+)
+def test_huge_integers_are_refused_by_the_yaml_loader(overrides, phrase):
+    with pytest.raises(PipelineError, match=rf"the sweep file is not valid YAML \(line \d+, column \d+\): .*{phrase}"):
+        parse_sweep(definition(**overrides), PARAMS)
+
+
 def test_yaml_aliases_are_refused_before_they_multiply():
     bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
         f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi")
     )
-    with pytest.raises(PipelineError, match=r"the sweep file uses YAML aliases \(\*name\)"):
+    with pytest.raises(PipelineError, match=r"YAML \(line 2, column 8\): aliases \(\*name\) are not accepted"):
         parse_sweep(bomb + definition(), PARAMS)
 
 
