@@ -232,8 +232,12 @@ def native_stderr_silenced() -> Iterator[None]:
     TensorFlow's C++ start-up lines ("oneDNN custom operations are on" on CPUs where it enables
     oneDNN, absl's "All log messages before absl::InitializeLog()") are written while it is imported,
     whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow/tensorflow#100442). Its real failures reach
-    Python as exceptions, which are reported after the block.
+    Python as exceptions, which are reported after the block. Python's import-time profile, which
+    tests/test_dependencies.py reads from stderr, is left alone.
     """
+    if os.environ.get("PYTHONPROFILEIMPORTTIME") or "importtime" in sys._xoptions:
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     try:

@@ -129,7 +129,12 @@ def repo(tmp_path: Path) -> Path:
 
 
 def check_env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ("GITHUB_STEP_SUMMARY", "PIPELINE_PARAMS")}
+    # No MLflow setting from the test process (an earlier in-process test may have set one).
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("GITHUB_STEP_SUMMARY", "PIPELINE_PARAMS") and not key.startswith("MLFLOW_")
+    }
     env.update(GIT_ENV, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", **extra)
     return env
 
