@@ -1,207 +1,104 @@
 """Screenshot MLflow's run-comparison page for the README (docs/mlflow-compare.png).
 
-Usage, with an MLflow server holding the sweep's runs (``mlflow server --backend-store-uri
-sqlite:///$PWD/mlflow.db --port 5000``)::
+With an MLflow server holding the sweep's runs (``mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db``)::
 
-    python scripts/mlflow_compare_screenshot.py --tracking-uri http://127.0.0.1:5000 --out docs/mlflow-compare.png
+    uv run python scripts/mlflow_compare_screenshot.py --tracking-uri http://127.0.0.1:5000
 
-It compares every finished run of the experiment (``mnist-softmax`` unless ``--experiment`` says
-otherwise), in the order of their learning rates, the way a person would: it opens
-``#/compare-runs?runs=[...]&experiments=[...]`` in headless Chromium (Debian's ``chromium``
-package), closes the assistant side panel, and puts ``--metric`` (final test accuracy) on the
-parallel-coordinates plot instead of the first metric MLflow happens to pick. Chromium is driven
-through its DevTools protocol over a websocket with aiohttp, which DVC already brings along.
+It compares every finished run of the experiment, lowest learning rate first, as a person would: in
+Debian's headless Chromium driven by Playwright (as tests/test_browser.py does), it opens
+``#/compare-runs``, closes the assistant side panel and puts ``--metric`` on the
+parallel-coordinates plot instead of the metric MLflow happens to pick.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
+import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    # This machine reaches no outside host; without these Chromium keeps trying and failing.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
-# Every wait below is bounded by this many seconds.
-PAGE_TIMEOUT = 60
+ASSISTANT_CLOSE = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 
 
-def compare_url(tracking_uri: str, experiment: str) -> tuple[str, list[str]]:
-    """The compare-runs URL of every finished run of ``experiment``, lowest learning rate first."""
-    from mlflow.tracking import MlflowClient
+def arguments(out: str, size: str) -> argparse.Namespace:
+    """The options both screenshot scripts take."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    parser.add_argument("--tracking-uri", default=uri, help="a running MLflow server (default $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--experiment", default="mnist-softmax")
+    parser.add_argument("--metric", default="final_test_accuracy", help="the compare plot's metric ('': MLflow's)")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--size", default=size, help="the page's size, WIDTHxHEIGHT")
+    parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
+    return parser.parse_args()
 
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
+
+def experiment_id(client, args: argparse.Namespace) -> str:
+    found = client.get_experiment_by_name(args.experiment)
     if found is None:
-        sys.exit(f"error: {tracking_uri} has no experiment {experiment!r}")
-    runs = client.search_runs(
-        [found.experiment_id], "attributes.status = 'FINISHED'", order_by=["params.`train.learning_rate` ASC"]
-    )
-    if not runs:
-        sys.exit(f"error: experiment {experiment!r} at {tracking_uri} has no finished run")
-    run_ids = [run.info.run_id for run in runs]
-    query = f"runs={json.dumps(run_ids)}&experiments={json.dumps([found.experiment_id])}"
-    return f"{tracking_uri.rstrip('/')}/#/compare-runs?{urllib.parse.quote(query, safe='=&')}", run_ids
+        sys.exit(f"error: {args.tracking_uri} has no experiment {args.experiment!r}")
+    return found.experiment_id
 
 
-class DevTools:
-    """The few DevTools-protocol commands this script needs, over one page's websocket."""
+@contextlib.contextmanager
+def page_of(args: argparse.Namespace):
+    """A page of headless Chromium of exactly ``--size``; waits end after four minutes (a busy machine)."""
+    from playwright.sync_api import sync_playwright
 
-    def __init__(self, websocket) -> None:
-        self.websocket = websocket
-        self.last_id = 0
-
-    async def call(self, method: str, **params):
-        self.last_id += 1
-        await self.websocket.send_json({"id": self.last_id, "method": method, "params": params})
-        async with asyncio.timeout(PAGE_TIMEOUT):
-            async for message in self.websocket:
-                data = json.loads(message.data)
-                if data.get("id") == self.last_id:
-                    if "error" in data:
-                        raise RuntimeError(f"{method}: {data['error']}")
-                    return data.get("result", {})
-        raise RuntimeError(f"{method}: the browser closed the connection")
-
-    async def evaluate(self, expression: str):
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        return result.get("result", {}).get("value")
-
-    async def wait_for(self, expression: str, what: str) -> None:
-        deadline = time.monotonic() + PAGE_TIMEOUT
-        while not await self.evaluate(expression):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out after {PAGE_TIMEOUT} s waiting for {what}")
-            await asyncio.sleep(0.5)
-
-    async def click(self, selector: str, index: int = 0) -> bool:
-        """Click the centre of the ``index``-th element matching ``selector``, as a mouse would."""
-        box = await self.evaluate(
-            f"(() => {{ const e = document.querySelectorAll({json.dumps(selector)})[{index}];"
-            " if (!e) return null; const r = e.getBoundingClientRect();"
-            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
-        )
-        if not box:
-            return False
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            await self.call("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1)
-        return True
-
-    async def key(self, key: str, code: int) -> None:
-        for kind in ("keyDown", "keyUp"):
-            await self.call("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code)
-
-
-async def show_metric(page: DevTools, metric: str) -> None:
-    """Replace the parallel-coordinates plot's metric with ``metric`` through its select box."""
-    # The plot's two multi-selects are parameters, then metrics; each tag has a remove cross.
-    metrics_select = "[class*=select]:has(#dubois-select-2)"
-    while await page.click(f"{metrics_select} [class*=select-selection-item-remove]"):
-        await asyncio.sleep(0.3)
-    await page.click("#dubois-select-2")
-    await page.call("Input.insertText", text=metric)
-    await asyncio.sleep(0.5)
-    await page.key("Enter", 13)
-    await page.key("Escape", 27)
-
-
-async def screenshot(url: str, out: Path, width: int, height: int, metric: str, chromium: str) -> None:
-    import aiohttp
-
-    profile = tempfile.mkdtemp(prefix="mlflow-screenshot-profile.")
-    browser = subprocess.Popen(
-        [
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}",
-            f"--window-size={width},{height}",
-            "--remote-debugging-port=0",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        # Chromium writes the port it picked into the profile once DevTools listens.
-        port_file = Path(profile) / "DevToolsActivePort"
-        deadline = time.monotonic() + PAGE_TIMEOUT
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if browser.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{chromium} did not start (exit code {browser.poll()})")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-            targets = json.load(response)
-        websocket_url = next(target["webSocketDebuggerUrl"] for target in targets if target["type"] == "page")
-        async with aiohttp.ClientSession() as session, session.ws_connect(websocket_url, max_msg_size=0) as websocket:
-            page = DevTools(websocket)
-            # --window-size includes the (invisible) browser frame; the page itself gets exactly this.
-            await page.call(
-                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
-            )
-            await page.call("Page.enable")
-            await page.call("Page.navigate", url=url)
-            await page.wait_for("document.body && document.body.innerText.includes('Comparing')", "the comparison page")
-            # Let the charts draw before touching them.
-            await asyncio.sleep(3)
-            if not await page.click('[data-component-id="mlflow.assistant.chat_panel.close"]'):
-                print("note: no assistant panel to close", file=sys.stderr)
-            await asyncio.sleep(1)
-            if metric:
-                await show_metric(page, metric)
-                await asyncio.sleep(2)
-            shot = await page.call("Page.captureScreenshot", format="png")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(base64.b64decode(shot["data"]))
-    finally:
-        browser.terminate()
+    width, height = (int(value) for value in args.size.lower().split("x"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
         try:
-            browser.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-        shutil.rmtree(profile, ignore_errors=True)
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(240_000)
+            yield page
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=args.out)
+            print(f"wrote {args.out}")
+        finally:
+            browser.close()
+
+
+def settle(page, text: str) -> None:
+    """Wait for ``text``, let the charts draw, and close the assistant side panel."""
+    page.get_by_text(text).first.wait_for()
+    page.wait_for_timeout(3000)
+    if page.locator(ASSISTANT_CLOSE).count():
+        page.locator(ASSISTANT_CLOSE).first.click()
+        page.wait_for_timeout(1000)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
-        help="URL of a running MLflow server (default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000)",
+    from mlflow import MlflowClient
+
+    args = arguments("docs/mlflow-compare.png", "1600x1000")
+    client = MlflowClient(args.tracking_uri)
+    experiment = experiment_id(client, args)
+    runs = client.search_runs(
+        [experiment], "attributes.status = 'FINISHED'", order_by=["params.`train.learning_rate` ASC"]
     )
-    parser.add_argument("--experiment", default="mnist-softmax")
-    parser.add_argument(
-        "--metric",
-        default="final_test_accuracy",
-        help="metric for the parallel-coordinates plot; '' keeps MLflow's choice",
-    )
-    parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
-    parser.add_argument("--size", default="1600x1000", help="window size, WIDTHxHEIGHT")
-    parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
-    args = parser.parse_args()
-    width, height = (int(value) for value in args.size.lower().split("x"))
-    url, run_ids = compare_url(args.tracking_uri, args.experiment)
-    print(f"comparing {len(run_ids)} runs: {url}")
-    asyncio.run(screenshot(url, args.out, width, height, args.metric, args.chromium))
-    print(f"wrote {args.out}")
+    if not runs:
+        sys.exit(f"error: experiment {args.experiment!r} at {args.tracking_uri} has no finished run")
+    query = f"runs={json.dumps([run.info.run_id for run in runs])}&experiments={json.dumps([experiment])}"
+    with page_of(args) as page:
+        page.goto(f"{args.tracking_uri.rstrip('/')}/#/compare-runs?{urllib.parse.quote(query, safe='=&')}")
+        settle(page, "Comparing")
+        if args.metric:
+            # The plot's two multi-selects hold the parameters, then the metrics; each tag has a remove cross.
+            removes = page.locator("[class*=select]:has(#dubois-select-2) [class*=select-selection-item-remove]")
+            while removes.count():
+                removes.first.click()
+                page.wait_for_timeout(300)
+            page.locator("#dubois-select-2").click()
+            page.keyboard.insert_text(args.metric)
+            page.wait_for_timeout(500)
+            page.keyboard.press("Enter")
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(2000)
 
 
 if __name__ == "__main__":

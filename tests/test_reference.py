@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import ROOT, stage_env, write_params
 from idx_fixtures import write_idx
 
+from benchmarks import numpy_reference
 from benchmarks.numpy_reference import train_numpy
 from pipeline.data import RAW_PAIRS
 from pipeline.train import batch_order, train
@@ -105,6 +107,12 @@ def test_train_numpy_does_not_change_its_inputs():
     assert result["test_probabilities"].shape == (200, 10)
 
 
+@pytest.mark.parametrize(("num_examples", "batch_size", "iterations"), [(600, 20, 300), (55_000, 100, 1_200)])
+def test_reference_draws_the_batches_the_pipeline_draws(num_examples, batch_size, iterations):
+    expected = batch_order(num_examples, batch_size, iterations, seed=3)
+    np.testing.assert_array_equal(numpy_reference.batch_order(num_examples, batch_size, iterations, 3), expected)
+
+
 @pytest.fixture
 def tiny_mirror(tmp_path):
     """A learnable synthetic mirror, big enough for params.yaml's 5,000 validation images and batches of 100.
@@ -134,24 +142,10 @@ def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
         "assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'mlflow') for m in sys.modules), 'heavy import'"
     )
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "--mirror",
-            str(tiny_mirror),
-            "--no-verify",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        cwd=ROOT,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        [sys.executable, "-c", code, "--mirror", str(tiny_mirror), "--no-verify",
+         "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")],
+        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 <= summary["test_accuracy"] <= 1 and summary["train_seconds"] > 0
@@ -161,35 +155,22 @@ def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
     assert step == "10" and len(values) == 4 and all(float(value) >= 0 for value in values)
 
 
-def test_benchmark_runs_end_to_end_in_quick_mode(tmp_path, tiny_mirror):
+def test_benchmark_runs_end_to_end(tmp_path, tiny_mirror):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--quick",
-            "--only",
-            "train-loop",
-            "--iterations",
-            "200",
-            "--mirror",
-            str(tiny_mirror),
-            "--json",
-            str(tmp_path / "bench.json"),
-        ],
-        cwd=ROOT,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+        [sys.executable, "-m", "benchmarks.run", "--repeat", "1", "--only", "train-loop", "--iterations", "200",
+         "--mirror", str(tiny_mirror), "--json", str(tmp_path / "bench.json")],
+        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| Measure | Ours (median s) | Reference (median s) | Ratio | Target | Verdict |" in result.stdout
-    assert "Train loop: 200 steps" in result.stdout
+    assert "| measure | ours (median) | reference (median) | ratio | target |" in result.stdout
+    assert "| train loop, 200 steps: TensorFlow vs NumPy" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
-    [row] = report["rows"]
-    assert len(row["ours"]) == len(row["reference"]) == 1 and row["ours"][0] > 0 and row["reference"][0] > 0
-    tf_run, numpy_run = report["samples"]["train_loop"]
+    loop, percentiles = report["rows"]
+    for row in (loop, percentiles):
+        assert len(row["ours"]) == len(row["reference"]) == 1 and min(row["ours"] + row["reference"]) > 0
     # Same data, same initial weights, same batches: the two implementations end in the same place.
-    assert tf_run["test_accuracy"] == pytest.approx(numpy_run["test_accuracy"], abs=0.01)
-    assert tf_run["test_cross_entropy"] == pytest.approx(numpy_run["test_cross_entropy"], rel=1e-3)
+    found = re.findall(r"([\w-]+) ([\d.]+) / ([\d.]+)", report["notes"][0])
+    finals = {kind: (float(accuracy), float(cross_entropy)) for kind, accuracy, cross_entropy in found}
+    assert set(finals) == {"tensorflow", "numpy", "no-percentiles"}
+    assert finals["tensorflow"][0] == pytest.approx(finals["numpy"][0], abs=0.01)
+    assert finals["tensorflow"][1] == pytest.approx(finals["numpy"][1], rel=1e-3)
