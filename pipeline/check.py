@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -387,7 +388,20 @@ def reading(what: str) -> Iterator[None]:
 
 def read_metrics(rev: str | None = None) -> dict[str, Any]:
     """Every metric in the metrics files dvc.yaml declares, at ``rev`` (None: the working tree), flattened."""
-    return flatten(dvc.api.metrics_show(repo=Repo.find_root(), rev=rev))
+    root = Repo.find_root()
+    if rev is None:
+        # DVC reads a metrics file whole, and waits forever on a FIFO: in the working tree, where
+        # one can be a FIFO or a link to /dev/zero, each must pass the bounded reader first.
+        with Repo(root) as repo:
+            paths = [out.fs_path for stage in repo.index.stages for out in stage.outs if out.metric]
+        for path in paths:
+            try:
+                files.read_bytes(path)
+            except FileNotFoundError:
+                pass  # DVC names a missing metrics file itself.
+            except OSError as error:
+                raise OSError(f"{os.path.relpath(path, root)}: {error}") from None
+    return flatten(dvc.api.metrics_show(repo=root, rev=rev))
 
 
 def _git(*args: str) -> str | None:
@@ -656,7 +670,13 @@ def cli() -> None:
     # A Windows console's code page has no ✅ or ❌; a replacement character beats a crash.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
-    run(lambda: sys.exit(main(sys.argv[1:])), error_exit_code=EXIT_BAD_INPUT)
+    try:
+        run(lambda: sys.exit(main(sys.argv[1:])), error_exit_code=EXIT_BAD_INPUT)
+    except Exception:
+        # Python exits 1 after an uncaught exception, which is the gate's code for a regression: a
+        # crash (a bug, or input nothing checked yet) must never read as a verdict.
+        traceback.print_exc()
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

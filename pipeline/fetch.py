@@ -49,7 +49,7 @@ from urllib.parse import urlparse
 
 from pipeline.cli import PipelineError, path_arguments, redact, run
 from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, RAW_PAIRS, SIZE_LIMIT, TEST_IMAGES, TRAIN_IMAGES
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, read_bytes
 from pipeline.idx import (
     UNSIGNED_BYTE,
     IdxError,
@@ -190,7 +190,7 @@ def is_sha256(text: str) -> bool:
 def load_expected(path: Path) -> dict[str, str]:
     """Read a ``{file name: sha256}`` JSON override, checking that it covers exactly the four files."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{ENV_EXPECTED} names {path}, which does not exist.") from None
     except (OSError, ValueError) as error:

@@ -753,6 +753,28 @@ def test_a_summary_file_that_cannot_be_written_keeps_the_real_error_and_the_verd
     assert "cannot append the report to the summary file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_current_metrics_file_that_is_a_fifo_or_too_large_is_bad_input_not_a_hang(repo):
+    metrics = repo / "metrics" / "metrics.json"
+    metrics.unlink()
+    os.mkfifo(metrics)
+    assert_bad_input(run_check(repo), "cannot read the current metrics: metrics/metrics.json: it is a FIFO")
+    metrics.unlink()
+    with open(metrics, "wb") as handle:
+        handle.truncate(READ_LIMIT + 1)
+    assert_bad_input(run_check(repo), "metrics/metrics.json: it holds more than the 67,108,864 bytes")
+
+
+def test_a_crash_exits_2_never_1_which_means_a_regression(tmp_path):
+    """Whatever slips past the checks (here a 5,000-digit integer in the params file) is not a verdict."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("seed: 0", "seed: 1" + "0" * 5000))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.check", "--params", str(params)], cwd=tmp_path, env=check_env(),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+
+
 def test_missing_baseline_file(repo, tmp_path):
     assert_bad_input(
         run_check(repo, "--baseline-file", str(tmp_path / "gone.json")), "the baseline file", "gone.json does not exist"

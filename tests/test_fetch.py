@@ -577,6 +577,8 @@ def test_load_expected_checks_names_and_digests(tmp_path, data):
         load_expected(wrong)
     with pytest.raises(PipelineError, match="does not exist"):
         load_expected(tmp_path / "absent.json")
+    with pytest.raises(PipelineError, match="not a readable JSON file .it is a device, not a regular file"):
+        load_expected(Path("/dev/zero"))
 
 
 def test_default_sources_order():
