@@ -1054,6 +1054,21 @@ def test_promotion_needs_a_store_that_exists(repo):
     assert "does not exist yet; run the pipeline first" in " ".join(result.stderr.split())
 
 
+def test_a_registry_that_refuses_the_credentials_is_bad_input(repo):
+    from test_tracking_server import FakeServer
+
+    # Health checks pass and every API call answers 401, as MLflow's basic-auth app does for a wrong password.
+    server = FakeServer(health_status=200, other_status=401)
+    try:
+        result = run_check(
+            repo, "--champion", MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME="someone",
+            MLFLOW_TRACKING_PASSWORD="wrong",
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert_bad_input(result, f"the MLflow registry at {server.url} failed", "failed with error code 401")
+
+
 # ---------------------------------------------------------------------------------------------
 # Whatever a baseline file or a metrics file holds, the gate gives a verdict (0, 1) or bad input (2).
 
