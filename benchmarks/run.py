@@ -211,7 +211,7 @@ def bench_stage(bench: Bench) -> list[Row]:
             stage.reference.append(reference)
             predict.reference.append(reference)
         else:
-            command = [VENV_BIN / "mnist-predict", image]
+            command = [VENV_BIN / "mnist-predict", "--model", "models/model.keras", image]
             predict.ours.append(bench.run("mnist-predict", command, project.root, project.env)[0])
     bench.notes.append("Stage wall times (their RSS run): " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return [
