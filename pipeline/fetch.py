@@ -131,14 +131,15 @@ class Mirror:
             except (OSError, http.client.HTTPException) as error:
                 # A file missing from a directory is this file's problem; anything else is the whole mirror's.
                 reason = getattr(error, "reason", error)
-                if isinstance(reason, FileNotFoundError) and Path(reason.filename).parent.is_dir():
+                if isinstance(reason, FileNotFoundError):
+                    if not (directory := Path(reason.filename).parent).is_dir():
+                        raise SourceDown(f"{directory} is not a directory") from None
                     reasons.append(f"{reason.filename} does not exist")
                     continue
-                if isinstance(reason, FileNotFoundError):
-                    raise SourceDown(f"{Path(reason.filename).parent} is not a directory") from None
-                if isinstance(reason, TimeoutError):
-                    raise SourceDown(f"timed out after {timeout:g} s") from None
-                raise SourceDown(f"cannot be read ({reason})") from None
+                timed_out = isinstance(reason, TimeoutError)
+                raise SourceDown(
+                    f"timed out after {timeout:g} s" if timed_out else f"cannot be read ({reason})"
+                ) from None
         raise Unusable("; ".join(reasons))
 
 
