@@ -1,116 +1,73 @@
-"""Stage ``preprocess``: turn the raw IDX files into compact arrays ready for training.
+"""Stage ``preprocess``: the four IDX files in ``--raw`` become compact arrays in ``--out``.
 
-Reads the four MNIST IDX files from ``--raw`` and writes ``--out`` holding, for each split
-(``train``, ``validation``, ``test``), ``<split>_images.npy`` (uint8, rows of 784 pixels) and
-``<split>_labels.npy`` (uint8 one-hot rows of 10). As in the seed's ``read_data_sets``, the first
-``preprocess.validation_size`` training images are held out as validation. Pixels stay uint8 on disk
-(a quarter of the size of float32); scaling to [0, 1] happens where batches are fed to the model.
+For each split (train, validation, test) it writes ``<split>_images.npy`` (uint8 rows of 784 pixels)
+and ``<split>_labels.npy`` (uint8 one-hot rows of 10). As in the seed's ``read_data_sets``, the first
+``preprocess.validation_size`` training images are held out for validation. Pixels stay uint8 on disk,
+a quarter of float32's size; they are scaled to [0, 1] where batches are fed to the model.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from pipeline import idx
+from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import NUM_CLASSES, NUM_PIXELS, RAW_PAIRS, SPLITS, array_file
+from pipeline.data import NUM_CLASSES, NUM_PIXELS, RAW_PAIRS, SPLITS, read_idx
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
 
 
 def flatten(images: np.ndarray) -> np.ndarray:
-    """Turn (count, 28, 28) images into (count, 784) rows, keeping uint8 (count may be 0)."""
+    """(count, 28, 28) images as (count, 784) rows, still uint8."""
     return np.ascontiguousarray(images.reshape(len(images), NUM_PIXELS))
 
 
-def one_hot(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Encode integer labels as uint8 one-hot rows (5 becomes [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])."""
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
-    return np.eye(num_classes, dtype=np.uint8)[labels]
-
-
-def split_validation(
-    images: np.ndarray, labels: np.ndarray, validation_size: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Hold out the first ``validation_size`` examples, as the seed's read_data_sets did."""
-    if not 0 <= validation_size < len(images):
-        raise ValueError(f"validation_size must be in [0, {len(images)}), got {validation_size}")
-    return (
-        (images[validation_size:], labels[validation_size:]),
-        (images[:validation_size], labels[:validation_size]),
-    )
-
-
-def make_splits(raw: dict[str, tuple[np.ndarray, np.ndarray]], validation_size: int) -> dict[str, np.ndarray]:
-    """From raw (images, labels) per IDX pair, build the flattened, one-hot arrays of every split."""
-    train, validation = split_validation(*raw["train"], validation_size)
-    arrays = {}
-    for split, (images, labels) in {"train": train, "validation": validation, "test": raw["test"]}.items():
-        arrays[f"{split}_images"] = flatten(images)
-        arrays[f"{split}_labels"] = one_hot(labels)
-    return arrays
-
-
-def read_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    raw = {}
-    for split, (images_name, labels_name) in RAW_PAIRS.items():
-        images = idx.read_images(raw_dir / images_name)
-        labels = idx.read_labels(raw_dir / labels_name)
-        idx.check_pair(images, labels, f"{raw_dir / images_name} and {labels_name}")
-        raw[split] = (images, labels)
-    return raw
-
-
-def write_arrays(out_dir: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write every array into a temp directory, then swap it in for ``out_dir`` in one rename."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    # mkdtemp makes the directory private; the output should have ordinary permissions.
-    temp_dir.chmod(0o755)
-    try:
-        for name, array in arrays.items():
-            np.save(temp_dir / array_file(name), array, allow_pickle=False)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temp_dir.rename(out_dir)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """Integer labels as uint8 one-hot rows: 5 becomes [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]."""
+    return np.eye(NUM_CLASSES, dtype=np.uint8)[labels]
 
 
 def main() -> None:
     args = path_arguments(__doc__, ["raw", "out"])
-    params = load_params().preprocess
+    validation_size = load_params().preprocess.validation_size
 
-    raw = read_raw(args.raw)
-    num_training = len(raw["train"][0])
-    if params.validation_size >= num_training:
+    raw = {}
+    for split, (images_name, labels_name) in RAW_PAIRS.items():
+        images, labels = read_idx(args.raw / images_name), read_idx(args.raw / labels_name)
+        if len(images) != len(labels) or labels.max(initial=0) >= NUM_CLASSES:
+            raise PipelineError(
+                f"{args.raw / images_name} and {labels_name} hold {len(images)} images and {len(labels)} labels "
+                f"(the largest {labels.max(initial=0)}), not one label from 0 to 9 per image; rerun the fetch "
+                "stage (dvc repro -f fetch)."
+            )
+        raw[split] = images, labels
+    images, labels = raw["train"]
+    if validation_size >= len(images):
         raise PipelineError(
-            f"preprocess.validation_size ({params.validation_size}) must be smaller than the "
-            f"{num_training} training images in {args.raw}, or nothing would be left to train on."
+            f"preprocess.validation_size ({validation_size}) must be smaller than the {len(images)} training "
+            f"images in {args.raw}, or nothing would be left to train on."
         )
-    arrays = make_splits(raw, params.validation_size)
+    raw["validation"] = images[:validation_size], labels[:validation_size]
+    raw["train"] = images[validation_size:], labels[validation_size:]
+
+    arrays = {}
+    for split in SPLITS:
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = flatten(raw[split][0]), one_hot(raw[split][1])
     try:
-        write_arrays(args.out, arrays)
+        with files.staged([args.out / f"{name}.npy" for name in arrays]) as temp_paths:
+            for temp_path, array in zip(temp_paths, arrays.values()):
+                np.save(temp_path, array, allow_pickle=False)
     except OSError as error:
         needed = sum(array.nbytes for array in arrays.values())
-        try:
-            free = f"{shutil.disk_usage(args.out.parent).free:,} bytes are free there"
-        except OSError:
-            free = "its free space is unknown"
         raise PipelineError(
-            f"cannot write {args.out} ({error.strerror or error}): the arrays need about {needed:,} bytes and {free}. "
-            f"Nothing half-written was left, and the previous {args.out} (if any) is unchanged. Free some space "
-            f"(or make {args.out.parent} writable) and run again."
+            f"cannot write {args.out} ({error.strerror or error}): the arrays need about {needed:,} bytes. "
+            f"Nothing half-written was left, and the previous {args.out} (if any) is unchanged. Free some "
+            f"space (or make {args.out.parent} writable) and run again."
         ) from None
-    sizes = ", ".join(f"{split} {len(arrays[f'{split}_images'])}" for split in SPLITS)
-    logger.info("wrote %s (%s images)", args.out, sizes)
+    logger.info("wrote %s (%s)", args.out, ", ".join(f"{name} {len(array)}" for name, array in arrays.items()))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# idx_fixtures encodes with the checkout's pipeline.idx, which pytest alone would not make importable.
+# idx_fixtures encodes with the checkout's pipeline.data, which pytest alone would not make importable.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
