@@ -1,8 +1,6 @@
-"""What every entry point shares: path arguments, logging with secrets masked, and clean error exits.
-
-A ``main()`` raises :class:`PipelineError` for what the user can fix; :func:`run` prints it as one
-paragraph without a traceback and exits non-zero, letting atexit handlers and libraries clean up.
-"""
+"""What every entry point shares: path arguments, logging with secrets masked, and clean error exits: a
+``main()`` raises :class:`PipelineError` for what the user can fix, and :func:`run` prints it as one paragraph
+without a traceback and exits non-zero, letting atexit handlers and libraries clean up."""
 
 from __future__ import annotations
 
@@ -49,12 +47,8 @@ def known_secrets(environ: Mapping[str, str] = os.environ) -> set[str]:
 def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
     """``text`` (a URI, or a message quoting one) with ``user:***@`` (or ``***@`` for a user alone, often a
     token), secret query values and :func:`known_secrets` masked. No library masks URIs inside free text."""
-
-    def authority(match: re.Match) -> str:
-        user, colon, _ = match.group(2).partition(":")
-        return f"{match.group(1)}{user}:{MASK}@" if colon else f"{match.group(1)}{MASK}@"
-
-    text = SECRET_QUERY.sub(rf"\1{MASK}", AUTHORITY.sub(authority, str(text)))
+    text = AUTHORITY.sub(lambda m: f"{m[1]}{m[2].split(':')[0] + ':' if ':' in m[2] else ''}{MASK}@", str(text))
+    text = SECRET_QUERY.sub(rf"\1{MASK}", text)
     for secret in sorted(known_secrets(environ), key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text

@@ -1,9 +1,6 @@
-"""params.yaml and the environment's settings, checked up front into typed objects (pydantic).
-
-Every stage calls :func:`load_params` before any heavy import: a typo costs seconds, not a training run,
-and every problem is named at once. params.yaml holds only what changes results; where data comes from and
-where runs are recorded are environment variables (README, "Settings"), which keeps credentials out of git.
-"""
+"""params.yaml and the environment's settings, checked into typed objects (pydantic) before any heavy import,
+every problem named at once. params.yaml holds only what changes results; where data comes from and where runs
+are recorded are environment variables (README, "Settings"), which keeps credentials out of git."""
 
 from __future__ import annotations
 
