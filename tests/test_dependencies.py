@@ -1,9 +1,6 @@
-"""Every stage depends on exactly the project code it runs, so a code change reruns exactly those stages.
-
-The modules are derived, not listed: ``dvc repro`` runs the stages of a small project with
-``PYTHONPROFILEIMPORTTIME=1``, which makes every Python process (a stage and anything it starts) print each
-module it imports after DVC's "Running stage" line. Those are compared with the stage's deps in dvc.yaml.
-"""
+"""Every stage depends on exactly the project code it runs, so a code change reruns exactly those stages. The
+modules are derived: ``dvc repro`` with ``PYTHONPROFILEIMPORTTIME=1`` makes every Python process (a stage and what
+it starts) print each module it imports after DVC's "Running stage" line; they are compared with dvc.yaml's deps."""
 
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(pipeline\S*)\s
 
 
 def module_file(module: str) -> str:
-    """pipeline.tracking.store → pipeline/tracking/store.py; pipeline.tracking → pipeline/tracking/__init__.py."""
     path = Path(*module.split("."))
     return (path / "__init__.py").as_posix() if (ROOT / path).is_dir() else f"{path.as_posix()}.py"
 

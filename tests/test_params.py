@@ -25,18 +25,10 @@ def edited(**changes) -> dict:
     for name, value in changes.items():
         section, _, key = name.partition("__")
         target, key = (raw[section], key) if key else (raw, section)
+        target[key] = value
         if value is GONE:
             del target[key]
-        else:
-            target[key] = value
     return raw
-
-
-def problems_of(raw: dict) -> str:
-    with pytest.raises(ParamsError) as caught:
-        validate(raw)
-    assert "\n" not in str(caught.value) and "hunter22" not in format_error(str(caught.value))
-    return str(caught.value)
 
 
 def test_project_params_load_into_typed_objects():
@@ -90,7 +82,10 @@ RULE = {"better": "lower", "max_worsening": 0}
     ],
 )  # fmt: skip
 def test_every_bad_value_is_named_in_one_paragraph(changes, expected):
-    assert expected in problems_of(edited(**changes))
+    with pytest.raises(ParamsError) as caught:
+        validate(edited(**changes))
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+    assert "hunter22" not in format_error(str(caught.value))
 
 
 @pytest.mark.parametrize(
@@ -163,21 +158,15 @@ def test_stages_refuse_bad_input_before_heavy_imports_and_change_nothing(tmp_pat
 
 
 def test_settings_defaults_and_values():
-    tracking = tracking_settings({})
-    assert (tracking.uri, tracking.experiment, tracking.registered_model) == ("", "mnist-softmax", "mnist-softmax")
-    http = tracking.http_environment()
-    assert http == {f"MLFLOW_HTTP_REQUEST_{name}": value for name, value in [("MAX_RETRIES", "5"),
-                    ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "10")]}  # fmt: skip
-    assert tracking.retry_seconds == 30  # urllib3 waits 0, 2, 4, 8 and 16 s
-    assert fetch_settings({}) == fetch_settings({"MNIST_MIRROR": " ", "MNIST_FETCH_TIMEOUT": ""})
-    assert (fetch_settings({}).mirror, fetch_settings({}).timeout_seconds) == ("", 30)
-    tracking = tracking_settings({
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_EXPERIMENT_NAME": "e" * 500,
-        "MNIST_REGISTERED_MODEL": "m" * 256, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
-    })  # fmt: skip
-    assert (len(tracking.experiment), len(tracking.registered_model)) == (500, 256)
-    assert (tracking.request_timeout, tracking.retry_seconds) == (7, 12)
+    default, fetch = tracking_settings({}), fetch_settings({"MNIST_MIRROR": " ", "MNIST_FETCH_TIMEOUT": ""})
+    assert (default.uri, default.experiment, default.registered_model) == ("", "mnist-softmax", "mnist-softmax")
+    assert (fetch.mirror, fetch.timeout_seconds) == ("", 30)
+    names = [f"MLFLOW_HTTP_REQUEST_{name}" for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT")]
+    assert default.http_environment() == dict(zip(names, ["5", "1", "10"]))
+    assert default.retry_seconds == 30  # urllib3 waits 0, 2, 4, 8 and 16 s
+    tracking = tracking_settings({"MLFLOW_EXPERIMENT_NAME": "e" * 500, "MNIST_REGISTERED_MODEL": "m" * 256,
+                                  **dict(zip(names, ["3", "2", "7"]))})  # fmt: skip
+    assert (len(tracking.experiment), len(tracking.registered_model), tracking.retry_seconds) == (500, 256, 12)
     assert fetch_settings({"MNIST_MIRROR": "/srv/mnist", "MNIST_FETCH_TIMEOUT": "2.5"}).timeout_seconds == 2.5
 
 
@@ -220,13 +209,11 @@ YAMLISH = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(section=st.sampled_from(["preprocess", "train", "check"]), key=st.text(max_size=15) | st.none(), value=YAMLISH)
 def test_any_value_anywhere_is_valid_or_one_params_error(section, key, value):
-    raw = edited()
-    # Either the whole section or one of its keys (a known one most of the time) takes the value.
-    known = list(raw[section])
-    if key is None:
-        raw[section] = value
-    else:
-        raw[section][known[len(key) % len(known)] if len(key) % 3 else key] = value
+    raw, known = edited(), list(edited()[section])
+    # The whole section takes the value, or one of its keys (a known one most of the time).
+    name = key if key is None or len(key) % 3 == 0 else known[len(key) % len(known)]
+    target, name = (raw, section) if key is None else (raw[section], name)
+    target[name] = value
     try:
         validate(raw)
     except ParamsError as error:
