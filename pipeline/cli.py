@@ -85,10 +85,11 @@ def format_error(message: str) -> str:
 
 
 def watch_dvc() -> tuple[int | None, threading.Event]:
-    """The dvc process that runs this stage, if any, and an event set when it ends (when this process is also
-    interrupted, as by SIGTERM). A supervisor that signals dvc alone ends it without passing the signal on: the
-    stage would go on as an orphan and write outputs after DVC has gone. PR_SET_PDEATHSIG sees only the parent,
-    which may be the ``$SHELL -c`` DVC runs us with (dash stays, bash replaces itself); a pidfd is immune to pid reuse.
+    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted.
+
+    A supervisor that signals dvc alone ends it without passing the signal on: the stage would go on as an orphan
+    and write outputs after DVC has gone. PR_SET_PDEATHSIG sees only the parent, which may be the ``$SHELL -c``
+    DVC runs us with (dash stays, bash replaces itself); a pidfd is immune to pid reuse.
     """
     pid, gone = os.getppid(), threading.Event()
     with contextlib.suppress(OSError):

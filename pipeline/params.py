@@ -99,11 +99,8 @@ def _refuse(problem: Callable[[Any], str | None]) -> AfterValidator:
 
 def _unknown_model(model: str) -> str | None:
     hint = "".join(f"did you mean {close}? " for close in difflib.get_close_matches(model, MODEL_NAMES, n=1))
-    return (
-        None
-        if model in MODEL_NAMES
-        else f"{model!r} is not a known model ({hint}known models: {', '.join(MODEL_NAMES)})"
-    )
+    known = f"{model!r} is not a known model ({hint}known models: {', '.join(MODEL_NAMES)})"
+    return None if model in MODEL_NAMES else known
 
 
 # Strict: true/false and quoted numbers are mistakes; 1e4 (a float in YAML 1.2, which `dvc exp run -S` writes) is whole.
@@ -212,7 +209,7 @@ def _shown(value: Any) -> str:
 def _problem(error: Any) -> str:
     parts = error["loc"][:-1] if error["loc"][-2:-1] == ("range",) else error["loc"]  # Not the index in a range.
     loc = [str(part) if str(part).isprintable() else repr(part) for part in parts]
-    key, kind = ".".join(loc), error["type"]
+    key, kind = ".".join(loc) or "it", error["type"]
     if kind == "unexpected_keyword_argument" and key in MOVED_SECTIONS:
         return (f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
                 f"and set the environment variables {MOVED_SECTIONS[key]} instead (README, 'Settings')")  # fmt: skip
@@ -252,8 +249,6 @@ def credential_keys(raw: Any, prefix: str = "") -> list[str]:
 
 def validate(raw: Any, source: str = "params.yaml") -> Params:
     """Parsed YAML as :class:`Params`, or one ParamsError naming every problem."""
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source} must be a mapping of sections (preprocess, train, check), got {_shown(raw)}.")
     # The file is committed, and DVC copies it into dvc.lock (which report uploads) and its run cache.
     secrets = [f"{', '.join(keys)} hold{'s' if len(keys) == 1 else ''} credentials, which must not be in a committed "
                "file (DVC also copies it into dvc.lock and its run cache): remove them and set them in the environment "

@@ -118,7 +118,7 @@ ALIAS_BOMB = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
         ("train: " + "[" * 100_000 + "]" * 100_000, "values nest too deep"),
         ("train: {seed: " + "9" * 5000 + "}\n", "is not valid YAML: Exceeds the limit (4300 digits)"),
         ("train: {seed: 2024-13-45}\n", "month must be in 1..12"),
-        ("[1, 2]", "must be a mapping of sections (preprocess, train, check), got [1, 2]"),
+        ("[1, 2]", "params.yaml has 1 problem: it must be a mapping, got [1, 2]"),
     ],
 )
 def test_unreadable_or_unsafe_params_files_are_refused_in_one_line(tmp_path, text, expected):
