@@ -214,10 +214,8 @@ def _problem(error: Any) -> str:
         return (f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
                 f"and set the environment variables {MOVED_SECTIONS[key]} instead (README, 'Settings')")  # fmt: skip
     if kind == "unexpected_keyword_argument":
-        schema = (
-            {"preprocess": PreprocessParams, "train": TrainParams, "check": CheckRule}[loc[0]] if loc[1:] else Params
-        )
-        known = list(schema.__pydantic_fields__)  # type: ignore[attr-defined]
+        schema = {"preprocess": PreprocessParams, "train": TrainParams, "check": CheckRule}.get(loc[0], Params)
+        known = list((schema if loc[1:] else Params).__pydantic_fields__)  # type: ignore[attr-defined]
         hint = "".join(f"did you mean {key[: -len(loc[-1])]}{close}?" for close in difflib.get_close_matches(
             loc[-1], known, n=1)) or f"valid keys: {', '.join(known)}"  # fmt: skip
         return f"{key} is not a known key ({hint})"
@@ -249,11 +247,12 @@ def credential_keys(raw: Any, prefix: str = "") -> list[str]:
 
 def validate(raw: Any, source: str = "params.yaml") -> Params:
     """Parsed YAML as :class:`Params`, or one ParamsError naming every problem."""
-    # The file is committed, and DVC copies it into dvc.lock (which report uploads) and its run cache.
-    secrets = [f"{', '.join(keys)} hold{'s' if len(keys) == 1 else ''} credentials, which must not be in a committed "
-               "file (DVC also copies it into dvc.lock and its run cache): remove them and set them in the environment "
-               "instead (MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
-               for keys in [credential_keys(raw)] if keys]  # fmt: skip
+    secrets = []  # The file is committed, and DVC copies it into dvc.lock (which report uploads) and its run cache.
+    if keys := credential_keys(raw):
+        secrets.append(f"{', '.join(keys)} hold{'s' if len(keys) == 1 else ''} credentials, which must not be in a "
+                       "committed file (DVC also copies it into dvc.lock and its run cache): remove them and set them "
+                       "in the environment instead (MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME and "
+                       "MLFLOW_TRACKING_PASSWORD)")  # fmt: skip
     return _validated(Params, raw, source, ParamsError, secrets)
 
 
