@@ -21,7 +21,7 @@ from pipeline.cli import PipelineError, redact
 from pipeline.data import TRAINING_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
-YAML_LIMIT, YAML_DEPTH = 2**20, 50
+YAML_LIMIT, YAML_DEPTH, YAML_INT_CHARS = 2**20, 50, 40
 # The models train.model can name, in the order of the author's scripts; pipeline.model builds each.
 MODEL_NAMES = ("softmax", "five_layers_sigmoid", "five_layers_relu", "five_layers_relu_lrdecay",
                "five_layers_relu_lrdecay_dropout", "conv", "conv_bigger_dropout", "conv_batchnorm")  # fmt: skip
@@ -42,7 +42,8 @@ class ParamsError(PipelineError):
 
 class StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader refusing, with their line, aliases (nested ones multiply into billions of values),
-    deep nesting (Python's recursion limit) and duplicate keys (DVC refuses them; PyYAML keeps the last)."""
+    deep nesting (Python's recursion limit), duplicate keys (DVC refuses them; PyYAML keeps the last) and
+    integers of hundreds of digits (Python's digit limit, or numbers no float holds)."""
 
     depth = 0
 
@@ -65,6 +66,15 @@ class StrictLoader(yaml.SafeLoader):
             seen.add(key)
         return mapping
 
+    def construct_yaml_int(self, node: Any) -> int:
+        if len(node.value) > YAML_INT_CHARS:
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters is out "
+                                                    "of any sane range", node.start_mark)  # fmt: skip
+        return super().construct_yaml_int(node)
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
 
 def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError) -> Any:
     """The YAML in ``text`` read by :class:`StrictLoader`; raises ``error`` naming ``source`` and the line."""
@@ -74,7 +84,7 @@ def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError)
         mark = problem.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise error(f"{source} is not valid YAML{where}: {problem.problem or problem.context}.") from None
-    except (yaml.YAMLError, ValueError) as problem:  # ValueError: 2024-13-45, or an integer of 5,000 digits.
+    except (yaml.YAMLError, ValueError) as problem:  # ValueError: a date such as 2024-13-45.
         raise error(f"{source} is not valid YAML: {problem}.") from None
 
 
@@ -201,9 +211,8 @@ class TrackingSettings:
 
 
 def _shown(value: Any) -> str:
-    """``value`` masked, then cut short (repr refuses integers of over 4,300 digits)."""
-    text = "a huge integer" if isinstance(value, int) and value.bit_length() > 14_000 else redact(repr(value))
-    return text if len(text) <= 60 else f"{text[:50]}...{text[-7:]}"
+    """``value`` masked, then cut short."""
+    return text if len(text := redact(repr(value))) <= 60 else f"{text[:50]}...{text[-7:]}"
 
 
 def _problem(error: Any) -> str:
