@@ -2,7 +2,5 @@
 
 import os
 
-# TensorFlow's C++ start-up lines (oneDNN notices, absl warnings, graph-version notes) say nothing a
-# user can act on, and its real failures reach Python as exceptions. Every entry point imports this
-# package before TensorFlow, which reads the setting when it loads; a user can still set it lower.
+# TensorFlow's C++ start-up notices say nothing a user can act on; it reads this when it loads, after us.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -1,13 +1,6 @@
-"""What every command-line entry point shares: its path arguments, logging, and clean error exits.
-
-A stage's ``main()`` raises :class:`PipelineError` for anything the user can fix (bad params, bad
-data, an unreachable server). :func:`run` prints that as one paragraph on stderr and exits non-zero,
-so users never see a traceback for their own mistakes. The process then ends normally, so that
-atexit handlers and the libraries' own clean-up (TensorFlow's temporary files, MLflow's queues) run.
-
-Secrets never leave the environment: :func:`redact` is the one place that turns a URI, or any text
-that may hold one, into its printable form, and every error paragraph and log line goes through it.
-"""
+"""What every entry point shares: path arguments, logging with secrets masked, and clean error exits: a
+``main()`` raises :class:`PipelineError` for what the user can fix, and :func:`run` prints it as one paragraph
+without a traceback and exits non-zero, letting atexit handlers and libraries clean up."""
 
 from __future__ import annotations
 
@@ -17,96 +10,68 @@ import gc
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-# How often a stage started by DVC checks that the dvc process is still there.
-OWNER_CHECK_SECONDS = 1.0
 MASK = "***"
-# A URI's scheme and authority (user:password@host:port): the user information ends at the last @.
+# A URI's scheme and user information (user:password@), which ends at the authority's last @.
 AUTHORITY = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^\s/?#@]*(?:@[^\s/?#@]*)*)@", re.IGNORECASE)
 # A query parameter whose name says it holds a secret (?password=…, &access_token=…, &X-Amz-Signature=…).
 SECRET_QUERY = re.compile(r"([?&;][^=&#\s]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#\s]*=)[^&#\s'\"]+",
                           re.IGNORECASE)  # fmt: skip
-# Variables whose values are secrets, and variables holding URIs whose passwords are: their values
-# are masked wherever they appear, also outside a URI (a driver's error may quote a password alone).
 SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_PYPI_INDEX_URL")
-# Shorter secrets are not searched for outside URIs: they would mask ordinary words.
-SHORTEST_SECRET = 4
 
 
 class PipelineError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
 
 
-def _mask_user_information(match: re.Match) -> str:
-    user, colon, _ = match.group(2).partition(":")
-    return f"{match.group(1)}{user}:{MASK}@" if colon else f"{match.group(1)}{MASK}@"
-
-
 def known_secrets(environ: Mapping[str, str] = os.environ) -> set[str]:
-    """The secrets the environment gives the pipeline: MLflow's password and token, and its URIs' passwords."""
+    """MLflow's password and token and the passwords of the URIs the environment holds."""
     found = {environ.get(name, "") for name in SECRET_VARIABLES}
     for name in URI_VARIABLES:
-        try:
+        with contextlib.suppress(ValueError):
             password = urlsplit(environ.get(name, "")).password or ""
-        except ValueError:
-            continue
-        found |= {password, unquote(password)}
-    return {secret for secret in found if len(secret) >= SHORTEST_SECRET}
+            found |= {password, unquote(password)}
+    # A driver's error may quote a password outside its URI; shorter ones would mask ordinary words.
+    return {secret for secret in found if len(secret) >= 4}
 
 
 def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
-    """``text`` (a URI, or a message that may quote one) with its credentials masked.
-
-    ``scheme://user:password@host`` becomes ``scheme://user:***@host`` (a user alone, which is often
-    a token, becomes ``***@``), secret query values (``?password=``, ``&token=``…) become ``***``,
-    and the secrets of :func:`known_secrets` are masked wherever they appear. No library masks URIs
-    inside free text (SQLAlchemy's ``URL.render_as_string`` masks only its own URLs' passwords).
-    """
-    text = SECRET_QUERY.sub(rf"\1{MASK}", AUTHORITY.sub(_mask_user_information, str(text)))
+    """``text`` (a URI, or a message quoting one) with ``user:***@`` (or ``***@`` for a user alone, often a
+    token), secret query values and :func:`known_secrets` masked. No library masks URIs inside free text."""
+    text = AUTHORITY.sub(lambda m: f"{m[1]}{m[2].split(':')[0] + ':' if ':' in m[2] else ''}{MASK}@", str(text))
+    text = SECRET_QUERY.sub(rf"\1{MASK}", text)
     for secret in sorted(known_secrets(environ), key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
 
 
 def configure_logging() -> None:
-    level = os.environ.get("PIPELINE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # Every log record, whichever library makes it and whichever handler prints it (MLflow's own
-    # loggers do not propagate to ours), is masked when it is made.
+    level = getattr(logging, os.environ.get("PIPELINE_LOG_LEVEL", "INFO").upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Records are masked when made, whichever logger or handler (MLflow's do not propagate to ours).
     make_record = logging.getLogRecordFactory()
 
     def redacted_record(*args, **kwargs) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):
-            return record  # A malformed call: the handler reports it as logging does.
-        if (masked := redact(message)) != message:
-            record.msg, record.args = masked, None
+        with contextlib.suppress(TypeError, ValueError):  # A malformed call: logging reports it as usual.
+            if (masked := redact(message := record.getMessage())) != message:
+                record.msg, record.args = masked, None
         return record
 
     logging.setLogRecordFactory(redacted_record)
 
 
 def path_arguments(description: str, names: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a stage's command line: one required ``--name PATH`` per name, as dvc.yaml passes them.
-
-    ``description`` is the stage module's docstring, whose first line becomes the ``--help`` summary.
-    Dashes in names become underscores in the result (``--test-probabilities`` → ``test_probabilities``).
-    """
+    """A stage's ``--name PATH`` arguments, all required, as dvc.yaml passes them (``--a-b`` → ``a_b``)."""
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     for name in names:
         parser.add_argument(f"--{name}", type=Path, required=True, metavar="PATH")
@@ -114,127 +79,67 @@ def path_arguments(description: str, names: Sequence[str], argv: Sequence[str] |
 
 
 def format_error(message: str) -> str:
-    """Wrap an error into one readable paragraph."""
-    paragraph = " ".join(redact(message).split())
-    # Paths must survive the wrapping whole, so lines break only at spaces.
-    return textwrap.fill(
-        f"error: {paragraph}", width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
-    )
+    """One masked paragraph, broken only at spaces so that paths stay whole."""
+    text = "error: " + " ".join(redact(message).split())
+    return textwrap.fill(text, 100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def watch_dvc() -> tuple[int | None, threading.Event]:
+    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted.
 
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of process ``pid`` (which tells a pid's reuse apart), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name, in parentheses, may hold spaces; the fields after it are plain numbers.
-    return stat.rpartition(")")[2].split()[19]
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-
-
-def dvc_process() -> int | None:
-    """The dvc process that started this stage, or None when DVC did not start it (or on a system without /proc).
-
-    DVC sets $DVC_STAGE for the commands it runs and runs each through ``$SHELL -c`` (``/bin/sh``
-    without $SHELL), which some shells replace by the command and others keep as our parent. So the
-    dvc process is our parent, or our grandparent when the parent is that shell.
+    A supervisor that signals dvc alone ends it without passing the signal on: the stage would go on as an orphan
+    and write outputs after DVC has gone. PR_SET_PDEATHSIG sees only the parent, which may be the ``$SHELL -c``
+    DVC runs us with (dash stays, bash replaces itself); a pidfd is immune to pid reuse.
     """
-    if not os.environ.get("DVC_STAGE") or not Path("/proc/self/stat").exists():
-        return None
-    parent = os.getppid()
-    shell = os.path.realpath(os.environ.get("SHELL") or "/bin/sh")
-    try:
-        if os.path.realpath(f"/proc/{parent}/exe") == shell:
-            parent = _parent(parent)
-    except OSError:
-        return None
-    return parent if parent > 1 else None
+    pid, gone = os.getppid(), threading.Event()
+    with contextlib.suppress(OSError):
+        if os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
+            pid = int(re.findall(r"^PPid:\s*(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[0])
 
-
-def watch_owner(pid: int, interval: float = OWNER_CHECK_SECONDS) -> threading.Event:
-    """Interrupt this process (as SIGTERM does) once process ``pid`` has ended; return the event set then.
-
-    A supervisor that sends SIGTERM to ``dvc`` alone ends DVC at once, without passing the signal on
-    to the stage it is running; the stage would go on as an orphan and write its outputs after DVC
-    has gone. Linux tells a child when its parent dies (PR_SET_PDEATHSIG), but DVC's shell can sit
-    between the two, so the stage checks on the dvc process itself.
-    """
-    started = _start_time(pid)
-    gone = threading.Event()
-
-    def watch() -> None:
-        while _start_time(pid) == started:
-            time.sleep(interval)
+    def watch(pidfd: int) -> None:
+        select.select([pidfd], [], [])
         gone.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if started is not None:
-        threading.Thread(target=watch, name="dvc-watch", daemon=True).start()
-    return gone
-
-
-def dvc_outputs_note() -> str:
-    """What a failed stage run by DVC means for its outputs, which DVC deletes before it runs a stage."""
-    if not os.environ.get("DVC_STAGE"):
-        return ""
-    return (
-        " (DVC removed this stage's previous outputs before running it; `dvc checkout` brings back the last "
-        "good ones from its cache.)"
-    )
+    if not os.environ.get("DVC_STAGE") or pid <= 1:
+        return None, gone
+    with contextlib.suppress(AttributeError, OSError):  # Gone already, or no pidfd (Linux < 5.3, macOS).
+        threading.Thread(target=watch, args=(os.pidfd_open(pid),), name="dvc-watch", daemon=True).start()
+    return pid, gone
 
 
 def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
-    """Run a stage's main(), turning PipelineError and Ctrl-C into a message and an exit code."""
+    """Run a stage's main(), turning PipelineError and Ctrl-C or SIGTERM into one paragraph and an exit code."""
     configure_logging()
-    # `kill` (SIGTERM) takes the same clean path as Ctrl-C: temp files are removed and an open
-    # MLflow run is marked FAILED instead of being left RUNNING.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    # A shell without job control starts background commands with SIGINT ignored, and Python then
-    # leaves it ignored; Ctrl-C (or `kill -INT`) must stop a stage the same clean way wherever it runs.
+    # SIGTERM takes Ctrl-C's clean path (temp files removed, the MLflow run marked FAILED). SIGINT is
+    # reset because a shell without job control starts background commands with it ignored.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    owner = dvc_process()
-    owner_gone = watch_owner(owner) if owner is not None else threading.Event()
+    owner, owner_gone = watch_dvc()
+    note = " (DVC removed this stage's previous outputs before running it; `dvc checkout` brings back the last good "
+    note = f"{note}ones from its cache.)" if os.environ.get("DVC_STAGE") else ""
     try:
         main()
     except PipelineError as error:
-        print(format_error(f"{error}{dvc_outputs_note()}"), file=sys.stderr)
+        print(format_error(f"{error}{note}"), file=sys.stderr)
         sys.exit(error_exit_code)
-    except KeyboardInterrupt as interrupt:
-        reason = (
-            f"the dvc process that started this stage (pid {owner}) has ended" if owner_gone.is_set() else "interrupted"
-        )
-        # What the stage did on its way out (an MLflow run marked FAILED), when it says.
-        detail = f" {interrupt}." if interrupt.args else ""
-        print(
-            format_error(f"{reason}; stopped, and no partial output was left behind.{detail}{dvc_outputs_note()}"),
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as stop:
+        reason = f"the dvc process that started this stage (pid {owner}) has ended" if owner_gone.is_set() else ""
+        detail = f" {stop}." if stop.args else ""  # What the stage did on its way out (a run marked FAILED).
+        print(format_error(f"{reason or 'interrupted'}; stopped, and no partial output was left behind.{detail}{note}"),
+              file=sys.stderr)  # fmt: skip
         sys.exit(130)
     finally:
-        # Python's last garbage collection, at exit, walks every object TensorFlow, Keras and MLflow
-        # created: 1-3 s on a 2-core machine, most of the time a stopped stage takes to end. Frozen
-        # objects are skipped; the process's end frees them (atexit handlers still run as usual).
+        # Python's last collection at exit walks every TensorFlow, Keras and MLflow object (1-3 s on 2
+        # cores); the process's end frees frozen objects just the same.
         gc.freeze()
 
 
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """Send what native code writes to file descriptor 2 to /dev/null while the block runs.
-
-    TensorFlow's C++ start-up lines ("oneDNN custom operations are on" on CPUs where it enables
-    oneDNN, absl's "All log messages before absl::InitializeLog()") are written while it is imported,
-    whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow/tensorflow#100442). Its real failures reach
-    Python as exceptions, which are reported after the block. Python's import-time profile, which
-    tests/test_dependencies.py reads from stderr, is left alone.
-    """
+    """Send what native code writes to file descriptor 2 to /dev/null while the block runs: TensorFlow's C++
+    start-up lines ignore TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442), its failures reach Python as
+    exceptions. The import-time profile that tests/test_dependencies.py reads from stderr is left alone."""
     if os.environ.get("PYTHONPROFILEIMPORTTIME") or "importtime" in sys._xoptions:
         yield
         return

@@ -13,8 +13,7 @@ from pipeline.cli import configure_logging, format_error, redact
 def test_error_wrapping_keeps_long_hyphenated_paths_whole():
     path = "/tmp/pytest-of-root/pytest-11/popen-gw1/test_no_source_delivers0/a-directory-with-a-rather-long-name"
     text = format_error(f"the user mirror {path} is not a directory, so it was skipped")
-    assert path in text.split()
-    assert text.startswith("error: the user mirror")
+    assert path in text.split() and text.startswith("error: the user mirror")
 
 
 @pytest.mark.parametrize(
@@ -37,17 +36,14 @@ def test_every_uri_shape_prints_without_its_secret(uri, printable):
 
 
 def test_uris_inside_messages_and_known_secrets_anywhere_are_masked():
-    environ = {
-        "MLFLOW_TRACKING_URI": "postgresql://u:p%40ss-w0rd@db/mlflow",
-        "MLFLOW_TRACKING_PASSWORD": "s3cr3t-token",
-    }
+    environ = {"MLFLOW_TRACKING_URI": "postgresql://u:p%40ss-w0rd@db/x", "MLFLOW_TRACKING_PASSWORD": "s3cr3t-token"}
     message = (
-        "the store postgresql://u:p%40ss-w0rd@db/mlflow failed: (psycopg.OperationalError) password p@ss-w0rd "
+        "the store postgresql://u:p%40ss-w0rd@db/x failed: (psycopg.OperationalError) password p@ss-w0rd "
         "rejected; API request to http://admin:s3cr3t-token@h:5000/api/2.0/x failed, token s3cr3t-token"
     )
     masked = redact(message, environ)
     assert "p%40ss-w0rd" not in masked and "p@ss-w0rd" not in masked and "s3cr3t-token" not in masked
-    assert masked.startswith("the store postgresql://u:***@db/mlflow failed: (psycopg.OperationalError) password ***")
+    assert masked.startswith("the store postgresql://u:***@db/x failed: (psycopg.OperationalError) password ***")
     assert "http://admin:***@h:5000/api/2.0/x" in masked
     # Every error paragraph is masked on its way out.
     assert "p@ss-w0rd" not in format_error("bad: postgresql://u:p@ss-w0rd@db/x")
