@@ -1,10 +1,8 @@
-"""Stage ``report``: score the trained model on the test set and draw the pictures DVC's charts cannot.
+"""Stage ``report``: score the model on the test set from what train wrote (no TensorFlow needed).
 
-Reads the test set and what train wrote for it (test probabilities, weight maps, histories), so it
-needs no TensorFlow. Writes metrics.json, confusion.csv (for DVC's confusion template), a
-classification report and three PNGs: the seed's accuracy figure, the most confident mistakes and
-the weight maps. They are logged into the MLflow run that trained the model before they replace
-the outputs.
+Writes metrics.json, confusion.csv (for DVC's confusion template), a classification report and the
+pictures the README shows: the seed's accuracy figure, the most confident mistakes, the weight maps.
+They go into the MLflow run that trained the model before they replace the outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
@@ -32,22 +32,9 @@ MISTAKES_SHOWN = 100
 MISTAKE_BACKGROUND = np.array([1.0, 1.0 / 1.3, 1.0 / 1.3])
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # Stages run where there is no display.
-    import matplotlib.pyplot
-
-    return matplotlib.pyplot
-
-
 def train_output(path: Path, shape: tuple[int | None, ...] = (), columns: tuple[str, ...] = ()):
-    """One of train's arrays (of ``shape``, None for any size) or histories (with ``columns``).
-
-    DVC hands report exactly what train wrote, but a file changed by hand must still give one
-    paragraph rather than a traceback."""
-    import pandas as pd
-
+    """One of train's arrays (of ``shape``, None for any size) or histories (with ``columns``): DVC hands
+    report what train wrote, but a file changed by hand must give one paragraph, not a traceback."""
     try:
         data = pd.read_csv(path, usecols=list(columns)) if columns else np.load(path)
     except (OSError, ValueError, EOFError) as error:
@@ -59,9 +46,10 @@ def train_output(path: Path, shape: tuple[int | None, ...] = (), columns: tuple[
     raise PipelineError(f"cannot use {path}: {problem}; rerun the train stage (dvc repro -f train).")
 
 
-def accuracy_figure(train_history, test_history):
+def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> Figure:
     """The seed's figure: every step's batch accuracy, its running mean and the test accuracy, in full and zoomed."""
-    figure, axes = pyplot().subplots(2, 1, sharex=True, figsize=(12, 8), constrained_layout=True)
+    figure = Figure(figsize=(12, 8), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
     steps, accuracy = train_history["step"], train_history["train_accuracy"]
     for axis, limits in zip(axes, (None, (0.85, 1.0))):
         axis.plot(steps, accuracy, color="#4c72b0", linewidth=0.3, alpha=0.35, label="training batch (every step)")
@@ -86,11 +74,12 @@ def mistakes_order(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
 
 
-def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray):
+def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> Figure:
     """The most confident mistakes in rows of ten, dark on red, each labelled actual → predicted, probability."""
     order = mistakes_order(labels, probabilities)
     rows = max(1, -(-len(order[:MISTAKES_SHOWN]) // 10))
-    figure, axes = pyplot().subplots(rows, 10, figsize=(13, 1.45 * rows + 0.6), squeeze=False, layout="constrained")
+    figure = Figure(figsize=(13, 1.45 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, 10, squeeze=False)
     for axis in axes.flat:
         axis.set_axis_off()
     for axis, index in zip(axes.flat, order[:MISTAKES_SHOWN]):
@@ -103,15 +92,16 @@ def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.nd
     return figure
 
 
-def weight_maps_figure(maps: np.ndarray):
+def weight_maps_figure(maps: np.ndarray) -> Figure:
     """Each digit's weight per pixel, blue where ink raises its score and red where it lowers it; only a linear
     classifier has such maps, and for other models the figure says so."""
     if len(maps) == 0:
-        figure = pyplot().figure(figsize=(8, 1.5))
+        figure = Figure(figsize=(8, 1.5))
         figure.text(0.5, 0.5, "No weight maps: only a linear classifier (the softmax model) has one 28×28 map "
                     "per digit.", ha="center", va="center")  # fmt: skip
         return figure
-    figure, axes = pyplot().subplots(2, 5, figsize=(12, 5.6), constrained_layout=True)
+    figure = Figure(figsize=(12, 5.6), layout="constrained")
+    axes = figure.subplots(2, 5)
     limit = float(np.abs(maps).max()) or 1.0
     for digit, (axis, weights) in enumerate(zip(axes.flat, maps)):
         image = axis.imshow(weights, cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
@@ -122,10 +112,9 @@ def weight_maps_figure(maps: np.ndarray):
     return figure
 
 
-def png_bytes(figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    pyplot().close(figure)
     return buffer.getvalue()
 
 
@@ -146,7 +135,6 @@ def main() -> None:
     # Training with no evaluation (eval_interval 0) leaves the test history empty.
     test_history = train_output(args.test_history, columns=("step", "test_accuracy"))
 
-    import pandas as pd
     from sklearn.metrics import classification_report
 
     metrics = score(labels, probabilities)
