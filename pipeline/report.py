@@ -60,23 +60,19 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
         axis.set_ylabel("share of correct answers")
         if limits:
             axis.set_ylim(*limits)
-    final = test_history["test_accuracy"]
-    axes[0].set_title("Accuracy" + (f" — final test accuracy {final.iloc[-1]:.4f}" if len(final) else ""))
+    final = f" — final test accuracy {test_history['test_accuracy'].iloc[-1]:.4f}" if len(test_history) else ""
+    axes[0].set_title(f"Accuracy{final}")
     axes[0].legend(loc="best")
     axes[1].set_xlabel("training step")
     return figure
 
 
-def mistakes_order(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """The misclassified images, the highest probability given to a wrong class first (ties in test-set order)."""
+def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> Figure:
+    """The mistakes, the highest probability given to a wrong class first (ties in test-set order), in rows of
+    ten, dark on red, each labelled actual → predicted, probability."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
-    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
-
-
-def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> Figure:
-    """The most confident mistakes in rows of ten, dark on red, each labelled actual → predicted, probability."""
-    order = mistakes_order(labels, probabilities)
+    order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
     rows = max(1, -(-len(order[:MISTAKES_SHOWN]) // 10))
     figure = Figure(figsize=(13, 1.45 * rows + 0.6), layout="constrained")
     axes = figure.subplots(rows, 10, squeeze=False)
@@ -85,8 +81,8 @@ def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.nd
     for axis, index in zip(axes.flat, order[:MISTAKES_SHOWN]):
         ink = images[index].reshape(*IMAGE_SHAPE, 1) / 255
         axis.imshow((1 - ink) * MISTAKE_BACKGROUND, interpolation="nearest")
-        predicted = probabilities[index].argmax()
-        axis.set_title(f"{labels[index]} → {predicted}  {probabilities[index, predicted]:.2f}", fontsize=9, pad=2)
+        answer = predicted[index]
+        axis.set_title(f"{labels[index]} → {answer}  {probabilities[index, answer]:.2f}", fontsize=9, pad=2)
     figure.suptitle(f"The most confident of {len(order):,} mistakes on the {len(labels):,} test images "
                     "(actual → predicted, probability)", fontsize=11)  # fmt: skip
     return figure
