@@ -200,19 +200,6 @@ def load_predictor(model: str | None):
     return (lambda pixels: np.asarray(loaded(pixels))), {"file": str(path.resolve())}
 
 
-def read_input(name: str) -> bytes:
-    try:
-        if name != STDIN:
-            return files.read_bytes(name)
-        if sys.stdin.isatty():
-            raise ImageError("is the terminal; pipe an image in, as in mnist-predict - < digit.png")
-        return files.read_bounded(sys.stdin.buffer)
-    except FileNotFoundError:
-        raise ImageError("does not exist") from None
-    except OSError as error:
-        raise ImageError(f"cannot be read: {error.strerror or error}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Answer every image; return 1 if any could not be answered."""
     parser = argparse.ArgumentParser(prog="mnist-predict", description=__doc__.splitlines()[0])
@@ -226,9 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.images:
         shown = "<stdin>" if name == STDIN else name
         try:
-            results.append((shown, mnist_pixels(read_input(name))))
-        except ImageError as error:
-            results.append((shown, f"{shown} {error}."))
+            if name == STDIN and sys.stdin.isatty():
+                raise ImageError("is the terminal; pipe an image in, as in mnist-predict - < digit.png")
+            data = files.read_bounded(sys.stdin.buffer) if name == STDIN else files.read_bytes(name)
+            results.append((shown, mnist_pixels(data)))
+        except FileNotFoundError:
+            results.append((shown, f"{shown} does not exist."))
+        except (OSError, ImageError) as error:
+            reason = f"cannot be read: {error.strerror or error}" if isinstance(error, OSError) else error
+            results.append((shown, f"{shown} {reason}."))
     model: dict[str, Any] = {}
     if usable := [pixels for _, pixels in results if not isinstance(pixels, str)]:
         predictor, model = load_predictor(args.model)
