@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, load_processed
+from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, load_array, load_processed
 from pipeline.params import load_params, tracking_settings
 from pipeline.score import CLASS_NAMES, score
 from pipeline.tracking import record, store
@@ -32,18 +32,12 @@ MISTAKES_SHOWN = 100
 MISTAKE_BACKGROUND = np.array([1.0, 1.0 / 1.3, 1.0 / 1.3])
 
 
-def train_output(path: Path, shape: tuple[int | None, ...] = (), columns: tuple[str, ...] = ()):
-    """One of train's arrays (of ``shape``, None for any size) or histories (with ``columns``): DVC hands
-    report what train wrote, but a file changed by hand must give one paragraph, not a traceback."""
+def read_history(path: Path, column: str) -> pd.DataFrame:
     try:
-        data = pd.read_csv(path, usecols=list(columns)) if columns else np.load(path)
-    except (OSError, ValueError, EOFError) as error:
+        return pd.read_csv(path, usecols=["step", column])
+    except (OSError, ValueError) as error:
         problem = getattr(error, "strerror", None) or error
-    else:
-        if columns or (data.ndim == len(shape) and all(want in (None, got) for want, got in zip(shape, data.shape))):
-            return data
-        problem = f"it holds an array of shape {data.shape}, expected {shape}"
-    raise PipelineError(f"cannot use {path}: {problem}; rerun the train stage (dvc repro -f train).")
+        raise PipelineError(f"cannot read {path}: {problem}; rerun the train stage (dvc repro -f train).") from None
 
 
 def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> Figure:
@@ -125,11 +119,17 @@ def main() -> None:
 
     test, _ = load_processed(args.data, splits=("test",))
     images, labels = test["test_images"], test["test_labels"].argmax(axis=1)
-    probabilities = train_output(args.test_probabilities, shape=(len(labels), NUM_CLASSES))
-    maps = train_output(args.weight_maps, shape=(None, *IMAGE_SHAPE))
-    train_history = train_output(args.train_history, columns=("step", "train_accuracy"))
+    probabilities, probabilities_bytes = load_array(args.test_probabilities, "train")
+    maps, _ = load_array(args.weight_maps, "train")
+    # DVC hands report what train wrote, but a file changed by hand must give one paragraph, not a traceback.
+    if probabilities.shape != (len(labels), NUM_CLASSES) or maps.shape[1:] != IMAGE_SHAPE:
+        raise PipelineError(
+            f"{args.test_probabilities} and {args.weight_maps} hold arrays of shape {probabilities.shape} and "
+            f"{maps.shape}, not ({len(labels)}, {NUM_CLASSES}) and (10, 28, 28); rerun train (dvc repro -f train)."
+        )
+    train_history = read_history(args.train_history, "train_accuracy")
     # Training with no evaluation (eval_interval 0) leaves the test history empty.
-    test_history = train_output(args.test_history, columns=("step", "test_accuracy"))
+    test_history = read_history(args.test_history, "test_accuracy")
 
     from sklearn.metrics import classification_report
 
@@ -152,8 +152,7 @@ def main() -> None:
     # a rerun, or train restored from DVC's run cache, leaves a finished run as it was.
     with store.ServerWatch(uri, tracking).running():
         client, experiment_id = store.open_store(uri, tracking.experiment, artifact_location)
-        digest = record.sha256(args.test_probabilities.read_bytes())
-        run = record.find_training_run(client, experiment_id, digest, uri)
+        run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)
         report_digest = record.sha256(b"".join(outputs.values()))
         if run.data.tags.get(record.REPORT_TAG) == report_digest:
             logger.info("MLflow run %s already holds this report; nothing logged again", run.info.run_id)

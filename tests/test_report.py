@@ -134,19 +134,19 @@ def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
     [
         # Other (valid) probabilities than the training run's: outputs from another store.
         (lambda project: np.save(project / "models/p.npy", np.full((20, 10), 0.1)), "no finished MLflow run"),
-        (lambda project: (project / "models/p.npy").unlink(), "cannot use models/p.npy: No such file or directory"),
-        (lambda project: (project / "models/p.npy").write_bytes(b"not numpy"), "cannot use models/p.npy:"),
+        (lambda project: (project / "models/p.npy").unlink(), "models/p.npy does not exist; run the train stage"),
+        (lambda project: (project / "models/p.npy").write_bytes(b"not numpy"), "models/p.npy is corrupt"),
         (
             lambda project: np.save(project / "models/p.npy", np.ones((19, 10), np.float32)),
-            "models/p.npy: it holds an array of shape (19, 10), expected (20, 10)",
+            "hold arrays of shape (19, 10) and (10, 28, 28), not (20, 10) and (10, 28, 28)",
         ),
         (
             lambda project: np.save(project / "models/maps.npy", np.ones((10, 784), np.float32)),
-            "models/maps.npy: it holds an array of shape (10, 784), expected (None, 28, 28)",
+            "hold arrays of shape (20, 10) and (10, 784), not (20, 10)",
         ),
         (
             lambda project: (project / "models/train.csv").write_text("step,nonsense\n1,2\n"),
-            "cannot use models/train.csv: Usecols do not match columns",
+            "cannot read models/train.csv: Usecols do not match columns",
         ),
     ],
     ids=["no-training-run", "missing", "corrupt", "probabilities-shape", "maps-shape", "history-columns"],
