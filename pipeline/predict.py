@@ -1,27 +1,8 @@
-"""Which digit is in an image? ``mnist-predict`` (also ``python -m pipeline.predict``) asks the model.
+"""``mnist-predict``: the digit in each image (anything Pillow opens; ``-``: stdin), and the model that answered.
 
-Reads image files (PNG, JPEG or anything else Pillow opens; any size; dark ink on light paper or
-light ink on dark; colour or grey), or one image from stdin for ``-``, and prints per image the
-predicted digit and the three most probable digits (``--json``: a JSON list for machines), after
-the model that gave the answers (a file's path, or a registered model's name, version and aliases).
-The model is the registry's champion by default (``models:/mnist-softmax@champion``), or any MLflow
-model URI (``models:/mnist-softmax/3``, ``runs:/<run id>/model``) or ``.keras`` file. MLflow URIs are
-looked up in the store the pipeline logs to ($MLFLOW_TRACKING_URI, or the project's mlflow.db), the
-project being the one around the current folder or else the one this package is installed from, so
-the command works from any folder.
-
-Each image becomes an MNIST-like input the way MNIST itself was made (LeCun et al.: size-normalised
-into a 20×20 box keeping the aspect ratio, then centred by centre of mass in 28×28): grey levels;
-the ink told from the paper by the border, which is mostly paper, and made white on black; the
-paper's own level subtracted; cropped to the ink's bounding box; scaled to fit 20×20 with
-anti-aliasing; placed so that its centre of mass is at the centre of the 28×28 field. The model
-takes those raw 0-255 pixels (it scales them itself).
-
-An image that cannot be used (not an image, damaged, no ink on it, more pixels than Pillow's
-decompression-bomb limit, a missing file, a directory or device, more than 64 MiB) gets a
-one-paragraph error on stderr; the others are still answered, and the exit status is 1. A model
-that cannot be loaded, or that does not take MNIST's 784 pixels and answer with 10 probabilities,
-stops everything (exit 1).
+Each image is made MNIST-like as MNIST was made: ink told from paper, cropped, scaled into 20×20, centred
+by mass in 28×28. The model is the registry's champion, or ``--model`` (a .keras file or an MLflow model
+URI), from the project's store wherever the command runs. A bad image gets its own error; a bad model stops all.
 """
 
 from __future__ import annotations
@@ -33,8 +14,7 @@ import logging
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,205 +25,106 @@ from pipeline import files
 from pipeline.cli import PipelineError, format_error, native_stderr_silenced, redact, run
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS
 
-logger = logging.getLogger(__name__)
-
-# The registered model's name when no params.yaml says otherwise.
 STDIN = "-"
-# MNIST's digits were scaled to fit this box, then centred by centre of mass in IMAGE_SHAPE; their
-# centre of mass sits at pixel (14, 14) (row, column, counted from 0), within ±0.3 on the test set.
-DIGIT_BOX = 20
-CENTRE = (14.0, 14.0)
-# Ink is what stands out from the paper by more than this share of the strongest ink, which keeps
-# JPEG noise and paper texture out of the bounding box.
-INK_THRESHOLD = 0.3
-# Fewer grey levels than this between paper and ink means there is no ink at all (a blank page).
-MIN_CONTRAST = 32
-TOP = 3
-# The most a .keras file may unpack to: far above any model of the series (a few MB), far below
-# what would strain memory. A zip bomb declares more and is refused before Keras opens it.
-MODEL_LIMIT = 2**30
+# MNIST's digits were scaled to fit a 20×20 box, then centred by mass at this pixel (row, column).
+DIGIT_BOX, CENTRE = 20, (14.0, 14.0)
+# Ink differs from the paper by more than this share of the strongest ink (JPEG noise and paper texture do
+# not); a page with less contrast than MIN_CONTRAST grey levels is blank.
+INK_THRESHOLD, MIN_CONTRAST = 0.3, 32
+NO_INK = "shows no ink: it is empty or all one colour"
+Results = list[tuple[str, Any]]  # Each image's name, and its pixels, probabilities or error.
 
 
 class ImageError(ValueError):
     """One image cannot be turned into a digit; the others can still be answered."""
 
 
-@dataclass(frozen=True)
-class Answer:
-    name: str
-    probabilities: np.ndarray
-
-    @property
-    def digit(self) -> int:
-        return int(self.probabilities.argmax())
-
-    def top(self, count: int = TOP) -> list[tuple[int, float]]:
-        order = np.argsort(-self.probabilities, kind="stable")[:count]
-        return [(int(digit), float(self.probabilities[digit])) for digit in order]
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure functions: from an image to MNIST's 784 pixels.
-
-
-def open_image(data: bytes) -> np.ndarray:
-    """Decode ``data`` with Pillow into grey levels, refusing images larger than its decompression-bomb limit."""
+def grey_levels(data: bytes) -> np.ndarray:
+    """Decode ``data`` into grey levels 0-255, transparent parts on white paper, within Pillow's pixel limit."""
     with warnings.catch_warnings():
-        # Pillow's warnings about damaged metadata would only clutter the one-paragraph errors; it
-        # only warns between its pixel limit and twice that, and here both are refused.
+        # Pillow's warnings about damaged metadata would clutter the errors. Between its pixel limit and
+        # twice that it only warns; refused all the same.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            # Phone photos are often stored sideways with an EXIF note saying how to turn them.
-            return grey_levels(ImageOps.exif_transpose(image))
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))  # Phone photos are often stored sideways.
+            if image.has_transparency_data:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            if image.mode.startswith("I;16"):
+                return np.asarray(image, dtype=np.float32) / 257  # Converting to 8 bits would clip it to white.
+            # Pillow converts LAB to no other mode, but its L band is the lightness.
+            return np.asarray(image.getchannel("L") if image.mode == "LAB" else image.convert("L"), np.float32)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            limit = Image.MAX_IMAGE_PIXELS or 0
-            raise ImageError(
-                f"has more pixels than the {limit:,} this tool reads (Pillow's decompression-bomb limit); "
-                "scale it down first"
-            ) from None
+            raise ImageError(f"has more pixels than the {Image.MAX_IMAGE_PIXELS:,} this tool reads (Pillow's "
+                             "decompression-bomb limit); scale it down first") from None  # fmt: skip
         except UnidentifiedImageError:
             raise ImageError("is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP…)") from None
-        # Pillow's decoders report damage with whatever exception they meet (its own fuzzing
-        # harness catches Exception for that reason); one damaged image must not stop the others.
+        # Pillow's decoders report damage with whatever exception they meet (its own fuzzing harness
+        # catches Exception for that reason); one damaged image must not stop the others.
         except Exception as error:
             raise ImageError(f"is a damaged or truncated image ({error or type(error).__name__})") from None
 
 
-def grey_levels(image: Image.Image) -> np.ndarray:
-    """The image in grey levels 0-255 (float32), transparent parts shown on white paper."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        paper = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(paper, image.convert("RGBA"))
-    if image.mode == "LAB":
-        # Pillow converts LAB to no other mode, but its L band is the lightness already.
-        image = image.getchannel("L")
-    if image.mode.startswith("I;16"):
-        # 16-bit grey, which converting to 8 bits would clip to white.
-        return np.asarray(image, dtype=np.float32) / 257
-    return np.asarray(image.convert("L"), dtype=np.float32)
-
-
 def ink(grey: np.ndarray) -> np.ndarray:
-    """How much ink each pixel holds, 0 (paper) to 255 (the strongest ink), whichever way round the image is.
-
-    The border is mostly paper, so its median is the paper's level: ink is what differs from it,
-    darker on light paper, lighter on dark paper.
-    """
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    paper = float(np.median(border))
-    amount = paper - grey if paper >= 128 else grey - paper
-    amount = np.clip(amount, 0, None)
-    strongest = float(amount.max())
-    if strongest < MIN_CONTRAST:
-        raise ImageError("shows no ink: it is empty or all one colour")
-    # Paper texture and JPEG noise, far fainter than the ink, would add mass around the digit and
-    # pull its centre away; what is below half the ink threshold is paper.
+    """The ink, 0 (paper) to 255, cropped to it; the border is mostly paper, whichever way round the page is."""
+    paper = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+    amount = np.clip(paper - grey if paper >= 128 else grey - paper, 0, None)
+    if (strongest := float(amount.max())) < MIN_CONTRAST:
+        raise ImageError(NO_INK)
+    # What is below half the threshold is paper texture or noise, which would pull the centre of mass away.
     amount[amount < INK_THRESHOLD * strongest / 2] = 0
-    return amount * (255.0 / strongest)
+    rows, columns = np.nonzero(amount > INK_THRESHOLD * strongest)
+    return amount[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1] * (255.0 / strongest)
 
 
-def crop_to_ink(amount: np.ndarray) -> np.ndarray:
-    """The smallest rectangle holding every pixel with more than INK_THRESHOLD of the strongest ink."""
-    rows, columns = np.nonzero(amount > INK_THRESHOLD * 255.0)
-    return amount[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+def fit_box(amount: np.ndarray) -> np.ndarray:
+    """Scale the longer side to DIGIT_BOX, keeping the aspect ratio (ImageOps.contain can round a side to 0)."""
+    size = [max(1, round(side * DIGIT_BOX / max(amount.shape))) for side in reversed(amount.shape)]
+    image = Image.fromarray(amount.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.float32).clip(0, 255)
 
 
-def fit_box(amount: np.ndarray, box: int = DIGIT_BOX) -> np.ndarray:
-    """Scale so that the longer side is ``box`` pixels, keeping the aspect ratio, with anti-aliasing."""
-    height, width = amount.shape
-    scale = box / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    image = Image.fromarray(np.clip(amount, 0, 255).astype(np.float32), mode="F")
-    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 255)
-
-
-def centre_by_mass(digit: np.ndarray, shape: tuple[int, int] = IMAGE_SHAPE, centre=CENTRE) -> np.ndarray:
-    """Place ``digit`` in a field of ``shape`` so that its centre of mass lands on ``centre`` (whole pixels)."""
-    height, width = digit.shape
-    rows, columns = np.indices(digit.shape)
-    mass = float(digit.sum())
-    if mass <= 0:
-        raise ImageError("shows no ink: it is empty or all one colour")
-    offsets = []
-    for coordinates, target, size, field_size in (
-        (rows, centre[0], height, shape[0]),
-        (columns, centre[1], width, shape[1]),
-    ):
-        offset = round(target - float((digit * coordinates).sum()) / mass)
-        # A lopsided digit still has to fit in the field.
-        offsets.append(min(max(offset, 0), field_size - size))
-    field = np.zeros(shape, dtype=np.float32)
-    field[offsets[0] : offsets[0] + height, offsets[1] : offsets[1] + width] = digit
+def centre_by_mass(digit: np.ndarray) -> np.ndarray:
+    """``digit`` in MNIST's field with its centre of mass on CENTRE (whole pixels), yet wholly inside."""
+    top, left = (
+        min(max(round(target - np.average(np.arange(size), weights=digit.sum(axis=1 - axis))), 0), field - size)
+        for axis, (size, field, target) in enumerate(zip(digit.shape, IMAGE_SHAPE, CENTRE))
+    )
+    field = np.zeros(IMAGE_SHAPE, dtype=np.float32)
+    field[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
     return field
 
 
 def mnist_pixels(data: bytes) -> np.ndarray:
     """An image file's bytes as one MNIST-like row of 784 uint8 pixels, white ink on black."""
-    digit = fit_box(crop_to_ink(ink(open_image(data))))
-    pixels = np.rint(centre_by_mass(digit)).astype(np.uint8).reshape(NUM_PIXELS)
-    if not pixels.any():
-        raise ImageError("shows no ink: it is empty or all one colour")
-    return pixels
+    digit = fit_box(ink(grey_levels(data)))
+    if digit.sum() > 0 and (pixels := np.rint(centre_by_mass(digit)).astype(np.uint8).reshape(NUM_PIXELS)).any():
+        return pixels
+    raise ImageError(NO_INK)
 
 
-def model_text(model: dict[str, Any]) -> str:
-    """The model that answered, as the text output's first line names it."""
-    if "file" in model:
-        return f"file {model['file']}"
+def top(probabilities: np.ndarray) -> list[tuple[int, float]]:
+    return [(int(digit), float(probabilities[digit])) for digit in np.argsort(-probabilities, kind="stable")[:3]]
+
+
+def render_text(results: Results, model: dict[str, Any]) -> str:
+    """The model that answered, then one line per answered image."""
+    named = model.get("uri") or f"file {model.get('file')}"
     if "version" in model:
-        aliases = "".join(f", alias {alias}" for alias in model["aliases"])
-        return f"{model['name']} version {model['version']}{aliases}"
-    return model["uri"]
+        named = f"{model['name']} version {model['version']}" + "".join(f", alias {a}" for a in model["aliases"])
+    lines = [f"{name}: {answer.argmax()}  ({', '.join(f'{d}: {p:.1%}' for d, p in top(answer))})\n"
+             for name, answer in results if not isinstance(answer, str)]  # fmt: skip
+    return "".join([f"model: {named}\n", *lines]) if lines else ""
 
 
-def render_text(results: Sequence[Answer | str], model: dict[str, Any]) -> str:
-    """The model that answered, then one line per answered image: its digit and the three most probable digits."""
-    lines = []
-    for result in results:
-        if isinstance(result, Answer):
-            top = ", ".join(f"{digit}: {probability:.1%}" for digit, probability in result.top())
-            lines.append(f"{result.name}: {result.digit}  ({top})\n")
-    return "".join([f"model: {model_text(model)}\n", *lines]) if lines else ""
-
-
-def render_json(names: Sequence[str], results: Sequence[Answer | str], model: dict[str, Any]) -> str:
-    """A JSON list with every image in the order given: its digit, top three and the model that answered,
-    or its error."""
-    items: list[dict] = []
-    for name, result in zip(names, results):
-        if isinstance(result, Answer):
-            top = [{"digit": digit, "probability": round(probability, 6)} for digit, probability in result.top()]
-            items.append({"image": name, "digit": result.digit, "top": top, "model": model})
-        else:
-            items.append({"image": name, "error": result})
-    return json.dumps(items, indent=2) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading the model and reading the images: the only code that touches disk and MLflow.
-
-
-def project_root() -> Path:
-    """The project whose store answers models:/ URIs: the one around the current folder, else the one
-    this package was installed from (the editable install a clone's ``uv sync`` makes), else the current folder."""
-    from pipeline.tracking import store
-
-    for root in (store.store_root(), store.project_root(Path(__file__).parent)):
-        if (root / "dvc.yaml").exists():
-            return root
-    return store.store_root()
-
-
-def tracking(root: Path) -> tuple[str, str]:
-    """The store the pipeline logs to ($MLFLOW_TRACKING_URI, else ``root``'s mlflow.db) and the model's name."""
-    from pipeline.params import tracking_settings
-    from pipeline.tracking import store
-
-    settings = tracking_settings()
-    return store.tracking_uri(settings.uri, root), settings.registered_model
+def render_json(results: Results, model: dict[str, Any]) -> str:
+    """Every image in the order given: its digit, top three and the model that answered, or its error."""
+    return json.dumps([
+        {"image": name, "error": answer} if isinstance(answer, str) else {
+            "image": name, "digit": int(answer.argmax()), "model": model,
+            "top": [{"digit": digit, "probability": round(p, 6)} for digit, p in top(answer)],
+        } for name, answer in results
+    ], indent=2) + "\n"  # fmt: skip
 
 
 def load_mlflow_model(model: str | None):
@@ -251,193 +132,106 @@ def load_mlflow_model(model: str | None):
     import mlflow
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
+    from pipeline.params import tracking_settings
     from pipeline.tracking import registry, store
 
-    # MLflow's notes (creating an empty store's tables, downloading artifacts) are not answers.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-    uri, name = tracking(project_root())
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # Its notes (downloading artifacts) are no answers.
+    settings = tracking_settings()
+    # The store of the project around the current folder, else of the clone this package is installed from.
+    roots = (store.store_root(), store.project_root(Path(__file__).parent))
+    uri = store.tracking_uri(settings.uri, next((root for root in roots if (root / "dvc.yaml").exists()), roots[0]))
     store.check_reachable(uri)
-    database = store.sqlite_path(uri)
-    if database is not None and not database.exists():
-        raise PipelineError(
-            f"there is no MLflow store at {database} yet: run the pipeline there first (dvc repro), or set "
-            "MLFLOW_TRACKING_URI to the store that holds the model (sqlite:////path/to/project/mlflow.db, or "
-            "the team's tracking server); or pass --model with a .keras file."
-        )
+    store.require_existing(uri)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    requested = wanted = model or registry.alias_uri(name, registry.CHAMPION)
+    client, name = mlflow.MlflowClient(), settings.registered_model
+    wanted = model or registry.alias_uri(name, registry.CHAMPION)
     described: dict[str, Any] = {"uri": wanted}
     try:
         if model is None and registry.version_by_alias(client, name, registry.CHAMPION) is None:
             raise PipelineError(
                 f"the registry has no {registry.CHAMPION} of {name} yet, so there is no default model: promote a "
-                f"version with `mnist-check --champion --promote`, or pass --model models/model.keras (the "
+                "version with `mnist-check --champion --promote`, or pass --model models/model.keras (the "
                 f"workspace's latest training) or --model models:/{name}/<version>."
             )
         found = get_model_name_and_version(client, wanted) if wanted.startswith("models:/") else ()
         if len(found) == 2:
             # Loaded by its number, so the version named in the answers is the one that gave them.
             version = client.get_model_version(*found)
-            wanted = f"models:/{version.name}/{version.version}"
             described = {"name": version.name, "version": str(version.version), "aliases": list(version.aliases)}
-        loaded = mlflow.pyfunc.load_model(wanted)
-    except mlflow.exceptions.MlflowException as error:
-        raise PipelineError(
-            f"cannot load the model {requested} from {redact(uri)}: {store.short(error.message)}"
-        ) from None
-    except OSError as error:
-        raise PipelineError(
-            f"cannot load the model {requested} from {redact(uri)}: {store.short(str(error))}"
-        ) from None
-
-    # Versions logged with a tensor signature (before pipeline.serving) state their shapes.
-    signature = [loaded.metadata.get_input_schema(), loaded.metadata.get_output_schema()]
-    if all(schema is not None and schema.is_tensor_spec() for schema in signature):
-        inputs, outputs = ([spec.shape for spec in schema.inputs] for schema in signature)
-        if problem := shape_problem(requested, inputs, outputs):
-            raise PipelineError(problem)
+        loaded = mlflow.pyfunc.load_model(registry.version_uri(*found) if len(found) == 2 else wanted)
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise PipelineError(f"cannot load the model {wanted} from {redact(uri)}: {store.short(str(error))}") from None
 
     def predict(pixels: np.ndarray) -> np.ndarray:
-        predictions = loaded.predict(pixels)
-        if isinstance(predictions, list):
-            return np.array([prediction["probabilities"] for prediction in predictions])
-        # Versions logged before pipeline.serving give the bare probabilities.
-        return np.asarray(predictions)
+        answers = loaded.predict(pixels)
+        # Versions logged before pipeline.serving answer with the bare probabilities.
+        return np.array([answer["probabilities"] for answer in answers] if isinstance(answers, list) else answers)
 
     return predict, described
 
 
-def shape_problem(model: str, inputs: Sequence[tuple], outputs: Sequence[tuple]) -> str | None:
-    """Why a model with these input and output shapes (None or -1 for any batch) is no MNIST model, or None."""
-    shapes = [tuple(None if size == -1 else size for size in shape) for shape in (*inputs, *outputs)]
-    if shapes == [(None, NUM_PIXELS), (None, NUM_CLASSES)]:
-        return None
-    return (
-        f"the model {model} takes {' and '.join(map(str, inputs)) or 'no input'} and answers with "
-        f"{' and '.join(map(str, outputs)) or 'nothing'}, but an MNIST model takes rows of {NUM_PIXELS} pixels "
-        f"(None, {NUM_PIXELS}) and answers {NUM_CLASSES} digit probabilities (None, {NUM_CLASSES})."
-    )
-
-
-def check_model_file(path: Path) -> None:
-    """Refuse a model file that is missing, special, or no sound .keras archive (a zip) of a sane size.
-
-    Done before TensorFlow is imported. Keras reads a damaged archive as "File not found", and
-    unpacks a zip bomb until memory runs out, so the archive's members and their declared sizes
-    (which Python's zipfile never reads past) are checked here first.
-    """
-    try:
-        data = files.read_bytes(path, MODEL_LIMIT)
-    except FileNotFoundError:
-        hint = " (run the pipeline first: dvc repro)" if path.name == "model.keras" else ""
-        raise PipelineError(
-            f"the model file {path} does not exist{hint}; or pass --model models:/<name>@<alias>."
-        ) from None
+def load_predictor(model: str | None):
+    """A function from uint8 rows of 784 pixels to probabilities, and which model it is."""
+    path = None if model is None or (":" in model and not Path(model).exists()) else Path(model)
+    try:  # Before TensorFlow's import. Keras would wait forever on a FIFO, and calls what is no zip "File not found".
+        if path is not None:
+            zipfile.ZipFile(io.BytesIO(files.read_bytes(path))).close()
     except OSError as error:
         raise PipelineError(f"cannot read the model file {path}: {error.strerror or error}.") from None
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            unpacked = sum(member.file_size for member in archive.infolist())
-            damaged = None if unpacked > MODEL_LIMIT else archive.testzip()
-    # zipfile reports damage with whatever exception it meets (zlib's, EOF, an unknown method).
-    except Exception as error:
+    except zipfile.BadZipFile as error:
         raise PipelineError(f"the model file {path} is not a sound .keras file (a zip archive): {error}.") from None
-    if unpacked > MODEL_LIMIT:
-        raise PipelineError(
-            f"the model file {path} would unpack to {unpacked:,} bytes, more than the {MODEL_LIMIT:,} this tool "
-            "allows a model; it is no model of this project."
-        )
-    if damaged is not None:
-        raise PipelineError(f"the model file {path} is damaged: its member {damaged} fails its checksum.")
-
-
-def load_predictor(model: str | None):
-    """A function from uint8 rows of 784 pixels to probabilities, and which model it is: a .keras file,
-    an MLflow model URI, or (None) the registry's champion."""
-    is_uri = model is None or (":" in model and not Path(model).exists())
-    if not is_uri:
-        check_model_file(Path(str(model)))
     with native_stderr_silenced():
         import keras
-
-    # Versions logged with MLflow's TensorFlow flavour predict through Keras, whose progress bar would show.
-    keras.config.disable_interactive_logging()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    if is_uri:
+    keras.config.disable_interactive_logging()  # Keras' progress bar, shown by MLflow's TensorFlow flavour too.
+    if path is None:
         return load_mlflow_model(model)
-    path = Path(str(model))
     try:
         loaded = keras.saving.load_model(path)
-    # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError
-    # for an unknown class, KeyError for a missing member).
+    # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError for an
+    # unknown class, KeyError for a missing member, BadZipFile for a failed checksum).
     except Exception as error:
-        from pipeline.tracking import store
+        from pipeline.tracking.store import short
 
-        raise PipelineError(f"cannot load the model file {path}: {store.short(str(error))}") from None
+        raise PipelineError(f"cannot load the model file {path}: {short(str(error))}") from None
     inputs, outputs = ([tuple(tensor.shape) for tensor in getattr(loaded, side, [])] for side in ("inputs", "outputs"))
-    if problem := shape_problem(str(path), inputs, outputs):
-        raise PipelineError(problem)
+    if [inputs, outputs] != [[(None, NUM_PIXELS)], [(None, NUM_CLASSES)]]:
+        raise PipelineError(f"the model {path} takes {inputs} and answers {outputs}, but an MNIST model takes "
+                            f"rows of {NUM_PIXELS} pixels and answers {NUM_CLASSES} probabilities.")  # fmt: skip
     return (lambda pixels: np.asarray(loaded(pixels))), {"file": str(path.resolve())}
-
-
-def read_input(name: str) -> bytes:
-    try:
-        if name != STDIN:
-            return files.read_bytes(name)
-        if sys.stdin.isatty():
-            raise ImageError("is the terminal; pipe an image in, as in mnist-predict - < digit.png")
-        return files.read_bounded(sys.stdin.buffer)
-    except FileNotFoundError:
-        raise ImageError("does not exist") from None
-    except OSError as error:
-        raise ImageError(f"cannot be read: {error.strerror or error}") from None
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mnist-predict",
-        description="Predict the digit in each image file (PNG, JPEG, any size; - reads one image from stdin).",
-    )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or - for stdin")
-    parser.add_argument(
-        "--model",
-        help="a .keras file or an MLflow model URI such as models:/mnist-softmax/3 "
-        "(default: the registry's champion, models:/<registered model>@champion)",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
-    args = parser.parse_args(argv)
-    if args.images.count(STDIN) > 1:
-        parser.error("stdin (-) can be read only once")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Answer every image; return 1 if any could not be answered."""
-    args = parse_args(argv)
-    names = [("<stdin>" if name == STDIN else name) for name in args.images]
-    # Each image's pixels, or the reason it has none.
-    inputs: list[np.ndarray | str] = []
-    for name, shown in zip(args.images, names):
+    parser = argparse.ArgumentParser(prog="mnist-predict", description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or - for stdin")
+    parser.add_argument("--model", help="a .keras file or an MLflow model URI (default: models:/<name>@champion)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    args = parser.parse_args(argv)
+    if args.images.count(STDIN) > 1:
+        parser.error("stdin (-) can be read only once")
+    results: Results = []
+    for name in args.images:
+        shown = "<stdin>" if name == STDIN else name
         try:
-            inputs.append(mnist_pixels(read_input(name)))
-        except ImageError as error:
-            inputs.append(f"{shown} {error}.")
-    usable = [pixels for pixels in inputs if isinstance(pixels, np.ndarray)]
+            if name == STDIN and sys.stdin.isatty():
+                raise ImageError("is the terminal; pipe an image in, as in mnist-predict - < digit.png")
+            data = files.read_bounded(sys.stdin.buffer) if name == STDIN else files.read_bytes(name)
+            results.append((shown, mnist_pixels(data)))
+        except FileNotFoundError:
+            results.append((shown, f"{shown} does not exist."))
+        except (OSError, ImageError) as error:
+            reason = f"cannot be read: {error.strerror or error}" if isinstance(error, OSError) else error
+            results.append((shown, f"{shown} {reason}."))
     model: dict[str, Any] = {}
-    probabilities: Iterator[np.ndarray] = iter([])
-    if usable:
+    if usable := [pixels for _, pixels in results if not isinstance(pixels, str)]:
         predictor, model = load_predictor(args.model)
-        probabilities = iter(predictor(np.stack(usable)))
-    results: list[Answer | str] = [
-        Answer(name, next(probabilities)) if isinstance(item, np.ndarray) else item for name, item in zip(names, inputs)
-    ]
-    for result in results:
-        if isinstance(result, str):
-            print(format_error(result), file=sys.stderr)
-    sys.stdout.write(render_json(names, results, model) if args.json else render_text(results, model))
-    return 0 if all(isinstance(result, Answer) for result in results) else 1
+        answers = iter(predictor(np.stack(usable)))
+        results = [(name, item if isinstance(item, str) else next(answers)) for name, item in results]
+    for _, item in results:
+        if isinstance(item, str):
+            print(format_error(item), file=sys.stderr)
+    sys.stdout.write((render_json if args.json else render_text)(results, model))
+    return 1 if any(isinstance(item, str) for _, item in results) else 0
 
 
 def cli() -> None:

@@ -89,11 +89,8 @@ REPORT_OUTPUTS = (
     "metrics/confusion.csv",
     "metrics/classification_report.txt",
     "metrics/accuracy.png",
-    "metrics/cross_entropy.png",
-    "metrics/confusion_matrix.png",
     "metrics/mistakes.png",
     "metrics/weight_maps.png",
-    "metrics/parameter_percentiles.png",
 )
 
 

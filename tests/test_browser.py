@@ -170,7 +170,7 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, brows
     train_loss = series(chart("Training_cross-entropy"), y="train_cross_entropy_sum")
     assert len(train_loss["train_cross_entropy_sum"]) == 50
     # The static pictures are on the page too.
-    for picture in ("mistakes", "weight_maps", "parameter_percentiles"):
+    for picture in ("accuracy", "mistakes", "weight_maps"):
         assert page.locator(f"img[src$='metrics_{picture}.png']").count() == 1, picture
 
 

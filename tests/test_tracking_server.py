@@ -263,11 +263,11 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
         "dvc.lock",
         "report/metrics.json",
         "report/accuracy.png",
-        "report/cross_entropy.png",
-        "report/confusion_matrix.png",
+        "report/mistakes.png",
+        "report/weight_maps.png",
     } <= logged
     downloads = tmp_path / "downloads"
-    for name in ("accuracy.png", "cross_entropy.png", "confusion_matrix.png"):
+    for name in ("accuracy.png", "mistakes.png", "weight_maps.png"):
         path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(downloads)))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
