@@ -1,11 +1,8 @@
-"""The charts as users see them: ``dvc plots show``'s page and the MLflow run page, in headless Chromium.
-
-A tiny project is reproduced once; both pages are then opened in Debian's Chromium driven by
-Playwright. ``dvc plots show``'s page loads its charting libraries (vega, vega-lite, vega-embed)
-from a CDN this machine cannot reach, so the test serves them to the page from the npm package
-tarballs that scripts/install_test_services.sh fetches (the page itself is DVC's, unchanged), and
-checks what each chart rendered: its series and their values. The MLflow page is served by a real
-``mlflow server`` on the project's SQLite store.
+"""The charts as users see them: ``dvc plots show``'s page and the MLflow run page of the reproduced
+tiny project, in Debian's headless Chromium driven by Playwright. DVC's page loads vega, vega-lite and
+vega-embed from a CDN this machine cannot reach, so the test serves them from the npm tarballs that
+scripts/install_test_services.sh fetches (the page itself is DVC's, unchanged) and checks what each
+chart rendered. The MLflow page is served by a real ``mlflow server`` on the project's store.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from pipeline_project import VENV_BIN, make_project, server_env
+from pipeline_project import VENV_BIN, free_port, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +73,6 @@ def chromium_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("browser"))
-    project.dvc("repro", timeout=900)
-    return project
-
-
-@pytest.fixture(scope="module")
 def browser():
     executable = chromium_or_skip()
     from playwright.sync_api import sync_playwright
@@ -108,7 +98,8 @@ def vega_libraries(page_html: str) -> dict[str, bytes]:
     return libraries
 
 
-def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, browser, tmp_path):
+def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_template, browser, tmp_path):
+    project = reproduced_template
     output = tmp_path / "dvc_plots"
     project.dvc("plots", "show", "-o", str(output))
     page_file = output / "index.html"
@@ -174,28 +165,20 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, brows
         assert page.locator(f"img[src$='metrics_{picture}.png']").count() == 1, picture
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_ui(project, tmp_path):
+def mlflow_ui(reproduced_template, tmp_path):
     """``mlflow server`` on the project's store, on a free port of 127.0.0.1; yields its URL."""
     chromium_or_skip()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = server_env()
+    store = f"sqlite:///{reproduced_template.root / 'mlflow.db'}"
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{project.root / 'mlflow.db'}",
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", store,
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=project.root,
-            start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(),
+            cwd=reproduced_template.root, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
@@ -219,12 +202,14 @@ def mlflow_ui(project, tmp_path):
             process.wait(timeout=30)
 
 
-def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(project, browser, mlflow_ui):
+def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(
+    reproduced_template, browser, mlflow_ui
+):
     from mlflow import MlflowClient
 
     from pipeline.tracking import store
 
-    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{reproduced_template.root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-softmax")
     assert experiment.tags[store.EXPERIMENT_KIND_TAG] == store.EXPERIMENT_KIND
     (run,) = client.search_runs([experiment.experiment_id])
