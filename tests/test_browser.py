@@ -26,30 +26,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VEGA_PACKAGES = Path(os.environ.get("VEGA_PACKAGES", Path.home() / ".cache" / "mnist-pipeline" / "vega"))
 CDN_SCRIPT = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/([\w-]+)@([\d.]+)"></script>')
 # Set before the page's scripts run: keeps the view each vegaEmbed call renders, by its element.
-KEEP_VIEWS = """
-window.renderedViews = {};
-let embed;
-Object.defineProperty(window, "vegaEmbed", {
-  configurable: true,
-  get() { return embed; },
-  set(original) {
-    embed = (element, ...rest) => original(element, ...rest).then((result) => {
-      window.renderedViews[element] = result.view;
-      return result;
-    });
-  },
-});
-"""
+KEEP_VIEWS = """window.renderedViews = {}; let embed;
+Object.defineProperty(window, "vegaEmbed", {configurable: true, get() { return embed; }, set(original) {
+  embed = (element, ...rest) => original(element, ...rest).then((result) => {
+    window.renderedViews[element] = result.view; return result; });
+}});"""
 # What a rendered chart holds: the rows its view drew from, and the size of its canvas.
-RENDERED = """(element) => {
-  const view = window.renderedViews[element];
-  const canvas = document.querySelector(element + " canvas");
-  return {
-    rows: view.data("source_0").map((row) => Object.assign({}, row)),
-    width: canvas ? canvas.width : 0,
-    height: canvas ? canvas.height : 0,
-  };
-}"""
+RENDERED = """(element) => { const canvas = document.querySelector(element + " canvas");
+  return {rows: window.renderedViews[element].data("source_0").map((row) => Object.assign({}, row)),
+          width: canvas ? canvas.width : 0, height: canvas ? canvas.height : 0}; }"""
 
 
 def series(rows: list[dict], y: str | None = None) -> dict[str, list[float]]:
@@ -126,9 +111,9 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
     # Each chart's script hands vegaEmbed its element, then the chart replaces the script.
     charts = re.findall(r"vegaEmbed\('(#[^']+)'", html)
     deadline = time.monotonic() + 180
-    while sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts) and (
-        time.monotonic() < deadline
-    ):
+    while sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts):
+        if time.monotonic() > deadline:
+            break
         page.wait_for_timeout(500)
     assert sorted(done) == sorted(charts), f"rendered {done} of {charts}; errors: {errors}"
     assert errors == []
@@ -146,9 +131,8 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
     accuracy = series(chart("Accuracy"))
     assert sorted(accuracy) == ["test_history.csv::test_accuracy", "train_history.csv::train_accuracy"]
     # The test accuracy has a point per evaluation and none at 0; the training accuracy one per step.
-    assert len(accuracy["test_history.csv::test_accuracy"]) == len(EVALUATIONS)
-    assert min(accuracy["test_history.csv::test_accuracy"]) > 0
-    assert len(accuracy["train_history.csv::train_accuracy"]) == 50
+    tested, trained = accuracy["test_history.csv::test_accuracy"], accuracy["train_history.csv::train_accuracy"]
+    assert len(tested) == len(EVALUATIONS) and min(tested) > 0 and len(trained) == 50
     for group in ("Weights", "Biases"):
         percentiles = series(chart(group))
         assert sorted(percentiles) == sorted(f"{group.lower()}_p{p}" for p in (0, 14, 29, 43, 57, 71, 86, 100))
@@ -168,7 +152,6 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
 @pytest.fixture
 def mlflow_ui(reproduced_template, tmp_path):
     """``mlflow server`` on the project's store, on a free port of 127.0.0.1; yields its URL."""
-    chromium_or_skip()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     store = f"sqlite:///{reproduced_template.root / 'mlflow.db'}"
@@ -194,12 +177,8 @@ def mlflow_ui(reproduced_template, tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(

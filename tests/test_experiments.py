@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from pipeline_project import ROOT, Project
 
@@ -87,26 +88,22 @@ def test_a_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_proje
     # A "database is locked" (or any) failure in a queued stage would fail its task.
     assert status.count("Success") == len(sweep) and "Failed" not in status, status
     experiments = project.experiments()
-    digests = project.output_sha256("models/test_probabilities.npy", *(info["rev"] for info in experiments.values()))
-
     by_experiment = {run.data.tags.get("dvc.experiment"): run for run in runs(project)[1:]}
     assert set(by_experiment) == set(experiments)
     for name, info in experiments.items():
-        run = by_experiment[name]
+        run, lock = by_experiment[name], project.git("show", f"{info['rev']}:dvc.lock")
         rate = info["params"]["train"]["learning_rate"]
-        check_run(
-            project,
-            run,
-            baseline,
-            experiment=name,
-            learning_rate=rate,
-            lock_text=project.git("show", f"{info['rev']}:dvc.lock"),
-        )
+        check_run(project, run, baseline, experiment=name, learning_rate=rate, lock_text=lock)
         # The experiment's own outputs lead to this run (report finds it by their digest).
-        assert run.data.tags[TEST_PROBABILITIES_TAG] == digests[info["rev"]]
-        assert run.data.metrics["final_test_accuracy"] == pytest.approx(
-            info["metrics"]["metrics/train.json"]["final_test_accuracy"]
-        )
+        (md5,) = [
+            out["md5"]
+            for out in yaml.safe_load(lock)["stages"]["train"]["outs"]
+            if out["path"].endswith("test_probabilities.npy")
+        ]
+        probabilities = project.root / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+        assert run.data.tags[TEST_PROBABILITIES_TAG] == hashlib.sha256(probabilities.read_bytes()).hexdigest()
+        final = info["metrics"]["metrics/train.json"]["final_test_accuracy"]
+        assert run.data.metrics["final_test_accuracy"] == pytest.approx(final)
     assert sorted(float(run.data.params["train.learning_rate"]) for run in by_experiment.values()) == list(sweep)
 
 
