@@ -27,14 +27,8 @@ def stage_env(**extra: str) -> dict[str, str]:
 
 def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
     """Run ``python -m module args`` the way DVC would, returning the completed process."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env or stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, cwd=cwd, env=env or stage_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def write_params(directory: Path, **sections: dict) -> Path:
@@ -105,10 +99,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes).
-
-    Mounting needs root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so.
-    """
+    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes). Mounting needs
+    root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so."""
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mountpoint)]
