@@ -45,15 +45,8 @@ def time_queue(project) -> float:
         "-S", "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)),
         "-S", "train.batch_size=" + ",".join(map(str, BATCH_SIZES)),
     )  # fmt: skip
-    project.start_queue(jobs=2)
-    # Polled here rather than with Project.wait_for_queue, which a busy machine can time out.
-    while True:
-        status = project.dvc("queue", "status", timeout=1800).stdout
-        if not {"Queued", "Running"} & set(status.split()):
-            break
-        time.sleep(1)
+    status = project.run_queue(jobs=2, timeout=1800)
     elapsed = time.perf_counter() - started
-    project.stop_queue()
     if status.count("Success") != len(LEARNING_RATES) * len(BATCH_SIZES):
         raise RuntimeError(f"the DVC queue did not run every experiment:\n{status}")
     return elapsed

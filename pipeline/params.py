@@ -1,6 +1,6 @@
 """params.yaml and the environment's settings, checked into typed objects (pydantic) before any heavy import,
 every problem named at once. params.yaml holds only what changes results; where data comes from and where runs
-are recorded are environment variables (README, "Settings"), which keeps credentials out of git."""
+are recorded are environment variables (docs/tracking.md, "Settings"), which keeps credentials out of git."""
 
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def _problem(error: Any) -> str:
     key, kind = ".".join(loc) or "it", error["type"]
     if kind == "unexpected_keyword_argument" and key in MOVED_SECTIONS:
         return (f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
-                f"and set the environment variables {MOVED_SECTIONS[key]} instead (README, 'Settings')")  # fmt: skip
+                f"and set the environment variables {MOVED_SECTIONS[key]} instead (docs/tracking.md)")  # fmt: skip
     if kind == "unexpected_keyword_argument":
         schema = {"preprocess": PreprocessParams, "train": TrainParams, "check": CheckRule}.get(loc[0], Params)
         known = list((schema if loc[1:] else Params).__pydantic_fields__)  # type: ignore[attr-defined]

@@ -1,9 +1,9 @@
-"""Shared fixtures: the project's location, the real MNIST mirror, and editable params files."""
+"""Shared fixtures: the project's location, the real MNIST mirror, editable params files, and one tiny
+project reproduced once per session (``reproduced_template``) that tests copy (``reproduced_project``)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +27,8 @@ def stage_env(**extra: str) -> dict[str, str]:
 
 def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
     """Run ``python -m module args`` the way DVC would, returning the completed process."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env or stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, cwd=cwd, env=env or stage_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def write_params(directory: Path, **sections: dict) -> Path:
@@ -65,17 +59,36 @@ def shared_mnist() -> Path:
     return SHARED_MNIST
 
 
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory):
+    """The tiny synthetic project (pipeline_project.make_project) after one ``dvc repro``, its output in
+    ``.reproduced``; HEAD holds the sources, dvc.lock and the outputs are uncommitted. Read it, never
+    change it: a test that runs or changes anything takes ``reproduced_project``."""
+    from pipeline_project import make_project
+
+    # oneDNN forced on, as TensorFlow does by default on CPUs with AVX-512, where it announces itself.
+    project = make_project(tmp_path_factory.mktemp("reproduced"), env={"TF_ENABLE_ONEDNN_OPTS": "1"})
+    project.reproduced = project.dvc("repro", timeout=900)
+    return project
+
+
 @pytest.fixture
-def dvc_bin() -> str:
-    found = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    if not Path(found).exists():
-        pytest.fail("the dvc command is not installed; run pip install -e '.[dev]'")
-    return found
+def reproduced_project(reproduced_template, tmp_path):
+    """A test's own copy of ``reproduced_template`` (git, DVC cache, MLflow store), in ``tmp_path``.
+    ``reproduced_template.copy_to(directory, env)`` makes more, or one with other settings."""
+    return reproduced_template.copy_to(tmp_path / "reproduced")
 
 
 # Fixtures that build a git + DVC repository or run a stage as a subprocess: seconds per test, so
 # the tests that use them belong to the slow set (`pytest -m "not slow"` leaves them out).
-SLOW_FIXTURES = {"repo", "pull_request", "processed_project", "report_project"}
+SLOW_FIXTURES = {
+    "repo",
+    "pull_request",
+    "processed_project",
+    "report_project",
+    "reproduced_template",
+    "reproduced_project",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -86,10 +99,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes).
-
-    Mounting needs root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so.
-    """
+    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes). Mounting needs
+    root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so."""
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mountpoint)]

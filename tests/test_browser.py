@@ -1,11 +1,8 @@
-"""The charts as users see them: ``dvc plots show``'s page and the MLflow run page, in headless Chromium.
-
-A tiny project is reproduced once; both pages are then opened in Debian's Chromium driven by
-Playwright. ``dvc plots show``'s page loads its charting libraries (vega, vega-lite, vega-embed)
-from a CDN this machine cannot reach, so the test serves them to the page from the npm package
-tarballs that scripts/install_test_services.sh fetches (the page itself is DVC's, unchanged), and
-checks what each chart rendered: its series and their values. The MLflow page is served by a real
-``mlflow server`` on the project's SQLite store.
+"""The charts as users see them: ``dvc plots show``'s page and the MLflow run page of the reproduced
+tiny project, in Debian's headless Chromium driven by Playwright. DVC's page loads vega, vega-lite and
+vega-embed from a CDN this machine cannot reach, so the test serves them from the npm tarballs that
+scripts/install_test_services.sh fetches (the page itself is DVC's, unchanged) and checks what each
+chart rendered. The MLflow page is served by a real ``mlflow server`` on the project's store.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from pipeline_project import VENV_BIN, make_project, server_env
+from pipeline_project import VENV_BIN, free_port, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -29,30 +26,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VEGA_PACKAGES = Path(os.environ.get("VEGA_PACKAGES", Path.home() / ".cache" / "mnist-pipeline" / "vega"))
 CDN_SCRIPT = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/([\w-]+)@([\d.]+)"></script>')
 # Set before the page's scripts run: keeps the view each vegaEmbed call renders, by its element.
-KEEP_VIEWS = """
-window.renderedViews = {};
-let embed;
-Object.defineProperty(window, "vegaEmbed", {
-  configurable: true,
-  get() { return embed; },
-  set(original) {
-    embed = (element, ...rest) => original(element, ...rest).then((result) => {
-      window.renderedViews[element] = result.view;
-      return result;
-    });
-  },
-});
-"""
+KEEP_VIEWS = """window.renderedViews = {}; let embed;
+Object.defineProperty(window, "vegaEmbed", {configurable: true, get() { return embed; }, set(original) {
+  embed = (element, ...rest) => original(element, ...rest).then((result) => {
+    window.renderedViews[element] = result.view; return result; });
+}});"""
 # What a rendered chart holds: the rows its view drew from, and the size of its canvas.
-RENDERED = """(element) => {
-  const view = window.renderedViews[element];
-  const canvas = document.querySelector(element + " canvas");
-  return {
-    rows: view.data("source_0").map((row) => Object.assign({}, row)),
-    width: canvas ? canvas.width : 0,
-    height: canvas ? canvas.height : 0,
-  };
-}"""
+RENDERED = """(element) => { const canvas = document.querySelector(element + " canvas");
+  return {rows: window.renderedViews[element].data("source_0").map((row) => Object.assign({}, row)),
+          width: canvas ? canvas.width : 0, height: canvas ? canvas.height : 0}; }"""
 
 
 def series(rows: list[dict], y: str | None = None) -> dict[str, list[float]]:
@@ -73,13 +55,6 @@ def chromium_or_skip() -> str:
         pytest.skip("Chromium is not installed (bash scripts/install_test_services.sh installs Debian's chromium)")
     pytest.importorskip("playwright", reason="playwright is missing: uv sync installs the dev group")
     return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("browser"))
-    project.dvc("repro", timeout=900)
-    return project
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +83,8 @@ def vega_libraries(page_html: str) -> dict[str, bytes]:
     return libraries
 
 
-def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, browser, tmp_path):
+def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_template, browser, tmp_path):
+    project = reproduced_template
     output = tmp_path / "dvc_plots"
     project.dvc("plots", "show", "-o", str(output))
     page_file = output / "index.html"
@@ -135,9 +111,9 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, brows
     # Each chart's script hands vegaEmbed its element, then the chart replaces the script.
     charts = re.findall(r"vegaEmbed\('(#[^']+)'", html)
     deadline = time.monotonic() + 180
-    while sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts) and (
-        time.monotonic() < deadline
-    ):
+    while sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts):
+        if time.monotonic() > deadline:
+            break
         page.wait_for_timeout(500)
     assert sorted(done) == sorted(charts), f"rendered {done} of {charts}; errors: {errors}"
     assert errors == []
@@ -155,9 +131,8 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, brows
     accuracy = series(chart("Accuracy"))
     assert sorted(accuracy) == ["test_history.csv::test_accuracy", "train_history.csv::train_accuracy"]
     # The test accuracy has a point per evaluation and none at 0; the training accuracy one per step.
-    assert len(accuracy["test_history.csv::test_accuracy"]) == len(EVALUATIONS)
-    assert min(accuracy["test_history.csv::test_accuracy"]) > 0
-    assert len(accuracy["train_history.csv::train_accuracy"]) == 50
+    tested, trained = accuracy["test_history.csv::test_accuracy"], accuracy["train_history.csv::train_accuracy"]
+    assert len(tested) == len(EVALUATIONS) and min(tested) > 0 and len(trained) == 50
     for group in ("Weights", "Biases"):
         percentiles = series(chart(group))
         assert sorted(percentiles) == sorted(f"{group.lower()}_p{p}" for p in (0, 14, 29, 43, 57, 71, 86, 100))
@@ -174,28 +149,19 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(project, brows
         assert page.locator(f"img[src$='metrics_{picture}.png']").count() == 1, picture
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_ui(project, tmp_path):
+def mlflow_ui(reproduced_template, tmp_path):
     """``mlflow server`` on the project's store, on a free port of 127.0.0.1; yields its URL."""
-    chromium_or_skip()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = server_env()
+    store = f"sqlite:///{reproduced_template.root / 'mlflow.db'}"
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{project.root / 'mlflow.db'}",
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", store,
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=project.root,
-            start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(),
+            cwd=reproduced_template.root, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
@@ -211,20 +177,18 @@ def mlflow_ui(project, tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
-def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(project, browser, mlflow_ui):
+def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(
+    reproduced_template, browser, mlflow_ui
+):
     from mlflow import MlflowClient
 
     from pipeline.tracking import store
 
-    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{reproduced_template.root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-softmax")
     assert experiment.tags[store.EXPERIMENT_KIND_TAG] == store.EXPERIMENT_KIND
     (run,) = client.search_runs([experiment.experiment_id])
