@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tabulate import tabulate
 
 from pipeline import files
 from pipeline.cli import PipelineError, redact, run
@@ -31,6 +32,7 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 # 0.9213 - 0.9193 is 0.0020000000000000018: a change of exactly max_worsening must pass.
 TOLERANCE = 1e-9
 ENVIRONMENT = {"uv_lock_sha256": "uv.lock changed", "cpu": "the baseline came from another CPU ({old})"}
+HEADERS = ["metric", "baseline", "current", "change", "rule", "verdict"]
 Metrics = dict[str, dict[str, Any]]  # metrics file → metric, named as DVC names it (per_class_recall.3) → value
 
 
@@ -113,9 +115,10 @@ def git_baseline(rev: str | None) -> tuple[dict, Metrics | None]:
                 break
     diff, warnings = dvc_json(f"the baseline metrics at {label}", "metrics", "diff", "--all", commit)
     old = {path: {k: v["old"] for k, v in names.items() if v.get("old") is not None} for path, names in diff.items()}
-    if "failed to load" in warnings:  # DVC's only sign of a metrics file it cannot parse at the revision.
-        unread = ", ".join(path for path, names in old.items() if not names) or "them"
-        raise CheckError(f"cannot read the baseline metrics at {label}: DVC could not load {unread}.")
+    # DVC warns alike of a metrics file missing at the revision and of one it cannot parse, the latter bad input.
+    broken = [path for path, names in old.items() if not names and git("cat-file", "-e", f"{commit}:./{path}") == ""]
+    if "failed to load" in warnings and broken:
+        raise CheckError(f"cannot read the baseline metrics at {label}: DVC could not load {', '.join(broken)}.")
     found = {path: names for path, names in old.items() if names} or None
     return origin(label, "" if found else f"no metrics file exists at {label}", rev, commit), found
 
@@ -220,8 +223,6 @@ def text(value: float | None, sign: str = "") -> str:
 
 
 def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str | None, promotion: dict | None) -> str:
-    import pandas as pd
-
     failed = [row["metric"] for row in rows if row["reasons"]]
     head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
     if failed:
@@ -232,14 +233,17 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str
         head += f"; no baseline, as {reason}, so only floors and ceilings were checked"
     else:
         head += f", against {baseline['label']}"
-    table = pd.DataFrame([
+    table = [
         [f"`{' '.join(row['metric'].split())}`".replace("|", "\\|"), text(row["baseline"]), text(row["current"]),
          text(row["change"], "+"), describe(row["rule"]), "❌ fail: " + "; ".join(row["reasons"]) if row["reasons"]
          else f"✅ pass ({row['note']})" if row["note"] else "✅ pass"]
         for row in rows
-    ], columns=["metric", "baseline", "current", "change", "rule", "verdict"])  # fmt: skip
-    align = ["left", "right", "right", "right", "left", "left"]
-    parts = [head, environment, table.to_markdown(index=False, disable_numparse=True, colalign=align)]
+    ]  # fmt: skip
+    # What pandas' to_markdown calls, without pandas' second of import time.
+    markdown = tabulate(
+        table, HEADERS, "pipe", disable_numparse=True, colalign=["left", *["right"] * 3, "left", "left"]
+    )
+    parts = [head, environment, markdown]
     if promotion and promotion["promoted"]:
         name, previous = promotion["model"], promotion["previous"]
         former = f"; version {previous}, the former champion, is now `{registry.alias_uri(name, registry.PREVIOUS)}`"
