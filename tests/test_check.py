@@ -253,8 +253,10 @@ def commit(project: Project, metrics=WORSE, train=TRAIN) -> None:
         (commit, [], 1, ["### ❌ Metric check failed: 3 of 3 metrics broke their rules (test_accuracy,",
                          "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 | higher is better, may fall ≤ 0.002, floor 0.915 "
                          "| ❌ fail: fell by 0.1213, more than the 0.002 allowed; below the floor of 0.915 |"]),
-        (lambda p: write_metrics(p, WORSE), [], 1, ["| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |"]),  # Uncommitted.
         (lambda p: commit(p, BETTER), [], 0, ["| `test_accuracy` | 0.9213 | 0.93 | +0.0087 |"]),
+        # Uncommitted, as dvc repro leaves them; and from a subdirectory, where DVC still finds them.
+        (lambda p: (write_metrics(p, WORSE), p.root / "metrics")[1], ["--params", "../params.yaml"], 1,
+         ["| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |"]),
         # Within max_worsening of a baseline just above the floor, but below it.
         (lambda p: (on_main(p, BASE | {"test_accuracy": 0.916}), p.git("reset", "-q", "--hard", "main"),
                     commit(p, BASE | {"test_accuracy": 0.9145})), [], 1,
@@ -263,20 +265,36 @@ def commit(project: Project, metrics=WORSE, train=TRAIN) -> None:
         # The merge base, not main's tip: main moved on to a better model after the branch was made.
         (lambda p: on_main(p, BASE | {"test_accuracy": 0.99}), [], 0, ["against the merge base with main"]),
         (lambda p: on_main(p, BASE | {"test_accuracy": 0.99}), ["--rev", "main"], 1, ["against main ("]),
-        (lambda p: write_metrics(p, WORSE), ["--params", "params.yaml"], 1, ["| `test_accuracy` | 0.9213 | 0.8 |"]),
-        # A rule finds its metric in any metrics file.
+        # Without a main branch the last commit is the baseline.
+        (lambda p: (p.git("branch", "-q", "-m", "main", "trunk"), write_metrics(p, WORSE)), [], 1,
+         ["as there is no merge base with main"]),
+        (lambda p: p.git("checkout", "-q", "--orphan", "fresh"), ["--json"], 0,
+         ['"label": "HEAD", "missing_reason": "HEAD has no commits yet",', '"found": false }']),
+        # Floors still hold without a baseline.
+        (lambda p: (p.git("rm", "-qr", "--cached", "metrics"), p.git("commit", "-qm", "-"), write_metrics(p, WORSE)),
+         ["--rev", "HEAD"], 1, ["no baseline, as no metrics file exists at HEAD (", "below the floor of 0.915"]),
+        (lambda p: (p.root / "b.json").write_text(json.dumps(BASE | {"test_accuracy": 0.95})),
+         ["--baseline-file", "b.json"], 1, ["against b.json"]),
+        # The metrics of every file merged, as dvc.api.metrics_show gives them, are a baseline too.
+        (lambda p: (p.root / "b.json").write_text(json.dumps(BASE | TRAIN)), ["--baseline-file", "b.json"], 0,
+         ["3 of 3 metrics within their rules, against b.json"]),
+        # A baseline without a metric (added by this change) checks only its floor and ceiling.
+        (lambda p: (p.root / "b.json").write_text(json.dumps({"macro_f1": 0.9})), ["--baseline-file", "b.json"], 0,
+         ["| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (new metric, "
+          "not in the baseline) |"]),
+        # A rule finds its metric in any metrics file; the same value in two files is one metric.
         (lambda p: (p.set_params(check={"final_test_accuracy": {"better": "higher", "max_worsening": 0.01}}),
                     write_metrics(p, BASE, TRAIN | {"final_test_accuracy": 0.85})), [], 1,
          ["| `final_test_accuracy` | 0.9212 | 0.85 | -0.0712 |"]),
-        (lambda p: write_metrics(p, BASE, TRAIN | {"test_accuracy": 0.9213}), [], 0, []),  # The same in two files.
+        (lambda p: write_metrics(p, BASE, TRAIN | {"test_accuracy": 0.9213}), [], 0, []),
         (lambda p: write_metrics(p, BASE, TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}), [], 0,
          ["within their rules, against the merge base with main (", "Environment differs from the baseline's: "
           "tensorflow 2.21.0 → 2.22.0. | metric |"]),
     ],
 )  # fmt: skip
 def test_the_verdict(repo, setup, args, code, phrases):
-    setup(repo)
-    result = gate(repo, *args)
+    cwd = setup(repo)
+    result = gate(repo, *args, cwd=cwd if isinstance(cwd, Path) else None)
     assert result.returncode == code and result.stderr == "", result.text
     for phrase in phrases:
         assert phrase in result.text, result.text
@@ -298,46 +316,6 @@ def test_the_json_report(repo):
         "status": "fail", "reasons": ["fell by 0.1213, more than the 0.002 allowed", "below the floor of 0.915"],
         "note": None,
     }  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("setup", "args", "code", "phrase"),
-    [
-        # Without a main branch the last commit is the baseline.
-        (lambda p: (p.git("branch", "-q", "-m", "main", "trunk"), write_metrics(p, WORSE)), [], 1,
-         "against HEAD ({head}), as there is no merge base with main"),
-        (lambda p: p.git("checkout", "-q", "--orphan", "fresh"), [], 0, "no baseline, as HEAD has no commits yet"),
-        # Floors still hold without a baseline.
-        (lambda p: (p.git("rm", "-qr", "--cached", "metrics"), p.git("commit", "-qm", "-"), write_metrics(p, WORSE)),
-         ["--rev", "HEAD"], 1, "no baseline, as no metrics file exists at HEAD ({head}), so only floors and ceilings"),
-        (lambda p: (p.root / "b.json").write_text(json.dumps(BASE | {"test_accuracy": 0.95})),
-         ["--baseline-file", "b.json"], 1, "against b.json"),
-        # The metrics of every file merged, as dvc.api.metrics_show gives them, are a baseline too.
-        (lambda p: (p.root / "b.json").write_text(json.dumps(BASE | TRAIN)), ["--baseline-file", "b.json"], 0,
-         "3 of 3 metrics within their rules, against b.json"),
-        # A baseline without a metric (added by this change) checks only its floor and ceiling.
-        (lambda p: (p.root / "b.json").write_text(json.dumps({"macro_f1": 0.9})), ["--baseline-file", "b.json"], 0,
-         "| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (new metric, "
-         "not in the baseline) |"),
-    ],
-)  # fmt: skip
-def test_where_the_baseline_comes_from(repo, setup, args, code, phrase):
-    setup(repo)
-    head = repo.git("rev-parse", "--short=7", "HEAD") if "{head}" in phrase else ""
-    result = gate(repo, *args)
-    assert result.returncode == code and phrase.format(head=head) in result.text, result.text
-    report = json.loads(gate(repo, *args, "--json").stdout)
-    assert report["baseline"]["found"] is ("no baseline" not in phrase) and report["baseline"]["rev"] == (
-        args[1] if args[:1] == ["--rev"] else None
-    )
-
-
-def test_the_default_baseline_is_origin_main_in_a_clone_without_main(repo, tmp_path):
-    clone = tmp_path / "clone"
-    repo.git("clone", "-q", "-b", "feature", str(repo.root), str(clone))
-    project = Project(clone, {**repo.env, "PYTHONPATH": str(clone)})
-    write_metrics(project, WORSE)
-    assert "against the merge base with origin/main (" in gate(project).text
 
 
 @pytest.mark.parametrize(
@@ -481,21 +459,20 @@ def test_the_workflow_gates_pull_requests_and_promotes_on_main():
     assert JOB["env"]["MLFLOW_TRACKING_PASSWORD"] == "${{ secrets.MLFLOW_TRACKING_PASSWORD }}"
 
 
-@pytest.mark.parametrize(("metrics", "code", "head"), [(BETTER, 0, "### ✅"), (WORSE, 1, "### ❌ Metric check failed")])
-def test_the_workflow_gate_step_on_a_pull_request(repo, tmp_path, metrics, code, head):
-    clone = tmp_path / "checkout"
-    repo.git("clone", "-q", "-b", "main", str(repo.root), str(clone))
-    project = Project(clone, {**repo.env, "PYTHONPATH": str(clone), "BASE_REF": "main"})
-    project.git("switch", "-q", "-c", "pull-request")
+@pytest.mark.parametrize(("metrics", "code"), [(BETTER, 0), (WORSE, 1)])
+def test_the_workflow_gate_step_on_a_pull_request(repo, tmp_path, metrics, code):
+    """In a clone whose pull-request branch has no local main, as actions/checkout leaves it."""
+    repo.git("clone", "-q", "-b", "feature", str(repo.root), str(tmp_path / "checkout"))
+    project = Project(tmp_path / "checkout", {**repo.env, "PYTHONPATH": str(tmp_path / "checkout"), "BASE_REF": "main"})
     write_metrics(project, metrics)  # As `dvc repro` leaves them, uncommitted.
     script = JOB["steps"][-2]["run"].replace("uv run --locked python", sys.executable)
     summary = tmp_path / "summary.md"
     result = project.run("bash", "-e", "-c", script, env={"GITHUB_STEP_SUMMARY": str(summary)}, check=False)
-    assert result.returncode == code, result.stderr
-    origin_main = project.git("rev-parse", "origin/main")[:7]
-    assert summary.read_text(encoding="utf-8").startswith(f"{head}") and f"against origin/main ({origin_main})" in (
-        summary.read_text(encoding="utf-8")
-    )
+    head = f"### {'❌ Metric check failed' if code else '✅ Metric check passed'}"
+    assert result.returncode == code and summary.read_text(encoding="utf-8").startswith(head), result.stderr
+    assert f"against origin/main ({project.git('rev-parse', '--short=7', 'origin/main')})" in summary.read_text()
+    if code:  # Without --rev, the merge base with origin/main.
+        assert "against the merge base with origin/main (" in gate(project).text
 
 
 # ---------------------------------------------------------------------------------------------
