@@ -1,9 +1,7 @@
-"""The test-set metrics every trained model is judged by, for train (which logs them on the model's run
-and registry version) and report (which writes them to metrics.json).
+"""The test-set metrics every model is judged by: train logs them on its run, report writes metrics.json.
 
-Both stages compute them from the same test probabilities, so the registry's figures and the
-committed ones are the same numbers under the same names: those of ``dvc metrics show``, which the
-metric gate's rules use. scikit-learn is imported only when a score is computed.
+Both compute them from the same test probabilities, under the names ``dvc metrics show`` gives them
+(which the gate's rules use), so the registry's figures and the committed ones are the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import numpy as np
 from pipeline.data import NUM_CLASSES
 
 CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
-# The single numbers score() reports at the top of metrics.json, which a sweep can rank trials by.
+# The single numbers at the top of metrics.json, which a sweep can rank trials by.
 SCORES = ("test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1")
 
 
@@ -21,26 +19,24 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     """Test-set metrics from integer labels and predicted class probabilities."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    if probabilities.ndim != 2 or probabilities.shape != (len(labels), len(CLASS_NAMES)):
+    if probabilities.shape != (len(labels), NUM_CLASSES):
         raise ValueError(f"expected probabilities of shape ({len(labels)}, 10), got {probabilities.shape}")
     predicted = probabilities.argmax(axis=1)
     # Clipping keeps log(0) finite should a probability underflow.
-    true_class = np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0)
+    true_class = np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0).astype(np.float64)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
-    per_class_recall = precision_recall_fscore_support(
-        labels, predicted, labels=range(NUM_CLASSES), average=None, zero_division=0
-    )[1]
+    _, per_class, _, _ = precision_recall_fscore_support(labels, predicted, labels=range(NUM_CLASSES), zero_division=0)
     return {
         "test_accuracy": float(np.mean(predicted == labels)),
-        "test_cross_entropy": float(-np.mean(np.log(true_class.astype(np.float64)))),
+        "test_cross_entropy": float(-np.mean(np.log(true_class))),
         "macro_precision": float(precision),
         "macro_recall": float(recall),
         "macro_f1": float(f1),
-        "per_class_recall": {name: float(value) for name, value in zip(CLASS_NAMES, per_class_recall)},
+        "per_class_recall": {name: float(value) for name, value in zip(CLASS_NAMES, per_class)},
     }
 
 
 def flat(metrics: dict) -> dict[str, float]:
     """``score``'s metrics as MLflow metrics, named as ``dvc metrics show`` names them (per_class_recall.3)."""
     recall = {f"per_class_recall.{name}": value for name, value in metrics["per_class_recall"].items()}
-    return {**{key: value for key, value in metrics.items() if key != "per_class_recall"}, **recall}
+    return {key: value for key, value in metrics.items() if key != "per_class_recall"} | recall

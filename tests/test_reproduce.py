@@ -25,46 +25,35 @@ from pipeline.reproduce import (
 CPU_A, CPU_B = "CPU A (x86_64: avx2)", "CPU B (x86_64: avx512f)"
 
 
-def metrics_diff(cpu_old: str, cpu_new: str, **values: tuple[float, float]) -> dict:
-    train = {"environment.cpu": {"old": cpu_old, "new": cpu_new}, "environment.keras": {"old": "3", "new": "3"}}
-    train.update({name: {"old": old, "new": new, "diff": new - old} for name, (old, new) in values.items()})
-    return {"metrics/train.json": train}
-
-
-def test_rounding_on_another_cpu_is_within_tolerance_and_names_the_largest_difference():
-    diff = metrics_diff(
-        CPU_A,
-        CPU_B,
-        final_test_cross_entropy_sum=(2695.878173828125, 2695.87841796875),
-        final_test_accuracy=(0.92, 0.92),
-    )
-    code, message = verdict([], diff, (0, 10_000))
-    assert code == EXIT_REPRODUCED
-    assert message.startswith("within tolerance on a different CPU (committed on CPU A")
-    assert "final_test_cross_entropy_sum" in message and "0 of 10,000 test predictions changed" in message
-
-
-def test_the_same_difference_on_the_same_cpu_is_not_a_reproduction():
-    diff = metrics_diff(CPU_A, CPU_A, final_test_cross_entropy_sum=(2695.878173828125, 2695.87841796875))
-    code, message = verdict([], diff, None)
-    assert code == EXIT_NOT_REPRODUCED
-    assert message.startswith("not reproduced on the same CPU")
-
-
-def test_differences_beyond_tolerance_fail_and_are_listed():
-    diff = metrics_diff(CPU_A, CPU_B, final_test_cross_entropy_sum=(2695.0, 2696.0), final_test_accuracy=(0.92, 0.93))
-    code, message = verdict([], diff, (100, 10_000))
-    assert code == EXIT_NOT_REPRODUCED
-    assert message.startswith("beyond tolerance on a different CPU")
-    assert "2 metrics beyond tolerance" in message
-
-
-def test_changed_inputs_or_environment_are_not_a_reproduction_whatever_the_metrics():
-    diff = metrics_diff(CPU_A, CPU_B, final_test_accuracy=(0.92, 0.92))
-    diff["metrics/train.json"]["environment.keras"] = {"old": "3.15", "new": "3.16"}
-    code, message = verdict(["train's params differ"], diff, None)
-    assert code == EXIT_NOT_REPRODUCED
-    assert "train's params differ" in message and "environment.keras 3.15 → 3.16" in message
+@pytest.mark.parametrize(
+    ("cpus", "values", "lock", "code", "phrases"),
+    [
+        # Rounding on another CPU: within tolerance, naming the largest difference.
+        ((CPU_A, CPU_B), {"final_test_cross_entropy_sum": (2695.878173828125, 2695.87841796875),
+                          "final_test_accuracy": (0.92, 0.92)}, [], EXIT_REPRODUCED,
+         ["within tolerance on a different CPU (committed on CPU A", "final_test_cross_entropy_sum",
+          "0 of 10,000 test predictions changed"]),
+        # The same difference on the same CPU is not a reproduction.
+        ((CPU_A, CPU_A), {"final_test_cross_entropy_sum": (2695.878173828125, 2695.87841796875)}, [],
+         EXIT_NOT_REPRODUCED, ["not reproduced on the same CPU"]),
+        ((CPU_A, CPU_B), {"final_test_cross_entropy_sum": (2695.0, 2696.0), "final_test_accuracy": (0.92, 0.93)}, [],
+         EXIT_NOT_REPRODUCED, ["beyond tolerance on a different CPU", "2 metrics beyond tolerance"]),
+        ((CPU_A, CPU_B), {"final_test_accuracy": (0.92, 0.92)}, [], EXIT_REPRODUCED,
+         ["identical metrics on a different CPU (committed on CPU A"]),
+        # Changed inputs or environment are no reproduction, whatever the metrics.
+        ((CPU_A, CPU_B), {"final_test_accuracy": (0.92, 0.92), "environment.keras": ("3.15", "3.16")},
+         ["train's params differ"], EXIT_NOT_REPRODUCED, ["train's params differ", "environment.keras 3.15 → 3.16"]),
+        ((CPU_A, CPU_A), {"final_test_accuracy": (0.92, None)}, [], EXIT_NOT_REPRODUCED,
+         ["final_test_accuracy is only on one side"]),
+    ],
+)  # fmt: skip
+def test_verdict(cpus, values, lock, code, phrases):
+    pairs = {"environment.cpu": cpus, **values}
+    diff = {"metrics/train.json": {name: {"old": old, "new": new} for name, (old, new) in pairs.items()}}
+    found, message = verdict(lock, diff, (0, 10_000))
+    assert found == code, message
+    for phrase in phrases:
+        assert phrase in message, message
 
 
 @pytest.mark.parametrize(

@@ -1,30 +1,32 @@
-"""The model registry: every trained model is a version of one registered model; aliases say which is in use.
+"""The model registry: each trained model is a version of one registered model (``$MNIST_REGISTERED_MODEL``).
 
-Train adds its model as a new version of the registered model that ``$MNIST_REGISTERED_MODEL``
-names (``mnist-softmax`` by default), tagged with what produced it (its run, commit, data, DVC
-experiment, and the SHA-256 of the ``.keras`` file DVC tracks) and described by its test accuracy. The metric gate
-(``mnist-check --promote``) then moves the alias ``champion`` to a version whose metrics pass, and
-``previous`` to the version that held it, so the last champion stays one alias away. Users load or
-serve ``models:/<name>@champion``. MLflow's aliases replace its deprecated stages.
+Train registers a version tagged with its run, commit, data and the SHA-256 of ``models/model.keras``;
+the gate (``mnist-check --champion --promote``) compares with the ``champion``'s recorded metrics and
+moves ``champion`` to a version that passes, ``previous`` to the one it replaced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import contextlib
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.cli import PipelineError, redact
+from pipeline.params import tracking_settings
+from pipeline.tracking import store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-CHAMPION = "champion"
-PREVIOUS = "previous"
-# The version's link to the file DVC tracks: the SHA-256 of models/model.keras (train saves it
-# byte-deterministically, so the same model always has the same digest).
+CHAMPION, PREVIOUS = "champion", "previous"
+# Links a version to the file DVC tracks; train saves it byte-deterministically.
 MODEL_SHA256_TAG = "pipeline.model_sha256"
 RUN_ID_TAG = "run_id"
-# The run's link to the version that holds its model (models:/<name>/<version>): the one it
-# registered, or the existing one it matched (see same_version).
+# Links a run to the version holding its model: the one it registered, or the same one it matched.
 RUN_VERSION_TAG = "pipeline.model_version"
 
 
@@ -41,13 +43,11 @@ def description(test_accuracy: float, test_examples: int, run_name: str) -> str:
 
 
 def version_tags(run_id: str, run_tags: Mapping[str, str], model_sha256: str) -> dict[str, str]:
-    """A version's tags: its run's commit, data and DVC experiment tags, its run id and its file's digest."""
     kept = {key: value for key, value in run_tags.items() if key.startswith(("git.", "data.", "dvc."))}
     return {**kept, RUN_ID_TAG: run_id, MODEL_SHA256_TAG: model_sha256}
 
 
 def register(client: MlflowClient, name: str, model_uri: str, tags: Mapping[str, str], text: str) -> ModelVersion:
-    """Add the logged model at ``model_uri`` as a new version of ``name`` (created if new), tagged and described."""
     import mlflow
 
     version = mlflow.register_model(model_uri, name, tags=dict(tags))
@@ -55,7 +55,7 @@ def register(client: MlflowClient, name: str, model_uri: str, tags: Mapping[str,
 
 
 def version_of_model(client: MlflowClient, name: str, model_sha256: str) -> ModelVersion | None:
-    """The newest version of ``name`` whose model file has this SHA-256, or None."""
+    """The newest version of ``name`` whose model file has this SHA-256."""
     versions = client.search_model_versions(f"name = '{name}' and tags.`{MODEL_SHA256_TAG}` = '{model_sha256}'")
     return max(versions, key=lambda version: int(version.version), default=None)
 
@@ -63,14 +63,8 @@ def version_of_model(client: MlflowClient, name: str, model_sha256: str) -> Mode
 def same_version(
     client: MlflowClient, name: str, model_sha256: str, metrics: Mapping[str, float]
 ) -> ModelVersion | None:
-    """The version that already holds this model file and these test metrics, or None.
-
-    A retrain that reproduces a registered model byte for byte (DVC restored report from its
-    cache, a comment-only change, ``dvc repro -f``) links its run to that version instead of adding
-    an identical one. Only when the version's run recorded the same metrics, though: a version
-    registered before train logged them (or scored on other test data) gets a new version that has
-    them, because the gate cannot compare against one that lacks them.
-    """
+    """The version holding this model file whose run recorded these metrics: a byte-identical retrain
+    links to it instead of adding a copy (but not to one registered before train logged its metrics)."""
     version = version_of_model(client, name, model_sha256)
     if version is None or version.run_id is None:
         return None
@@ -79,7 +73,6 @@ def same_version(
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version ``alias`` points to, or None when the model or the alias does not exist."""
     import mlflow
 
     try:
@@ -90,17 +83,79 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         raise
 
 
-def promote(client: MlflowClient, name: str, version: str) -> str | None:
-    """Make ``version`` the champion and the former champion ``previous``; return the former's version.
+@dataclass
+class Registry:
+    """The registered model in the store the pipeline logs to, as the gate uses it."""
 
-    ``previous`` is moved first: should the second call fail, both aliases name the old champion and
-    nothing points at a model the gate did not pass.
-    """
-    # MLflow gives versions as numbers or strings depending on the store; they are compared as strings.
-    former = version_by_alias(client, name, CHAMPION)
-    if former is not None and str(former.version) == str(version):
-        return None
-    if former is not None:
-        client.set_registered_model_alias(name, PREVIOUS, str(former.version))
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return None if former is None else str(former.version)
+    client: Any
+    uri: str
+    name: str
+
+    @classmethod
+    def open(cls) -> Registry:
+        tracking = tracking_settings()
+        uri = store.tracking_uri(tracking.uri, store.store_root())
+        store.check_reachable(uri)
+        store.require_existing(uri)
+        import mlflow
+
+        return cls(mlflow.MlflowClient(uri), uri, tracking.registered_model)
+
+    @contextlib.contextmanager
+    def access(self) -> Iterator[None]:
+        import mlflow
+
+        try:
+            yield
+        except mlflow.exceptions.MlflowException as error:
+            raise PipelineError(
+                f"the MLflow registry at {redact(self.uri)} failed: {store.short(error.message)}"
+            ) from None
+
+    def recorded(self, version: ModelVersion, label: str, rules: Mapping) -> tuple[dict[str, float], Any]:
+        """The metrics a version's run recorded in the store (artifacts can go missing, these cannot), and the run."""
+        run = self.client.get_run(version.run_id)
+        if missing := [metric for metric in rules if metric not in run.data.metrics]:
+            raise PipelineError(
+                f"{label}, run {str(version.run_id)[:7]}, recorded no {', '.join(missing)}, which the check rules "
+                "need, so it can be neither the baseline nor the champion (a version registered by an older pipeline "
+                "whose report stage DVC restored from its cache). Retrain with this pipeline (dvc repro -f train) and "
+                "promote that version against the committed metrics: mnist-check --promote."
+            )
+        return run.data.metrics, run
+
+    def champion(self, rules: Mapping) -> tuple[str, dict[str, Any] | None, str]:
+        """The champion's label, its recorded metrics and environment (``env.*`` tags), or why there are none."""
+        with self.access():
+            if (version := version_by_alias(self.client, self.name, CHAMPION)) is None:
+                return alias_uri(self.name, CHAMPION), None, f"{self.name} has no champion yet in {redact(self.uri)}"
+            metrics, run = self.recorded(version, f"the champion, version {version.version} of {self.name}", rules)
+        environment = {f"environment.{key[4:]}": v for key, v in run.data.tags.items() if key.startswith("env.")}
+        label = f"{alias_uri(self.name, CHAMPION)} (version {version.version}, run {str(version.run_id)[:7]})"
+        return label, metrics | environment, ""
+
+    def promote_file(self, path: Path, rules: Mapping, refused: bool) -> dict[str, Any]:
+        """Make the version holding the model file at ``path`` (by its SHA-256) the champion, unless ``refused``;
+        the former champion becomes ``previous`` (moved first: a failure between leaves both on the old one)."""
+        promotion = {"model": self.name, "version": None, "previous": None, "promoted": False, "reason": None}
+        if refused:
+            return promotion | {"reason": "the metrics broke their rules"}
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            raise PipelineError(f"{path} does not exist; run the pipeline first (dvc repro).") from None
+        with self.access():
+            if (version := version_of_model(self.client, self.name, digest)) is None:
+                raise PipelineError(
+                    f"{path.name} (SHA-256 {digest[:12]}…) is no version of {self.name} in {redact(self.uri)}: it "
+                    "was trained against another tracking store. Rerun the train stage against it (dvc repro -f train)."
+                )
+            number = promotion["version"] = str(version.version)
+            self.recorded(version, f"version {number} of {self.name} ({path.name})", rules)
+            former = version_by_alias(self.client, self.name, CHAMPION)
+            if former is not None and str(former.version) == number:
+                return promotion | {"reason": f"version {number} already is the champion"}
+            if former is not None:
+                self.client.set_registered_model_alias(self.name, PREVIOUS, str(former.version))
+            self.client.set_registered_model_alias(self.name, CHAMPION, number)
+        return promotion | {"previous": former and str(former.version), "promoted": True}
