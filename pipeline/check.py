@@ -42,7 +42,10 @@ class CheckError(PipelineError):
 
 def git(*args: str) -> str | None:
     """The output of a git command, None when it fails (an unknown revision, no shared history)."""
-    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise CheckError("the gate needs git to find its baseline, and no git command is installed.") from None
     return result.stdout.rstrip() if result.returncode == 0 else None
 
 
