@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pytest
 from conftest import run_module, stage_env, write_params
-from idx_fixtures import write_mnist
 
 from pipeline.cli import PipelineError
 from pipeline.data import PERCENTILE_COLUMNS, PERCENTILES
@@ -212,25 +211,7 @@ OUTPUTS = {"model": "models/model.keras", "test-probabilities": "models/p.npy", 
            "train-history": "metrics/train_history.csv", "test-history": "metrics/test_history.csv",
            "parameter-percentiles": "metrics/percentiles.csv", "metrics": "metrics/train.json"}  # fmt: skip
 TRAIN_ARGS = ["--data", "processed", *(part for flag, path in OUTPUTS.items() for part in (f"--{flag}", path))]
-TINY = {"batch_size": 10, "iterations": 60, "eval_interval": 20}
-
-
-@pytest.fixture(scope="session")
-def processed_data(tmp_path_factory):
-    """data/processed of 250 training and 50 test images, preprocessed once per session."""
-    root = tmp_path_factory.mktemp("processed-data")
-    write_mnist(root / "raw", train_count=300, test_count=50, gz=False)
-    write_params(root, preprocess={"validation_size": 50})
-    assert run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=root).returncode == 0
-    return root / "processed"
-
-
-@pytest.fixture
-def processed_project(tmp_path, processed_data):
-    """A project folder with that data and the tiny train params; ``train(**params)`` runs the stage."""
-    shutil.copytree(processed_data, tmp_path / "processed")
-    write_params(tmp_path, preprocess={"validation_size": 50}, train=TINY)
-    return tmp_path
+TINY = {"batch_size": 10, "iterations": 60, "eval_interval": 20}  # As processed_project writes them.
 
 
 def tracking_env(project, **extra):

@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pipeline.cli import PipelineError, redact
@@ -100,24 +100,31 @@ class TrainingRun:
 
     def abandon(self, grace: float) -> int:
         """Give the queued values ``grace`` seconds, drop the rest; how many were not written (in flight included)."""
+        deadline = time.monotonic() + grace
         with contextlib.suppress(KeyboardInterrupt):  # A second Ctrl-C only cuts the grace short.
-            wait([future for future, _ in self.pending], timeout=grace)
+            for future, _ in self.pending:
+                with contextlib.suppress(Exception):
+                    future.exception(timeout=max(0.0, deadline - time.monotonic()))
         self.writer.shutdown(wait=False, cancel_futures=True)
         return sum(
             count for future, count in self.pending if future.cancelled() or not future.done() or future.exception()
         )
 
     def _result(self, future: Future) -> None:
+        """Wait for a batch, checking on the server meanwhile (the watch may give up on it before MLflow's retries).
+
+        Not concurrent.futures.wait, which a Ctrl-C inside it can leave holding the future's lock.
+        """
         import mlflow
 
-        while not future.done():  # The server watch may give up on the server before MLflow's retries do.
-            wait([future], timeout=0.5)
-            self.check()
-        try:
-            future.result()
-        except mlflow.exceptions.MlflowException as error:
-            message = f"logging the training history to MLflow failed: {store.short(error.message)}"
-            raise PipelineError(f"{message} The stage wrote no output.") from None
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except TimeoutError:
+                self.check()
+            except mlflow.exceptions.MlflowException as error:
+                message = f"logging the training history to MLflow failed: {store.short(error.message)}"
+                raise PipelineError(f"{message} The stage wrote no output.") from None
 
 
 def process_gone(owner: str) -> bool:
