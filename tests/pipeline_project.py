@@ -343,16 +343,16 @@ class MlflowServer:
             assert time.monotonic() < deadline, f"mlflow server did not start:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
 
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signum)
-
     def stop(self, signum: int = signal.SIGKILL) -> None:
         """Stop the server and the workers it forked (SIGCONT first, should it be stopped)."""
         if self.process is not None and self.process.poll() is None:
             self.signal(signal.SIGCONT)
             self.signal(signum)
             self.process.wait(timeout=60)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[MlflowServer]:

@@ -249,7 +249,7 @@ def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs
     finally:
         silent.close()
         fake and fake.close()
-    output = result.stdout + result.stderr
+    output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0 and "Traceback" not in output and uri in output and phrase in output, output
     assert "MLflow run " not in output and "trained " not in output, output
     assert fingerprint(reproduced) == before and len(store.search_runs([experiment_id])) == runs_before
