@@ -83,6 +83,15 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory):
+    """``mlflow server`` on PostgreSQL; yields its URL and its artifacts folder (test_sweep uses it too)."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: uv sync")
+    directory = tmp_path_factory.mktemp("mlflow-server")
+    with MlflowServer(directory, postgres).running() as server:
+        yield server.url, directory / "artifacts"
+
+
+@pytest.fixture(scope="module")
 def reproduced(tmp_path_factory) -> Project:
     """A project whose pipeline ran against its local SQLite store, with the results committed."""
     project = make_project(tmp_path_factory.mktemp("reproduced"))
@@ -109,77 +118,75 @@ def champion_predictions(url: str, images: np.ndarray, model_uri: str) -> np.nda
 
 
 @pytest.mark.postgres
-def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(postgres, tmp_path):
+def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipeline.model import SERIES
 
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: uv sync")
-    (tmp_path / "server").mkdir()
-    with MlflowServer(tmp_path / "server", postgres).running() as server:
-        project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": server.url})
-        project.dvc("repro", timeout=600)
-        # Nothing went to a local store.
-        assert not (project.root / "mlflow.db").exists() and not (project.root / "mlartifacts").exists()
-        client = MlflowClient(server.url)
-        (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-        assert run.info.status == "FINISHED" and run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
-        softmax = SERIES["softmax"]
-        assert run.data.params == {
-            **{f"train.{key}": str(value) for key, value in project.params()["train"].items()},
-            "data.train_examples": "200", "data.test_examples": "60", "model": softmax.description,
-            "model.script": softmax.script, "loss": "cross-entropy summed over the batch",
-            "optimizer": softmax.optimizer_description,
-        }  # fmt: skip
-        tags, lock = run.data.tags, (project.root / "dvc.lock").read_text()
-        assert tags["git.commit"] == project.git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
-        assert {key: value for key, value in tags.items() if key.startswith("data.")} == project.data_tags(lock)
+    url, artifacts = mlflow_server
+    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    project.dvc("repro", timeout=600)
+    # Nothing went to a local store.
+    assert not (project.root / "mlflow.db").exists() and not (project.root / "mlartifacts").exists()
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
+    softmax = SERIES["softmax"]
+    assert run.data.params == {
+        **{f"train.{key}": str(value) for key, value in project.params()["train"].items()},
+        "data.train_examples": "200", "data.test_examples": "60", "model": softmax.description,
+        "model.script": softmax.script, "loss": "cross-entropy summed over the batch",
+        "optimizer": softmax.optimizer_description,
+    }  # fmt: skip
+    tags, lock = run.data.tags, (project.root / "dvc.lock").read_text()
+    assert tags["git.commit"] == project.git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
+    assert {key: value for key, value in tags.items() if key.startswith("data.")} == project.data_tags(lock)
 
-        # Every step's measurement, with its step, equal to the history DVC plots.
-        for key in ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum"):
-            rows = pd.read_csv(project.root / f"metrics/{key.split('_')[0]}_history.csv")
-            logged = client.get_metric_history(run.info.run_id, f"history/{key}")
-            assert [metric.step for metric in logged] == rows["step"].tolist(), key
-            assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
-        final = json.loads((project.root / "metrics/train.json").read_text())
-        report = json.loads((project.root / "metrics/metrics.json").read_text())
-        assert run.data.metrics["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"])
-        assert run.data.metrics["macro_f1"] == pytest.approx(report["macro_f1"])
+    # Every step's measurement, with its step, equal to the history DVC plots.
+    for key in ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum"):
+        rows = pd.read_csv(project.root / f"metrics/{key.split('_')[0]}_history.csv")
+        logged = client.get_metric_history(run.info.run_id, f"history/{key}")
+        assert [metric.step for metric in logged] == rows["step"].tolist(), key
+        assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
+    final = json.loads((project.root / "metrics/train.json").read_text())
+    report = json.loads((project.root / "metrics/metrics.json").read_text())
+    assert run.data.metrics["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"])
+    assert run.data.metrics["macro_f1"] == pytest.approx(report["macro_f1"])
 
-        # Artifacts, fetched back through the server, are the files the stages wrote.
-        logged = set(artifact_paths(client, run.info.run_id))
-        pictures = ("accuracy.png", "mistakes.png", "weight_maps.png")
-        expected = (
-            "train_history.csv",
-            "test_history.csv",
-            "parameter_percentiles.csv",
-            "dvc.lock",
-            "report/metrics.json",
-        )
-        assert {*expected, *(f"report/{name}" for name in pictures)} <= logged
-        for name in pictures:
-            path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(tmp_path / "downloads")))
-            assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
-        logged_lock = Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(tmp_path / "downloads")))
-        assert yaml.safe_load(logged_lock.read_text())["stages"]["train"] == yaml.safe_load(lock)["stages"]["train"]
-        # The server kept them in its --artifacts-destination, not beside the project.
-        assert any((tmp_path / "server/artifacts").rglob("accuracy.png"))
+    # Artifacts, fetched back through the server, are the files the stages wrote.
+    logged = set(artifact_paths(client, run.info.run_id))
+    pictures = ("accuracy.png", "mistakes.png", "weight_maps.png")
+    expected = (
+        "train_history.csv",
+        "test_history.csv",
+        "parameter_percentiles.csv",
+        "dvc.lock",
+        "report/metrics.json",
+    )
+    assert {*expected, *(f"report/{name}" for name in pictures)} <= logged
+    for name in pictures:
+        path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(tmp_path / "downloads")))
+        assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
+    logged_lock = Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(tmp_path / "downloads")))
+    assert yaml.safe_load(logged_lock.read_text())["stages"]["train"] == yaml.safe_load(lock)["stages"]["train"]
+    # The server kept them in its --artifacts-destination, not beside the project.
+    assert any(artifacts.rglob("accuracy.png"))
 
-        # The registry on the server: the run's model is version 1, tagged and described.
-        (version,) = client.search_model_versions(f"name = '{NAME}'")
-        assert str(version.version) == "1" and version.run_id == version.tags["run_id"] == run.info.run_id
-        assert version.tags["git.commit"] == tags["git.commit"]
-        assert {key: value for key, value in version.tags.items() if key.startswith("data.")} == project.data_tags(lock)
-        assert version.description.startswith(f"Test accuracy {report['test_accuracy']:.4f} on 60 test images")
-        # The gate promotes it there, and the model loads through the server: by id and as champion.
-        (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
-        check = project.python("-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote")
-        assert f"Promoted {NAME} version 1 to `models:/{NAME}@champion` (there was no champion)" in check.stdout
-        images = np.load(project.root / "data/processed/test_images.npy")[:8]
-        expected_probabilities = np.load(project.root / "models/test_probabilities.npy")[:8]
-        for model_uri in (f"models:/{run.outputs.model_outputs[0].model_id}", f"models:/{NAME}@champion"):
-            predicted = champion_predictions(server.url, images, model_uri)
-            assert predicted.shape == (8, 10) and np.allclose(predicted, expected_probabilities, atol=1e-6)
+    # The registry on the server: the run's model is version 1, tagged and described.
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    assert str(version.version) == "1" and version.run_id == version.tags["run_id"] == run.info.run_id
+    assert version.tags["git.commit"] == tags["git.commit"]
+    assert {key: value for key, value in version.tags.items() if key.startswith("data.")} == project.data_tags(lock)
+    assert version.description.startswith(f"Test accuracy {report['test_accuracy']:.4f} on 60 test images")
+    # The gate promotes it there, and the model loads through the server: by id and as champion.
+    (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
+    check = project.python("-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote")
+    assert f"Promoted {NAME} version 1 to `models:/{NAME}@champion` (there was no champion)" in check.stdout
+    images = np.load(project.root / "data/processed/test_images.npy")[:8]
+    expected_probabilities = np.load(project.root / "models/test_probabilities.npy")[:8]
+    for model_uri in (f"models:/{run.outputs.model_outputs[0].model_id}", f"models:/{NAME}@champion"):
+        predicted = champion_predictions(url, images, model_uri)
+        assert predicted.shape == (8, 10) and np.allclose(predicted, expected_probabilities, atol=1e-6)
 
 
 class FakeServer:
