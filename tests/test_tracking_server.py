@@ -91,15 +91,6 @@ def mlflow_server(postgres, tmp_path_factory):
         yield server.url, directory / "artifacts"
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Project:
-    """A project whose pipeline ran against its local SQLite store, with the results committed."""
-    project = make_project(tmp_path_factory.mktemp("reproduced"))
-    project.dvc("repro", timeout=600)
-    project.commit("Reproduce the pipeline")
-    return project
-
-
 def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     found = []
     for item in client.list_artifacts(run_id, path):
@@ -234,7 +225,8 @@ def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["closed-port", "silent", "not-mlflow", "api-fails", "unknown-scheme"])
-def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced, kind):
+def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced_project, kind):
+    reproduced = reproduced_project
     from mlflow.tracking import MlflowClient
 
     silent = socket.create_server(("127.0.0.1", 0))  # Takes connections, never answers: a hung server.
@@ -327,8 +319,9 @@ def test_a_server_gone_for_good_or_hung_stops_the_stage_and_its_run_is_closed_la
     assert first.info.status == "FAILED" and (fault == "hung" or "pipeline.closed_because" in first.data.tags)
 
 
-def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(reproduced, tmp_path):
-    remote, clone = tmp_path / "remote", tmp_path / "clone"
+def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(reproduced_project, tmp_path):
+    reproduced, remote, clone = reproduced_project, tmp_path / "remote", tmp_path / "clone"
+    reproduced.commit("Reproduce the pipeline")
     reproduced.dvc("remote", "add", "-d", "storage", str(remote))
     reproduced.commit("Add the team's DVC remote")
     reproduced.dvc("push", timeout=300)
@@ -388,7 +381,8 @@ def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(tm
 
 
 @pytest.mark.postgres
-def test_the_gate_prints_no_database_password(postgres, reproduced, tmp_path):
+def test_the_gate_prints_no_database_password(postgres, reproduced_project, tmp_path):
+    reproduced = reproduced_project
     # PostgreSQL's trust authentication accepts any password, so the URI works with one in it.
     uri = postgres.replace("postgresql://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
     (tmp_path / "loose.yaml").write_text(yaml.safe_dump({**reproduced.params(), **LOOSE}))
