@@ -129,7 +129,7 @@ class ServerWatch:
             threading.Thread(target=self._watch, name="tracking-server-watch", daemon=True).start()
         try:
             yield self
-        except (Exception, KeyboardInterrupt):
+        except Exception:
             self.check()
             raise
         finally:
