@@ -114,3 +114,27 @@ def small_disk(tmp_path):
         yield mountpoint
     finally:
         subprocess.run(["umount", str(mountpoint)], capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def processed_data(tmp_path_factory):
+    """data/processed of 250 training and 50 test images, preprocessed once per session."""
+    from idx_fixtures import write_mnist
+
+    root = tmp_path_factory.mktemp("processed-data")
+    write_mnist(root / "raw", train_count=300, test_count=50, gz=False)
+    write_params(root, preprocess={"validation_size": 50})
+    assert run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=root).returncode == 0
+    return root / "processed"
+
+
+@pytest.fixture
+def processed_project(tmp_path, processed_data):
+    """A folder to run the train stage in: that data, and params.yaml with 60 steps of 10 images."""
+    import shutil
+
+    shutil.copytree(processed_data, tmp_path / "processed")
+    write_params(
+        tmp_path, preprocess={"validation_size": 50}, train={"batch_size": 10, "iterations": 60, "eval_interval": 20}
+    )
+    return tmp_path

@@ -312,3 +312,51 @@ def model_server(project: Project, model_uri: str) -> Iterator[str]:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tracking server: ``mlflow server`` on 127.0.0.1, for every test that needs one.
+
+
+class MlflowServer:
+    """``mlflow server`` in its own session, on SQLite in ``directory`` unless ``backend`` names another
+    store, with artifacts in ``directory/artifacts``; restartable on the same port with the same store."""
+
+    def __init__(self, directory: Path, backend: str | None = None) -> None:
+        self.directory, self.backend = directory, backend or f"sqlite:///{directory / 'mlflow.db'}"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> MlflowServer:
+        log = self.directory / "server.log"
+        command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend, "--artifacts-destination",
+                   str(self.directory / "artifacts"), "--host", "127.0.0.1", "--port", self.url.rpartition(":")[2],
+                   "--workers", "1"]  # fmt: skip
+        with open(log, "a") as handle:
+            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=server_env(), cwd=self.directory, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                return self
+            assert time.monotonic() < deadline, f"mlflow server did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    def stop(self, signum: int = signal.SIGKILL) -> None:
+        """Stop the server and the workers it forked (SIGCONT first, should it be stopped)."""
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signum)
+            self.process.wait(timeout=60)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[MlflowServer]:
+        try:
+            yield self.start()
+        finally:
+            self.stop()

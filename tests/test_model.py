@@ -31,12 +31,6 @@ def trainable_count(model) -> int:
     return sum(int(np.prod(variable.shape)) for variable in model.trainable_variables)
 
 
-def test_every_name_params_accepts_has_a_model():
-    from pipeline.model import SERIES
-
-    assert tuple(SERIES) == MODEL_NAMES
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_models_have_the_scripts_shapes_and_parameter_counts(name):
     from pipeline.model import build_model
@@ -48,18 +42,10 @@ def test_models_have_the_scripts_shapes_and_parameter_counts(name):
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
 
 
-def test_the_seed_model_is_unchanged():
-    from pipeline.model import build_model
-
-    model = build_model(0)
-    assert model.name == "mnist_softmax" and [layer.name for layer in model.layers] == ["softmax"]
-    weights, biases = model.get_weights()
-    assert np.array_equal(weights, build_model(0, "softmax").get_weights()[0]) and np.all(biases == 0)
-
-
 @pytest.mark.parametrize(
     ("name", "biases"),
     [
+        ("softmax", [0]),
         # Sigmoids start at 0, relus at 0.1 but for the last layer (script 2.x's comments); the
         # convolutional scripts start every bias (and 4.2 every batch-norm offset) at 0.1.
         ("five_layers_sigmoid", [0, 0, 0, 0, 0]),
@@ -79,8 +65,9 @@ def test_initial_values_follow_the_scripts(name, biases):
     for kernel in kernels:
         # tf.truncated_normal(stddev=0.1): never beyond two standard deviations.
         assert np.abs(kernel).max() <= 0.2 and 0.05 < kernel.std() < 0.1
-    # Each layer draws its own weights.
-    assert not np.array_equal(kernels[0].ravel()[:30], kernels[1].ravel()[:30])
+    # Each layer draws its own weights; the seed's model is the one its notebook names.
+    assert len(kernels) == 1 or not np.array_equal(kernels[0].ravel()[:30], kernels[1].ravel()[:30])
+    assert name != "softmax" or (model.name, [layer.name for layer in model.layers]) == ("mnist_softmax", ["softmax"])
 
 
 def test_decaying_rate_is_the_scripts_formula():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -12,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline.cli import PipelineError
-from pipeline.params import TrackingSettings, tracking_settings
+from pipeline.params import tracking_settings
 from pipeline.tracking import record, store, tags
 
 pytestmark = pytest.mark.slow
@@ -30,20 +31,29 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def settings(uri: str = "") -> TrackingSettings:
-    """The tracking settings of an environment that names this store and the tests' experiment."""
-    return tracking_settings({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT})
+def resolve(uri: str = ""):
+    return store.resolve(tracking_settings({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}))
 
 
 def open_run(run_name: str = "first", params: dict | None = None):
-    uri, location = store.resolve(settings())
-    return record.training_run(uri, location, EXPERIMENT, run_name, params or {"train.seed": 0})
+    return record.training_run(*resolve(), EXPERIMENT, run_name, params or {"train.seed": 0})
 
 
 def client_for(project):
     from mlflow import MlflowClient
 
     return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def history(steps: range) -> dict:
+    return {"train_accuracy": (steps, [0.5] * len(steps)), "train_cross_entropy_sum": (steps, [9.0] * len(steps))}
+
+
+def lock_store(project) -> sqlite3.Connection:
+    """Hold the SQLite store's write lock, as a busy writer in another process would: MLflow's writes wait."""
+    connection = sqlite3.connect(project / "mlflow.db", check_same_thread=False, isolation_level=None)
+    connection.execute("BEGIN EXCLUSIVE")
+    return connection
 
 
 def test_a_run_records_params_tags_and_every_history_value_with_its_own_time(project):
@@ -56,15 +66,14 @@ def test_a_run_records_params_tags_and_every_history_value_with_its_own_time(pro
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "first"
     assert logged.data.params == {"train.seed": "3", "train.learning_rate": "0.003"}
-    history = sorted(client.get_metric_history(run.run_id, "train_accuracy"), key=lambda metric: metric.step)
-    assert [metric.step for metric in history] == steps
-    assert [metric.value for metric in history] == [step / 10_000 for step in steps]
+    points = sorted(client.get_metric_history(run.run_id, "history/train_accuracy"), key=lambda metric: metric.step)
+    assert [metric.step for metric in points] == steps
+    assert [metric.value for metric in points] == [step / 10_000 for step in steps]
     # Each step's time is spread over its chunk: 2,500 points, not two shared timestamps.
-    assert len({metric.timestamp for metric in history}) > 2000
-    assert history[0].timestamp > 100_000 and history[1499].timestamp == 115_000 and history[-1].timestamp == 125_000
-    assert [metric.step for metric in client.get_metric_history(run.run_id, "test_accuracy")] == [2000, 2500]
-    assert logged.data.tags["env.python"].count(".") == 2
-    assert logged.data.tags["git.commit"] == "unknown"
+    assert len({metric.timestamp for metric in points}) > 2000
+    assert points[0].timestamp > 100_000 and points[1499].timestamp == 115_000 and points[-1].timestamp == 125_000
+    assert [metric.step for metric in client.get_metric_history(run.run_id, "history/test_accuracy")] == [2000, 2500]
+    assert logged.data.tags["env.python"].count(".") == 2 and logged.data.tags["git.commit"] == "unknown"
 
 
 def test_an_error_in_the_stage_marks_the_run_failed_after_logging_what_was_queued(project):
@@ -73,31 +82,13 @@ def test_an_error_in_the_stage_marks_the_run_failed_after_logging_what_was_queue
         raise RuntimeError("training blew up")
     client = client_for(project)
     assert client.get_run(run.run_id).info.status == "FAILED"
-    assert len(client.get_metric_history(run.run_id, "train_accuracy")) == 2
-
-
-def test_ctrl_c_marks_the_run_failed(project):
-    with pytest.raises(KeyboardInterrupt), open_run("interrupted") as run:
-        raise KeyboardInterrupt
-    assert client_for(project).get_run(run.run_id).info.status == "FAILED"
-
-
-def lock_store(project) -> sqlite3.Connection:
-    """Hold the SQLite store's write lock, as a busy writer in another process would: MLflow's writes wait."""
-    connection = sqlite3.connect(project / "mlflow.db", check_same_thread=False, isolation_level=None)
-    connection.execute("BEGIN EXCLUSIVE")
-    return connection
-
-
-def history(steps: range) -> dict:
-    return {"train_accuracy": (steps, [0.5] * len(steps)), "train_cross_entropy_sum": (steps, [9.0] * len(steps))}
+    assert len(client.get_metric_history(run.run_id, "history/train_accuracy")) == 2
 
 
 def test_a_store_that_takes_no_values_holds_training_back_at_the_bound(project):
     """Memory stays bounded however slow the store: beyond MAX_PENDING_VALUES, logging waits."""
     with open_run("held back") as run:
-        lock = lock_store(project)
-        queued: list[int] = []
+        lock, queued = lock_store(project), []
 
         def train() -> None:
             for start in range(0, 15_000, 500):  # 30 chunks of 1,000 values
@@ -114,11 +105,10 @@ def test_a_store_that_takes_no_values_holds_training_back_at_the_bound(project):
         assert max(queued) <= record.MAX_PENDING_VALUES + 1000
     client = client_for(project)
     assert client.get_run(run.run_id).info.status == "FINISHED"
-    assert len(client.get_metric_history(run.run_id, "train_accuracy")) == 15_000
+    assert len(client.get_metric_history(run.run_id, "history/train_accuracy")) == 15_000
 
 
 def test_a_stop_gives_the_backlog_a_short_grace_then_counts_what_was_not_written(project):
-    lock = None
     with pytest.raises(KeyboardInterrupt) as stopped, open_run("stopped") as run:
         lock = lock_store(project)
         run.log_history(history(range(1, 1501)), time.time(), time.time())
@@ -127,78 +117,45 @@ def test_a_stop_gives_the_backlog_a_short_grace_then_counts_what_was_not_written
         interrupted = time.monotonic()
         raise KeyboardInterrupt
     took = time.monotonic() - interrupted
-    assert f"MLflow run {run.run_id} was marked FAILED; 3000 values of its training history were not written" == str(
-        stopped.value
-    )
+    expected = f"MLflow run {run.run_id} was marked FAILED; 3000 values of its training history were not written"
+    assert str(stopped.value) == expected
     # The grace, then ending the run once the store answers; not the time to write a backlog.
     assert record.STOP_GRACE_SECONDS <= took < record.STOP_GRACE_SECONDS + 5
     assert client_for(project).get_run(run.run_id).info.status == "FAILED"
 
 
 def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project):
+    import mlflow
+
     for name in ("older", "newer"):
         with open_run(name):
-            import mlflow
-
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, "abc")
     client, experiment_id = store.open_store(f"sqlite:///{project / 'mlflow.db'}", EXPERIMENT, None)
-    found = record.find_training_run(client, experiment_id, "abc", "here")
-    assert found.info.run_name == "newer"
+    assert record.find_training_run(client, experiment_id, "abc", "here").info.run_name == "newer"
     with pytest.raises(PipelineError, match="no finished MLflow run in here recorded the training"):
         record.find_training_run(client, experiment_id, "def", "here")
 
 
-def test_an_unusable_server_fails_before_anything_is_imported(project):
-    with pytest.raises(PipelineError, match="cannot be reached"):
-        store.resolve(settings("http://127.0.0.1:9"))
-
-
-def test_a_store_in_a_missing_folder_is_a_clear_error(project):
+def test_unusable_stores_fail_before_mlflow_is_imported_and_keep_credentials_out(project):
     with pytest.raises(PipelineError, match="which does not exist"):
-        store.resolve(settings(f"sqlite:///{project}/nowhere/mlflow.db"))
-
-
-def test_a_servers_credentials_stay_out_of_its_health_check_and_of_every_message(project):
-    uri = "http://admin:hunter22@127.0.0.1:9/"
-    assert store.health_url(uri) == "http://127.0.0.1:9/health"
+        resolve(f"sqlite:///{project}/nowhere/mlflow.db")
     with pytest.raises(PipelineError) as caught:
-        store.resolve(settings(uri))
+        resolve("http://admin:hunter22@127.0.0.1:9/")
     # The health check reached for 127.0.0.1 (not for a host named "admin:hunter22@127.0.0.1").
-    assert "http://admin:***@127.0.0.1:9/ cannot be reached ([Errno 111] Connection refused)" in str(caught.value)
+    assert "http://admin:***@127.0.0.1:9/ cannot be reached: [Errno 111] Connection refused" in str(caught.value)
     assert "hunter22" not in str(caught.value)
 
 
-def test_the_environment_names_the_locked_versions(project):
-    """Every package version a run records is the one uv.lock pins, and the lock's digest is its own."""
-    environment = tags.environment(ROOT)
+def test_the_environment_and_the_models_requirements_name_the_locked_versions(project):
     locked = {
         package["name"]: package["version"] for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
     }
+    environment = tags.environment(ROOT)
     for label in ("keras", "numpy", "scikit-learn", "dvc", "mlflow"):
         assert environment[label] == locked[label], label
     assert environment["tensorflow"] in (locked.get("tensorflow-cpu"), locked.get("tensorflow"))
-    import hashlib
-
     assert environment["uv_lock_sha256"] == hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()
     assert tags.environment(project)["uv_lock_sha256"] == "none"
-
-
-def test_the_models_requirements_are_the_locked_versions():
-    locked = {
-        package["name"]: package["version"] for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
-    }
     requirements = dict(line.split("==") for line in tags.model_requirements())
     assert requirements.keys() & {"tensorflow", "tensorflow-cpu"}, requirements
-    for name, version in requirements.items():
-        assert locked[name] == version, name
-
-
-def test_extra_run_tags_come_from_the_environment_as_a_json_object(monkeypatch):
-    monkeypatch.delenv(record.EXTRA_TAGS_VARIABLE, raising=False)
-    assert record.extra_tags() == {}
-    monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, '{"mlflow.parentRunId": "abc", "sweep.trial": "t1"}')
-    assert record.extra_tags() == {"mlflow.parentRunId": "abc", "sweep.trial": "t1"}
-    for bad in ("{not json", '["a"]', '{"a": 1}'):
-        monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, bad)
-        with pytest.raises(PipelineError, match=record.EXTRA_TAGS_VARIABLE):
-            record.extra_tags()
+    assert all(locked[name] == version for name, version in requirements.items()), requirements

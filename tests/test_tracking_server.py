@@ -1,15 +1,13 @@
-"""The team set-up: a shared MLflow server on PostgreSQL, a shared DVC remote, and a server that fails.
+"""Tracking servers: a shared one on PostgreSQL, one that fails before or during a run, and credentials.
 
-* A real PostgreSQL cluster (Debian's ``postgresql`` package, started by the test in a temporary
-  directory) backs a real ``mlflow server --artifacts-destination``; the whole pipeline runs with
-  ``MLFLOW_TRACKING_URI`` pointing at it, and everything is read back through the REST API: params,
-  per-step metric histories, artifacts, and the model, loaded with mlflow.pyfunc
-  and predicting. Only these tests skip, saying why, where PostgreSQL is not installed or will not
-  start (scripts/install_test_services.sh installs it).
-* An unreachable or misconfigured server stops the train stage within seconds, before any
-  training, with a one-paragraph error naming the URI and no output file touched.
-* ``dvc push`` to a local-directory remote, then ``dvc pull`` in a fresh clone, restores the data
-  and the model with nothing rerun.
+* The whole pipeline logs to a real ``mlflow server`` on a real PostgreSQL cluster (Debian's
+  ``postgresql``, started here; the tests skip, saying why, where it is missing); everything is read
+  back through the REST API, the model loaded with mlflow.pyfunc and predicting.
+* A server that is unreachable, silent, not MLflow, or failing stops the train stage before any
+  training, with one paragraph naming the URI, and no output touched.
+* During a run: a brief restart loses nothing; a server gone for good or hung stops the stage within
+  the configured time, writing no output, and its run is closed by the next training.
+* A password in the tracking URI works and is never written or printed.
 """
 
 from __future__ import annotations
@@ -26,119 +24,57 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, VENV_BIN, Project, base_env, make_project, server_env
+from conftest import stage_env
+from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, MlflowServer, Project, free_port, make_project
+from test_train import OUTPUTS, start_training
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = "mnist-softmax"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout:g} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop a server started in its own session, with all its worker processes."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
-
-
-def postgres_bin_dir() -> Path | None:
-    """Where initdb and pg_ctl are: on PATH, or in Debian's versioned directory (newest first)."""
-    on_path = shutil.which("pg_ctl")
-    candidates = [Path(on_path).resolve().parent] if on_path else []
-    candidates += [Path(path) for path in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
-    return next((path for path in candidates if (path / "initdb").exists() and (path / "pg_ctl").exists()), None)
+EXPERIMENT = NAME = "mnist-softmax"
+# The rules loosened for the synthetic data, whose accuracy is far below the gate's floor.
+LOOSE = {"check": {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}}
 
 
 @pytest.fixture(scope="module")
 def postgres():
     """A throwaway PostgreSQL cluster on a free port of 127.0.0.1; yields its ``mlflow`` database URI."""
-    bin_dir = postgres_bin_dir()
+    on_path = [Path(found).resolve().parent] if (found := shutil.which("pg_ctl")) else []
+    candidates = on_path + [Path(path) for path in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    bin_dir = next((path for path in candidates if (path / "initdb").exists() and (path / "pg_ctl").exists()), None)
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl); run scripts/install_test_services.sh")
-    # PostgreSQL refuses to run as root; Debian's package brings the postgres user for this.
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser, so PostgreSQL cannot be started as another user")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
+    # PostgreSQL refuses to run as root; Debian's package brings the postgres user for this. Not
+    # under pytest's tmp_path, which is private to root.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 and shutil.which("runuser") else []
     directory = Path(tempfile.mkdtemp(prefix="mlflow-test-postgres."))
     if as_user:
-        try:
-            shutil.chown(directory, "postgres", "postgres")
-        except (LookupError, PermissionError) as error:
-            shutil.rmtree(directory, ignore_errors=True)
-            pytest.skip(f"cannot run PostgreSQL as the postgres user: {error}")
+        shutil.chown(directory, "postgres", "postgres")
     data, log, port = directory / "data", directory / "postgres.log", free_port()
 
-    def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*as_user, *command],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            cwd=directory,
-        )
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120, cwd=directory)
 
     started = False
     try:
-        init = run(
-            str(bin_dir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-instructions",
-        )
+        init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         if init.returncode != 0:
             pytest.skip(f"initdb failed: {init.stderr[-1000:]}")
-        # fsync off: a test database need not survive a power cut, and this keeps MLflow's schema
-        # migrations quick. The socket goes into the test's own directory, not /var/run.
+        # fsync off: a test database need not survive a power cut. The socket goes in its own folder.
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {directory} -c fsync=off"
         start = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
         if start.returncode != 0:
-            pytest.skip(
-                f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:] if log.exists() else ''}"
-            )
+            pytest.skip(f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:]}")
         started = True
-        create = run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
-        assert create.returncode == 0, create.stderr
+        assert (
+            run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow").returncode
+            == 0
+        )
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
         if started:
@@ -148,50 +84,11 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
-    """``mlflow server`` on PostgreSQL, proxying artifacts to a local directory; yields (url, that directory)."""
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install -e '.[dev]'")
+    """``mlflow server`` on PostgreSQL; yields its URL and its artifacts folder (test_sweep uses it too)."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: uv sync")
     directory = tmp_path_factory.mktemp("mlflow-server")
-    artifacts, log_path, port = directory / "artifacts", directory / "server.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = server_env()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                str(VENV_BIN / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                postgres,
-                "--artifacts-destination",
-                str(artifacts),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=directory,
-            # Its own session, so that stopping it also stops the web workers it forks.
-            start_new_session=True,
-        )
-    try:
-        wait_for_http(f"{url}/health", process, timeout=180, log=log_path)
-        yield url, artifacts
-    finally:
-        stop(process)
-
-
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Project:
-    """A project whose pipeline ran against its local SQLite store, with the results committed."""
-    project = make_project(tmp_path_factory.mktemp("reproduced"))
-    project.dvc("repro", timeout=600)
-    project.commit("Reproduce the pipeline")
-    return project
+    with MlflowServer(directory, postgres).running() as server:
+        yield server.url, directory / "artifacts"
 
 
 def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
@@ -201,51 +98,44 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return found
 
 
+def champion_predictions(url: str, images: np.ndarray, model_uri: str) -> np.ndarray:
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    try:
+        return np.array([answer["probabilities"] for answer in mlflow.pyfunc.load_model(model_uri).predict(images)])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.postgres
 def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    from pipeline.model import SERIES
 
     url, artifacts = mlflow_server
     project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
     project.dvc("repro", timeout=600)
-
     # Nothing went to a local store.
     assert not (project.root / "mlflow.db").exists() and not (project.root / "mlartifacts").exists()
-
     client = MlflowClient(url)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
-    params = project.params()
-    from pipeline.model import SERIES
-
+    assert run.info.status == "FINISHED" and run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
     softmax = SERIES["softmax"]
     assert run.data.params == {
-        **{f"train.{key}": str(value) for key, value in params["train"].items()},
-        "data.train_examples": "200",
-        "data.test_examples": "60",
-        "model": softmax.description,
-        "model.script": softmax.script,
-        "loss": "cross-entropy summed over the batch",
+        **{f"train.{key}": str(value) for key, value in project.params()["train"].items()},
+        "data.train_examples": "200", "data.test_examples": "60", "model": softmax.description,
+        "model.script": softmax.script, "loss": "cross-entropy summed over the batch",
         "optimizer": softmax.optimizer_description,
-    }
-    lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
-    tags = run.data.tags
-    assert run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
+    }  # fmt: skip
+    tags, lock = run.data.tags, (project.root / "dvc.lock").read_text()
     assert tags["git.commit"] == project.git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
-    data_tags = project.data_tags((project.root / "dvc.lock").read_text())
-    assert {key: value for key, value in tags.items() if key.startswith("data.")} == data_tags
+    assert {key: value for key, value in tags.items() if key.startswith("data.")} == project.data_tags(lock)
 
     # Every step's measurement, with its step, equal to the history DVC plots.
-    history = pd.read_csv(project.root / "metrics/train_history.csv")
-    tests = pd.read_csv(project.root / "metrics/test_history.csv")
-    for key, rows in (
-        ("train_accuracy", history),
-        ("train_cross_entropy_sum", history),
-        ("test_accuracy", tests),
-        ("test_cross_entropy_sum", tests),
-    ):
+    for key in ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum"):
+        rows = pd.read_csv(project.root / f"metrics/{key.split('_')[0]}_history.csv")
         logged = client.get_metric_history(run.info.run_id, f"history/{key}")
         assert [metric.step for metric in logged] == rows["step"].tolist(), key
         assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
@@ -256,74 +146,38 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
 
     # Artifacts, fetched back through the server, are the files the stages wrote.
     logged = set(artifact_paths(client, run.info.run_id))
-    assert {
+    pictures = ("accuracy.png", "mistakes.png", "weight_maps.png")
+    expected = (
         "train_history.csv",
         "test_history.csv",
         "parameter_percentiles.csv",
         "dvc.lock",
         "report/metrics.json",
-        "report/accuracy.png",
-        "report/mistakes.png",
-        "report/weight_maps.png",
-    } <= logged
-    downloads = tmp_path / "downloads"
-    for name in ("accuracy.png", "mistakes.png", "weight_maps.png"):
-        path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(downloads)))
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
-    logged_lock = yaml.safe_load(
-        Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(downloads))).read_text()
     )
-    assert logged_lock["stages"]["train"] == lock["train"]
+    assert {*expected, *(f"report/{name}" for name in pictures)} <= logged
+    for name in pictures:
+        path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(tmp_path / "downloads")))
+        assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
+    logged_lock = Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(tmp_path / "downloads")))
+    assert yaml.safe_load(logged_lock.read_text())["stages"]["train"] == yaml.safe_load(lock)["stages"]["train"]
     # The server kept them in its --artifacts-destination, not beside the project.
-    assert any(artifacts.rglob("accuracy.png")) and any(artifacts.rglob("MLmodel"))
-
-    # The model: loadable as pyfunc, predicting what train predicted from raw pixels.
-    (output,) = run.outputs.model_outputs
-    images = np.load(project.root / "data/processed/test_images.npy")[:8]
-    expected = np.load(project.root / "models/test_probabilities.npy")[:8]
-    mlflow.set_tracking_uri(url)
-    try:
-        pyfunc_model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
-        predicted = np.array([answer["probabilities"] for answer in pyfunc_model.predict(images)])
-        assert predicted.shape == (8, 10) and np.allclose(predicted, expected, atol=1e-6)
-    finally:
-        mlflow.set_tracking_uri(None)
+    assert any(artifacts.rglob("accuracy.png"))
 
     # The registry on the server: the run's model is version 1, tagged and described.
-    name = "mnist-softmax"  # The default of $MNIST_REGISTERED_MODEL.
-    (version,) = client.search_model_versions(f"name = '{name}'")
-    assert str(version.version) == "1" and version.run_id == run.info.run_id
-    assert version.tags["run_id"] == run.info.run_id and version.tags["git.commit"] == tags["git.commit"]
-    assert {key: value for key, value in version.tags.items() if key.startswith("data.")} == data_tags
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    assert str(version.version) == "1" and version.run_id == version.tags["run_id"] == run.info.run_id
+    assert version.tags["git.commit"] == tags["git.commit"]
+    assert {key: value for key, value in version.tags.items() if key.startswith("data.")} == project.data_tags(lock)
     assert version.description.startswith(f"Test accuracy {report['test_accuracy']:.4f} on 60 test images")
-    # The gate promotes it there (the synthetic data's accuracy is far below the floor, so the rules
-    # are loosened for this run), and the champion loads through the server.
-    loose = {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}
-    (project.root / "loose.yaml").write_text(yaml.safe_dump({**params, "check": loose}))
-    check = project.python(
-        "-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote", env={"MLFLOW_TRACKING_URI": url}
-    )
-    assert f"Promoted {name} version 1 to `models:/{name}@champion` (there was no champion)" in check.stdout
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-    mlflow.set_tracking_uri(url)
-    try:
-        champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-        predicted = np.array([answer["probabilities"] for answer in champion.predict(images)])
-        assert np.allclose(predicted, expected, atol=1e-6)
-    finally:
-        mlflow.set_tracking_uri(None)
-
-
-class SilentServer:
-    """Accepts connections and never answers: a hung server or a firewall that swallows packets."""
-
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-
-    def close(self) -> None:
-        self.socket.close()
+    # The gate promotes it there, and the model loads through the server: by id and as champion.
+    (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
+    check = project.python("-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote")
+    assert f"Promoted {NAME} version 1 to `models:/{NAME}@champion` (there was no champion)" in check.stdout
+    images = np.load(project.root / "data/processed/test_images.npy")[:8]
+    expected_probabilities = np.load(project.root / "models/test_probabilities.npy")[:8]
+    for model_uri in (f"models:/{run.outputs.model_outputs[0].model_id}", f"models:/{NAME}@champion"):
+        predicted = champion_predictions(url, images, model_uri)
+        assert predicted.shape == (8, 10) and np.allclose(predicted, expected_probabilities, atol=1e-6)
 
 
 class FakeServer:
@@ -353,239 +207,192 @@ class FakeServer:
         self.server.server_close()
 
 
-@pytest.fixture(params=["closed-port", "silent", "not-mlflow", "api-fails"])
-def bad_server(request):
-    """A tracking URI that cannot be used, and the phrase its error must contain."""
-    if request.param == "closed-port":
-        yield f"http://127.0.0.1:{free_port()}", "cannot be reached"
-        return
-    server = {
-        "silent": SilentServer,
-        "not-mlflow": lambda: FakeServer(health_status=404, other_status=404),
-        # A server whose health check passes but whose database is down.
-        "api-fails": lambda: FakeServer(health_status=200, other_status=500),
-    }[request.param]()
-    phrase = {
-        "silent": "cannot be reached",
-        "not-mlflow": "does not look like an MLflow tracking server",
-        "api-fails": "failed",
-    }[request.param]
-    try:
-        yield server.url, phrase
-    finally:
-        server.close()
-
-
-def fingerprint(project: Project) -> dict[str, tuple[int, str]]:
+def fingerprint(project: Project) -> dict:
     """Modification time and content hash of every train and report output."""
-    found = {}
-    for name in (*TRAIN_OUTPUTS, *REPORT_OUTPUTS):
-        path = project.root / name
-        found[name] = (
-            (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) if path.exists() else None
-        )
-    return found
-
-
-def check_fails_fast(result: subprocess.CompletedProcess, uri: str, phrase: str) -> None:
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    assert uri in output and phrase in output, output
-    # It failed before any run or training began (how long that took is the benchmark's business).
-    assert "MLflow run " not in output and "trained " not in output, output
+    paths = {name: project.root / name for name in (*TRAIN_OUTPUTS, *REPORT_OUTPUTS)}
+    return {name: path.exists() and (path.stat().st_mtime_ns, path.read_bytes()) for name, path in paths.items()}
 
 
 def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
     project = make_project(tmp_path)
     project.dvc("repro", "preprocess", timeout=300)
     uri = f"http://127.0.0.1:{free_port()}"
-
     result = project.dvc("repro", env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
-
-    check_fails_fast(result, uri, "cannot be reached")
-    assert "Nothing was trained" in result.stderr
-    assert fingerprint(project) == dict.fromkeys((*TRAIN_OUTPUTS, *REPORT_OUTPUTS))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"{uri} cannot be reached" in result.stderr and "Nothing was trained" in result.stderr
+    assert fingerprint(project) == dict.fromkeys((*TRAIN_OUTPUTS, *REPORT_OUTPUTS), False)
     assert not (project.root / "mlflow.db").exists()
 
 
-def test_failing_server_leaves_existing_outputs_untouched(reproduced, bad_server):
+@pytest.mark.parametrize("kind", ["closed-port", "silent", "not-mlflow", "api-fails", "unknown-scheme"])
+def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced_project, kind):
+    reproduced = reproduced_project
     from mlflow.tracking import MlflowClient
 
-    uri, phrase = bad_server
-    before = fingerprint(reproduced)
+    silent = socket.create_server(("127.0.0.1", 0))  # Takes connections, never answers: a hung server.
+    fake = {"not-mlflow": (404, 404), "api-fails": (200, 500)}.get(kind)  # The health check's status, the API's.
+    fake = fake and FakeServer(*fake)
+    uri, phrase = {
+        "closed-port": (f"http://127.0.0.1:{free_port()}", "cannot be reached"),
+        "silent": (f"http://127.0.0.1:{silent.getsockname()[1]}", "cannot be reached"),
+        "not-mlflow": (fake and fake.url, "does not look like an MLflow tracking server"),
+        "api-fails": (fake and fake.url, "failed"),
+        "unknown-scheme": ("htp://127.0.0.1:5000", "MLFLOW_TRACKING_URI"),
+    }[kind]
     store = MlflowClient(f"sqlite:///{reproduced.root / 'mlflow.db'}")
-    runs_before = len(store.search_runs([store.get_experiment_by_name(EXPERIMENT).experiment_id]))
-
-    # The train stage's own command, as dvc.yaml runs it (dvc repro would first delete the outputs).
-    result = reproduced.run(
-        *reproduced.stage_command("train"), env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120
-    )
-
-    check_fails_fast(result, uri, phrase)
-    assert fingerprint(reproduced) == before
-    assert len(store.search_runs([store.get_experiment_by_name(EXPERIMENT).experiment_id])) == runs_before
+    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    before, runs_before = fingerprint(reproduced), len(store.search_runs([experiment_id]))
+    try:  # The stage's own command (dvc repro would first delete the outputs).
+        command = reproduced.stage_command("train")
+        result = reproduced.run(*command, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+    finally:
+        silent.close()
+        fake and fake.close()
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0 and "Traceback" not in output and uri in output and phrase in output, output
+    assert "MLflow run " not in output and "trained " not in output, output
+    assert fingerprint(reproduced) == before and len(store.search_runs([experiment_id])) == runs_before
     assert not list((reproduced.root / "models").glob(".*.tmp*"))
 
 
-def test_tracking_uri_with_an_unknown_scheme_is_a_clear_error(reproduced):
-    before = fingerprint(reproduced)
-    result = reproduced.run(
-        *reproduced.stage_command("train"),
-        env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
-        check=False,
-        timeout=120,
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "MLFLOW_TRACKING_URI" in result.stderr and "htp://127.0.0.1:5000" in result.stderr
-    assert fingerprint(reproduced) == before
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "server").mkdir()
+    with MlflowServer(tmp_path / "server").running() as running:
+        yield running
 
 
-def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(reproduced, tmp_path):
-    remote = tmp_path / "remote"
+def train_against(server: MlflowServer, project: Path, retries: int, timeout: int) -> subprocess.Popen:
+    """3,000 steps logged to ``server`` with MLflow's ``retries`` (backoff factor 1) and ``timeout`` seconds."""
+    env = stage_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries),
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))  # fmt: skip
+    process = start_training(project, env, iterations=3000, eval_interval=100)
+    assert process.stderr is not None and any("MLflow run " in line for line in process.stderr), "no run started"
+    return process
+
+
+def server_runs(server: MlflowServer):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.url)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    return client, client.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_a_server_restarted_mid_run_loses_nothing(processed_project, server):
+    # A generous timeout (the restarted one-worker server takes every queued request at once); 7 retries wait 126 s.
+    process = train_against(server, processed_project, retries=7, timeout=60)
+    server.stop()
+    time.sleep(2)  # Requests sent meanwhile are refused, and retried.
+    server.start()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    client, (run,) = server_runs(server)
+    assert run.info.status == "FINISHED"
+    for metric in ("history/train_accuracy", "history/train_cross_entropy_sum"):
+        steps = sorted(point.step for point in client.get_metric_history(run.info.run_id, metric))
+        assert steps == list(range(1, 3001)), f"{metric}: {len(steps)} of 3000 points arrived"
+    assert all((processed_project / path).is_file() for path in OUTPUTS.values())
+
+
+@pytest.mark.parametrize("fault", ["gone", "hung"])
+def test_a_server_gone_for_good_or_hung_stops_the_stage_and_its_run_is_closed_later(processed_project, server, fault):
+    # Gone: 3 retries wait 6 s, then the health check gives up. Hung: a health check gets no answer
+    # within the 3 s timeout; the stage then tries to mark the run FAILED (3 retries of 3 s, 6 s of
+    # backoff): about 25 s in all, against the 125 s MLflow's retries alone would take.
+    process = train_against(server, processed_project, retries=3, timeout=10 if fault == "gone" else 3)
+    server.stop() if fault == "gone" else server.signal(signal.SIGSTOP)
+    failed = time.monotonic()
+    _, stderr = process.communicate(timeout=300)
+    took, message = time.monotonic() - failed, " ".join(stderr.split())
+    assert process.returncode == 1 and "Traceback" not in stderr and "wrote no output" in message, stderr
+    assert server.url in message and (fault == "gone" or "stopped answering" in message and "within 3 s" in message)
+    assert not any((processed_project / path).exists() for path in OUTPUTS.values())
+    assert took < 45, f"the stage took {took:.0f} s to give up"
+    server.stop()
+    server.start()
+    client, (abandoned,) = server_runs(server)
+    assert abandoned.info.status in ("RUNNING", "FAILED")
+    second = train_against(server, processed_project, retries=5, timeout=60)
+    assert second.wait(timeout=600) == 0
+    client, (first, _) = server_runs(server)
+    assert first.info.status == "FAILED" and (fault == "hung" or "pipeline.closed_because" in first.data.tags)
+
+
+def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(reproduced_project, tmp_path):
+    reproduced, remote, clone = reproduced_project, tmp_path / "remote", tmp_path / "clone"
+    reproduced.commit("Reproduce the pipeline")
     reproduced.dvc("remote", "add", "-d", "storage", str(remote))
     reproduced.commit("Add the team's DVC remote")
-    pushed = reproduced.dvc("push", timeout=300)
-    assert remote.is_dir() and any(path.is_file() for path in remote.rglob("*")), pushed.stdout
-
-    clone = tmp_path / "clone"
+    reproduced.dvc("push", timeout=300)
+    assert any(path.is_file() for path in remote.rglob("*"))
     reproduced.run("git", "clone", "-q", str(reproduced.root), str(clone))
     # A fresh clone has no DVC cache and none of the outputs, only what git holds.
     assert not (clone / "data/raw").exists() and not (clone / "models/model.keras").exists()
-    env = base_env(clone)
-    pulled = subprocess.run(
-        [str(VENV_BIN / "dvc"), "pull"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-
-    for name in (
-        "data/raw/train-images-idx3-ubyte",
-        "data/processed/train_images.npy",
-        "models/model.keras",
-        "models/test_probabilities.npy",
-    ):
+    pulled = reproduced.dvc("pull", cwd=clone, timeout=300)
+    for name in ("data/raw/train-images-idx3-ubyte", "data/processed/train_images.npy", *TRAIN_OUTPUTS[:2]):
         assert (clone / name).read_bytes() == (reproduced.root / name).read_bytes(), name
-    status = subprocess.run(
-        [str(VENV_BIN / "dvc"), "status"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout
+    assert "Data and pipelines are up to date." in reproduced.dvc("status", cwd=clone, timeout=120).stdout
     # Nothing ran: no stage wrote an MLflow store in the clone.
-    assert "Running stage" not in pulled.stdout
-    assert not (clone / "mlflow.db").exists() and not (clone / "mlartifacts").exists()
+    assert "Running stage" not in pulled.stdout and not (clone / "mlflow.db").exists()
 
 
 # The password in the tracking URI of the tests below: found nowhere the pipeline writes or prints.
 SECRET = "Pw-" + hashlib.sha256(b"test_tracking_server").hexdigest()[:20]
 
 
-@pytest.fixture(scope="module")
-def server_with_password(tmp_path_factory):
-    """``mlflow server`` on SQLite; yields its URL with a user and password in it, and its folder.
-
-    The server does not check the password: its basic-auth app needs Flask-WTF (``mlflow[auth]``),
-    which the project does not install. What matters here is what the pipeline does with the URI.
-    """
-    directory = tmp_path_factory.mktemp("mlflow-server-with-password")
-    log_path, port = directory / "server.log", free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-             "--artifacts-destination", str(directory / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), cwd=directory,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log_path)
-        yield f"http://admin:{SECRET}@127.0.0.1:{port}", directory
-    finally:
-        stop(process)
-
-
-def files_holding(secret: str, *folders: Path, skip: tuple[str, ...] = ()) -> list[str]:
-    """Every file under ``folders`` whose bytes contain ``secret``."""
-    return [
-        str(path)
-        for folder in folders
-        for path in folder.rglob("*")
-        if path.is_file() and path.name not in skip and secret.encode() in path.read_bytes()
-    ]
-
-
-def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(server_with_password, tmp_path):
+def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(tmp_path):
+    """The server does not check the password (its basic-auth app needs ``mlflow[auth]``, which the
+    project does not install): what matters is what the pipeline does with the URI."""
     from mlflow import MlflowClient
     from PIL import Image
 
-    url, server_folder = server_with_password
-    masked = url.replace(SECRET, "***")
-    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
-    printed = [project.dvc("repro", timeout=600)]
-    # The gate, against the registry on that server: no champion yet, then a promotion (the rules
-    # loosened for the synthetic data, as above), then a comparison with the champion, as JSON.
-    (project.root / "loose.yaml").write_text(
-        yaml.safe_dump({**project.params(), "check": {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}})
-    )
-    gate = ["-m", "pipeline.check", "--params", "loose.yaml", "--summary-file", "summary.md"]
-    printed.append(project.python(*gate, "--champion", "--json", check=False))
-    assert printed[-1].returncode == 0, printed[-1].stdout + printed[-1].stderr
-    assert (
-        json.loads(printed[-1].stdout)["baseline"]["missing_reason"] == f"mnist-softmax has no champion yet in {masked}"
-    )
-    printed.append(project.python(*gate, "--champion", "--promote"))
-    assert "Promoted mnist-softmax version 1" in printed[-1].stdout
-    printed.append(project.python(*gate, "--champion", "--json"))
-    # mnist-predict through the registry: an answer, and an error that names the store.
-    images = np.load(project.root / "data/processed/test_images.npy")
-    Image.fromarray(images[0].reshape(28, 28)).save(project.root / "digit.png")
-    predict = ["-m", "pipeline.predict", "digit.png", "--model"]
-    printed.append(project.python(*predict, "models:/mnist-softmax@champion"))
-    printed.append(project.python(*predict, "models:/no-such-model@champion", check=False))
-    assert printed[-1].returncode == 1 and masked in " ".join(printed[-1].stderr.split()), printed[-1].stderr
-
-    output = "".join(result.stdout + result.stderr for result in printed)
-    assert SECRET not in output
-    # Every file of the project (dvc.lock, DVC's cache and run cache, metrics/, the summary, git's
-    # objects), and the server's store and artifacts, which hold what the pipeline sent.
-    assert (project.root / ".dvc/cache/runs").is_dir() and (project.root / "summary.md").is_file()
-    assert files_holding(SECRET, tmp_path, server_folder, skip=("server.log",)) == []
-    client = MlflowClient(url)
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    versions = client.search_model_versions("name = 'mnist-softmax'")
-    assert len(runs) == 1 and len(versions) == 1
-    for entity in (*[run.data for run in runs], *versions):
-        assert SECRET not in json.dumps([entity.params if hasattr(entity, "params") else {}, entity.tags])
+    (tmp_path / "server").mkdir()
+    with MlflowServer(tmp_path / "server").running() as server:
+        url = server.url.replace("http://", f"http://admin:{SECRET}@")
+        masked = url.replace(SECRET, "***")
+        project = make_project(tmp_path / "work", env={"MLFLOW_TRACKING_URI": url})
+        printed = [project.dvc("repro", timeout=600)]
+        # The gate against the registry on that server: no champion yet, a promotion, a comparison.
+        (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
+        gate = ["-m", "pipeline.check", "--params", "loose.yaml", "--summary-file", "summary.md", "--champion"]
+        printed.append(project.python(*gate, "--json", check=False))
+        assert json.loads(printed[-1].stdout)["baseline"]["missing_reason"] == f"{NAME} has no champion yet in {masked}"
+        printed += [project.python(*gate, "--promote"), project.python(*gate, "--json")]
+        assert "Promoted mnist-softmax version 1" in printed[-2].stdout
+        # mnist-predict through the registry: an answer, and an error that names the store.
+        Image.fromarray(np.load(project.root / "data/processed/test_images.npy")[0].reshape(28, 28)).save(
+            project.root / "digit.png"
+        )
+        predict = ["-m", "pipeline.predict", "digit.png", "--model"]
+        printed.append(project.python(*predict, f"models:/{NAME}@champion"))
+        printed.append(project.python(*predict, "models:/no-such-model@champion", check=False))
+        assert printed[-1].returncode == 1 and masked in " ".join(printed[-1].stderr.split()), printed[-1].stderr
+        assert SECRET not in "".join(result.stdout + result.stderr for result in printed)
+        # Every file of the project (dvc.lock, DVC's cache and run cache, metrics/, the summary, git's
+        # objects), and the server's store and artifacts, which hold what the pipeline sent.
+        assert (project.root / ".dvc/cache/runs").is_dir() and (project.root / "summary.md").is_file()
+        holding = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "server.log"]
+        assert [str(path) for path in holding if SECRET.encode() in path.read_bytes()] == []
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+        (version,) = client.search_model_versions(f"name = '{NAME}'")
+        assert SECRET not in json.dumps([run.data.params, run.data.tags, version.tags])
 
 
 @pytest.mark.postgres
-def test_the_gate_prints_no_database_password(postgres, reproduced, tmp_path):
+def test_the_gate_prints_no_database_password(postgres, reproduced_project, tmp_path):
+    reproduced = reproduced_project
     # PostgreSQL's trust authentication accepts any password, so the URI works with one in it.
     uri = postgres.replace("postgresql://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
-    loose = tmp_path / "loose.yaml"
-    loose.write_text(
-        yaml.safe_dump(
-            {**reproduced.params(), "check": {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}}
-        )
-    )
+    (tmp_path / "loose.yaml").write_text(yaml.safe_dump({**reproduced.params(), **LOOSE}))
     summary = tmp_path / "summary.md"
     result = reproduced.python(
-        "-m", "pipeline.check", "--params", str(loose), "--champion", "--json", "--summary-file", str(summary),
-        env={"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"},
+        "-m", "pipeline.check", "--params", str(tmp_path / "loose.yaml"), "--champion", "--json", "--summary-file",
+        str(summary), env={"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"},
     )  # fmt: skip
     masked = uri.replace(SECRET, "***")
     assert (
         json.loads(result.stdout)["baseline"]["missing_reason"] == f"gate-password-test has no champion yet in {masked}"
     )
-    assert masked in summary.read_text()
-    assert SECRET not in result.stdout + result.stderr + summary.read_text()
+    assert masked in summary.read_text() and SECRET not in result.stdout + result.stderr + summary.read_text()

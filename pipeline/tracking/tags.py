@@ -1,8 +1,7 @@
 """What a run is tagged with: its commit, its data, its DVC experiment and its environment.
 
-Everything here is read from the working copy the stage runs in (:func:`store.project_root`): its
-git state and its ``uv.lock``; the data's digests come from the files the stage read. Package
-versions come from the installed distributions' metadata, so nothing heavy is imported to learn them.
+Read from the working copy the stage runs in (its git state and uv.lock) and from the installed
+distributions' metadata, so nothing heavy is imported to learn a version.
 """
 
 from __future__ import annotations
@@ -16,24 +15,17 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
-# The packages whose versions can change a result, by distribution name. TensorFlow is installed as
-# tensorflow-cpu on Linux x86-64 and as tensorflow elsewhere (pyproject.toml); either is "tensorflow".
-ENVIRONMENT_PACKAGES = {
-    "tensorflow": ("tensorflow-cpu", "tensorflow"),
-    "keras": ("keras",),
-    "numpy": ("numpy",),
-    "scikit-learn": ("scikit-learn",),
-    "dvc": ("dvc",),
-    "mlflow": ("mlflow",),
+# The packages whose versions can change a result; TensorFlow is tensorflow-cpu on Linux x86-64.
+ENVIRONMENT_PACKAGES = {"tensorflow": ("tensorflow-cpu", "tensorflow")} | {
+    name: (name,) for name in ("keras", "numpy", "scikit-learn", "dvc", "mlflow")
 }
-LOCK_FILE = "uv.lock"
-# The instruction-set extensions TensorFlow's CPU kernels (XLA, oneDNN, Eigen) choose their code by:
-# two CPUs that differ in these round differently in the last bits (see pipeline.reproduce).
+# The extensions TensorFlow's CPU kernels choose their code by: CPUs that differ in them round
+# differently in the last bits (see pipeline.reproduce).
 KERNEL_ISA_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
     "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
 )  # fmt: skip
-# What a logged model needs to be loaded and served, in the exact versions this run used.
+# What a logged model needs to be loaded and served.
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
 
@@ -68,49 +60,41 @@ def environment(root: Path) -> dict[str, str]:
     """Python, the CPU, the key packages' versions, and the SHA-256 of ``root``'s uv.lock."""
     versions = {"python": platform.python_version(), "cpu": cpu()}
     for label, names in ENVIRONMENT_PACKAGES.items():
-        found = installed(names)
-        versions[label] = found[1] if found else "not installed"
-    lock = root / LOCK_FILE
+        versions[label] = found[1] if (found := installed(names)) else "not installed"
+    lock = root / "uv.lock"
     versions["uv_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
     return versions
 
 
 def model_requirements() -> list[str]:
     """Pinned pip requirements for the logged model: the distributions installed from uv.lock."""
-    requirements = []
-    for label in MODEL_PACKAGES:
-        found = installed(ENVIRONMENT_PACKAGES[label])
-        if found:
-            requirements.append(f"{found[0]}=={found[1]}")
-    return requirements
+    found = (installed(ENVIRONMENT_PACKAGES[label]) for label in MODEL_PACKAGES)
+    return [f"{name}=={version}" for name, version in filter(None, found)]
 
 
 def git_info(root: Path) -> dict[str, str]:
-    """The commit the run started from and whether tracked sources differed from it."""
+    """The commit the run started from, and whether tracked sources or params.yaml differed from it.
+
+    MLflow's own ``mlflow.source.git.commit`` knows neither the commit a queued DVC experiment
+    started from ($DVC_EXP_BASELINE_REV) nor whether the sources differed from it.
+    """
 
     def git(*args: str) -> str | None:
         try:
-            result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return result.stdout.strip() if result.returncode == 0 else None
+        return done.stdout.strip() if done.returncode == 0 else None
 
-    # An experiment's own commit does not exist yet while it runs; DVC names the one it started from.
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or git("rev-parse", "HEAD") or "unknown"
-    # Compared with that commit rather than with HEAD, so an experiment's -S changes to params.yaml
-    # count in a queued copy too. Outputs that the pipeline itself rewrites while it runs
-    # (dvc.lock, metrics/) do not count as a dirty tree; a changed source file or params.yaml does.
+    # Against that commit, not HEAD, so that an experiment's -S changes count; the outputs the
+    # pipeline rewrites as it runs (dvc.lock, metrics/) do not.
     changed = None if commit == "unknown" else git("diff", "--name-only", commit, "--", ".", ":!dvc.lock", ":!metrics")
-    dirty = "unknown" if changed is None else str(bool(changed)).lower()
-    return {"git.commit": commit, "git.dirty": dirty}
+    return {"git.commit": commit, "git.dirty": "unknown" if changed is None else str(bool(changed)).lower()}
 
 
 def run_tags(root: Path, data: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Tags linking a run to its commit, data, DVC experiment and environment.
-
-    ``data`` holds the md5 of each data file the stage read, by path (see pipeline.data.load_processed):
-    what it really read, which dvc.lock only claims.
-    """
+    """Tags linking a run to its commit, data (the md5 of each file the stage read), DVC experiment and environment."""
     tags = {**git_info(root), **{f"data.{path}": md5 for path, md5 in (data or {}).items()}}
     tags.update({f"env.{key}": value for key, value in environment(root).items()})
     if os.environ.get("DVC_EXP_NAME"):
