@@ -7,6 +7,7 @@ data stages stay byte-identical, the metrics close), or not reproduced (exit 1; 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -57,9 +58,7 @@ def lock_differences(committed: dict[str, Any], current: dict[str, Any]) -> list
 def changed_predictions(committed: str, current: str) -> tuple[int, int]:
     """(test images predicted differently, test images) between two confusion CSVs."""
     old, new = committed.strip().splitlines()[1:], current.strip().splitlines()[1:]
-    if len(old) != len(new):
-        return max(len(old), len(new)), max(len(old), len(new))
-    return sum(a != b for a, b in zip(old, new)), len(old)
+    return sum(a != b for a, b in itertools.zip_longest(old, new)), max(len(old), len(new))
 
 
 def verdict(lock_problems: list[str], diff: dict[str, Any], predictions: tuple[int, int] | None) -> tuple[int, str]:
