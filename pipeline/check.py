@@ -1,8 +1,7 @@
 """The metric gate (``mnist-check``): the metrics dvc.yaml declares against a baseline, by params.yaml's rules.
 
-DVC reads the metrics: ``dvc metrics show`` now, ``dvc metrics diff`` at the baseline's commit (the
-merge base with main, or ``--rev``); or the baseline is ``--baseline-file`` or the registry's champion.
-Prints Markdown or ``--json``, appends it to ``--summary-file``; exits 0 pass, 1 regression, 2 bad input.
+The baseline: ``dvc metrics diff`` at the merge base with main (or ``--rev``), ``--baseline-file`` or the
+registry's champion. Prints Markdown or ``--json``; exits 0 pass, 1 regression, 2 bad input (docs/gate.md).
 """
 
 from __future__ import annotations
@@ -32,16 +31,16 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 # 0.9213 - 0.9193 is 0.0020000000000000018: a change of exactly max_worsening must pass.
 TOLERANCE = 1e-9
 ENVIRONMENT = {"uv_lock_sha256": "uv.lock changed", "cpu": "the baseline came from another CPU ({old})"}
-HEADERS = ["metric", "baseline", "current", "change", "rule", "verdict"]
+ALIGN = ["left", "right", "right", "right", "left", "left"]
 Metrics = dict[str, dict[str, Any]]  # metrics file → metric, named as DVC names it (per_class_recall.3) → value
 
 
 class CheckError(PipelineError):
-    """The gate cannot run: a metrics file, value, revision or rule is unusable."""
+    """Bad input: the gate cannot run."""
 
 
 def git(*args: str) -> str | None:
-    """The output of a git command, None when it fails (an unknown revision, no shared history)."""
+    """The output of a git command, None when it fails."""
     try:
         result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
     except FileNotFoundError:
@@ -95,7 +94,6 @@ def current_metrics() -> Metrics:
 
 
 def origin(label: str, reason: str = "", rev: str | None = None, commit: str | None = None, path: str | None = None):
-    """Where the baseline came from, as ``--json`` reports it."""
     return {"label": label, "missing_reason": reason or None, "rev": rev, "commit": commit, "path": path}
 
 
@@ -127,7 +125,7 @@ def git_baseline(rev: str | None) -> tuple[dict, Metrics | None]:
 
 
 def file_baseline(path: Path) -> tuple[dict, Metrics | None]:
-    """A JSON object of metrics: a copy of a metrics file, or all of them merged (dvc.api.metrics_show)."""
+    """A JSON object of metrics: one metrics file, or all of them merged."""
     try:
         data = json.loads(files.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
@@ -141,8 +139,7 @@ def file_baseline(path: Path) -> tuple[dict, Metrics | None]:
 
 
 def values(metrics: Metrics, rules: dict[str, CheckRule], source: str, required: bool) -> dict[str, float]:
-    """Each rule's metric, as a finite number within the rule's range, from whichever metrics file holds it
-    (or the one the rule names as ``file:metric``); raises one CheckError naming every problem."""
+    """Each rule's metric (``metric`` in any file, or ``file:metric``) as a finite number within its range."""
     found, problems = {}, []
     for metric, rule in rules.items():
         held = {p: v for p, names in metrics.items() for name, v in names.items() if metric in (name, f"{p}:{name}")}
@@ -178,7 +175,6 @@ def values(metrics: Metrics, rules: dict[str, CheckRule], source: str, required:
 
 
 def check(metric: str, old: float | None, new: float, rule: CheckRule, note: str) -> dict[str, Any]:
-    """One row of the report: the values, the rule, and why the metric broke it (no reasons: it held)."""
     worsening = 0.0 if old is None else old - new if rule.better == "higher" else new - old
     if not math.isfinite(worsening):
         raise CheckError(f"the change in {metric} from {old} to {new} is too large to compute.")
@@ -192,14 +188,12 @@ def check(metric: str, old: float | None, new: float, rule: CheckRule, note: str
         ]
         if broken
     ]
-    row: dict[str, Any] = {
+    return {
         "metric": metric,
         "baseline": old,
         "current": new,
         "change": None if old is None else round(new - old, 12),
-    }
-    row["rule"] = {key: getattr(rule, key) for key in ("better", "max_worsening", "floor", "ceiling", "range")}
-    return row | {
+        "rule": {key: getattr(rule, key) for key in ("better", "max_worsening", "floor", "ceiling", "range")},
         "status": "fail" if reasons else "pass",
         "reasons": reasons,
         "note": None if old is not None else note,
@@ -227,11 +221,9 @@ def text(value: float | None, sign: str = "") -> str:
 
 def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str | None, promotion: dict | None) -> str:
     failed = [row["metric"] for row in rows if row["reasons"]]
-    head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
-    if failed:
-        head = (
-            f"### ❌ Metric check failed: {len(failed)} of {len(rows)} metrics broke their rules ({', '.join(failed)})"
-        )
+    head = f"### ❌ Metric check failed: {len(failed)} of {len(rows)} metrics broke their rules ({', '.join(failed)})"
+    if not failed:
+        head = f"### ✅ Metric check passed: {len(rows)} of {len(rows)} metrics within their rules"
     if reason := baseline["missing_reason"]:
         head += f"; no baseline, as {reason}, so only floors and ceilings were checked"
     else:
@@ -243,16 +235,13 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str
         for row in rows
     ]  # fmt: skip
     # What pandas' to_markdown calls, without pandas' second of import time.
-    markdown = tabulate(
-        table, HEADERS, "pipe", disable_numparse=True, colalign=["left", *["right"] * 3, "left", "left"]
-    )
-    parts = [head, environment, markdown]
+    headers = ["metric", "baseline", "current", "change", "rule", "verdict"]
+    parts = [head, environment, tabulate(table, headers, "pipe", disable_numparse=True, colalign=ALIGN)]
     if promotion and promotion["promoted"]:
         name, previous = promotion["model"], promotion["previous"]
         former = f"; version {previous}, the former champion, is now `{registry.alias_uri(name, registry.PREVIOUS)}`"
-        champion = (
-            f"`{registry.alias_uri(name, registry.CHAMPION)}`{former if previous else ' (there was no champion)'}"
-        )
+        former = former if previous else " (there was no champion)"
+        champion = f"`{registry.alias_uri(name, registry.CHAMPION)}`{former}"
         parts.append(f"🏆 Promoted {name} version {promotion['version']} to {champion}.")
     elif promotion:
         parts.append(f"Not promoted: {promotion['reason']}.")
@@ -278,7 +267,7 @@ def append_summary(path: str, markdown: str) -> None:
 
 
 def model_artifact() -> Path:
-    """The file of the one ``type: model`` artifact dvc.yaml declares: the model ``--promote`` promotes."""
+    """The file of the one ``type: model`` artifact in dvc.yaml: what ``--promote`` promotes."""
     root, declared = dvc_yaml()
     models = [root / a["path"] for a in declared.get("artifacts", {}).values() if a.get("type") == "model"]
     if len(models) != 1:

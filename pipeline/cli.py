@@ -33,23 +33,18 @@ class PipelineError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
 
 
-def known_secrets(environ: Mapping[str, str] = os.environ) -> set[str]:
-    """MLflow's password and token and the passwords of the URIs the environment holds."""
-    found = {environ.get(name, "") for name in SECRET_VARIABLES}
+def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``text`` with URIs' user information (``user:***@``, or ``***@`` for a token), secret query values and the
+    environment's passwords and tokens masked: a driver's error may quote a password outside its URI."""
+    text = AUTHORITY.sub(lambda m: f"{m[1]}{m[2].split(':')[0] + ':' if ':' in m[2] else ''}{MASK}@", str(text))
+    text = SECRET_QUERY.sub(rf"\1{MASK}", text)
+    secrets = {environ.get(name, "") for name in SECRET_VARIABLES}
     for name in URI_VARIABLES:
         with contextlib.suppress(ValueError):
             password = urlsplit(environ.get(name, "")).password or ""
-            found |= {password, unquote(password)}
-    # A driver's error may quote a password outside its URI; shorter ones would mask ordinary words.
-    return {secret for secret in found if len(secret) >= 4}
-
-
-def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
-    """``text`` (a URI, or a message quoting one) with ``user:***@`` (or ``***@`` for a user alone, often a
-    token), secret query values and :func:`known_secrets` masked. No library masks URIs inside free text."""
-    text = AUTHORITY.sub(lambda m: f"{m[1]}{m[2].split(':')[0] + ':' if ':' in m[2] else ''}{MASK}@", str(text))
-    text = SECRET_QUERY.sub(rf"\1{MASK}", text)
-    for secret in sorted(known_secrets(environ), key=len, reverse=True):
+            secrets |= {password, unquote(password)}
+    # Shorter secrets would mask ordinary words.
+    for secret in sorted((secret for secret in secrets if len(secret) >= 4), key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
 
@@ -85,12 +80,9 @@ def format_error(message: str) -> str:
 
 
 def watch_dvc() -> tuple[int | None, threading.Event]:
-    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted.
-
-    A supervisor that signals dvc alone ends it without passing the signal on: the stage would go on as an orphan
-    and write outputs after DVC has gone. PR_SET_PDEATHSIG sees only the parent, which may be the ``$SHELL -c``
-    DVC runs us with (dash stays, bash replaces itself); a pidfd is immune to pid reuse.
-    """
+    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted:
+    a supervisor that signals dvc alone would leave the stage writing outputs as an orphan. Not PR_SET_PDEATHSIG,
+    which sees only the parent, maybe the ``$SHELL -c`` DVC runs us with; a pidfd is immune to pid reuse."""
     pid, gone = os.getppid(), threading.Event()
     with contextlib.suppress(OSError):
         if os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
@@ -130,16 +122,14 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
               file=sys.stderr)  # fmt: skip
         sys.exit(130)
     finally:
-        # Python's last collection at exit walks every TensorFlow, Keras and MLflow object (1-3 s on 2
-        # cores); the process's end frees frozen objects just the same.
+        # Python's last collection at exit walks every TensorFlow, Keras and MLflow object (1-3 s on 2 cores).
         gc.freeze()
 
 
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """Send what native code writes to file descriptor 2 to /dev/null while the block runs: TensorFlow's C++
-    start-up lines ignore TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442), its failures reach Python as
-    exceptions. The import-time profile that tests/test_dependencies.py reads from stderr is left alone."""
+    """Native code's writes to file descriptor 2 go to /dev/null: TensorFlow's C++ start-up lines ignore
+    TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442). The import-time profile tests read is left alone."""
     if os.environ.get("PYTHONPROFILEIMPORTTIME") or "importtime" in sys._xoptions:
         yield
         return

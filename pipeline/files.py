@@ -5,13 +5,12 @@ or a huge file is refused instead of hanging a command or exhausting its memory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 # Far more than any metrics file, params file or photo of a digit; far less than would strain memory.
 READ_LIMIT = 64 * 2**20
@@ -19,7 +18,7 @@ KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a d
 
 
 class UnreadableFile(OSError):
-    """No regular file, or one over the limit (the message says which, without the path)."""
+    """No regular file, or one over the limit (the message leaves the path to the caller)."""
 
 
 @contextlib.contextmanager
@@ -53,10 +52,6 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_bounded(stream: BinaryIO, limit: int = READ_LIMIT) -> bytes:

@@ -20,7 +20,6 @@ from pipeline import files
 from pipeline.cli import PipelineError, redact
 from pipeline.data import TRAINING_IMAGES
 
-PARAMS_FILE = Path("params.yaml")
 YAML_LIMIT, YAML_DEPTH, YAML_INT_CHARS = 2**20, 50, 40
 # The models train.model can name, in the order of the author's scripts; pipeline.model builds each.
 MODEL_NAMES = ("softmax", "five_layers_sigmoid", "five_layers_relu", "five_layers_relu_lrdecay",
@@ -37,13 +36,12 @@ FLOAT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")  # YAML 1.1 r
 
 
 class ParamsError(PipelineError):
-    """params.yaml is missing, malformed or holds invalid values."""
+    pass
 
 
 class StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader refusing, with their line, aliases (nested ones multiply into billions of values),
-    deep nesting (Python's recursion limit), duplicate keys (DVC refuses them; PyYAML keeps the last) and
-    integers of hundreds of digits (Python's digit limit, or numbers no float holds)."""
+    """PyYAML's safe loader refusing aliases (nested ones multiply into billions of values), nesting past
+    Python's recursion limit, duplicate keys (DVC refuses them) and integers no float holds."""
 
     depth = 0
 
@@ -77,7 +75,6 @@ StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yam
 
 
 def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError) -> Any:
-    """The YAML in ``text`` read by :class:`StrictLoader`; raises ``error`` naming ``source`` and the line."""
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as problem:
@@ -89,7 +86,7 @@ def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError)
 
 
 def read_params(path: Path) -> Any:
-    """The parsed, unvalidated YAML of the params file at ``path``, read through the bounded reader."""
+    """The parsed, unvalidated YAML of the params file at ``path``."""
     try:
         return parse_yaml(files.read_bytes(path, YAML_LIMIT).decode("utf-8"), str(path))
     except FileNotFoundError:
@@ -201,17 +198,14 @@ class TrackingSettings:
 
     @property
     def retry_seconds(self) -> int:
-        """How long MLflow's retries of one request wait in all."""
         return self.backoff_factor * max(0, 2**self.max_retries - 2)
 
     def http_environment(self) -> dict[str, str]:
-        """MLflow's variables for these HTTP settings, for a process that should use them."""
         fields = self.__pydantic_fields__.items()  # type: ignore[attr-defined]
         return {field.alias: str(getattr(self, name)) for name, field in fields if "_HTTP_" in field.alias}
 
 
 def _shown(value: Any) -> str:
-    """``value`` masked, then cut short."""
     return text if len(text := redact(repr(value))) <= 60 else f"{text[:50]}...{text[-7:]}"
 
 
@@ -246,7 +240,7 @@ def _validated(kind: type, values: Any, source: str, error: type[PipelineError],
 
 
 def credential_keys(raw: Any, prefix: str = "") -> list[str]:
-    """The keys (``section.key``) of parsed YAML whose values hold credentials: a URI's password or secret query."""
+    """The keys (``section.key``) of parsed YAML whose values hold credentials."""
     if isinstance(raw, dict):
         return [key for name, value in raw.items() for key in credential_keys(value, f"{prefix}{name}.")]
     if isinstance(raw, list):
@@ -256,23 +250,23 @@ def credential_keys(raw: Any, prefix: str = "") -> list[str]:
 
 def validate(raw: Any, source: str = "params.yaml") -> Params:
     """Parsed YAML as :class:`Params`, or one ParamsError naming every problem."""
-    secrets = []  # The file is committed, and DVC copies it into dvc.lock (which report uploads) and its run cache.
-    if keys := credential_keys(raw):
-        secrets.append(f"{', '.join(keys)} hold{'s' if len(keys) == 1 else ''} credentials, which must not be in a "
-                       "committed file (DVC also copies it into dvc.lock and its run cache): remove them and set them "
-                       "in the environment instead (MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME and "
-                       "MLFLOW_TRACKING_PASSWORD)")  # fmt: skip
-    return _validated(Params, raw, source, ParamsError, secrets)
+    keys = credential_keys(raw)
+    secret = (
+        f"{', '.join(keys)} hold{'s' * (len(keys) == 1)} credentials, which must not be in a committed file (DVC "
+        "also copies it into dvc.lock and its run cache): set them in the environment instead (MLFLOW_TRACKING_URI, "
+        "or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+    )
+    return _validated(Params, raw, source, ParamsError, [secret] if keys else [])
 
 
 def load_params(path: Path | str | None = None) -> Params:
     """Read and validate params.yaml (or ``$PIPELINE_PARAMS``, or ``path``)."""
-    path = Path(path or os.environ.get("PIPELINE_PARAMS") or PARAMS_FILE)
+    path = Path(path or os.environ.get("PIPELINE_PARAMS") or "params.yaml")
     return validate(read_params(path), str(path))
 
 
 def _settings(kind: type, environ: Mapping[str, str]) -> Any:
-    """``kind`` from the variables its fields name (unset or blank: the default), or one PipelineError."""
+    """``kind`` from the variables its fields name (unset or blank: the default)."""
     names = [field.alias for field in kind.__pydantic_fields__.values()]  # type: ignore[attr-defined]
     values = {name: environ[name].strip() for name in names if environ.get(name, "").strip()}
     return _validated(kind, values, "the environment", PipelineError, [])

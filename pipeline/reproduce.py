@@ -1,13 +1,13 @@
 """``mnist-reproduce``: did ``dvc repro`` reproduce a commit's ``dvc.lock`` and metrics (``--rev``, default HEAD)?
 
-*identical* (byte for byte, as on the CPU that made them), *within tolerance on a different CPU*, or
-not reproduced (exit 1; 2 on bad input). Another CPU rounds TensorFlow's kernels differently in the
-last bits, so the model's bytes differ; the data stages must stay byte-identical, the metrics close.
+*identical*, *within tolerance on a different CPU* (whose kernels round differently in the last bits: the
+data stages stay byte-identical, the metrics close), or not reproduced (exit 1; 2 on bad input).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -34,8 +34,7 @@ def beyond(metric: str, old: float, new: float) -> float:
 
 
 def lock_differences(committed: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What in dvc.lock may not differ: all but the trained stages' outputs (and deps on them), which follow
-    from the weights; the metrics say whether those agree."""
+    """What in dvc.lock must match: all but trained outputs and the deps on them, which the metrics judge."""
     stages = committed.get("stages", {})
     trained = {out["path"] for name, stage in stages.items() if name not in EXACT_STAGES for out in stage["outs"]}
 
@@ -59,9 +58,7 @@ def lock_differences(committed: dict[str, Any], current: dict[str, Any]) -> list
 def changed_predictions(committed: str, current: str) -> tuple[int, int]:
     """(test images predicted differently, test images) between two confusion CSVs."""
     old, new = committed.strip().splitlines()[1:], current.strip().splitlines()[1:]
-    if len(old) != len(new):
-        return max(len(old), len(new)), max(len(old), len(new))
-    return sum(a != b for a, b in zip(old, new)), len(old)
+    return sum(a != b for a, b in itertools.zip_longest(old, new)), max(len(old), len(new))
 
 
 def verdict(lock_problems: list[str], diff: dict[str, Any], predictions: tuple[int, int] | None) -> tuple[int, str]:
@@ -130,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Entry point of ``mnist-reproduce`` and ``python -m pipeline.reproduce``."""
     run(lambda: sys.exit(main(sys.argv[1:])), error_exit_code=EXIT_BAD_INPUT)
 
 

@@ -1,8 +1,5 @@
-"""The metric gate (pipeline/check.py) and the workflow that runs it in CI.
-
-The rules are tested as functions; the command runs in copies of one small git + DVC project
-(tests/pipeline_project.py) whose main holds committed metrics and whose branch ``feature`` changes them.
-"""
+"""The metric gate (pipeline/check.py) and its CI workflow: the rules as functions, the command in copies of one
+small git + DVC project whose main holds committed metrics and whose branch ``feature`` changes them."""
 
 from __future__ import annotations
 
@@ -282,11 +279,10 @@ def commit(project: Project, metrics=WORSE, train=TRAIN) -> None:
         (lambda p: (p.root / "b.json").write_text(json.dumps({"macro_f1": 0.9})), ["--baseline-file", "b.json"], 0,
          ["| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (new metric, "
           "not in the baseline) |"]),
-        # A rule finds its metric in any metrics file; the same value in two files is one metric.
+        # A rule finds its metric in any metrics file.
         (lambda p: (p.set_params(check={"final_test_accuracy": {"better": "higher", "max_worsening": 0.01}}),
                     write_metrics(p, BASE, TRAIN | {"final_test_accuracy": 0.85})), [], 1,
          ["| `final_test_accuracy` | 0.9212 | 0.85 | -0.0712 |"]),
-        (lambda p: write_metrics(p, BASE, TRAIN | {"test_accuracy": 0.9213}), [], 0, []),
         (lambda p: write_metrics(p, BASE, TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}), [], 0,
          ["within their rules, against the merge base with main (", "Environment differs from the baseline's: "
           "tensorflow 2.21.0 → 2.22.0. | metric |"]),
@@ -328,8 +324,6 @@ def test_the_json_report(repo):
          ["cannot read the current metrics: metrics/metrics.json: JSON file structure is corrupted"]),
         (lambda p: write_metrics(p, "1" * 5001), [], ["metrics/metrics.json: Exceeds the limit (4300 digits)"]),
         (lambda p: write_metrics(p, "[" * 100_000 + "]" * 100_000), [], ["its JSON nests too deeply to parse"]),
-        (lambda p: write_metrics(p, json.dumps(BASE | {"test_accuracy": 10**400})), [],
-         ["cannot be checked against the current metrics: test_accuracy is a 401-digit number, too large to compare"]),
         (lambda p: write_metrics(p, json.dumps(BASE | {"test_accuracy": "@"}).replace('"@"', "NaN")), [],
          ["test_accuracy is nan, not a finite number. Fix the rule in params.yaml or rerun the pipeline"]),
         (lambda p: on_main(p, "{not json"), ["--rev", "main"],
@@ -400,13 +394,7 @@ def test_a_summary_fifo_that_nothing_reads_is_bad_input_not_a_hang(tmp_path):
 def test_a_crash_exits_2_never_1_which_means_a_regression(repo, monkeypatch, capsys):
     monkeypatch.chdir(repo.root)
     monkeypatch.delenv("PIPELINE_PARAMS", raising=False)
-    for metrics, code in ((BASE, 0), (WORSE, 1), ("oops", 2)):
-        write_metrics(repo, metrics)
-        monkeypatch.setattr(sys, "argv", ["mnist-check", "--json", "--summary-file", ""])
-        with pytest.raises(SystemExit) as exited:
-            check.cli()
-        assert exited.value.code == code
-    write_metrics(repo)
+    monkeypatch.setattr(sys, "argv", ["mnist-check", "--summary-file", ""])
     monkeypatch.setattr(check, "values", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(SystemExit) as crashed:
         check.cli()
@@ -419,12 +407,8 @@ def test_a_registry_that_refuses_the_credentials_is_bad_input(repo):
     # Health checks pass and every API call answers 401, as MLflow's basic-auth app does for a wrong password.
     server = FakeServer(health_status=200, other_status=401)
     try:
-        env = {
-            "MLFLOW_TRACKING_URI": server.url,
-            "MLFLOW_TRACKING_USERNAME": "someone",
-            "MLFLOW_TRACKING_PASSWORD": "wrong",
-        }
-        result = gate(repo, "--champion", **env)
+        credentials = {"MLFLOW_TRACKING_USERNAME": "someone", "MLFLOW_TRACKING_PASSWORD": "wrong"}
+        result = gate(repo, "--champion", MLFLOW_TRACKING_URI=server.url, **credentials)
     finally:
         server.close()
     assert_bad_input(result, f"the MLflow registry at {server.url} failed", "failed with error code 401")
@@ -438,20 +422,13 @@ JOB = WORKFLOW["jobs"]["metrics-gate"]
 
 
 def test_the_workflow_gates_pull_requests_and_promotes_on_main():
+    """What the next test, which runs the gate step, cannot see."""
     assert "pull_request" in WORKFLOW[True] and WORKFLOW[True]["push"] == {"branches": ["main"]}  # YAML 1.1: on → True
-    steps = {step.get("uses", step.get("run", "")).split("@")[0].strip(): step for step in JOB["steps"]}
-    order = [
-        "actions/checkout",
-        "actions/setup-python",
-        "uv sync --locked",
-        "actions/cache",
-        "uv run --locked dvc repro",
-    ]
-    assert [name for name in steps if name in order] == order and steps["actions/checkout"]["with"]["fetch-depth"] == 0
-    assert "hashFiles('dvc.lock')" in steps["actions/cache"]["with"]["key"]
+    steps = {step.get("uses", step.get("run", "")).split("@")[0]: step for step in JOB["steps"]}
+    assert list(steps).index("actions/cache") < list(steps).index("uv run --locked dvc repro")
+    assert steps["actions/checkout"]["with"]["fetch-depth"] == 0  # The base branch, for the merge base.
     gate_step, promote_step = JOB["steps"][-2:]
-    assert gate_step["if"] == "github.event_name == 'pull_request'" and "||" not in gate_step["run"]
-    assert '--rev "origin/$BASE_REF" --summary-file "$GITHUB_STEP_SUMMARY"' in gate_step["run"]
+    assert gate_step["if"] == "github.event_name == 'pull_request'"
     assert gate_step["env"]["BASE_REF"] == "${{ github.base_ref }}"  # Through the environment: no shell injection.
     assert promote_step["if"] == "github.event_name == 'push' && github.ref == 'refs/heads/main'"
     assert "--champion --promote" in promote_step["run"]

@@ -1,9 +1,6 @@
-"""The model registry: each trained model is a version of one registered model (``$MNIST_REGISTERED_MODEL``).
-
-Train registers a version tagged with its run, commit, data and the SHA-256 of ``models/model.keras``;
-the gate (``mnist-check --champion --promote``) compares with the ``champion``'s recorded metrics and
-moves ``champion`` to a version that passes, ``previous`` to the one it replaced.
-"""
+"""The model registry: train registers each model as a version tagged with its run, data and file's SHA-256;
+the gate (``mnist-check --champion --promote``) reads the ``champion``'s recorded metrics and moves
+``champion`` to a version that passes, ``previous`` to the one it replaced."""
 
 from __future__ import annotations
 
@@ -23,11 +20,9 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 CHAMPION, PREVIOUS = "champion", "previous"
-# Links a version to the file DVC tracks; train saves it byte-deterministically.
-MODEL_SHA256_TAG = "pipeline.model_sha256"
+MODEL_SHA256_TAG = "pipeline.model_sha256"  # Links a version to the file DVC tracks (saved byte-deterministically).
 RUN_ID_TAG = "run_id"
-# Links a run to the version holding its model: the one it registered, or the same one it matched.
-RUN_VERSION_TAG = "pipeline.model_version"
+RUN_VERSION_TAG = "pipeline.model_version"  # On a run: the version holding its model, registered or matched.
 
 
 def alias_uri(name: str, alias: str) -> str:
@@ -63,8 +58,7 @@ def version_of_model(client: MlflowClient, name: str, model_sha256: str) -> Mode
 def same_version(
     client: MlflowClient, name: str, model_sha256: str, metrics: Mapping[str, float]
 ) -> ModelVersion | None:
-    """The version holding this model file whose run recorded these metrics: a byte-identical retrain
-    links to it instead of adding a copy (but not to one registered before train logged its metrics)."""
+    """The version of this model file whose run recorded these metrics, which a byte-identical retrain reuses."""
     version = version_of_model(client, name, model_sha256)
     if version is None or version.run_id is None:
         return None
@@ -113,7 +107,7 @@ class Registry:
             ) from None
 
     def recorded(self, version: ModelVersion, label: str, rules: Mapping) -> tuple[dict[str, float], Any]:
-        """The metrics a version's run recorded in the store (artifacts can go missing, these cannot), and the run."""
+        """The metrics of a version's run, from the store: artifacts can go missing, these cannot."""
         run = self.client.get_run(version.run_id)
         if missing := [metric for metric in rules if metric not in run.data.metrics]:
             raise PipelineError(
@@ -135,8 +129,8 @@ class Registry:
         return label, metrics | environment, ""
 
     def promote_file(self, path: Path, rules: Mapping, refused: bool) -> dict[str, Any]:
-        """Make the version holding the model file at ``path`` (by its SHA-256) the champion, unless ``refused``;
-        the former champion becomes ``previous`` (moved first: a failure between leaves both on the old one)."""
+        """Make the version of the model file at ``path`` the champion unless ``refused``, and the former one
+        ``previous`` (moved first: a failure in between leaves both on the old one)."""
         promotion = {"model": self.name, "version": None, "previous": None, "promoted": False, "reason": None}
         if refused:
             return promotion | {"reason": "the metrics broke their rules"}
