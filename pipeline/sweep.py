@@ -2,7 +2,7 @@
 
 ``mnist-sweep SWEEP.yaml [--address HOST:PORT]`` checks the sweep file against params.yaml, runs each trial
 in a clone of the sweep's commit (``dvc exp run -S ...``, ``dvc exp push``) here or on a Ray cluster, and
-writes the sweep's MLflow run and Ray's state in .dvc/tmp/sweeps/<name>, from which a rerun resumes.
+writes the sweep's MLflow run and Ray's state in .dvc/tmp/sweeps, from which the same command resumes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -32,8 +31,6 @@ from pipeline.cli import PipelineError, redact, run
 from pipeline.params import credential_keys, load_params, parse_yaml, read_params, tracking_settings
 from pipeline.score import SCORES
 from pipeline.tracking import record, store, tags
-
-logger = logging.getLogger(__name__)
 
 STATE_DIR = Path(".dvc/tmp/sweeps")
 SWEEP_TAG, TRIAL_TAG, NODE_TAG, HOST_TAG = "sweep.name", "sweep.trial", "sweep.node", "sweep.host"
@@ -130,12 +127,11 @@ def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
 def param_space(sweep: Sweep) -> dict[str, Any]:
     from ray import tune
 
-    def domain(spec: Distribution) -> Any:
-        if spec.kind == "values":
-            return tune.grid_search(spec.bounds) if sweep.search == "grid" else tune.choice(spec.bounds)
-        return getattr(tune, spec.kind)(*spec.bounds)
-
-    return {key: domain(spec) for key, spec in sweep.parameters.items()}
+    values = tune.grid_search if sweep.search == "grid" else tune.choice
+    space = {
+        key: getattr(tune, spec.kind)(*spec.bounds) for key, spec in sweep.parameters.items() if spec.kind != "values"
+    }
+    return space | {key: values(spec.bounds) for key, spec in sweep.parameters.items() if spec.kind == "values"}
 
 
 def set_param_arguments(config: Mapping[str, Any]) -> list[str]:
@@ -229,7 +225,10 @@ def ranking(results: list[Any], sweep: Sweep) -> Any:
     import pandas as pd
 
     def row(result: Any) -> dict[str, Any]:
-        metrics, error = result.metrics or {}, result.error and f"error: {store.short(str(result.error).splitlines()[-1])}"
+        metrics, error = (
+            result.metrics or {},
+            result.error and f"error: {store.short(str(result.error).splitlines()[-1])}",
+        )
         status = error or (f"failed: {metrics['error']}" if metrics.get("error") else "ok")
         ended = {key: metrics.get(key, "-") for key in ("experiment", "node")} | {"status": status}
         return (
@@ -239,7 +238,7 @@ def ranking(results: list[Any], sweep: Sweep) -> Any:
         )
 
     rows = pd.DataFrame([row(result) for result in results]).astype({sweep.metric: float})
-    rows = rows.sort_values(sweep.metric, ascending=sweep.mode == "min", na_position="last", kind="stable")
+    rows = rows.sort_values([sweep.metric, "experiment"], ascending=[sweep.mode == "min", True], na_position="last")
     rows.insert(0, "rank", range(1, len(rows) + 1))
     return rows
 
@@ -288,7 +287,6 @@ def start_ray(address: str) -> Any:
             if attempt == RAY_START_ATTEMPTS or "timed out" not in str(error):
                 where = f"the Ray cluster at {address}" if address else "Ray on this machine"
                 raise PipelineError(f"could not start or join {where}: {store.short(str(error))}") from None
-            logger.warning("Ray did not start in time (attempt %d of %d); trying again", attempt, RAY_START_ATTEMPTS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -314,64 +312,55 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise PipelineError(f"commit or stash the changes first: the trials run the sweep's commit ({files_changed})")
     commit = output(root, "git", "rev-parse", "HEAD")
     key = hashlib.sha256(f"{commit}\n{text}".encode()).hexdigest()[:16]
-    # The sweep's key and MLflow run beside Ray's state (only ids: the tracking URI can hold a password).
-    state = (root / STATE_DIR).resolve()
-    state_file = state / f"{sweep.name}.json"
-    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if previous and previous["key"] != key:
-        again = f"give it another name, or delete {state / sweep.name} and {state_file} to start again"
-        raise PipelineError(f"sweep {sweep.name} was run with another definition or commit: {again}.")
+    # Ray's state of this definition at this commit: a changed file or commit starts a new sweep.
+    state, name = (root / STATE_DIR).resolve(), f"{sweep.name}-{key}"
 
     # The store before Ray, so that a store refusing this user fails before Ray's start-up; Ray before
     # the sweep's run, so that a Ray that fails to start leaves no run open.
     store.quiet_links(uri)
     client, experiment_id = store.open_store(uri, settings.experiment, store.artifact_location(uri, root))
     start_ray(args.address)
-    if previous:
-        parent_run_id = previous["parent_run_id"]
+    from mlflow.entities import Param
+    from ray import tune
+
+    resumed = tune.Tuner.can_restore(str(state / name)) and client.search_runs(
+        [experiment_id], f"tags.`sweep.key` = '{key}'"
+    )
+    if resumed:
+        parent_run_id = resumed[0].info.run_id
         client.update_run(parent_run_id, status="RUNNING")
     else:
-        from mlflow.entities import Param
-
         run_tags = {**tags.git_info(root), SWEEP_TAG: sweep.name, "sweep.key": key}
         parent_run_id = client.create_run(experiment_id, run_name=f"sweep {sweep.name}", tags=run_tags).info.run_id
         client.log_text(parent_run_id, text, "sweep.yaml")
-        definition = {
-            **sweep.model_dump(exclude={"parameters"}),
-            **{k: f"{v.kind} {list(v.bounds)}" for k, v in sweep.parameters.items()},
+        definition = sweep.model_dump(exclude={"parameters"}) | {
+            k: f"{v.kind} {list(v.bounds)}" for k, v in sweep.parameters.items()
         }
         client.log_batch(parent_run_id, params=[Param(f"sweep.{k}", str(v)) for k, v in definition.items()])
-        files.write_json(state_file, {"key": key, "parent_run_id": parent_run_id})
 
     dvc = str(Path(sys.executable).with_name("dvc"))
     url = output(root, "git", "remote", "get-url", "origin") if args.address else str(root)
     prepare = [["git", "clone", "-q", "--no-checkout", url, "."], ["git", "checkout", "-q", commit]]
     if not args.address:  # trials on this machine share its DVC cache
         prepare.append(["dvc", "config", "--local", "cache.dir", output(root, dvc, "cache", "dir")])
-    env = {
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_EXPERIMENT_NAME": settings.experiment,
-        "MNIST_REGISTERED_MODEL": settings.registered_model,
-    }
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": settings.experiment}
+    env["MNIST_REGISTERED_MODEL"] = settings.registered_model
     for what, default in (("name", "mnist-sweep"), ("email", "mnist-sweep@localhost")):  # for dvc's experiment commits
-        env[f"GIT_AUTHOR_{what.upper()}"] = env[f"GIT_COMMITTER_{what.upper()}"] = (
-            output(root, "git", "config", f"user.{what}", check=False) or default
-        )
+        found = output(root, "git", "config", f"user.{what}", check=False) or default
+        env[f"GIT_AUTHOR_{what.upper()}"] = env[f"GIT_COMMITTER_{what.upper()}"] = found
     remote = bool(args.address and output(root, dvc, "remote", "default", check=False))
-    setup = TrialSetup(
-        prepare, remote, env, {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep.name}, sweep.metric, experiment_id
-    )
+    run_tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep.name}
+    setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id)
 
     import ray
-    from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 1})
     status = "FAILED"
     try:
-        if tune.Tuner.can_restore(str(state / sweep.name)):
-            tuner = tune.Tuner.restore(str(state / sweep.name), trainable, resume_unfinished=True, resume_errored=True)
+        if resumed:
+            tuner = tune.Tuner.restore(str(state / name), trainable, resume_unfinished=True, resume_errored=True)
         else:
             searcher: Any = BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=sweep.seed)
             if sweep.search == "optuna":
@@ -381,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 searcher = ConcurrencyLimiter(optuna, max_concurrent=sweep.max_concurrent)
             config = tune.TuneConfig(search_alg=searcher, num_samples=1 if sweep.search == "grid" else sweep.trials)
             failures = tune.FailureConfig(max_failures=sweep.retries)
-            storage = tune.RunConfig(name=sweep.name, storage_path=str(state), failure_config=failures)
+            storage = tune.RunConfig(name=name, storage_path=str(state), failure_config=failures)
             tuner = tune.Tuner(trainable, param_space=param_space(sweep), tune_config=config, run_config=storage)
         # Ray Tune returns from a Ctrl-C too, leaving the trials it stopped unended.
         results: Any = tuner.fit()
