@@ -101,11 +101,9 @@ class Sweep(BaseModel, extra="forbid"):
         return parameters
 
     @property
-    def total(self) -> int:
-        """How many trials the sweep runs: a grid's combinations, or its random or optuna draws."""
-        return (
-            math.prod(len(spec.bounds) for spec in self.parameters.values()) if self.search == "grid" else self.trials
-        )
+    def total(self) -> int:  # a grid's combinations, or the random or optuna draws
+        grid = math.prod(len(spec.bounds) for spec in self.parameters.values())
+        return grid if self.search == "grid" else self.trials
 
 
 def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
@@ -135,12 +133,11 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 
 
 def set_param_arguments(config: Mapping[str, Any]) -> list[str]:
-    # Ray's samplers give NumPy scalars; -S needs YAML literals that read back as the same number.
+    # Ray's samplers give NumPy scalars; dvc needs YAML literals that read back as the same number.
     plain = {key: value.item() if hasattr(value, "item") else value for key, value in sorted(config.items())}
     return [
-        part
+        f"--set-param={key}={value!r}" if isinstance(value, float) else f"--set-param={key}={value}"
         for key, value in plain.items()
-        for part in ("-S", f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}")
     ]
 
 
@@ -225,19 +222,15 @@ def ranking(results: list[Any], sweep: Sweep) -> Any:
     import pandas as pd
 
     def row(result: Any) -> dict[str, Any]:
-        metrics, error = (
-            result.metrics or {},
-            result.error and f"error: {store.short(str(result.error).splitlines()[-1])}",
-        )
+        metrics = result.metrics or {}
+        error = result.error and f"error: {store.short(str(result.error).splitlines()[-1])}"
         status = error or (f"failed: {metrics['error']}" if metrics.get("error") else "ok")
-        ended = {key: metrics.get(key, "-") for key in ("experiment", "node")} | {"status": status}
-        return (
-            {key: (result.config or {}).get(key) for key in sweep.parameters}
-            | {sweep.metric: metrics.get(sweep.metric)}
-            | ended
-        )
+        ended = {sweep.metric: metrics.get(sweep.metric, math.nan)} | {
+            k: metrics.get(k, "-") for k in ("experiment", "node")
+        }
+        return {key: (result.config or {}).get(key) for key in sweep.parameters} | ended | {"status": status}
 
-    rows = pd.DataFrame([row(result) for result in results]).astype({sweep.metric: float})
+    rows = pd.DataFrame([row(result) for result in results])
     rows = rows.sort_values([sweep.metric, "experiment"], ascending=[sweep.mode == "min", True], na_position="last")
     rows.insert(0, "rank", range(1, len(rows) + 1))
     return rows
@@ -353,8 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id)
 
     import ray
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 1})
     status = "FAILED"
@@ -396,19 +388,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = rows.to_markdown(index=False, floatfmt=".6g")
     client.log_text(parent_run_id, table + "\n", "ranking.md")
     client.log_text(parent_run_id, rows.to_json(orient="records", indent=1), "ranking.json")
-    best = rows.iloc[0] if rows.iloc[0]["status"] == "ok" else None
-    if best is not None:
-        client.log_metric(parent_run_id, f"best_{sweep.metric}", best[sweep.metric])
-        client.set_tag(parent_run_id, "sweep.best_experiment", best["experiment"])
-    client.set_terminated(parent_run_id, "FINISHED" if best is not None else "FAILED")
     print(f"\nSweep {sweep.name}: {len(rows)} trials, ranked by {sweep.metric} ({sweep.mode})\n{table}\n")
-    if best is not None:
-        print(
-            f"Best: {best['experiment']} ({sweep.metric} {best[sweep.metric]:.6g}): dvc exp apply {best['experiment']}"
-        )
-    print(f"MLflow: sweep run {parent_run_id} in {redact(uri)}")
-    if best is None:
+    if (best := rows.iloc[0])["status"] != "ok":
+        client.set_terminated(parent_run_id, "FAILED")
         raise PipelineError(f"no trial of sweep {sweep.name} succeeded; the table above says why each one failed.")
+    client.log_metric(parent_run_id, f"best_{sweep.metric}", best[sweep.metric])
+    client.set_tag(parent_run_id, "sweep.best_experiment", best["experiment"])
+    client.set_terminated(parent_run_id, "FINISHED")
+    print(f"Best: {best['experiment']} ({sweep.metric} {best[sweep.metric]:.6g}): dvc exp apply {best['experiment']}")
+    print(f"MLflow: sweep run {parent_run_id} in {redact(uri)}")
 
 
 def cli() -> None:

@@ -1,4 +1,4 @@
-"""mnist-sweep: the definition, the trial's pieces and the sweep.ranking; then real sweeps of a tiny project against a
+"""mnist-sweep: the definition, the trial's pieces and the ranking; then real sweeps of a tiny project against a
 real MLflow server, on this machine (Ctrl-C and resume, run cache, failing trials) and on a two-node Ray cluster
 on 127.0.0.1 whose worker is killed mid-trial."""
 
@@ -67,8 +67,8 @@ def test_a_trials_params_become_set_param_arguments_and_its_failure_the_pipeline
     arguments = sweep.set_param_arguments(
         {"train.learning_rate": np.float64(0.1) / 3, "train.batch_size": np.int64(20)}
     )
-    assert arguments == ["-S", "train.batch_size=20", "-S", f"train.learning_rate={0.1 / 3!r}"]
-    assert yaml.safe_load(arguments[3].split("=", 1)[1]) == 0.1 / 3
+    assert arguments == ["--set-param=train.batch_size=20", f"--set-param=train.learning_rate={0.1 / 3!r}"]
+    assert yaml.safe_load(arguments[1].split("=", 2)[2]) == 0.1 / 3
     output = ("Running stage 'train':\n> python -m pipeline.train\nerror: params.yaml is invalid: train.learning_rate "
               "must be a positive\n  number, not -1.\nERROR: failed to reproduce 'train': exited with 1\n")  # fmt: skip
     expected = "error: params.yaml is invalid: train.learning_rate must be a positive number, not -1."
@@ -237,7 +237,7 @@ def children(url: str, parent) -> list:
 
 
 def table(stdout: str) -> list[dict[str, str]]:
-    """The sweep.ranking table printed at the end, one dict per row."""
+    """The ranking table printed at the end, one dict per row."""
     lines = [line for line in stdout[stdout.index("ranked by") :].splitlines() if line.startswith("|")]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return [dict(zip(cells[0], row)) for row in cells[2:]]
@@ -327,7 +327,7 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
         assert run.data.tags["dvc.experiment"] == f"local-{run.data.tags[sweep.TRIAL_TAG]}"
         assert run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
 
-    # The sweep.ranking, best first, is the order of the runs' test accuracies, and the parent holds it.
+    # The ranking, best first, is the order of the runs' test accuracies, and the parent holds it.
     rows = table(done.stdout)
     accuracy = {run.data.tags["dvc.experiment"]: run.data.metrics["test_accuracy"] for run in trials}
     assert [accuracy[row["experiment"]] for row in rows] == sorted(accuracy.values(), reverse=True)
@@ -336,7 +336,7 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     from mlflow import MlflowClient
 
     artifacts = {item.path for item in MlflowClient(url).list_artifacts(parent.info.run_id)}
-    assert {"sweep.yaml", "sweep.ranking.md", "sweep.ranking.json"} <= artifacts
+    assert {"sweep.yaml", "ranking.md", "ranking.json"} <= artifacts
     # The project's workspace is untouched: the trials ran in their own clones.
     assert project.git("status", "--porcelain") == ""
     assert f"in {url.replace('http://', 'http://user:***@')}" in done.stdout.splitlines()[-1]
