@@ -195,8 +195,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def record_restored_trial(setup: TrialSetup, workdir: Path, experiment: str, run_tags: dict[str, str]) -> None:
-    """Give a trial whose training DVC restored from its run cache (no stage logged a run) its run under
-    the sweep: the earlier run's params and final metrics, and ``sweep.restored_from`` naming it."""
+    """Give a trial that DVC restored from its run cache its run, copied from the run that trained it."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -269,9 +268,7 @@ def start_ray(address: str) -> Any:
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             # Trials report through their results; the workers' output adds only the noise of their stopping.
-            return ray.init(
-                address=address or None, include_dashboard=False, configure_logging=False, log_to_driver=False
-            )
+            return ray.init(address or None, include_dashboard=False, configure_logging=False, log_to_driver=False)
         except Exception as error:  # Ray raises a bare Exception or a ConnectionError
             ray.shutdown()
             # A node that failed to start leaves its other processes running as this process's children.
