@@ -48,26 +48,24 @@ def postgres():
         shutil.chown(directory, "postgres", "postgres")
     data, log, port = directory / "data", directory / "postgres.log", free_port()
 
-    def run(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120, cwd=directory)
+    def run(tool: str, *args: str) -> subprocess.CompletedProcess:
+        command = [*as_user, str(bin_dir / tool), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=directory)
 
-    started = False
     try:
-        init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        init = run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         if init.returncode != 0:
             pytest.skip(f"initdb failed: {init.stderr[-1000:]}")
         # fsync off: a test database need not survive a power cut. The socket goes in its own folder.
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {directory} -c fsync=off"
-        start = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
+        start = run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
         if start.returncode != 0:
             pytest.skip(f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:]}")
-        started = True
-        createdb = run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        createdb = run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
         assert createdb.returncode == 0, createdb.stderr
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        if started:
-            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+        run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")  # Refused if it never started.
         shutil.rmtree(directory, ignore_errors=True)
 
 
