@@ -254,12 +254,12 @@ class SgdTrainer:
                 loss = self.loss(labels, self.model(images, training=True))
             self.optimizer.apply(tape.gradient(loss, variables), variables)
             # The seed measures the batch again after the update; the test set every eval_interval steps.
-            due = (eval_interval > 0) & ((first_step + step) % tf.maximum(eval_interval, 1) == 0)
+            due = (first_step + step) % eval_interval == 0  # params.py holds eval_interval >= 1.
             values = (*self._measure(labels, self.model(images)), *tf.cond(due, measure, lambda: not_measured))
             results = [result.write(step, value) for result, value in zip(results, values)]
         return tuple(result.stack() for result in results)
 
-    def train_steps(self, batch_indices: np.ndarray, first_step: int = 1, eval_interval: int = 0, rows: int = 0):
+    def train_steps(self, batch_indices: np.ndarray, first_step: int, eval_interval: int, rows: int = 0):
         """One step per row of batch indices, the first numbered ``first_step``; padded to ``rows`` rows so that
         XLA compiles once. Six arrays, a row per step: the batch's accuracy and cross-entropy after the update,
         the test set's, the weights' and biases' PERCENTILES (NaN but every ``eval_interval`` steps)."""
