@@ -1,10 +1,7 @@
 """The seed's softmax, the rest of Martin Gorner's "TensorFlow without a PhD" series, and their training loop.
 
-Each model is built as the author's script builds it (tensorflow-mnist-tutorial/mnist_*.py): the same
-layers, initial values, optimiser and rate schedule. All train on the seed's loss, the cross-entropy
-summed over the batch (the scripts' ``reduce_mean * 100`` on batches of 100). A step of the seed costs
-~3 MFLOP, so Python would dominate it: a whole chunk of steps, test evaluations included, is one
-compiled TensorFlow loop.
+Each model has its script's layers, initial values, optimiser and rate schedule (mnist_*.py), and trains on
+the seed's loss, the cross-entropy summed over the batch. A chunk of steps is one compiled TensorFlow loop.
 """
 
 from __future__ import annotations
@@ -26,8 +23,7 @@ from keras import layers
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS, PERCENTILES, PIXEL_SCALE, scale_pixels
 from pipeline.params import MODEL_NAMES
 
-# The variables counted as biases: dense and convolution biases, and batch norm's offsets, which
-# take their place in script 4.2.
+# Dense and convolution biases, and batch norm's offsets, which take their place in script 4.2.
 BIAS_NAMES = ("bias", "beta")
 
 
@@ -37,8 +33,7 @@ def _weights(seed: int, layer: int) -> keras.initializers.Initializer:
 
 
 def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=0.0) -> keras.Model:
-    """The seed (no hidden layer) and scripts 2.0-2.2: hidden layers of ``units``, dropout after
-    each, then 10 softmax neurons. Hidden biases start at 0 for sigmoids, 0.1 for relus; the last at 0."""
+    """The seed and scripts 2.0-2.2: hidden layers of ``units`` (dropout after each), 10 softmax neurons."""
     stack: list = [keras.Input(shape=(NUM_PIXELS,), name="pixels")]
     for layer, width in enumerate(units):
         stack.append(layers.Dense(width, activation, kernel_initializer=_weights(seed, layer),
@@ -50,13 +45,8 @@ def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=
 
 
 def _convolutional(seed: int, name: str, filters, patches, dropout=0.0, batch_norm=False) -> keras.Model:
-    """Scripts 3.0, 3.1 and 4.2: three relu convolutions (strides 1, 2, 2: 28x28 -> 14x14 -> 7x7), a
-    dense relu layer of 200 (dropout after it), 10 softmax neurons; every bias starts at 0.1.
-
-    Script 4.2 normalises each layer before its relu, with the layer's bias as the offset and no
-    scale; his moving averages also warm up, which Keras' fixed momentum does not (only the first
-    evaluations' statistics lag).
-    """
+    """Scripts 3.0, 3.1 and 4.2: three relu convolutions (strides 1, 2, 2), dense relu 200, 10 softmax neurons.
+    4.2's batch norm has no scale; its moving averages do not warm up as the script's do."""
     bias = keras.initializers.Constant(0.1)
 
     def relu(layer: Callable, number: int) -> list:
@@ -156,16 +146,11 @@ SERIES = {name: _SERIES[name] for name in MODEL_NAMES}
 
 
 def build_model(seed: int, name: str = "softmax") -> keras.Model:
-    """The model ``name`` of the series, its initial weights drawn from ``seed``."""
     return SERIES[name].build(seed)
 
 
 def raw_pixel_model(model: keras.Model) -> keras.Model:
-    """``model`` behind a layer that scales raw uint8 pixels: the model users get, logged and served.
-
-    Rescaling computes ``float32(pixels) * float32(1/255)``, the very inputs scale_pixels gave
-    training, so its probabilities are the trained model's bit for bit.
-    """
+    """``model`` behind a layer scaling raw uint8 pixels as scale_pixels does: the same probabilities, bit for bit."""
     return keras.Sequential(
         [keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels"),
          layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels"), model],
@@ -174,11 +159,8 @@ def raw_pixel_model(model: keras.Model) -> keras.Model:
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """Save ``model`` as a ``.keras`` archive whose bytes depend on the model alone, so DVC sees the same output.
-
-    Keras stamps the save time into the archive (metadata.json, zip entry times) and numbers shared
-    objects by memory address (config.json); neither is read back but to match ids to each other.
-    """
+    """Save ``model`` as a ``.keras`` archive whose bytes depend on the model alone, without Keras' save
+    times (metadata.json, zip entries) and shared-object ids numbered by memory address (config.json)."""
     model.save(path)
     with zipfile.ZipFile(path) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
@@ -222,12 +204,8 @@ def weight_maps(model: keras.Model) -> np.ndarray:
 
 
 class SgdTrainer:
-    """Runs chunks of steps, test evaluations included, inside one compiled TensorFlow loop.
-
-    ``optimizer``: a Keras optimiser, or the seed's SGD learning rate. Dropout draws from Keras'
-    seeded generators and batch norm updates its averages in the loop's ``training=True`` call.
-    ``test_batch_size`` splits the test set into model calls (None: one call, as the seed).
-    """
+    """Runs chunks of steps, test evaluations included, inside one compiled TensorFlow loop. ``optimizer``: a
+    Keras optimiser or the seed's SGD rate; ``test_batch_size`` splits the test set (None: one call)."""
 
     def __init__(self, model, optimizer, train_images, train_labels, test_images, test_labels,
                  test_batch_size: int | None = None, jit_compile: bool = True) -> None:  # fmt: skip
@@ -276,19 +254,15 @@ class SgdTrainer:
                 loss = self.loss(labels, self.model(images, training=True))
             self.optimizer.apply(tape.gradient(loss, variables), variables)
             # The seed measures the batch again after the update; the test set every eval_interval steps.
-            due = (eval_interval > 0) & ((first_step + step) % tf.maximum(eval_interval, 1) == 0)
+            due = (first_step + step) % eval_interval == 0  # params.py holds eval_interval >= 1.
             values = (*self._measure(labels, self.model(images)), *tf.cond(due, measure, lambda: not_measured))
             results = [result.write(step, value) for result, value in zip(results, values)]
         return tuple(result.stack() for result in results)
 
-    def train_steps(self, batch_indices: np.ndarray, first_step: int = 1, eval_interval: int = 0, rows: int = 0):
-        """One step per row of batch indices, the first numbered ``first_step``.
-
-        Returns six arrays, a row per step: the batch's accuracy and cross-entropy after the update,
-        then the test set's and the weights' and biases' PERCENTILES after each step numbered a
-        multiple of ``eval_interval`` (NaN after the others). Chunks are padded to ``rows`` rows so
-        that XLA compiles the loop once (half a second per shape).
-        """
+    def train_steps(self, batch_indices: np.ndarray, first_step: int, eval_interval: int, rows: int = 0):
+        """One step per row of batch indices, the first numbered ``first_step``; padded to ``rows`` rows so that
+        XLA compiles once. Six arrays, a row per step: the batch's accuracy and cross-entropy after the update,
+        the test set's, the weights' and biases' PERCENTILES (NaN but every ``eval_interval`` steps)."""
         steps = len(batch_indices)
         padded = np.zeros((max(rows, steps), batch_indices.shape[1]), np.int32)
         padded[:steps] = batch_indices

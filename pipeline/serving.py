@@ -1,10 +1,7 @@
-"""The model as MLflow logs and serves it: rows of 784 raw pixels in, each digit and its probabilities out.
+"""The model as MLflow logs and serves it ("model from code"): rows of 784 raw pixels in, digits and probabilities out.
 
-Train logs this file as an MLflow "model from code" with the Keras file as its artifact, so the
-logged model imports nothing from the pipeline. It has no input signature on purpose: MLflow's
-scoring server casts a request to that type before any model code sees it, and under uint8 pixels
-scaled to 0-1 arrived as zeros (a wrong answer with HTTP 200). :func:`raw_pixels` states the input
-instead; what it refuses, ``mlflow models serve`` answers with HTTP 400 and one line.
+No input signature on purpose: the scoring server would cast a request to it first, and pixels scaled to 0-1
+became zeros under uint8 (a wrong answer, HTTP 200). :func:`raw_pixels` checks instead (HTTP 400, one line).
 """
 
 from __future__ import annotations
@@ -45,8 +42,8 @@ def input_problem(values: np.ndarray) -> str | None:
 
 
 def raw_pixels(model_input: Any) -> np.ndarray:
-    """``model_input`` (an array, nested lists or a DataFrame) as uint8 rows, or an MlflowException whose
-    ``reason`` holds the line alone (the scoring server puts the request's values before the message)."""
+    """``model_input`` as uint8 rows, or an MlflowException whose ``reason`` holds the line alone (the scoring
+    server puts the request's values before the message)."""
     values = np.asarray(model_input)
     if (problem := input_problem(values)) is not None:
         reason = f"{CONTRACT}; {problem}."

@@ -1,9 +1,7 @@
 """Stage ``train``: fit the model ``train.model`` names as the seed trains it, recording the run in MLflow.
 
-Writes the model users get (raw 0-255 pixels in); for the report, which needs no TensorFlow, the
-test probabilities and weight maps; the histories (columns in pipeline.data) and final metrics. The
-run gets the params, tags, per-step history, the served model (pipeline.serving) and the gate's
-metrics; the model becomes a registry version. Outputs are replaced only once the run is recorded.
+Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and final metrics; the
+run gets params, tags, per-step history, the served model and the gate's metrics, and a registry version.
 """
 
 from __future__ import annotations
@@ -30,18 +28,15 @@ from pipeline.tracking import record, registry, store, tags
 logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
-# Python regains control between chunks of steps, to stop on Ctrl-C or SIGTERM and to hand the
-# history to MLflow: each runs as many steps as the last one's pace fits in this many seconds,
-# whatever the model (a step of conv_batchnorm takes some 300 times one of the seed's).
+# Python regains control between chunks of steps (to stop, and to hand the history to MLflow) this often,
+# whatever the model: a step of conv_batchnorm takes some 300 times one of the seed's.
 CHUNK_SECONDS = 0.5
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 
 
 class BatchOrder:
-    """Every step's example indices, as the seed's ``next_batch`` drew them: it walks through a
-    shuffled permutation and reshuffles at each epoch's end, which is cutting consecutive batches
-    from the epochs' permutations laid end to end. Drawn chunk by chunk (``order[start:end]``), in order.
-    """
+    """Every step's example indices as the seed's ``next_batch`` drew them: consecutive batches cut from
+    the epochs' permutations laid end to end. Drawn chunk by chunk (``order[start:end]``), in order."""
 
     def __init__(self, num_examples: int, batch_size: int, iterations: int, seed: int) -> None:
         if batch_size > num_examples:
@@ -73,15 +68,14 @@ def longest_chunk(iterations: int, batch_size: int) -> int:
 
 
 def next_chunk_steps(planned: int, ran: int, seconds: float, longest: int, chunk_seconds: float = CHUNK_SECONDS) -> int:
-    """As many steps as the last chunk's pace fits in ``chunk_seconds``; at most twice its plan (the
-    first chunk, of one step, also compiles the loop) and ``longest``."""
+    """As many steps as the last chunk's pace fits in ``chunk_seconds``; at most twice its plan (the first
+    chunk also compiles the loop) and ``longest``."""
     return max(1, min(2 * planned, longest, int(ran * chunk_seconds / max(seconds, 1e-9))))
 
 
 @dataclass
 class History:
-    """The seed's measurements (cross-entropies summed over the images measured), and the weights' and
-    biases' percentiles at every test evaluation. The train lists hold one array per chunk."""
+    """The seed's measurements and the parameters' percentiles at each test; train lists hold an array per chunk."""
 
     train_accuracy: list[np.ndarray] = field(default_factory=list)
     train_cross_entropy: list[np.ndarray] = field(default_factory=list)
@@ -92,8 +86,7 @@ class History:
     bias_percentiles: list[np.ndarray] = field(default_factory=list)
 
     def add(self, steps: np.ndarray, *measured: np.ndarray) -> dict[str, tuple[list, list]]:
-        """Add a chunk's measurements (NaN where the test set was not measured); return them as MLflow
-        metric histories, {name: (steps, values)}."""
+        """Add a chunk's measurements (NaN where untested); return them as {metric: (steps, values)}."""
         accuracy, cross_entropy, test_accuracy, test_cross_entropy, weights, biases = measured
         tested = ~np.isnan(test_accuracy)
         self.train_accuracy.append(accuracy)
@@ -114,8 +107,7 @@ class History:
         return np.concatenate(self.train_accuracy), np.concatenate(self.train_cross_entropy)
 
     def csv_files(self) -> list[str]:
-        """The train history, test history and percentiles as CSV; in float64, whose shortest repr reads
-        back as the very float32 measured."""
+        """The train history, test history and percentiles as CSV, in float64 (whose repr reads back exactly)."""
         accuracy, cross_entropy = self.train_series()
         steps = range(1, len(accuracy) + 1)
         train = pd.DataFrame(
@@ -131,9 +123,8 @@ class History:
 
 
 def train(trainer, order, eval_interval: int, on_chunk=None, chunk_seconds: float = CHUNK_SECONDS) -> History:
-    """Run every step of ``order``, in chunks; ``on_chunk(series, started, ended)`` gets each chunk's
-    measurements as History.add returns them, with its wall-clock times. Every step runs the same
-    compiled code, so the numbers do not depend on the chunks."""
+    """Run every step of ``order`` in chunks, calling ``on_chunk(series, started, ended)`` after each. Every
+    step runs the same compiled code, so the numbers do not depend on the chunks."""
     history, (iterations, batch_size) = History(), order.shape
     longest, start, planned = longest_chunk(iterations, batch_size), 0, 1
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
@@ -174,12 +165,9 @@ def final_metrics(history: History) -> dict[str, float]:
     metrics = {"final_train_accuracy": float(accuracy[-1]), "final_train_cross_entropy_sum": float(cross_entropy[-1])}
     if history.test_steps:
         best = int(np.argmax(history.test_accuracy))  # The figure the author's scripts print and quote.
-        metrics["final_test_accuracy"] = history.test_accuracy[-1]
-        metrics["final_test_cross_entropy_sum"] = history.test_cross_entropy[-1]
-        metrics["max_test_accuracy"], metrics["max_test_accuracy_step"] = (
-            history.test_accuracy[best],
-            history.test_steps[best],
-        )
+        metrics |= {"final_test_accuracy": history.test_accuracy[-1], "max_test_accuracy": history.test_accuracy[best],
+                    "final_test_cross_entropy_sum": history.test_cross_entropy[-1],
+                    "max_test_accuracy_step": history.test_steps[best]}  # fmt: skip
     return metrics
 
 
@@ -190,7 +178,7 @@ def run_name(params: TrainParams) -> str:
 
 
 def log_model(model_path: Path, example: np.ndarray, run_params: dict):
-    """Log the Keras file as the model pipeline.serving serves (a "model from code") in the active run."""
+    """Log the Keras file as the "model from code" pipeline.serving serves, in the active run."""
     import mlflow
 
     from pipeline import serving
@@ -237,8 +225,7 @@ def main() -> None:
 
         from pipeline.model import SERIES, SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
 
-    # AutoGraph imports what it converts from the temp folder, which TensorFlow empties at exit, but
-    # not of the bytecode Python would cache there.
+    # AutoGraph imports from the temp folder, which TensorFlow empties at exit, but not of cached bytecode.
     sys.dont_write_bytecode = True
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -94,50 +94,26 @@ def test_dropout_and_batch_norm_only_act_in_training():
     assert not all(np.array_equal(a, v.numpy()) for a, v in zip(moving, batch_norm.non_trainable_variables))
 
 
-def synthetic(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    train_images = rng.integers(0, 256, size=(300, 784), dtype=np.uint8)
-    test_images = rng.integers(0, 256, size=(250, 784), dtype=np.uint8)
-    eye = np.eye(10, dtype=np.uint8)
-    labels = lambda images: eye[images[:, :10].astype(int).argmax(axis=1)]  # noqa: E731
-    return train_images, labels(train_images), test_images, labels(test_images)
-
-
-def short_run(name: str, seed: int = 0, iterations: int = 40):
-    import keras
-
-    from pipeline.model import SERIES, SgdTrainer, build_model
-    from pipeline.train import batch_order, train
-
-    keras.utils.set_random_seed(seed)
-    model = build_model(seed, name)
-    series = SERIES[name]
-    # A test batch size that does not divide the test set, so the last chunk is a short one.
-    test_batch_size = None if series.test_batch_size is None else 100
-    trainer = SgdTrainer(
-        model, series.optimizer(0.003), *synthetic(), test_batch_size=test_batch_size, jit_compile=series.jit_compile
-    )
-    history = train(trainer, batch_order(300, 20, iterations, seed), eval_interval=20)
-    return history, trainer, model
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_each_model_trains_in_the_compiled_loop_and_repeats_exactly(name):
-    from pipeline.model import build_model
+    from test_train import small_data, train_once
+
+    from pipeline.model import SERIES, build_model
 
     initial = build_model(0, name).get_weights()
-    first, trainer, model = short_run(name)
-    assert first.test_steps == [20, 40]
-    assert np.all(np.isfinite(first.train_series()[1]))
+    # A test batch size that does not divide the test set, so the last call is a short one.
+    test_batch_size = None if SERIES[name].test_batch_size is None else 30
+    first, model, trainer = train_once(name, test_batch_size=test_batch_size)
+    assert first.test_steps == [50, 100] and np.all(np.isfinite(first.train_series()[1]))
     # Every variable moved: gradients reach every layer, batch norm's moving averages are updated.
     assert not any(np.array_equal(before, after) for before, after in zip(initial, model.get_weights()))
     # The test probabilities, measured in chunks or not, are one row per test image.
     probabilities = trainer.test_probabilities()
-    assert probabilities.shape == (250, 10)
-    accuracy = float(np.mean(probabilities.argmax(1) == synthetic()[3].argmax(1)))
+    assert probabilities.shape == (100, 10)
+    accuracy = float(np.mean(probabilities.argmax(1) == small_data()[3].argmax(1)))
     assert accuracy == pytest.approx(first.test_accuracy[-1])
-    second, _, second_model = short_run(name)
+    second, second_model, _ = train_once(name, test_batch_size=test_batch_size)
     assert np.array_equal(first.train_series()[1], second.train_series()[1])
     assert first.test_accuracy == second.test_accuracy
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), second_model.get_weights()))

@@ -1,9 +1,5 @@
-"""Tests of the served model (pipeline/serving.py): its input check, then the real thing end to end.
-
-The check is tested on arrays, without TensorFlow. End to end, a project trains on tiny synthetic
-data with ``dvc repro``, its registered version becomes the champion, ``mlflow models serve``
-serves it, and ``mnist-predict`` asks it from another folder.
-"""
+"""The served model (pipeline/serving.py): its input check on arrays, then end to end: a tiny project's champion
+served by ``mlflow models serve`` and asked by ``mnist-predict`` from another folder."""
 
 from __future__ import annotations
 
@@ -49,9 +45,6 @@ def test_anything_else_is_refused_with_one_line_saying_what_the_model_takes(valu
     assert error.message.startswith("The model takes rows of 784 integer pixels 0-255") and phrase in error.message
     assert "\n" not in error.message and json.loads(error.serialize_as_json())["reason"] == error.message
 
-
-# ---------------------------------------------------------------------------------------------
-# End to end: trained, registered, made champion, served and asked.
 
 NAME = "mnist-softmax"
 

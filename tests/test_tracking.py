@@ -124,6 +124,14 @@ def test_a_stop_gives_the_backlog_a_short_grace_then_counts_what_was_not_written
     assert client_for(project).get_run(run.run_id).info.status == "FAILED"
 
 
+def test_malformed_extra_run_tags_stop_with_one_line_before_any_run(project, monkeypatch):
+    for value in ("{not json", '["a list"]'):
+        monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, value)
+        with pytest.raises(PipelineError, match=r"^\$PIPELINE_RUN_TAGS is not a JSON object of run tags: "), open_run():
+            pass
+    assert not (project / "mlflow.db").exists()
+
+
 def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project):
     import mlflow
 

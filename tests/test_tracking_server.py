@@ -1,14 +1,5 @@
-"""Tracking servers: a shared one on PostgreSQL, one that fails before or during a run, and credentials.
-
-* The whole pipeline logs to a real ``mlflow server`` on a real PostgreSQL cluster (Debian's
-  ``postgresql``, started here; the tests skip, saying why, where it is missing); everything is read
-  back through the REST API, the model loaded with mlflow.pyfunc and predicting.
-* A server that is unreachable, silent, not MLflow, or failing stops the train stage before any
-  training, with one paragraph naming the URI, and no output touched.
-* During a run: a brief restart loses nothing; a server gone for good or hung stops the stage within
-  the configured time, writing no output, and its run is closed by the next training.
-* A password in the tracking URI works and is never written or printed.
-"""
+"""Tracking servers: a shared one on PostgreSQL (skipped, saying why, where it is missing), one that fails before
+or during a run (one paragraph, no output touched, the run closed later), and a password never written or printed."""
 
 from __future__ import annotations
 
@@ -32,7 +23,7 @@ import pytest
 import yaml
 from conftest import stage_env
 from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, MlflowServer, Project, free_port, make_project
-from test_train import OUTPUTS, start_training
+from test_train import OUTPUTS, runs, start_training
 
 pytestmark = pytest.mark.slow
 
@@ -57,28 +48,24 @@ def postgres():
         shutil.chown(directory, "postgres", "postgres")
     data, log, port = directory / "data", directory / "postgres.log", free_port()
 
-    def run(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120, cwd=directory)
+    def run(tool: str, *args: str) -> subprocess.CompletedProcess:
+        command = [*as_user, str(bin_dir / tool), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=directory)
 
-    started = False
     try:
-        init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        init = run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         if init.returncode != 0:
             pytest.skip(f"initdb failed: {init.stderr[-1000:]}")
         # fsync off: a test database need not survive a power cut. The socket goes in its own folder.
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {directory} -c fsync=off"
-        start = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
+        start = run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
         if start.returncode != 0:
             pytest.skip(f"PostgreSQL did not start: {start.stdout[-500:]} {log.read_text()[-1500:]}")
-        started = True
-        assert (
-            run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow").returncode
-            == 0
-        )
+        createdb = run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        assert createdb.returncode == 0, createdb.stderr
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        if started:
-            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+        run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")  # Refused if it never started.
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -98,18 +85,9 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return found
 
 
-def champion_predictions(url: str, images: np.ndarray, model_uri: str) -> np.ndarray:
-    import mlflow
-
-    mlflow.set_tracking_uri(url)
-    try:
-        return np.array([answer["probabilities"] for answer in mlflow.pyfunc.load_model(model_uri).predict(images)])
-    finally:
-        mlflow.set_tracking_uri(None)
-
-
 @pytest.mark.postgres
 def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipeline.model import SERIES
@@ -147,13 +125,7 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     # Artifacts, fetched back through the server, are the files the stages wrote.
     logged = set(artifact_paths(client, run.info.run_id))
     pictures = ("accuracy.png", "mistakes.png", "weight_maps.png")
-    expected = (
-        "train_history.csv",
-        "test_history.csv",
-        "parameter_percentiles.csv",
-        "dvc.lock",
-        "report/metrics.json",
-    )
+    expected = ("train_history.csv", "test_history.csv", "parameter_percentiles.csv", "dvc.lock", "report/metrics.json")
     assert {*expected, *(f"report/{name}" for name in pictures)} <= logged
     for name in pictures:
         path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(tmp_path / "downloads")))
@@ -175,9 +147,13 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     assert f"Promoted {NAME} version 1 to `models:/{NAME}@champion` (there was no champion)" in check.stdout
     images = np.load(project.root / "data/processed/test_images.npy")[:8]
     expected_probabilities = np.load(project.root / "models/test_probabilities.npy")[:8]
-    for model_uri in (f"models:/{run.outputs.model_outputs[0].model_id}", f"models:/{NAME}@champion"):
-        predicted = champion_predictions(url, images, model_uri)
-        assert predicted.shape == (8, 10) and np.allclose(predicted, expected_probabilities, atol=1e-6)
+    mlflow.set_tracking_uri(url)
+    try:
+        for model_uri in (f"models:/{run.outputs.model_outputs[0].model_id}", f"models:/{NAME}@champion"):
+            predicted = [answer["probabilities"] for answer in mlflow.pyfunc.load_model(model_uri).predict(images)]
+            assert np.array(predicted).shape == (8, 10) and np.allclose(predicted, expected_probabilities, atol=1e-6)
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 class FakeServer:
@@ -226,8 +202,9 @@ def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
 
 @pytest.mark.parametrize("kind", ["closed-port", "silent", "not-mlflow", "api-fails", "unknown-scheme"])
 def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced_project, kind):
-    reproduced = reproduced_project
     from mlflow.tracking import MlflowClient
+
+    reproduced = reproduced_project
 
     silent = socket.create_server(("127.0.0.1", 0))  # Takes connections, never answers: a hung server.
     fake = {"not-mlflow": (404, 404), "api-fails": (200, 500)}.get(kind)  # The health check's status, the API's.
@@ -271,14 +248,6 @@ def train_against(server: MlflowServer, project: Path, retries: int, timeout: in
     return process
 
 
-def server_runs(server: MlflowServer):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(server.url)
-    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    return client, client.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
-
-
 def test_a_server_restarted_mid_run_loses_nothing(processed_project, server):
     # A generous timeout (the restarted one-worker server takes every queued request at once); 7 retries wait 126 s.
     process = train_against(server, processed_project, retries=7, timeout=60)
@@ -287,7 +256,7 @@ def test_a_server_restarted_mid_run_loses_nothing(processed_project, server):
     server.start()
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-    client, (run,) = server_runs(server)
+    client, (run,) = runs(server.url)
     assert run.info.status == "FINISHED"
     for metric in ("history/train_accuracy", "history/train_cross_entropy_sum"):
         steps = sorted(point.step for point in client.get_metric_history(run.info.run_id, metric))
@@ -311,11 +280,11 @@ def test_a_server_gone_for_good_or_hung_stops_the_stage_and_its_run_is_closed_la
     assert took < 45, f"the stage took {took:.0f} s to give up"
     server.stop()
     server.start()
-    client, (abandoned,) = server_runs(server)
+    client, (abandoned,) = runs(server.url)
     assert abandoned.info.status in ("RUNNING", "FAILED")
     second = train_against(server, processed_project, retries=5, timeout=60)
     assert second.wait(timeout=600) == 0
-    client, (first, _) = server_runs(server)
+    client, (first, _) = runs(server.url)
     assert first.info.status == "FAILED" and (fault == "hung" or "pipeline.closed_because" in first.data.tags)
 
 

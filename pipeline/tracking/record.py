@@ -1,9 +1,5 @@
-"""How train records its MLflow run, and how report finds it again.
-
-Train tags the run with the SHA-256 of the test probabilities it hands to report, and report finds
-the run by that tag: DVC's outputs hold no run id, and a train stage restored from DVC's run cache
-points report to the run that first produced those outputs.
-"""
+"""How train records its MLflow run, and how report finds it again: by the SHA-256 of the test probabilities,
+which DVC's run cache restores with the outputs of the run that first produced them."""
 
 from __future__ import annotations
 
@@ -31,16 +27,14 @@ logger = logging.getLogger(__name__)
 # MLflow's UI draws this prefix as a section of charts of its own, above the final figures.
 HISTORY_PREFIX = "history/"
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call.
-# Training waits once this many history values wait to be written (~0.7 s of SQLite writing), so
-# memory stays bounded however slow the store.
+# Training waits once this many history values wait (~0.7 s of SQLite writing): memory stays bounded.
 MAX_PENDING_VALUES = 10_000
 # What a stopping stage gives the values still waiting, before it drops them and ends the run.
 STOP_GRACE_SECONDS = 2.0
 TEST_PROBABILITIES_TAG = "pipeline.test_probabilities_sha256"
 REPORT_TAG = "pipeline.report_sha256"
 REPORT_ARTIFACTS = "report"
-# "<host>:<pid>" of the train process: a RUNNING run whose process is gone (killed outright) is
-# closed as FAILED the next time train opens the store, with the reason in CLOSED_TAG.
+# "<host>:<pid>" of the train process: a RUNNING run whose process is gone is closed by the next training.
 PROCESS_TAG = "pipeline.process"
 CLOSED_TAG = "pipeline.closed_because"
 # Extra run tags as a JSON object; a sweep sets "mlflow.parentRunId" there to nest its trials.
@@ -58,12 +52,8 @@ def timestamp_ms() -> int:
 
 
 class TrainingRun:
-    """The run train records into; one thread writes the per-step history while training goes on.
-
-    Not MLflow's own asynchronous logging (``synchronous=False``): its queue has no bound, and ending
-    a run (FAILED included) or the process waits until every queued value is written, so a stopped
-    stage would wait for the whole backlog, for minutes against a server that is down.
-    """
+    """The run train records into; one thread writes the per-step history while training goes on. Not MLflow's
+    ``synchronous=False``, whose queue has no bound and must be written out before a run or the process ends."""
 
     def __init__(self, client: MlflowClient, run_id: str, check: Callable[[], None]) -> None:
         self.client, self.run_id, self.check = client, run_id, check
@@ -74,8 +64,8 @@ class TrainingRun:
         return sum(count for _, count in self.pending)
 
     def log_history(self, series: Series, started: float, ended: float) -> None:
-        """Queue a chunk's history, each step timed by interpolation across the chunk (``started`` to
-        ``ended``, in seconds), for MLflow's relative-time axis; first wait while MAX_PENDING_VALUES wait."""
+        """Queue a chunk's history, each step's time interpolated across the chunk; first wait while
+        MAX_PENDING_VALUES wait."""
         from mlflow.entities import Metric
 
         self.check()
@@ -111,10 +101,7 @@ class TrainingRun:
         )
 
     def _result(self, future: Future) -> None:
-        """Wait for a batch, checking on the server meanwhile (the watch may give up on it before MLflow's retries).
-
-        Not concurrent.futures.wait, which a Ctrl-C inside it can leave holding the future's lock.
-        """
+        """Wait for a batch, checking on the server meanwhile (not futures.wait, which Ctrl-C can leave locked)."""
         import mlflow
 
         while True:
@@ -159,15 +146,19 @@ def training_run(
     data: Mapping[str, str] | None = None,
     check: Callable[[], None] = lambda: None,
 ) -> Iterator[TrainingRun]:
-    """Start a run with the project's tags (``data``: the md5 of each file read) and ``params``; end it on exit.
-
-    It ends FINISHED, or FAILED when the block raises (Ctrl-C and SIGTERM included), after the
-    queued history got STOP_GRACE_SECONDS; a store that cannot take FAILED does not hide the error.
-    """
+    """Start a run with the project's tags (``data``: the md5 of each file read) and ``params``. It ends
+    FINISHED, or FAILED when the block raises, after the queued history got STOP_GRACE_SECONDS."""
     import mlflow
 
+    extra = os.environ.get(EXTRA_TAGS_VARIABLE) or "{}"
+    try:
+        run_tags = {key: str(value) for key, value in json.loads(extra).items()}
+    except (ValueError, AttributeError):
+        raise PipelineError(
+            f"${EXTRA_TAGS_VARIABLE} is not a JSON object of run tags: {store.short(extra, 100)}. Nothing was trained."
+        ) from None
     client, experiment_id = store.open_store(uri, experiment, location)
-    run_tags = {**json.loads(os.environ.get(EXTRA_TAGS_VARIABLE) or "{}"), **tags.run_tags(store.project_root(), data)}
+    run_tags |= tags.run_tags(store.project_root(), data)
     try:
         close_abandoned_runs(client, experiment_id)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,

@@ -1,10 +1,6 @@
-"""Where the MLflow tracking store is, how it is checked and opened, and how a server is watched.
-
-The default store is ``sqlite:///<store root>/mlflow.db`` with ``mlartifacts`` beside it. The store
-root is ``$DVC_ROOT`` when DVC sets it (a queued experiment runs in a temporary copy, but records
-into the project's store), else the project root: the working copy the stage runs in, whose git
-state describes the run. ``$MLFLOW_TRACKING_URI`` names another store.
-"""
+"""Where the MLflow tracking store is, how it is checked and opened, and how a server is watched. The default
+is ``sqlite:///<root>/mlflow.db`` with ``mlartifacts`` beside it, at ``$DVC_ROOT`` (a queued experiment's
+project) or the project root; ``$MLFLOW_TRACKING_URI`` names another store."""
 
 from __future__ import annotations
 
@@ -69,8 +65,8 @@ def artifact_location(uri: str, root: Path) -> str | None:
 
 
 def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
-    """Ask a server's health check once (without the URI's credentials, which urllib would take for the
-    host): None if it answered, else (kind, why), kind being "hung", "refused" (by HTTP) or "down"."""
+    """Ask a server's health check once (without credentials, which urllib would take for the host): None if
+    it answered, else (kind, why), kind being "hung", "refused" (by HTTP) or "down"."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
         return None
@@ -87,13 +83,9 @@ def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
 
 
 class ServerWatch:
-    """Asks a tracking server's health every HEALTH_CHECK_SECONDS while a stage logs to it.
-
-    MLflow's retries ride out a server that is briefly down, but one that hangs holds each request
-    for its whole timeout once per retry. The watch notices a hang within one request timeout, and
-    an outage once it outlasts the retries; :meth:`check`, called between chunks of training and
-    while waiting for the logging thread, then stops the stage with a clear error.
-    """
+    """Asks a tracking server's health every HEALTH_CHECK_SECONDS while a stage logs to it: a hung server holds
+    each request for its whole timeout once per MLflow retry. It notices a hang within one request timeout and
+    an outage once it outlasts the retries; :meth:`check`, between chunks, then stops the stage."""
 
     def __init__(self, uri: str, settings: TrackingSettings, interval: float = HEALTH_CHECK_SECONDS) -> None:
         self.uri, self.settings, self.interval = uri, settings, interval
@@ -191,11 +183,8 @@ def quiet_links(uri: str) -> None:
 
 
 def resolve(settings: TrackingSettings) -> tuple[str, str | None]:
-    """The tracking URI and artifact location, checked to be usable before MLflow is imported.
-
-    MLflow reads its HTTP settings from the environment at each request; the project's defaults
-    are put there now, before MLflow starts, where the environment sets none.
-    """
+    """The tracking URI and artifact location, checked before MLflow is imported; the project's HTTP
+    defaults go into the environment, where MLflow reads them at each request."""
     root = store_root()
     uri = tracking_uri(settings.uri, root)
     check_reachable(uri)

@@ -1,8 +1,5 @@
-"""What a run is tagged with: its commit, its data, its DVC experiment and its environment.
-
-Read from the working copy the stage runs in (its git state and uv.lock) and from the installed
-distributions' metadata, so nothing heavy is imported to learn a version.
-"""
+"""What a run is tagged with: its commit, its data, its DVC experiment and its environment (read from git,
+uv.lock and the distributions' metadata, so nothing heavy is imported to learn a version)."""
 
 from __future__ import annotations
 
@@ -19,13 +16,11 @@ from pathlib import Path
 ENVIRONMENT_PACKAGES = {"tensorflow": ("tensorflow-cpu", "tensorflow")} | {
     name: (name,) for name in ("keras", "numpy", "scikit-learn", "dvc", "mlflow")
 }
-# The extensions TensorFlow's CPU kernels choose their code by: CPUs that differ in them round
-# differently in the last bits (see pipeline.reproduce).
+# The extensions TensorFlow's CPU kernels choose their code by: CPUs differing in them round differently.
 KERNEL_ISA_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
     "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
 )  # fmt: skip
-# What a logged model needs to be loaded and served.
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
 
@@ -73,11 +68,8 @@ def model_requirements() -> list[str]:
 
 
 def git_info(root: Path) -> dict[str, str]:
-    """The commit the run started from, and whether tracked sources or params.yaml differed from it.
-
-    MLflow's own ``mlflow.source.git.commit`` knows neither the commit a queued DVC experiment
-    started from ($DVC_EXP_BASELINE_REV) nor whether the sources differed from it.
-    """
+    """The commit the run started from (a queued DVC experiment's baseline, which MLflow's own tag does not
+    know), and whether tracked sources or params.yaml differed from it."""
 
     def git(*args: str) -> str | None:
         try:
@@ -87,8 +79,7 @@ def git_info(root: Path) -> dict[str, str]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or git("rev-parse", "HEAD") or "unknown"
-    # Against that commit, not HEAD, so that an experiment's -S changes count; the outputs the
-    # pipeline rewrites as it runs (dvc.lock, metrics/) do not.
+    # Against that commit, not HEAD, so that an experiment's -S changes count; dvc.lock and metrics/ do not.
     changed = None if commit == "unknown" else git("diff", "--name-only", commit, "--", ".", ":!dvc.lock", ":!metrics")
     return {"git.commit": commit, "git.dirty": "unknown" if changed is None else str(bool(changed)).lower()}
 
