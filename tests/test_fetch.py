@@ -95,9 +95,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
             self._send(page, "text/html; charset=utf-8" if mode == "html" else "application/octet-stream")
         elif mode == "short":  # the connection drops long before the announced length
-            self.send_response(200)
-            self.send_header("Content-Length", str(10**12))
-            self.end_headers()
+            self._head(10**12)
             self.wfile.write(gzip.compress(b"a start"))
         elif mode == "endless":
             self._send_endlessly()
@@ -111,9 +109,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send((server.other / filename).read_bytes())
         elif mode == "trickle":
             body = good.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+            self._head(len(body))
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             server.halfway.set()
@@ -121,8 +117,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_endlessly(self) -> None:
         """A gzip header, then zeros without an announced end, at most four times the largest limit."""
-        self.send_response(200)
-        self.end_headers()
+        self._head()
         try:
             self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
             for _ in range(4 * max(SIZE_LIMIT.values()) >> 20):
@@ -131,11 +126,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
+    def _head(self, length: int | None = None, content_type: str = "application/octet-stream") -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
+
+    def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
+        self._head(len(body), content_type)
         self.wfile.write(body)
 
     def log_message(self, format, *args):
