@@ -142,4 +142,4 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     finished = client.search_runs([client.get_experiment_by_name("mnist-softmax").experiment_id])
     assert len(finished) == 2 and {run.info.status for run in finished} == {"FINISHED"}
-    assert all(len(client.get_metric_history(run.info.run_id, "train_accuracy")) == 1000 for run in finished)
+    assert all(len(client.get_metric_history(run.info.run_id, "history/train_accuracy")) == 1000 for run in finished)
