@@ -1,9 +1,5 @@
-"""What MNIST is, for every stage: its four IDX files and their digests, the processed arrays, the histories.
-
-fetch puts the four IDX files in ``data/raw``; preprocess turns them into ``<split>_images.npy`` (uint8
-rows of 784 pixels) and ``<split>_labels.npy`` (uint8 one-hot rows of 10) per split, which train and
-report read back through :func:`load_processed`. Every fact about the data set lives here once.
-"""
+"""Every fact about MNIST, once: the four IDX files and their digests, the processed arrays
+(``<split>_images.npy``, uint8 rows of 784 pixels; ``<split>_labels.npy``, uint8 one-hot rows of 10), the histories."""
 
 from __future__ import annotations
 
@@ -38,13 +34,11 @@ NUM_CLASSES = 10
 PIXEL_SCALE = np.float32(1.0 / 255.0)
 SPLITS = ("train", "validation", "test")
 
-# The histories train writes and report draws, each a CSV with its own steps so that no cell is empty
-# (DVC's charts read an empty cell as 0). A ``…_sum`` cross-entropy is summed over the images measured
-# (a batch of 100, or the 10,000 test images), as the seed measures it.
+# Separate CSVs with their own steps, so that no cell is empty (DVC's charts read an empty cell as 0).
+# A ``…_sum`` cross-entropy is summed over the images measured, as the seed measures it.
 TRAIN_HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy_sum"]
 TEST_HISTORY_COLUMNS = ["step", "test_accuracy", "test_cross_entropy_sum"]
-# How the weights and the biases are distributed every eval_interval steps: the 8 boundaries of 7
-# equally filled buckets, as the seed author's visualisation draws them (HISTOGRAM_BUCKETS = 7).
+# The 8 boundaries of 7 equally filled buckets, as the seed author's visualisation draws the parameters.
 PERCENTILES = tuple(100 * bucket / 7 for bucket in range(8))
 PARAMETER_GROUPS = ("weights", "biases")
 PERCENTILE_COLUMNS = [
@@ -89,11 +83,8 @@ def load_array(path: Path, stage: str) -> tuple[np.ndarray, bytes]:
 
 
 def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The processed arrays of ``splits``, and the md5 of each file read (DVC's own hash of it) by path.
-
-    The md5s let a run's tags name the data it really read, even a file changed behind DVC's back;
-    labels must be one-hot rows, because a file rewritten in place would otherwise train on garbage.
-    """
+    """The processed arrays of ``splits``, and the md5 (DVC's hash) of each file read, so that a run's tags
+    name the data it really read, even a file changed behind DVC's back."""
     arrays, digests = {}, {}
     for split in splits:
         for kind in ("images", "labels"):

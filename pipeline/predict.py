@@ -28,8 +28,7 @@ from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS
 STDIN = "-"
 # MNIST's digits were scaled to fit a 20×20 box, then centred by mass at this pixel (row, column).
 DIGIT_BOX, CENTRE = 20, (14.0, 14.0)
-# Ink differs from the paper by more than this share of the strongest ink (JPEG noise and paper texture do
-# not); a page with less contrast than MIN_CONTRAST grey levels is blank.
+# Ink differs from the paper by more than this share of the strongest ink (JPEG noise does not); less contrast is blank.
 INK_THRESHOLD, MIN_CONTRAST = 0.3, 32
 NO_INK = "shows no ink: it is empty or all one colour"
 Results = list[tuple[str, Any]]  # Each image's name, and its pixels, probabilities or error.
@@ -42,8 +41,7 @@ class ImageError(ValueError):
 def grey_levels(data: bytes) -> np.ndarray:
     """Decode ``data`` into grey levels 0-255, transparent parts on white paper, within Pillow's pixel limit."""
     with warnings.catch_warnings():
-        # Pillow's warnings about damaged metadata would clutter the errors. Between its pixel limit and
-        # twice that it only warns; refused all the same.
+        # Warnings about damaged metadata would clutter the errors; past the pixel limit Pillow may only warn.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -59,8 +57,7 @@ def grey_levels(data: bytes) -> np.ndarray:
                              "decompression-bomb limit); scale it down first") from None  # fmt: skip
         except UnidentifiedImageError:
             raise ImageError("is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP…)") from None
-        # Pillow's decoders report damage with whatever exception they meet (its own fuzzing harness
-        # catches Exception for that reason); one damaged image must not stop the others.
+        # Pillow's decoders report damage with whatever exception they meet; it must not stop the other images.
         except Exception as error:
             raise ImageError(f"is a damaged or truncated image ({error or type(error).__name__})") from None
 
@@ -187,8 +184,7 @@ def load_predictor(model: str | None):
         return load_mlflow_model(model)
     try:
         loaded = keras.saving.load_model(path)
-    # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError for an
-    # unknown class, KeyError for a missing member, BadZipFile for a failed checksum).
+    # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError, KeyError…).
     except Exception as error:
         from pipeline.tracking.store import short
 

@@ -1,9 +1,6 @@
-"""Stage ``preprocess``: the four IDX files in ``--raw`` become compact arrays in ``--out``.
-
-For each split (train, validation, test) it writes ``<split>_images.npy`` (uint8 rows of 784 pixels)
-and ``<split>_labels.npy`` (uint8 one-hot rows of 10). As in the seed's ``read_data_sets``, the first
-``preprocess.validation_size`` training images are held out for validation. Pixels stay uint8 on disk,
-a quarter of float32's size; they are scaled to [0, 1] where batches are fed to the model.
+"""Stage ``preprocess``: the four IDX files in ``--raw`` become ``<split>_images.npy`` (uint8 rows of 784
+pixels, a quarter of float32's size) and ``<split>_labels.npy`` (one-hot) in ``--out``, for train, validation
+and test. As in the seed's ``read_data_sets``, validation is the first ``validation_size`` training images.
 """
 
 from __future__ import annotations
@@ -18,16 +15,6 @@ from pipeline.data import NUM_CLASSES, NUM_PIXELS, RAW_PAIRS, SPLITS, read_idx
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
-
-
-def flatten(images: np.ndarray) -> np.ndarray:
-    """(count, 28, 28) images as (count, 784) rows, still uint8."""
-    return np.ascontiguousarray(images.reshape(len(images), NUM_PIXELS))
-
-
-def one_hot(labels: np.ndarray) -> np.ndarray:
-    """Integer labels as uint8 one-hot rows: 5 becomes [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]."""
-    return np.eye(NUM_CLASSES, dtype=np.uint8)[labels]
 
 
 def main() -> None:
@@ -55,7 +42,9 @@ def main() -> None:
 
     arrays = {}
     for split in SPLITS:
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = flatten(raw[split][0]), one_hot(raw[split][1])
+        images, labels = raw[split]
+        arrays[f"{split}_images"] = np.ascontiguousarray(images.reshape(len(images), NUM_PIXELS))
+        arrays[f"{split}_labels"] = np.eye(NUM_CLASSES, dtype=np.uint8)[labels]
     try:
         with files.staged([args.out / f"{name}.npy" for name in arrays]) as temp_paths:
             for temp_path, array in zip(temp_paths, arrays.values()):

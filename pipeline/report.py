@@ -1,8 +1,5 @@
-"""Stage ``report``: score the model on the test set from what train wrote (no TensorFlow needed).
-
-Writes metrics.json, confusion.csv (for DVC's confusion template), a classification report and the
-pictures the README shows: the seed's accuracy figure, the most confident mistakes, the weight maps.
-They go into the MLflow run that trained the model before they replace the outputs.
+"""Stage ``report``: score train's test probabilities (no TensorFlow needed) into metrics.json, confusion.csv,
+a classification report and the README's figures, logged into the training run's MLflow run first.
 """
 
 from __future__ import annotations
@@ -62,8 +59,7 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
 
 
 def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> Figure:
-    """The mistakes, the highest probability given to a wrong class first (ties in test-set order), in rows of
-    ten, dark on red, each labelled actual → predicted, probability."""
+    """The mistakes, most confident first (ties in test-set order), dark on red, labelled actual → predicted."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
@@ -83,8 +79,7 @@ def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.nd
 
 
 def weight_maps_figure(maps: np.ndarray) -> Figure:
-    """Each digit's weight per pixel, blue where ink raises its score and red where it lowers it; only a linear
-    classifier has such maps, and for other models the figure says so."""
+    """Each digit's weight per pixel, blue where ink raises its score; only a linear classifier has them."""
     if len(maps) == 0:
         figure = Figure(figsize=(8, 1.5))
         figure.text(0.5, 0.5, "No weight maps: only a linear classifier (the softmax model) has one 28×28 map "
@@ -128,8 +123,7 @@ def main() -> None:
             f"{maps.shape}, not ({len(labels)}, {NUM_CLASSES}) and (10, 28, 28); rerun train (dvc repro -f train)."
         )
     train_history = read_history(args.train_history, "train_accuracy")
-    # Training with no evaluation (eval_interval 0) leaves the test history empty.
-    test_history = read_history(args.test_history, "test_accuracy")
+    test_history = read_history(args.test_history, "test_accuracy")  # Empty when eval_interval is 0.
 
     from sklearn.metrics import classification_report
 
@@ -163,8 +157,7 @@ def main() -> None:
 
 
 def log_report(client, run_id: str, outputs: dict[Path, bytes], digest: str) -> None:
-    """Log the outputs and dvc.lock into the run, and tag it with the report's digest. Train logged the
-    metrics already, so that a report DVC restores from its cache leaves no registry version without them."""
+    """Log the outputs and dvc.lock into the run, tagged with the report's digest (train logged the metrics)."""
     import mlflow
 
     try:

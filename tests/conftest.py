@@ -4,6 +4,7 @@ project reproduced once per session (``reproduced_template``) that tests copy (`
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,8 @@ def shared_mnist() -> Path:
 
 @pytest.fixture(scope="session")
 def reproduced_template(tmp_path_factory):
-    """The tiny synthetic project (pipeline_project.make_project) after one ``dvc repro``, its output in
-    ``.reproduced``; HEAD holds the sources, dvc.lock and the outputs are uncommitted. Read it, never
-    change it: a test that runs or changes anything takes ``reproduced_project``."""
+    """The tiny project (pipeline_project.make_project) after one ``dvc repro`` (``.reproduced``), outputs
+    uncommitted. Read it, never change it: a test that runs or changes anything takes ``reproduced_project``."""
     from pipeline_project import make_project
 
     # oneDNN forced on, as TensorFlow does by default on CPUs with AVX-512, where it announces itself.
@@ -99,8 +99,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of 8 KiB, too small for the synthetic training images (15,696 bytes). Mounting needs
-    root (or CAP_SYS_ADMIN); elsewhere the tests using it are skipped, saying so."""
+    """A tmpfs of 8 KiB, too small for the synthetic training images; skips the test where mounting needs root."""
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mountpoint)]
@@ -131,8 +130,6 @@ def processed_data(tmp_path_factory):
 @pytest.fixture
 def processed_project(tmp_path, processed_data):
     """A folder to run the train stage in: that data, and params.yaml with 60 steps of 10 images."""
-    import shutil
-
     shutil.copytree(processed_data, tmp_path / "processed")
     write_params(
         tmp_path, preprocess={"validation_size": 50}, train={"batch_size": 10, "iterations": 60, "eval_interval": 20}

@@ -1,8 +1,5 @@
-"""Tiny synthetic MNIST in the IDX layout, for tests that must not need the real data.
-
-``write_mnist`` writes the four files under their real names (gzipped or not) and returns the arrays;
-``write_digests`` writes the ``{name: sha256}`` JSON that ``MNIST_EXPECTED_SHA256`` points to.
-"""
+"""Tiny synthetic MNIST in the IDX layout (``write_mnist``) and its digests (``write_digests``, the JSON
+that ``MNIST_EXPECTED_SHA256`` points to), for tests that must not need the real data."""
 
 from __future__ import annotations
 
@@ -15,20 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, encode_idx
-
-__all__ = ["FILES", "TEST_IMAGES", "TEST_LABELS", "TRAIN_IMAGES", "TRAIN_LABELS"]
-
-
-def make_mnist(train_count: int = 20, test_count: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random uint8 images of shape (n, 28, 28) and labels in 0..9, keyed by file name."""
-    rng = np.random.default_rng(seed)
-    return {
-        TRAIN_IMAGES: rng.integers(0, 256, size=(train_count, 28, 28), dtype=np.uint8),
-        TRAIN_LABELS: rng.integers(0, 10, size=train_count, dtype=np.uint8),
-        TEST_IMAGES: rng.integers(0, 256, size=(test_count, 28, 28), dtype=np.uint8),
-        TEST_LABELS: rng.integers(0, 10, size=test_count, dtype=np.uint8),
-    }
+from pipeline.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, encode_idx
 
 
 def idx_bytes(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
@@ -48,9 +32,15 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
 def write_mnist(
     directory: Path, train_count: int = 20, test_count: int = 10, gz: bool = True, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Write the four files (``<name>.gz`` when ``gz``, else ``<name>``) and return their arrays."""
+    """Write random images and labels as the four files (``<name>.gz`` when ``gz``) and return their arrays."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    arrays = make_mnist(train_count, test_count, seed)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        TRAIN_IMAGES: rng.integers(0, 256, size=(train_count, 28, 28), dtype=np.uint8),
+        TRAIN_LABELS: rng.integers(0, 10, size=train_count, dtype=np.uint8),
+        TEST_IMAGES: rng.integers(0, 256, size=(test_count, 28, 28), dtype=np.uint8),
+        TEST_LABELS: rng.integers(0, 10, size=test_count, dtype=np.uint8),
+    }
     for name, array in arrays.items():
         write_idx(Path(directory) / (f"{name}.gz" if gz else name), array, gz=gz)
     return arrays
@@ -62,11 +52,8 @@ def write_digests(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def gzip_bomb(mebibytes: int) -> bytes:
-    """A valid gzip file of ``mebibytes`` MiB of zeros, about a thousandth of that size, made in milliseconds.
-
-    One MiB is compressed once; a full flush makes its block independent of what came before, so the
-    stream is that block repeated.
-    """
+    """A valid gzip file of ``mebibytes`` MiB of zeros, about a thousandth of that size: one MiB compressed
+    once, and its block (independent of what came before, after a full flush) repeated."""
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     block = deflater.compress(bytes(1 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
     crc = 0

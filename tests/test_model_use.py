@@ -1,10 +1,6 @@
-"""From a run to its use, on real MNIST: the registry, promotion by the gate, and mnist-predict.
-
-One project trains on the real data three times, as a team would over three pull requests: a first
-model (it becomes the champion), a regression (the gate refuses it), an improvement (promoted, the
-first champion becoming ``previous``). The runs are short (hundreds of steps, not the seed's 10,000);
-the gate's floor is lowered to match. tests/test_serving.py serves the champion and asks it.
-"""
+"""From a run to its use, on real MNIST: one project trains three times, as over three pull requests (a first
+champion, a regression the gate refuses, an improvement it promotes), then mnist-predict answers photos of digits.
+The runs are short (hundreds of steps), the gate's floor lowered to match."""
 
 from __future__ import annotations
 

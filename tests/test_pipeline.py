@@ -1,5 +1,5 @@
-"""End to end, as a user runs it: ``dvc repro`` of the tiny project (conftest's ``reproduced_template``:
-real DVC, TensorFlow and MLflow's default SQLite store), read back; rerun; stopped by a signal."""
+"""End to end, as a user runs it: ``dvc repro`` of the tiny project (conftest's ``reproduced_template``), read
+back; rerun; stopped by a signal."""
 
 from __future__ import annotations
 

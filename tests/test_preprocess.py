@@ -7,10 +7,10 @@ import hashlib
 import numpy as np
 import pytest
 from conftest import run_module, snapshot, write_params
-from idx_fixtures import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, write_idx, write_mnist
+from idx_fixtures import write_idx, write_mnist
 
 from pipeline.cli import PipelineError
-from pipeline.data import load_processed
+from pipeline.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_processed
 
 
 def preprocess(tmp_path, out: str = "processed"):

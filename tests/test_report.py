@@ -57,19 +57,17 @@ INPUTS = {"data": "processed", "test-probabilities": "models/p.npy", "weight-map
 
 
 @pytest.fixture(scope="module")
-def report_template(tmp_path_factory):
-    """A project where preprocess has run, train's outputs faked by hand (no TensorFlow needed), and a
-    finished run tagged as train tags it, so that report finds it by the probabilities' digest."""
-    from idx_fixtures import write_mnist
+def report_template(tmp_path_factory, processed_data):
+    """The session's processed data, train's outputs faked by hand (no TensorFlow needed), and a finished
+    run tagged as train tags it, so that report finds it by the probabilities' digest."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("report")
-    write_mnist(root / "raw", train_count=60, test_count=20, gz=False)
-    write_params(root, preprocess={"validation_size": 10})
-    assert run_module("pipeline.preprocess", "--raw", "raw", "--out", "processed", cwd=root).returncode == 0
+    shutil.copytree(processed_data, root / "processed")
+    write_params(root)
     (root / "models").mkdir()
     (root / "metrics").mkdir()
-    np.save(root / "models/p.npy", np.random.default_rng(0).dirichlet(np.ones(10), size=20).astype(np.float32))
+    np.save(root / "models/p.npy", np.random.default_rng(0).dirichlet(np.ones(10), size=50).astype(np.float32))
     np.save(root / "models/maps.npy", np.random.default_rng(0).normal(size=(10, 28, 28)).astype(np.float32))
     TRAIN.assign(train_cross_entropy_sum=30.0).to_csv(root / "models/train.csv", index=False)
     TEST.assign(test_cross_entropy_sum=2800.0).to_csv(root / "models/test.csv", index=False)
@@ -133,16 +131,16 @@ def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
     ("break_it", "expected"),
     [
         # Other (valid) probabilities than the training run's: outputs from another store.
-        (lambda project: np.save(project / "models/p.npy", np.full((20, 10), 0.1)), "no finished MLflow run"),
+        (lambda project: np.save(project / "models/p.npy", np.full((50, 10), 0.1)), "no finished MLflow run"),
         (lambda project: (project / "models/p.npy").unlink(), "models/p.npy does not exist; run the train stage"),
         (lambda project: (project / "models/p.npy").write_bytes(b"not numpy"), "models/p.npy is corrupt"),
         (
-            lambda project: np.save(project / "models/p.npy", np.ones((19, 10), np.float32)),
-            "hold arrays of shape (19, 10) and (10, 28, 28), not (20, 10) and (10, 28, 28)",
+            lambda project: np.save(project / "models/p.npy", np.ones((49, 10), np.float32)),
+            "hold arrays of shape (49, 10) and (10, 28, 28), not (50, 10) and (10, 28, 28)",
         ),
         (
             lambda project: np.save(project / "models/maps.npy", np.ones((10, 784), np.float32)),
-            "hold arrays of shape (20, 10) and (10, 784), not (20, 10)",
+            "hold arrays of shape (50, 10) and (10, 784), not (50, 10)",
         ),
         (
             lambda project: (project / "models/train.csv").write_text("step,nonsense\n1,2\n"),
