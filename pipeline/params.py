@@ -22,16 +22,31 @@ from pipeline.data import TRAINING_IMAGES
 
 YAML_LIMIT, YAML_DEPTH, YAML_INT_CHARS = 2**20, 50, 40
 # The models train.model can name, in the order of the author's scripts; pipeline.model builds each.
-MODEL_NAMES = ("softmax", "five_layers_sigmoid", "five_layers_relu", "five_layers_relu_lrdecay",
-               "five_layers_relu_lrdecay_dropout", "conv", "conv_bigger_dropout", "conv_batchnorm")  # fmt: skip
+MODEL_NAMES = (
+    "softmax",
+    "five_layers_sigmoid",
+    "five_layers_relu",
+    "five_layers_relu_lrdecay",
+    "five_layers_relu_lrdecay_dropout",
+    "conv",
+    "conv_bigger_dropout",
+    "conv_batchnorm",
+)
 # Names every MLflow store keeps, needing no quoting in models:/ URIs and search filters.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,255}", re.ASCII)
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-MOVED_SECTIONS = {"fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT", "tracking": "MLFLOW_TRACKING_URI, "
-                  "MLFLOW_EXPERIMENT_NAME, MNIST_REGISTERED_MODEL and MLFLOW_HTTP_REQUEST_*"}  # fmt: skip
+MOVED_SECTIONS = {
+    "fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT",
+    "tracking": "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MNIST_REGISTERED_MODEL and MLFLOW_HTTP_REQUEST_*",
+}
 # Pydantic's messages (by the first word of their type) in the project's words, beyond "should be" → "must be".
-MESSAGES = {"missing": "is missing", "int": "must be a whole number", "float": "must be a number", "dataclass":
-            "must be a mapping", "tuple": "must be a list [low, high] of two numbers or nulls"}  # fmt: skip
+MESSAGES = {
+    "missing": "is missing",
+    "int": "must be a whole number",
+    "float": "must be a number",
+    "dataclass": "must be a mapping",
+    "tuple": "must be a list [low, high] of two numbers or nulls",
+}
 FLOAT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")  # YAML 1.1 reads 3e-3 (no dot) as a string.
 
 
@@ -59,15 +74,17 @@ class StrictLoader(yaml.SafeLoader):
         mapping, seen = super().construct_mapping(node, deep), set()
         for key_node, _ in node.value:
             if (key := self.construct_object(key_node)) in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r:.80} appears twice",
-                                                        key_node.start_mark)  # fmt: skip
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r:.80} appears twice", key_node.start_mark
+                )
             seen.add(key)
         return mapping
 
     def construct_yaml_int(self, node: Any) -> int:
         if len(node.value) > YAML_INT_CHARS:
-            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters is out "
-                                                    "of any sane range", node.start_mark)  # fmt: skip
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters is out of any sane range", node.start_mark
+            )
         return super().construct_yaml_int(node)
 
 
@@ -111,10 +128,14 @@ def _unknown_model(model: str) -> str | None:
 
 
 # Strict: true/false and quoted numbers are mistakes; 1e4 (a float in YAML 1.2, which `dvc exp run -S` writes) is whole.
-Number = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and FLOAT.fullmatch(v) else v),
-                   Field(strict=True, allow_inf_nan=False)]  # fmt: skip
-Whole = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v),
-                  Field(strict=True)]  # fmt: skip
+Number = Annotated[
+    float,
+    BeforeValidator(lambda v: float(v) if isinstance(v, str) and FLOAT.fullmatch(v) else v),
+    Field(strict=True, allow_inf_nan=False),
+]
+Whole = Annotated[
+    int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v), Field(strict=True)
+]
 FORBID: Any = {"extra": "forbid"}
 
 
@@ -127,8 +148,17 @@ class PreprocessParams:
 class TrainParams:
     model: Annotated[str, Field(strict=True), _refuse(_unknown_model)]
     seed: Annotated[Whole, Field(ge=0, lt=2**32)]  # Keras and NumPy take 32-bit unsigned seeds.
-    learning_rate: Annotated[Number, Field(gt=0), _refuse(lambda rate: f"must be at most 3.403e+38, as training runs "
-        f"in float32, got {rate:g}" if rate > 3.4028234663852886e38 else None)]  # fmt: skip
+    learning_rate: Annotated[
+        Number,
+        Field(gt=0),
+        _refuse(
+            lambda rate: (
+                f"must be at most 3.403e+38, as training runs in float32, got {rate:g}"
+                if rate > 3.4028234663852886e38
+                else None
+            )
+        ),
+    ]
     batch_size: Annotated[Whole, Field(ge=1, le=TRAINING_IMAGES)]
     iterations: Annotated[Whole, Field(ge=1, le=10_000_000)]  # Bounds a typo's cost, far inside int32.
     eval_interval: Annotated[Whole, Field(ge=1)]
@@ -150,8 +180,16 @@ class CheckRule:
     ceiling: Number | None = None
     # The values the metric can take at all, (low, high) with None for no limit: a value outside them
     # is a broken metrics file, not a worse model, so the gate reports it as bad input.
-    range: Annotated[tuple[Number | None, Number | None] | None, _refuse(lambda pair: f"must have low <= high, got "
-        f"[{pair[0]:g}, {pair[1]:g}]" if pair and None not in pair and pair[0] > pair[1] else None)] = None  # fmt: skip
+    range: Annotated[
+        tuple[Number | None, Number | None] | None,
+        _refuse(
+            lambda pair: (
+                f"must have low <= high, got [{pair[0]:g}, {pair[1]:g}]"
+                if pair and None not in pair and pair[0] > pair[1]
+                else None
+            )
+        ),
+    ] = None
 
 
 @dataclass(frozen=True, config=FORBID)
@@ -159,7 +197,8 @@ class Params:
     preprocess: PreprocessParams
     train: TrainParams
     check: Annotated[dict[str, CheckRule], BeforeValidator(lambda v: {} if v is None else v)] = Field(
-        default_factory=dict)  # fmt: skip
+        default_factory=dict
+    )
 
 
 def _mirror_problem(mirror: str) -> str | None:
@@ -172,25 +211,39 @@ def _mirror_problem(mirror: str) -> str | None:
     return None
 
 
+def _tracking_uri_problem(uri: str) -> str | None:
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if not uri or scheme in TRACKING_URI_SCHEMES:
+        return None
+    return f"has unknown scheme {scheme or '(none)'!r} in {redact(uri)!r}; use one of {', '.join(TRACKING_URI_SCHEMES)}"
+
+
+def _registered_model_problem(name: str) -> str | None:
+    if MODEL_NAME.fullmatch(name):
+        return None
+    return (
+        f"{name!r} must be 1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit (the names "
+        "every MLflow store keeps and models:/<name>@<alias> URIs can hold)"
+    )
+
+
 @dataclass(frozen=True)
 class FetchSettings:
     mirror: Annotated[str, _refuse(_mirror_problem)] = Field("", alias="MNIST_MIRROR")
     timeout_seconds: Annotated[float, Field(ge=0.001, le=3600, allow_inf_nan=False)] = Field(
-        30.0, alias="MNIST_FETCH_TIMEOUT")  # fmt: skip
+        30.0, alias="MNIST_FETCH_TIMEOUT"
+    )
 
 
 @dataclass(frozen=True)
 class TrackingSettings:
     """Where runs are recorded (empty: the project's SQLite store) and how the store is reached."""
 
-    uri: Annotated[str, _refuse(lambda uri: f"has unknown scheme {scheme or '(none)'!r} in {redact(uri)!r}; use one "
-        f"of {', '.join(TRACKING_URI_SCHEMES)}" if uri and (scheme := urlparse(uri).scheme.split("+")[0])
-        not in TRACKING_URI_SCHEMES else None)] = Field("", alias="MLFLOW_TRACKING_URI")  # fmt: skip
+    uri: Annotated[str, _refuse(_tracking_uri_problem)] = Field("", alias="MLFLOW_TRACKING_URI")
     experiment: str = Field("mnist-softmax", alias="MLFLOW_EXPERIMENT_NAME", max_length=500)  # MLflow's limit
-    registered_model: Annotated[str, _refuse(lambda name: None if MODEL_NAME.fullmatch(name) else f"{name!r} must be "
-        "1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit (the names every MLflow store "
-        "keeps and models:/<name>@<alias> URIs can hold)")] = Field("mnist-softmax",
-        alias="MNIST_REGISTERED_MODEL")  # fmt: skip
+    registered_model: Annotated[str, _refuse(_registered_model_problem)] = Field(
+        "mnist-softmax", alias="MNIST_REGISTERED_MODEL"
+    )
     # Five retries with backoff factor 1 wait 0, 2, 4, 8 and 16 s (urllib3); MLflow's own limits.
     max_retries: int = Field(5, alias="MLFLOW_HTTP_REQUEST_MAX_RETRIES", ge=0, le=10)
     backoff_factor: int = Field(1, alias="MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", ge=0, le=120)
@@ -214,13 +267,20 @@ def _problem(error: Any) -> str:
     loc = [str(part) if str(part).isprintable() else repr(part) for part in parts]
     key, kind = ".".join(loc) or "it", error["type"]
     if kind == "unexpected_keyword_argument" and key in MOVED_SECTIONS:
-        return (f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
-                f"and set the environment variables {MOVED_SECTIONS[key]} instead (docs/tracking.md)")  # fmt: skip
+        return (
+            f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
+            f"and set the environment variables {MOVED_SECTIONS[key]} instead (docs/tracking.md)"
+        )
     if kind == "unexpected_keyword_argument":
         schema = {"preprocess": PreprocessParams, "train": TrainParams, "check": CheckRule}.get(loc[0], Params)
         known = list((schema if loc[1:] else Params).__pydantic_fields__)  # type: ignore[attr-defined]
-        hint = "".join(f"did you mean {key[: -len(loc[-1])]}{close}?" for close in difflib.get_close_matches(
-            loc[-1], known, n=1)) or f"valid keys: {', '.join(known)}"  # fmt: skip
+        hint = (
+            "".join(
+                f"did you mean {key[: -len(loc[-1])]}{close}?"
+                for close in difflib.get_close_matches(loc[-1], known, n=1)
+            )
+            or f"valid keys: {', '.join(known)}"
+        )
         return f"{key} is not a known key ({hint})"
     if kind == "value_error":
         return f"{key} {error['ctx']['error']}"

@@ -53,8 +53,10 @@ def grey_levels(data: bytes) -> np.ndarray:
             # Pillow converts LAB to no other mode, but its L band is the lightness.
             return np.asarray(image.getchannel("L") if image.mode == "LAB" else image.convert("L"), np.float32)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"has more pixels than the {Image.MAX_IMAGE_PIXELS:,} this tool reads (Pillow's "
-                             "decompression-bomb limit); scale it down first") from None  # fmt: skip
+            raise ImageError(
+                f"has more pixels than the {Image.MAX_IMAGE_PIXELS:,} this tool reads (Pillow's "
+                "decompression-bomb limit); scale it down first"
+            ) from None
         except UnidentifiedImageError:
             raise ImageError("is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP…)") from None
         # Pillow's decoders report damage with whatever exception they meet; it must not stop the other images.
@@ -109,19 +111,33 @@ def render_text(results: Results, model: dict[str, Any]) -> str:
     named = model.get("uri") or f"file {model.get('file')}"
     if "version" in model:
         named = f"{model['name']} version {model['version']}" + "".join(f", alias {a}" for a in model["aliases"])
-    lines = [f"{name}: {answer.argmax()}  ({', '.join(f'{d}: {p:.1%}' for d, p in top(answer))})\n"
-             for name, answer in results if not isinstance(answer, str)]  # fmt: skip
+    lines = [
+        f"{name}: {answer.argmax()}  ({', '.join(f'{d}: {p:.1%}' for d, p in top(answer))})\n"
+        for name, answer in results
+        if not isinstance(answer, str)
+    ]
     return "".join([f"model: {named}\n", *lines]) if lines else ""
 
 
 def render_json(results: Results, model: dict[str, Any]) -> str:
     """Every image in the order given: its digit, top three and the model that answered, or its error."""
-    return json.dumps([
-        {"image": name, "error": answer} if isinstance(answer, str) else {
-            "image": name, "digit": int(answer.argmax()), "model": model,
-            "top": [{"digit": digit, "probability": round(p, 6)} for digit, p in top(answer)],
-        } for name, answer in results
-    ], indent=2) + "\n"  # fmt: skip
+    return (
+        json.dumps(
+            [
+                {"image": name, "error": answer}
+                if isinstance(answer, str)
+                else {
+                    "image": name,
+                    "digit": int(answer.argmax()),
+                    "model": model,
+                    "top": [{"digit": digit, "probability": round(p, 6)} for digit, p in top(answer)],
+                }
+                for name, answer in results
+            ],
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def load_mlflow_model(model: str | None):
@@ -191,8 +207,10 @@ def load_predictor(model: str | None):
         raise PipelineError(f"cannot load the model file {path}: {short(str(error))}") from None
     inputs, outputs = ([tuple(tensor.shape) for tensor in getattr(loaded, side, [])] for side in ("inputs", "outputs"))
     if [inputs, outputs] != [[(None, NUM_PIXELS)], [(None, NUM_CLASSES)]]:
-        raise PipelineError(f"the model {path} takes {inputs} and answers {outputs}, but an MNIST model takes "
-                            f"rows of {NUM_PIXELS} pixels and answers {NUM_CLASSES} probabilities.")  # fmt: skip
+        raise PipelineError(
+            f"the model {path} takes {inputs} and answers {outputs}, but an MNIST model takes "
+            f"rows of {NUM_PIXELS} pixels and answers {NUM_CLASSES} probabilities."
+        )
     return (lambda pixels: np.asarray(loaded(pixels))), {"file": str(path.resolve())}
 
 

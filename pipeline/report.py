@@ -44,8 +44,13 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
     steps, accuracy = train_history["step"], train_history["train_accuracy"]
     for axis, limits in zip(axes, (None, (0.85, 1.0))):
         axis.plot(steps, accuracy, color="#4c72b0", linewidth=0.3, alpha=0.35, label="training batch (every step)")
-        axis.plot(steps, accuracy.rolling(SMOOTHING_STEPS, min_periods=1).mean(), color="#4c72b0", linewidth=1.2,
-                  label=f"training batch ({SMOOTHING_STEPS}-step mean)")  # fmt: skip
+        axis.plot(
+            steps,
+            accuracy.rolling(SMOOTHING_STEPS, min_periods=1).mean(),
+            color="#4c72b0",
+            linewidth=1.2,
+            label=f"training batch ({SMOOTHING_STEPS}-step mean)",
+        )
         axis.plot(test_history["step"], test_history["test_accuracy"], color="#dd8452", linewidth=2, label="test set")
         axis.grid(color="#dddddd")
         axis.set_ylabel("share of correct answers")
@@ -73,8 +78,11 @@ def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.nd
         axis.imshow((1 - ink) * MISTAKE_BACKGROUND, interpolation="nearest")
         answer = predicted[index]
         axis.set_title(f"{labels[index]} → {answer}  {probabilities[index, answer]:.2f}", fontsize=9, pad=2)
-    figure.suptitle(f"The most confident of {len(order):,} mistakes on the {len(labels):,} test images "
-                    "(actual → predicted, probability)", fontsize=11)  # fmt: skip
+    figure.suptitle(
+        f"The most confident of {len(order):,} mistakes on the {len(labels):,} test images "
+        "(actual → predicted, probability)",
+        fontsize=11,
+    )
     return figure
 
 
@@ -82,8 +90,13 @@ def weight_maps_figure(maps: np.ndarray) -> Figure:
     """Each digit's weight per pixel, blue where ink raises its score; only a linear classifier has them."""
     if len(maps) == 0:
         figure = Figure(figsize=(8, 1.5))
-        figure.text(0.5, 0.5, "No weight maps: only a linear classifier (the softmax model) has one 28×28 map "
-                    "per digit.", ha="center", va="center")  # fmt: skip
+        figure.text(
+            0.5,
+            0.5,
+            "No weight maps: only a linear classifier (the softmax model) has one 28×28 map per digit.",
+            ha="center",
+            va="center",
+        )
         return figure
     figure = Figure(figsize=(12, 5.6), layout="constrained")
     axes = figure.subplots(2, 5)
@@ -104,10 +117,22 @@ def png_bytes(figure: Figure) -> bytes:
 
 
 def main() -> None:
-    args = path_arguments(__doc__, [
-        "data", "test-probabilities", "weight-maps", "train-history", "test-history",
-        "metrics", "confusion", "classification-report", "accuracy-plot", "mistakes-plot", "weight-maps-plot",
-    ])  # fmt: skip
+    args = path_arguments(
+        __doc__,
+        [
+            "data",
+            "test-probabilities",
+            "weight-maps",
+            "train-history",
+            "test-history",
+            "metrics",
+            "confusion",
+            "classification-report",
+            "accuracy-plot",
+            "mistakes-plot",
+            "weight-maps-plot",
+        ],
+    )
     load_params()  # Report reads no params, but checks params.yaml as every stage does.
     tracking = tracking_settings()
     uri, artifact_location = store.resolve(tracking)  # A wrong URI or a dead server is reported before any work.
@@ -139,8 +164,12 @@ def main() -> None:
         args.mistakes_plot: png_bytes(mistakes_figure(images, labels, probabilities)),
         args.weight_maps_plot: png_bytes(weight_maps_figure(maps)),
     }
-    logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
-                metrics["test_accuracy"], metrics["test_cross_entropy"], metrics["macro_f1"])  # fmt: skip
+    logger.info(
+        "test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
+        metrics["test_accuracy"],
+        metrics["test_cross_entropy"],
+        metrics["macro_f1"],
+    )
 
     # The report goes into the run that trained the model (found by the probabilities' digest), once:
     # a rerun, or train restored from DVC's run cache, leaves a finished run as it was.

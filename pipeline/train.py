@@ -165,9 +165,12 @@ def final_metrics(history: History) -> dict[str, float]:
     metrics = {"final_train_accuracy": float(accuracy[-1]), "final_train_cross_entropy_sum": float(cross_entropy[-1])}
     if history.test_steps:
         best = int(np.argmax(history.test_accuracy))  # The figure the author's scripts print and quote.
-        metrics |= {"final_test_accuracy": history.test_accuracy[-1], "max_test_accuracy": history.test_accuracy[best],
-                    "final_test_cross_entropy_sum": history.test_cross_entropy[-1],
-                    "max_test_accuracy_step": history.test_steps[best]}  # fmt: skip
+        metrics |= {
+            "final_test_accuracy": history.test_accuracy[-1],
+            "max_test_accuracy": history.test_accuracy[best],
+            "final_test_cross_entropy_sum": history.test_cross_entropy[-1],
+            "max_test_accuracy_step": history.test_steps[best],
+        }
     return metrics
 
 
@@ -201,8 +204,11 @@ def register(client, name: str, logged, model_path: Path, scores: dict, run_id: 
     """The URI of the registry version holding the model: a new one, or one with the same file and metrics."""
     model_sha256 = record.sha256(model_path.read_bytes())
     if (version := registry.same_version(client, name, model_sha256, scores)) is not None:
-        logger.info("the model is version %s of %r already, with the same metrics: linked, not registered again",
-                    version.version, name)  # fmt: skip
+        logger.info(
+            "the model is version %s of %r already, with the same metrics: linked, not registered again",
+            version.version,
+            name,
+        )
     else:
         version_tags = registry.version_tags(run_id, client.get_run(run_id).data.tags, model_sha256)
         version = registry.register(client, name, logged.model_uri, version_tags, description)
@@ -211,8 +217,16 @@ def register(client, name: str, logged, model_path: Path, scores: dict, run_id: 
 
 
 def main() -> None:
-    names = ["data", "model", "test-probabilities", "weight-maps", "train-history", "test-history",
-             "parameter-percentiles", "metrics"]  # fmt: skip
+    names = [
+        "data",
+        "model",
+        "test-probabilities",
+        "weight-maps",
+        "train-history",
+        "test-history",
+        "parameter-percentiles",
+        "metrics",
+    ]
     args, config, tracking = path_arguments(__doc__, names), load_params().train, tracking_settings()
     data, data_digests = load_processed(args.data, splits=("train", "test"))
     order = BatchOrder(len(data["train_images"]), config.batch_size, config.iterations, config.seed)
@@ -236,20 +250,34 @@ def main() -> None:
 
     series, model = SERIES[config.model], build_model(config.seed, config.model)
     optimizer, test_labels = series.optimizer(config.learning_rate), data["test_labels"]
-    trainer = SgdTrainer(model, optimizer, data["train_images"], data["train_labels"], data["test_images"], test_labels,
-                         series.test_batch_size, series.jit_compile)  # fmt: skip
-    run_params = {**{f"train.{key}": value for key, value in vars(config).items()},
-                  "data.train_examples": order.num_examples, "data.test_examples": len(test_labels),
-                  "model": series.description, "model.script": series.script,
-                  "loss": "cross-entropy summed over the batch", "optimizer": series.optimizer_description}  # fmt: skip
+    trainer = SgdTrainer(
+        model,
+        optimizer,
+        data["train_images"],
+        data["train_labels"],
+        data["test_images"],
+        test_labels,
+        series.test_batch_size,
+        series.jit_compile,
+    )
+    run_params = {
+        **{f"train.{key}": value for key, value in vars(config).items()},
+        "data.train_examples": order.num_examples,
+        "data.test_examples": len(test_labels),
+        "model": series.description,
+        "model.script": series.script,
+        "loss": "cross-entropy summed over the batch",
+        "optimizer": series.optimizer_description,
+    }
     outputs = [args.model, args.test_probabilities, args.weight_maps, args.metrics]
     csv_outputs = [args.train_history, args.test_history, args.parameter_percentiles]
     with (
         store.ServerWatch(uri, tracking).running() as watch,
         files.staged([*outputs, *csv_outputs]) as (model_path, probabilities_path, maps_path, metrics_path, *csvs),
-        record.training_run(uri, artifact_location, tracking.experiment, run_name(config), run_params, data_digests,
-                            watch.check) as mlflow_run,
-    ):  # fmt: skip
+        record.training_run(
+            uri, artifact_location, tracking.experiment, run_name(config), run_params, data_digests, watch.check
+        ) as mlflow_run,
+    ):
         logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking.experiment)
         started = time.perf_counter()
         history = train(trainer, order, config.eval_interval, on_chunk=mlflow_run.log_history)
@@ -275,12 +303,15 @@ def main() -> None:
                 mlflow.log_text(text, path.name)
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities_path.read_bytes()))
             description = registry.description(scores["test_accuracy"], len(test_labels), run_name(config))
-            version = register(mlflow_run.client, tracking.registered_model, logged, model_path, scores,
-                               mlflow_run.run_id, description)  # fmt: skip
+            version = register(
+                mlflow_run.client, tracking.registered_model, logged, model_path, scores, mlflow_run.run_id, description
+            )
             mlflow.set_tag(registry.RUN_VERSION_TAG, version)
         except (mlflow.exceptions.MlflowException, OSError) as error:
-            raise PipelineError(f"logging the model to MLflow run {mlflow_run.run_id} failed: "
-                                f"{store.short(str(error))} The stage wrote no output.") from None  # fmt: skip
+            raise PipelineError(
+                f"logging the model to MLflow run {mlflow_run.run_id} failed: "
+                f"{store.short(str(error))} The stage wrote no output."
+            ) from None
 
 
 if __name__ == "__main__":

@@ -296,12 +296,30 @@ class MlflowServer:
         # No background job workers: MLflow 3 starts seven for GenAI jobs, which cost seconds and a gigabyte.
         env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend, "--artifacts-destination",
-                   str(self.directory / "artifacts"), "--host", "127.0.0.1", "--port", self.url.rpartition(":")[2],
-                   "--workers", "1"]  # fmt: skip
+        command = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            self.backend,
+            "--artifacts-destination",
+            str(self.directory / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            self.url.rpartition(":")[2],
+            "--workers",
+            "1",
+        ]
         with open(log, "a") as handle:
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, cwd=self.directory, start_new_session=True)  # fmt: skip
+            self.process = subprocess.Popen(
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.directory,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while True:
             assert self.process.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"

@@ -127,16 +127,22 @@ def test_a_rule_finds_its_metric_in_any_file_or_the_one_it_names():
 @pytest.mark.parametrize(
     ("old", "new", "line"),
     [
-        (ENVIRONMENT | {"tensorflow": "2.22.0", "uv_lock_sha256": "1" * 64}, ENVIRONMENT,
-         "tensorflow 2.22.0 → 2.21.0, uv.lock changed"),
+        (
+            ENVIRONMENT | {"tensorflow": "2.22.0", "uv_lock_sha256": "1" * 64},
+            ENVIRONMENT,
+            "tensorflow 2.22.0 → 2.21.0, uv.lock changed",
+        ),
         (ENVIRONMENT, ENVIRONMENT | {"jax": "0.5.0"}, "jax (none) → 0.5.0"),
-        (ENVIRONMENT | {"cpu": "CPU A (x86_64: avx2)"}, ENVIRONMENT | {"cpu": "CPU B"},
-         "the baseline came from another CPU (CPU A (x86_64: avx2))"),
+        (
+            ENVIRONMENT | {"cpu": "CPU A (x86_64: avx2)"},
+            ENVIRONMENT | {"cpu": "CPU B"},
+            "the baseline came from another CPU (CPU A (x86_64: avx2))",
+        ),
         (ENVIRONMENT, ENVIRONMENT, None),
         (None, ENVIRONMENT, None),  # An older baseline, from before train recorded its environment.
         (ENVIRONMENT, None, None),
     ],
-)  # fmt: skip
+)
 def test_the_environment_line_names_what_differs(old, new, line):
     def metrics(environment):
         return flat(BASE) | ({} if environment is None else flat({"environment": environment}, "metrics/train.json"))
@@ -245,49 +251,111 @@ def commit(project: Project, metrics=WORSE, train=TRAIN) -> None:
 @pytest.mark.parametrize(
     ("setup", "args", "code", "phrases"),
     [
-        (lambda p: commit(p, BASE), [], 0, ["### ✅ Metric check passed: 3 of 3 metrics within their rules, against "
-                                             "the merge base with main ("]),
-        (commit, [], 1, ["### ❌ Metric check failed: 3 of 3 metrics broke their rules (test_accuracy,",
-                         "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 | higher is better, may fall ≤ 0.002, floor 0.915 "
-                         "| ❌ fail: fell by 0.1213, more than the 0.002 allowed; below the floor of 0.915 |"]),
+        (
+            lambda p: commit(p, BASE),
+            [],
+            0,
+            ["### ✅ Metric check passed: 3 of 3 metrics within their rules, against the merge base with main ("],
+        ),
+        (
+            commit,
+            [],
+            1,
+            [
+                "### ❌ Metric check failed: 3 of 3 metrics broke their rules (test_accuracy,",
+                "| `test_accuracy` | 0.9213 | 0.8 | -0.1213 | higher is better, may fall ≤ 0.002, floor 0.915 "
+                "| ❌ fail: fell by 0.1213, more than the 0.002 allowed; below the floor of 0.915 |",
+            ],
+        ),
         (lambda p: commit(p, BETTER), [], 0, ["| `test_accuracy` | 0.9213 | 0.93 | +0.0087 |"]),
         # Uncommitted, as dvc repro leaves them; and from a subdirectory, where DVC still finds them.
-        (lambda p: (write_metrics(p, WORSE), p.root / "metrics")[1], ["--params", "../params.yaml"], 1,
-         ["| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |"]),
+        (
+            lambda p: (write_metrics(p, WORSE), p.root / "metrics")[1],
+            ["--params", "../params.yaml"],
+            1,
+            ["| `test_accuracy` | 0.9213 | 0.8 | -0.1213 |"],
+        ),
         # Within max_worsening of a baseline just above the floor, but below it.
-        (lambda p: (on_main(p, BASE | {"test_accuracy": 0.916}), p.git("reset", "-q", "--hard", "main"),
-                    commit(p, BASE | {"test_accuracy": 0.9145})), [], 1,
-         ["| `test_accuracy` | 0.916 | 0.9145 | -0.0015 | higher is better, may fall ≤ 0.002, floor 0.915 | ❌ fail: "
-          "below the floor of 0.915 |"]),
+        (
+            lambda p: (
+                on_main(p, BASE | {"test_accuracy": 0.916}),
+                p.git("reset", "-q", "--hard", "main"),
+                commit(p, BASE | {"test_accuracy": 0.9145}),
+            ),
+            [],
+            1,
+            [
+                "| `test_accuracy` | 0.916 | 0.9145 | -0.0015 | higher is better, may fall ≤ 0.002, floor 0.915 "
+                "| ❌ fail: below the floor of 0.915 |"
+            ],
+        ),
         # The merge base, not main's tip: main moved on to a better model after the branch was made.
         (lambda p: on_main(p, BASE | {"test_accuracy": 0.99}), [], 0, ["against the merge base with main"]),
         (lambda p: on_main(p, BASE | {"test_accuracy": 0.99}), ["--rev", "main"], 1, ["against main ("]),
         # Without a main branch the last commit is the baseline.
-        (lambda p: (p.git("branch", "-q", "-m", "main", "trunk"), write_metrics(p, WORSE)), [], 1,
-         ["as there is no merge base with main"]),
-        (lambda p: p.git("checkout", "-q", "--orphan", "fresh"), ["--json"], 0,
-         ['"label": "HEAD", "missing_reason": "HEAD has no commits yet",', '"found": false }']),
+        (
+            lambda p: (p.git("branch", "-q", "-m", "main", "trunk"), write_metrics(p, WORSE)),
+            [],
+            1,
+            ["as there is no merge base with main"],
+        ),
+        (
+            lambda p: p.git("checkout", "-q", "--orphan", "fresh"),
+            ["--json"],
+            0,
+            ['"label": "HEAD", "missing_reason": "HEAD has no commits yet",', '"found": false }'],
+        ),
         # Floors still hold without a baseline.
-        (lambda p: (p.git("rm", "-qr", "--cached", "metrics"), p.git("commit", "-qm", "-"), write_metrics(p, WORSE)),
-         ["--rev", "HEAD"], 1, ["no baseline, as no metrics file exists at HEAD (", "below the floor of 0.915"]),
-        (lambda p: (p.root / "b.json").write_text(json.dumps(BASE | {"test_accuracy": 0.95})),
-         ["--baseline-file", "b.json"], 1, ["against b.json"]),
+        (
+            lambda p: (p.git("rm", "-qr", "--cached", "metrics"), p.git("commit", "-qm", "-"), write_metrics(p, WORSE)),
+            ["--rev", "HEAD"],
+            1,
+            ["no baseline, as no metrics file exists at HEAD (", "below the floor of 0.915"],
+        ),
+        (
+            lambda p: (p.root / "b.json").write_text(json.dumps(BASE | {"test_accuracy": 0.95})),
+            ["--baseline-file", "b.json"],
+            1,
+            ["against b.json"],
+        ),
         # The metrics of every file merged, as dvc.api.metrics_show gives them, are a baseline too.
-        (lambda p: (p.root / "b.json").write_text(json.dumps(BASE | TRAIN)), ["--baseline-file", "b.json"], 0,
-         ["3 of 3 metrics within their rules, against b.json"]),
+        (
+            lambda p: (p.root / "b.json").write_text(json.dumps(BASE | TRAIN)),
+            ["--baseline-file", "b.json"],
+            0,
+            ["3 of 3 metrics within their rules, against b.json"],
+        ),
         # A baseline without a metric (added by this change) checks only its floor and ceiling.
-        (lambda p: (p.root / "b.json").write_text(json.dumps({"macro_f1": 0.9})), ["--baseline-file", "b.json"], 0,
-         ["| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 | ✅ pass (new metric, "
-          "not in the baseline) |"]),
+        (
+            lambda p: (p.root / "b.json").write_text(json.dumps({"macro_f1": 0.9})),
+            ["--baseline-file", "b.json"],
+            0,
+            [
+                "| `test_accuracy` | — | 0.9213 | — | higher is better, may fall ≤ 0.002, floor 0.915 "
+                "| ✅ pass (new metric, not in the baseline) |"
+            ],
+        ),
         # A rule finds its metric in any metrics file.
-        (lambda p: (p.set_params(check={"final_test_accuracy": {"better": "higher", "max_worsening": 0.01}}),
-                    write_metrics(p, BASE, TRAIN | {"final_test_accuracy": 0.85})), [], 1,
-         ["| `final_test_accuracy` | 0.9212 | 0.85 | -0.0712 |"]),
-        (lambda p: write_metrics(p, BASE, TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}), [], 0,
-         ["within their rules, against the merge base with main (", "Environment differs from the baseline's: "
-          "tensorflow 2.21.0 → 2.22.0. | metric |"]),
+        (
+            lambda p: (
+                p.set_params(check={"final_test_accuracy": {"better": "higher", "max_worsening": 0.01}}),
+                write_metrics(p, BASE, TRAIN | {"final_test_accuracy": 0.85}),
+            ),
+            [],
+            1,
+            ["| `final_test_accuracy` | 0.9212 | 0.85 | -0.0712 |"],
+        ),
+        (
+            lambda p: write_metrics(p, BASE, TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}),
+            [],
+            0,
+            [
+                "within their rules, against the merge base with main (",
+                "Environment differs from the baseline's: tensorflow 2.21.0 → 2.22.0. | metric |",
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_verdict(repo, setup, args, code, phrases):
     cwd = setup(repo)
     result = gate(repo, *args, cwd=cwd if isinstance(cwd, Path) else None)
@@ -302,62 +370,117 @@ def test_the_json_report(repo):
     result = gate(repo, "--json")
     report = json.loads(result.stdout, parse_constant=pytest.fail)
     assert result.returncode == 1 and report["status"] == "fail" and report["promotion"] is None
-    assert report["baseline"] == {"label": f"the merge base with main ({merge_base[:7]})", "missing_reason": None,
-                                  "rev": None, "commit": merge_base, "path": None, "found": True}  # fmt: skip
+    assert report["baseline"] == {
+        "label": f"the merge base with main ({merge_base[:7]})",
+        "missing_reason": None,
+        "rev": None,
+        "commit": merge_base,
+        "path": None,
+        "found": True,
+    }
     assert report["environment_difference"] == "Environment differs from the baseline's: numpy 2.1.3 → 2.2.0."
     assert [row["metric"] for row in report["metrics"]] == list(RULES)
     assert report["metrics"][0] == {
-        "metric": "test_accuracy", "baseline": 0.9213, "current": 0.8, "change": -0.1213,
+        "metric": "test_accuracy",
+        "baseline": 0.9213,
+        "current": 0.8,
+        "change": -0.1213,
         "rule": {"better": "higher", "max_worsening": 0.002, "floor": 0.915, "ceiling": None, "range": [0, 1]},
-        "status": "fail", "reasons": ["fell by 0.1213, more than the 0.002 allowed", "below the floor of 0.915"],
+        "status": "fail",
+        "reasons": ["fell by 0.1213, more than the 0.002 allowed", "below the floor of 0.915"],
         "note": None,
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
     ("setup", "args", "phrases"),
     [
-        (lambda p: (p.root / "metrics/metrics.json").unlink(), [],
-         ["the current metrics: metrics/metrics.json: it does not exist; run the pipeline first (dvc repro)"]),
+        (
+            lambda p: (p.root / "metrics/metrics.json").unlink(),
+            [],
+            ["the current metrics: metrics/metrics.json: it does not exist; run the pipeline first (dvc repro)"],
+        ),
         (lambda p: (p.root / "dvc.yaml").write_text("stages: {}\n"), [], ["DVC finds no metrics; declare the metrics"]),
-        (lambda p: write_metrics(p, '{"test_accuracy": 0.92,'), [],
-         ["cannot read the current metrics: metrics/metrics.json: JSON file structure is corrupted"]),
+        (
+            lambda p: write_metrics(p, '{"test_accuracy": 0.92,'),
+            [],
+            ["cannot read the current metrics: metrics/metrics.json: JSON file structure is corrupted"],
+        ),
         (lambda p: write_metrics(p, "1" * 5001), [], ["metrics/metrics.json: Exceeds the limit (4300 digits)"]),
         (lambda p: write_metrics(p, "[" * 100_000 + "]" * 100_000), [], ["its JSON nests too deeply to parse"]),
-        (lambda p: write_metrics(p, json.dumps(BASE | {"test_accuracy": "@"}).replace('"@"', "NaN")), [],
-         ["test_accuracy is nan, not a finite number. Fix the rule in params.yaml or rerun the pipeline"]),
-        (lambda p: on_main(p, "{not json"), ["--rev", "main"],
-         ["cannot read the baseline metrics at main (", "DVC could not load metrics/metrics.json"]),
-        (lambda p: on_main(p, json.dumps(BASE | {"test_accuracy": "@"}).replace('"@"', "Infinity")), ["--rev", "main"],
-         ["cannot be checked against the baseline: test_accuracy is inf, not a finite number"]),
+        (
+            lambda p: write_metrics(p, json.dumps(BASE | {"test_accuracy": "@"}).replace('"@"', "NaN")),
+            [],
+            ["test_accuracy is nan, not a finite number. Fix the rule in params.yaml or rerun the pipeline"],
+        ),
+        (
+            lambda p: on_main(p, "{not json"),
+            ["--rev", "main"],
+            ["cannot read the baseline metrics at main (", "DVC could not load metrics/metrics.json"],
+        ),
+        (
+            lambda p: on_main(p, json.dumps(BASE | {"test_accuracy": "@"}).replace('"@"', "Infinity")),
+            ["--rev", "main"],
+            ["cannot be checked against the baseline: test_accuracy is inf, not a finite number"],
+        ),
         (lambda p: None, ["--rev", "no-such-branch"], ["unknown git revision 'no-such-branch'", "fetch-depth: 0"]),
         (lambda p: None, ["--rev=--all"], ["unknown git revision '--all'"]),
         (lambda p: None, ["--baseline-file", "gone.json"], ["the baseline file gone.json does not exist"]),
-        (lambda p: (p.root / "b.json").write_text("[0.92]"), ["--baseline-file", "b.json"],
-         ["the baseline file b.json must hold a JSON object of metrics, got list"]),
-        (lambda p: (p.root / "b.json").write_bytes(b'{"test_accuracy": "\xe9"}'), ["--baseline-file", "b.json"],
-         ["cannot read the baseline file b.json:", "utf-8"]),
-        (lambda p: (p.root / "b.json").write_text("[" * 100_000), ["--baseline-file", "b.json"],
-         ["cannot read the baseline file b.json: its JSON nests too deeply to parse"]),
-        (lambda p: p.set_params(check={"test_acuracy": {"better": "higher", "max_worsening": 0.01}}), [],
-         ["cannot be checked against the current metrics", "test_acuracy is not in it (did you mean test_accuracy?)"]),
-        (lambda p: p.set_params(check={"test_accuracy": {"better": "up", "max_worsening": 0.01}}), [],
-         ["check.test_accuracy.better"]),
+        (
+            lambda p: (p.root / "b.json").write_text("[0.92]"),
+            ["--baseline-file", "b.json"],
+            ["the baseline file b.json must hold a JSON object of metrics, got list"],
+        ),
+        (
+            lambda p: (p.root / "b.json").write_bytes(b'{"test_accuracy": "\xe9"}'),
+            ["--baseline-file", "b.json"],
+            ["cannot read the baseline file b.json:", "utf-8"],
+        ),
+        (
+            lambda p: (p.root / "b.json").write_text("[" * 100_000),
+            ["--baseline-file", "b.json"],
+            ["cannot read the baseline file b.json: its JSON nests too deeply to parse"],
+        ),
+        (
+            lambda p: p.set_params(check={"test_acuracy": {"better": "higher", "max_worsening": 0.01}}),
+            [],
+            [
+                "cannot be checked against the current metrics",
+                "test_acuracy is not in it (did you mean test_accuracy?)",
+            ],
+        ),
+        (
+            lambda p: p.set_params(check={"test_accuracy": {"better": "up", "max_worsening": 0.01}}),
+            [],
+            ["check.test_accuracy.better"],
+        ),
         (lambda p: None, ["--params", "missing.yaml"], ["missing.yaml does not exist"]),
-        (lambda p: (p.root / "params.yaml").write_text(yaml.safe_dump(p.params() | {"check": {}})), [],
-         ["no rules in its check section"]),
+        (
+            lambda p: (p.root / "params.yaml").write_text(yaml.safe_dump(p.params() | {"check": {}})),
+            [],
+            ["no rules in its check section"],
+        ),
         (lambda p: shutil.rmtree(p.root / ".dvc"), [], ["the current metrics: not inside of a DVC repository"]),
-        (lambda p: (p.root / "metrics/metrics.json").unlink() or os.mkfifo(p.root / "metrics/metrics.json"), [],
-         ["cannot read the current metrics: metrics/metrics.json: it is a FIFO, not a regular file"]),
-        (lambda p: os.truncate(p.root / "metrics/metrics.json", READ_LIMIT + 1), [],
-         ["metrics/metrics.json: it holds more than the 67,108,864 bytes"]),
-        (lambda p: os.mkfifo(p.root / "b.json"), ["--baseline-file", "b.json"],
-         ["cannot read the baseline file b.json: it is a FIFO, not a regular file"]),
+        (
+            lambda p: (p.root / "metrics/metrics.json").unlink() or os.mkfifo(p.root / "metrics/metrics.json"),
+            [],
+            ["cannot read the current metrics: metrics/metrics.json: it is a FIFO, not a regular file"],
+        ),
+        (
+            lambda p: os.truncate(p.root / "metrics/metrics.json", READ_LIMIT + 1),
+            [],
+            ["metrics/metrics.json: it holds more than the 67,108,864 bytes"],
+        ),
+        (
+            lambda p: os.mkfifo(p.root / "b.json"),
+            ["--baseline-file", "b.json"],
+            ["cannot read the baseline file b.json: it is a FIFO, not a regular file"],
+        ),
         (lambda p: None, ["--baseline-file", "/dev/zero"], ["/dev/zero: it is a device, not a regular file"]),
         (lambda p: None, ["--baseline-file", "metrics"], ["metrics: it is a directory, not a regular file"]),
         (lambda p: None, ["--promote"], ["does not exist yet; run the pipeline first"]),  # No MLflow store yet.
     ],
-)  # fmt: skip
+)
 def test_bad_input_exits_2_with_one_paragraph(repo, setup, args, phrases):
     setup(repo)
     assert_bad_input(gate(repo, *args), *phrases)
@@ -377,8 +500,11 @@ def test_the_summary_file(repo, tmp_path):
     assert "### ⚠️ Metric check could not run\n\nunknown git revision 'nope'" in summary.read_text(encoding="utf-8")
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert_bad_input(gate(repo, "--rev", "nope", "--summary-file", str(folder)), "unknown git revision 'nope'",
-                     f"(Also, cannot append the report to the summary file {folder}: Is a directory.)")  # fmt: skip
+    assert_bad_input(
+        gate(repo, "--rev", "nope", "--summary-file", str(folder)),
+        "unknown git revision 'nope'",
+        f"(Also, cannot append the report to the summary file {folder}: Is a directory.)",
+    )
     write_metrics(repo, WORSE)
     failed = gate(repo, "--summary-file", str(folder))
     assert failed.returncode == 2 and failed.stdout.startswith("### ❌ Metric check failed")

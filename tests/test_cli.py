@@ -24,13 +24,19 @@ def test_error_wrapping_keeps_long_hyphenated_paths_whole():
         ("https://token123@mirror.example/mnist/", "https://***@mirror.example/mnist/"),
         # An unencoded @ in the password: the user information ends at the authority's last @.
         ("mysql://u:p@ss@db/mlflow", "mysql://u:***@db/mlflow"),
-        ("postgresql://db/mlflow?user=u&password=p4ss&sslmode=require", "postgresql://db/mlflow?user=u&password=***&sslmode=require"),
-        ("https://bucket.s3/x.gz?X-Amz-Credential=AKIA&X-Amz-Signature=abc&v=1", "https://bucket.s3/x.gz?X-Amz-Credential=***&X-Amz-Signature=***&v=1"),
+        (
+            "postgresql://db/mlflow?user=u&password=p4ss&sslmode=require",
+            "postgresql://db/mlflow?user=u&password=***&sslmode=require",
+        ),
+        (
+            "https://bucket.s3/x.gz?X-Amz-Credential=AKIA&X-Amz-Signature=abc&v=1",
+            "https://bucket.s3/x.gz?X-Amz-Credential=***&X-Amz-Signature=***&v=1",
+        ),
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
         ("sqlite:////home/me/project/mlflow.db?timeout=60", "sqlite:////home/me/project/mlflow.db?timeout=60"),
         ("/srv/mnist", "/srv/mnist"),
     ],
-)  # fmt: skip
+)
 def test_every_uri_shape_prints_without_its_secret(uri, printable):
     assert redact(uri, {}) == printable
 

@@ -35,14 +35,22 @@ def runs(tmp_path_factory) -> dict[str, set[str]]:
     """For each stage, the project files its process (and any process it starts) imported."""
     project = make_project(tmp_path_factory.mktemp("deps"))
     # One stream, so each stage's imports follow the line announcing it.
-    result = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=project.root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**project.env, "PYTHONPROFILEIMPORTTIME": "1"},
-                            text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**project.env, "PYTHONPROFILEIMPORTTIME": "1"},
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-5000:]
     parts = re.split(r"^Running stage '(\w+)':$", result.stdout, flags=re.MULTILINE)[1:]
     # `python -m pipeline.<stage>` runs that module as __main__, so its own name is not in the list.
-    found = {stage: {module_file(name) for name in {f"pipeline.{stage}", *IMPORT_LINE.findall(output)}}
-             for stage, output in zip(parts[::2], parts[1::2])}  # fmt: skip
+    found = {
+        stage: {module_file(name) for name in {f"pipeline.{stage}", *IMPORT_LINE.findall(output)}}
+        for stage, output in zip(parts[::2], parts[1::2])
+    }
     assert set(found) == set(STAGES) and all(len(modules) > 1 for modules in found.values()), result.stdout[-5000:]
     return found
 
@@ -51,8 +59,11 @@ def runs(tmp_path_factory) -> dict[str, set[str]]:
 def test_dvc_yaml_lists_every_module_the_stage_runs_and_no_other(runs, stage):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     # A dependency is a file, or a folder and everything in it.
-    listed = {path for path in pipeline_modules() if any(path == dep or path.startswith(dep.rstrip("/") + "/")
-                                                         for dep in deps)}  # fmt: skip
+    listed = {
+        path
+        for path in pipeline_modules()
+        if any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+    }
     assert runs[stage] - listed == set(), f"stage {stage} runs these, but its deps in dvc.yaml do not list them"
     assert listed - runs[stage] == set(), f"stage {stage} lists these in its deps in dvc.yaml, but never runs them"
     # uv.lock pins every library the stages run, so a dependency upgrade reruns the whole pipeline.

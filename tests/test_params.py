@@ -62,16 +62,23 @@ RULE = {"better": "lower", "max_worsening": 0}
         ({"check__x": {**RULE, "range": [1, 0]}}, "check.x.range must have low <= high, got [1, 0]"),
         ({"check__x": {**RULE, "range": "0..1"}}, "must be a list [low, high] of two numbers or nulls, got '0..1'"),
         ({"check__x": {**RULE, "range": [0, "many"]}}, "check.x.range must be a number, got 'many'"),
-        ({"tracking": {"timeout_seconds": 30}}, "section tracking is no longer read from params.yaml, because its "
-         "settings change no result: remove it and set the environment variables MLFLOW_TRACKING_URI, "),
+        (
+            {"tracking": {"timeout_seconds": 30}},
+            "section tracking is no longer read from params.yaml, because its "
+            "settings change no result: remove it and set the environment variables MLFLOW_TRACKING_URI, ",
+        ),
         ({"fetch": {"timeout_seconds": 30}}, "section fetch is no longer read from params.yaml"),
-        ({"tracking": {"uri": "postgresql+psycopg://mlflow:hunter22@db/x"}, "train__model": "http://a:hunter22@h"},
-         "train.model, tracking.uri hold credentials, which must not be in a committed file"),
+        (
+            {"tracking": {"uri": "postgresql+psycopg://mlflow:hunter22@db/x"}, "train__model": "http://a:hunter22@h"},
+            "train.model, tracking.uri hold credentials, which must not be in a committed file",
+        ),
         ({"check__x": {**RULE, "better": "https://h/?token=hunter22"}}, "check.x.better holds credentials"),
-        ({"train__learning_rate": -1, "train__iterations": 0, "train__model": "gopher", "check__test_accuracy": {}},
-         "params.yaml has 5 problems: train.model 'gopher'"),
+        (
+            {"train__learning_rate": -1, "train__iterations": 0, "train__model": "gopher", "check__test_accuracy": {}},
+            "params.yaml has 5 problems: train.model 'gopher'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_every_bad_value_is_named_in_one_paragraph(changes, expected):
     with pytest.raises(ParamsError) as caught:
         validate(edited(**changes))
@@ -141,8 +148,14 @@ def test_stages_refuse_bad_input_before_heavy_imports_and_change_nothing(tmp_pat
     before = snapshot(tmp_path)
     command = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage.split(".")[1]]["cmd"].split()
     # -X importtime lists every module imported; TensorFlow and MLflow must not be among them.
-    result = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], cwd=tmp_path, env=stage_env(**environ),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *command[1:]],
+        cwd=tmp_path,
+        env=stage_env(**environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     profile = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
     message = " ".join(" ".join(line for line in result.stderr.splitlines() if line not in profile).split())
     assert result.returncode == 1 and "Traceback" not in result.stderr and expected in message, message
@@ -157,8 +170,9 @@ def test_settings_defaults_and_values():
     names = [f"MLFLOW_HTTP_REQUEST_{name}" for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT")]
     assert default.http_environment() == dict(zip(names, ["5", "1", "10"]))
     assert default.retry_seconds == 30  # urllib3 waits 0, 2, 4, 8 and 16 s
-    tracking = tracking_settings({"MLFLOW_EXPERIMENT_NAME": "e" * 500, "MNIST_REGISTERED_MODEL": "m" * 256,
-                                  **dict(zip(names, ["3", "2", "7"]))})  # fmt: skip
+    tracking = tracking_settings(
+        {"MLFLOW_EXPERIMENT_NAME": "e" * 500, "MNIST_REGISTERED_MODEL": "m" * 256, **dict(zip(names, ["3", "2", "7"]))}
+    )
     assert (len(tracking.experiment), len(tracking.registered_model), tracking.retry_seconds) == (500, 256, 12)
     assert fetch_settings({"MNIST_MIRROR": "/srv/mnist", "MNIST_FETCH_TIMEOUT": "2.5"}).timeout_seconds == 2.5
 
@@ -166,7 +180,10 @@ def test_settings_defaults_and_values():
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
-        ({"MLFLOW_TRACKING_URI": "ftp://u:hunter22@example/store"}, "MLFLOW_TRACKING_URI has unknown scheme 'ftp' in 'ftp://u:***@example/store'"),
+        (
+            {"MLFLOW_TRACKING_URI": "ftp://u:hunter22@example/store"},
+            "MLFLOW_TRACKING_URI has unknown scheme 'ftp' in 'ftp://u:***@example/store'",
+        ),
         ({"MNIST_REGISTERED_MODEL": "mnist@v1"}, "MNIST_REGISTERED_MODEL 'mnist@v1' must be 1 to 256 letters"),
         # A quote breaks the search filters promotion uses; '%' and '..' the file store refuses.
         *[({"MNIST_REGISTERED_MODEL": name}, "must be 1 to 256") for name in ["a/b", "it's", "50%", "..", "m" * 257]],
@@ -180,10 +197,12 @@ def test_settings_defaults_and_values():
         ({"MNIST_FETCH_TIMEOUT": "soon"}, "MNIST_FETCH_TIMEOUT must be a number, got 'soon'"),
         ({"MNIST_MIRROR": "ftp://u:hunter22@mirror/"}, "MNIST_MIRROR 'ftp://u:***@mirror/' has the scheme ftp://"),
         ({"MNIST_MIRROR": "http://[::1"}, "MNIST_MIRROR 'http://[::1' is not a valid URL"),
-        ({"MLFLOW_TRACKING_URI": "gopher://x", "MNIST_REGISTERED_MODEL": "a:b", "MLFLOW_HTTP_REQUEST_TIMEOUT": "0"},
-         "the environment has 3 problems: MLFLOW_TRACKING_URI"),
+        (
+            {"MLFLOW_TRACKING_URI": "gopher://x", "MNIST_REGISTERED_MODEL": "a:b", "MLFLOW_HTTP_REQUEST_TIMEOUT": "0"},
+            "the environment has 3 problems: MLFLOW_TRACKING_URI",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_settings_are_named_without_their_secrets(environ, expected):
     loader = fetch_settings if {"MNIST_MIRROR", "MNIST_FETCH_TIMEOUT"} & set(environ) else tracking_settings
     with pytest.raises(PipelineError) as caught:
@@ -193,10 +212,11 @@ def test_bad_settings_are_named_without_their_secrets(environ, expected):
 
 YAMLISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.dates(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10) | st.integers(), children,
-                                                                      max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10) | st.integers(), children, max_size=4)
+    ),
     max_leaves=20,
-)  # fmt: skip
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -217,9 +217,13 @@ def test_a_signal_stops_training_within_seconds_with_no_outputs_and_the_run_fail
     log_path = project.root.parent / "dvc.log"
     with open(log_path, "w") as log:
         dvc = subprocess.Popen(
-            [str(VENV_BIN / "dvc"), "repro"], cwd=project.root, env={**project.env, "SHELL": shell},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [str(VENV_BIN / "dvc"), "repro"],
+            cwd=project.root,
+            env={**project.env, "SHELL": shell},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         client, found = runs(project)

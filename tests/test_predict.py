@@ -60,10 +60,18 @@ transparent.putalpha(Image.fromarray(255 - np.asarray(seven(mode="L"))))  # The 
 
 @pytest.mark.parametrize(
     ("image", "kind"),
-    [(seven(ink=235, paper=15), "PNG"), (seven(rgb=(255, 230, 90)), "PNG"), (seven(mode="L"), "PNG"),
-     (seven(), "JPEG"), (seven(mode="LAB"), "TIFF"), (deep, "PNG"), (deep, "TIFF"), (transparent, "PNG")],
+    [
+        (seven(ink=235, paper=15), "PNG"),
+        (seven(rgb=(255, 230, 90)), "PNG"),
+        (seven(mode="L"), "PNG"),
+        (seven(), "JPEG"),
+        (seven(mode="LAB"), "TIFF"),
+        (deep, "PNG"),
+        (deep, "TIFF"),
+        (transparent, "PNG"),
+    ],
     ids=["light-on-dark", "yellow-paper", "grey", "jpeg", "lab", "16-bit-png", "16-bit-tiff", "transparent"],
-)  # fmt: skip
+)
 def test_ink_is_found_whichever_way_round_in_any_mode(image, kind):
     difference = np.abs(mnist_pixels(encoded(image, kind)).astype(int) - mnist_pixels(encoded(seven())))
     assert difference.mean() < 8  # The same digit, up to contrast and JPEG noise.
@@ -91,8 +99,11 @@ SAMPLES = [encoded(seven(60, 80, mode=mode), kind) for mode, kind in KINDS]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(SAMPLES), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1,
-       max_size=8), st.floats(0.05, 1))  # fmt: skip
+@given(
+    st.sampled_from(SAMPLES),
+    st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
+    st.floats(0.05, 1),
+)
 def test_any_damaged_image_gives_pixels_or_its_own_error(sample, changes, keep):
     """A damaged image fails alone (ImageError), never with another exception that would stop the batch."""
     data = bytearray(sample)
@@ -122,11 +133,15 @@ def test_text_and_json_name_the_model():
 
 @pytest.mark.parametrize(
     ("content", "phrase"),
-    [(None, "No such file or directory"), ("/dev/zero", "it is a device, not a regular file"),
-     ("fifo", "it is a FIFO, not a regular file"), ("directory", "it is a directory, not a regular file"),
-     (b"just text", "is not a sound .keras file \\(a zip archive\\): File is not a zip file"),
-     (encoded(seven())[:100], "is not a sound .keras file")],
-)  # fmt: skip
+    [
+        (None, "No such file or directory"),
+        ("/dev/zero", "it is a device, not a regular file"),
+        ("fifo", "it is a FIFO, not a regular file"),
+        ("directory", "it is a directory, not a regular file"),
+        (b"just text", "is not a sound .keras file \\(a zip archive\\): File is not a zip file"),
+        (encoded(seven())[:100], "is not a sound .keras file"),
+    ],
+)
 def test_a_model_file_is_checked_before_tensorflow_is_imported(tmp_path, content, phrase):
     path = tmp_path / "model.keras"
     if content == "/dev/zero":
@@ -148,10 +163,17 @@ def test_special_files_huge_inputs_and_a_terminal_are_refused_each_alone(tmp_pat
     main, terminal = pty.openpty()
     with open("/dev/zero", "rb") as zeros:
         results = [
-            subprocess.run([sys.executable, "-m", "pipeline.predict", *names], stdin=stdin, cwd=tmp_path,
-                           env=stage_env(), capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                [sys.executable, "-m", "pipeline.predict", *names],
+                stdin=stdin,
+                cwd=tmp_path,
+                env=stage_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             for names, stdin in ((["/dev/zero", str(fifo), str(folder), str(huge), "-"], zeros), (["-"], terminal))
-        ]  # fmt: skip
+        ]
     os.close(main)
     os.close(terminal)
     assert [(result.returncode, result.stdout) for result in results] == [(1, ""), (1, "")]

@@ -109,10 +109,24 @@ def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
         "assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'mlflow') for m in sys.modules), 'heavy import'"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, "--mirror", str(tiny_mirror), "--no-verify",
-         "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")],
-        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--mirror",
+            str(tiny_mirror),
+            "--no-verify",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 <= summary["test_accuracy"] <= 1 and summary["train_seconds"] > 0
@@ -124,10 +138,27 @@ def test_reference_process_runs_without_tensorflow(tmp_path, tiny_mirror):
 
 def test_benchmark_runs_end_to_end(tmp_path, tiny_mirror):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--repeat", "1", "--only", "train-loop", "--iterations", "200",
-         "--mirror", str(tiny_mirror), "--json", str(tmp_path / "bench.json")],
-        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--repeat",
+            "1",
+            "--only",
+            "train-loop",
+            "--iterations",
+            "200",
+            "--mirror",
+            str(tiny_mirror),
+            "--json",
+            str(tmp_path / "bench.json"),
+        ],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| measure | ours (median) | reference (median) | ratio | target |" in result.stdout
     assert "| train loop, 200 steps: TensorFlow vs NumPy" in result.stdout

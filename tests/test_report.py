@@ -50,10 +50,21 @@ def test_mistakes_come_most_confident_first_and_are_labelled_actual_to_predicted
     assert red == 1.0 and green == blue < 0.8
 
 
-OUTPUTS = {"metrics": "metrics.json", "confusion": "confusion.csv", "classification-report": "report.txt",
-           "accuracy-plot": "a.png", "mistakes-plot": "mistakes.png", "weight-maps-plot": "maps.png"}  # fmt: skip
-INPUTS = {"data": "processed", "test-probabilities": "models/p.npy", "weight-maps": "models/maps.npy",
-          "train-history": "models/train.csv", "test-history": "models/test.csv"}  # fmt: skip
+OUTPUTS = {
+    "metrics": "metrics.json",
+    "confusion": "confusion.csv",
+    "classification-report": "report.txt",
+    "accuracy-plot": "a.png",
+    "mistakes-plot": "mistakes.png",
+    "weight-maps-plot": "maps.png",
+}
+INPUTS = {
+    "data": "processed",
+    "test-probabilities": "models/p.npy",
+    "weight-maps": "models/maps.npy",
+    "train-history": "models/train.csv",
+    "test-history": "models/test.csv",
+}
 
 
 @pytest.fixture(scope="module")

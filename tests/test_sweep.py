@@ -69,8 +69,10 @@ def test_a_trials_params_become_set_param_arguments_and_its_failure_the_pipeline
     )
     assert arguments == ["--set-param=train.batch_size=20", f"--set-param=train.learning_rate={0.1 / 3!r}"]
     assert yaml.safe_load(arguments[1].split("=", 2)[2]) == 0.1 / 3
-    output = ("Running stage 'train':\n> python -m pipeline.train\nerror: params.yaml is invalid: train.learning_rate "
-              "must be a positive\n  number, not -1.\nERROR: failed to reproduce 'train': exited with 1\n")  # fmt: skip
+    output = (
+        "Running stage 'train':\n> python -m pipeline.train\nerror: params.yaml is invalid: train.learning_rate "
+        "must be a positive\n  number, not -1.\nERROR: failed to reproduce 'train': exited with 1\n"
+    )
     expected = "error: params.yaml is invalid: train.learning_rate must be a positive number, not -1."
     assert sweep.failure_message(output) == expected and sweep.failure_message("a\nb\nc\nd\n") == "b c d"
 
@@ -91,8 +93,13 @@ def test_the_ranking_puts_the_best_first_and_failed_trials_last():
     ranked_down = sweep.ranking(results, defined.model_copy(update={"mode": "min"}))
     assert list(ranked_down["experiment"]) == ["a", "d", "c", "-", "b"]
     assert table(f"ranked by\n{rows.to_markdown(index=False)}")[0] == {
-        "rank": "1", "train.seed": "1", "test_accuracy": "0.9", "experiment": "c", "node": "abcdef01", "status": "ok"
-    }  # fmt: skip
+        "rank": "1",
+        "train.seed": "1",
+        "test_accuracy": "0.9",
+        "experiment": "c",
+        "node": "abcdef01",
+        "status": "ok",
+    }
 
 
 def test_a_cluster_sweep_with_a_local_store_is_refused_saying_what_to_set(tmp_path):
@@ -262,8 +269,15 @@ def interrupt_after_first_trial(project: Project, log: Path) -> subprocess.Compl
     """Start the sweep as a terminal would and press Ctrl-C (to the whole process group) once a trial ended."""
     command = [str(VENV_BIN / "mnist-sweep"), "sweep.yaml"]
     with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=project.root, env=project.env, stdout=output, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            cwd=project.root,
+            env=project.env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 900
             while not completed(log.read_text()) and process.poll() is None and time.monotonic() < deadline:
@@ -397,16 +411,24 @@ def start_node(name: str, directory: Path, env: dict, *arguments: str) -> subpro
     ports = [f"--{port}-port={free_port()}" for port in ports]
     command = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", *ports]
     command += ["--disable-usage-stats", *arguments]
-    return subprocess.Popen(command, cwd=directory, env={**env, NODE_MARKER: name, "TMPDIR": str(directory / "tmp")},
-                            stdout=open(directory / "ray.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=directory,
+        env={**env, NODE_MARKER: name, "TMPDIR": str(directory / "tmp")},
+        stdout=open(directory / "ray.log", "w"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def wait_for_nodes(address: str, env: dict, count: int, timeout: float = 240) -> dict[str, str]:
     """Wait until ``count`` nodes are alive; return {node id: 'head' or 'worker'}."""
-    script = (f"import json, ray\nray.init(address={address!r}, configure_logging=False, log_to_driver=False)\n"
-              "nodes = {n['NodeID']: 'node:__internal_head__' in n['Resources'] for n in ray.nodes() if n['Alive']}\n"
-              "print(json.dumps(nodes))")  # fmt: skip
+    script = (
+        f"import json, ray\nray.init(address={address!r}, configure_logging=False, log_to_driver=False)\n"
+        "nodes = {n['NodeID']: 'node:__internal_head__' in n['Resources'] for n in ray.nodes() if n['Alive']}\n"
+        "print(json.dumps(nodes))"
+    )
     deadline = time.monotonic() + timeout
     while True:
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
@@ -522,8 +544,10 @@ def test_a_wrong_address_fails_within_seconds(tmp_path):
     # Ray connects to what 127.0.0.1 names as this machine's own address; 127.0.0.2 stays on loopback.
     server = ThreadingHTTPServer(("127.0.0.2", 0), BaseHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    script = ("import sys\nfrom pipeline.cli import PipelineError\nfrom pipeline.sweep import start_ray\n"
-              "try:\n    start_ray(sys.argv[1])\nexcept PipelineError as error:\n    print(error)\n")  # fmt: skip
+    script = (
+        "import sys\nfrom pipeline.cli import PipelineError\nfrom pipeline.sweep import start_ray\n"
+        "try:\n    start_ray(sys.argv[1])\nexcept PipelineError as error:\n    print(error)\n"
+    )
     try:
         for address in (f"127.0.0.1:{free_port()}", f"127.0.0.2:{server.server_address[1]}"):
             started = time.monotonic()

@@ -60,8 +60,14 @@ def test_a_run_records_params_tags_and_every_history_value_with_its_own_time(pro
     steps = list(range(1, 2501))
     with open_run(params={"train.seed": 3, "train.learning_rate": 0.003}) as run:
         run.log_history({"train_accuracy": (steps[:1500], [step / 10_000 for step in steps[:1500]])}, 100.0, 115.0)
-        run.log_history({"train_accuracy": (steps[1500:], [step / 10_000 for step in steps[1500:]]),
-                         "test_accuracy": ([2000, 2500], [0.5, 0.6])}, 115.0, 125.0)  # fmt: skip
+        run.log_history(
+            {
+                "train_accuracy": (steps[1500:], [step / 10_000 for step in steps[1500:]]),
+                "test_accuracy": ([2000, 2500], [0.5, 0.6]),
+            },
+            115.0,
+            125.0,
+        )
     client = client_for(project)
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "first"

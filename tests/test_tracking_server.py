@@ -103,10 +103,13 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     softmax = SERIES["softmax"]
     assert run.data.params == {
         **{f"train.{key}": str(value) for key, value in project.params()["train"].items()},
-        "data.train_examples": "200", "data.test_examples": "60", "model": softmax.description,
-        "model.script": softmax.script, "loss": "cross-entropy summed over the batch",
+        "data.train_examples": "200",
+        "data.test_examples": "60",
+        "model": softmax.description,
+        "model.script": softmax.script,
+        "loss": "cross-entropy summed over the batch",
         "optimizer": softmax.optimizer_description,
-    }  # fmt: skip
+    }
     tags, lock = run.data.tags, (project.root / "dvc.lock").read_text()
     assert tags["git.commit"] == project.git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
     assert {key: value for key, value in tags.items() if key.startswith("data.")} == project.data_tags(lock)
@@ -241,8 +244,12 @@ def server(tmp_path):
 
 def train_against(server: MlflowServer, project: Path, retries: int, timeout: int) -> subprocess.Popen:
     """3,000 steps logged to ``server`` with MLflow's ``retries`` (backoff factor 1) and ``timeout`` seconds."""
-    env = stage_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries),
-                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))  # fmt: skip
+    env = stage_env(
+        MLFLOW_TRACKING_URI=server.url,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries),
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+        MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout),
+    )
     process = start_training(project, env, iterations=3000, eval_interval=100)
     assert process.stderr is not None and any("MLflow run " in line for line in process.stderr), "no run started"
     return process
@@ -357,9 +364,16 @@ def test_the_gate_prints_no_database_password(postgres, reproduced_project, tmp_
     (tmp_path / "loose.yaml").write_text(yaml.safe_dump({**reproduced.params(), **LOOSE}))
     summary = tmp_path / "summary.md"
     result = reproduced.python(
-        "-m", "pipeline.check", "--params", str(tmp_path / "loose.yaml"), "--champion", "--json", "--summary-file",
-        str(summary), env={"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"},
-    )  # fmt: skip
+        "-m",
+        "pipeline.check",
+        "--params",
+        str(tmp_path / "loose.yaml"),
+        "--champion",
+        "--json",
+        "--summary-file",
+        str(summary),
+        env={"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"},
+    )
     masked = uri.replace(SECRET, "***")
     assert (
         json.loads(result.stdout)["baseline"]["missing_reason"] == f"gate-password-test has no champion yet in {masked}"

@@ -129,8 +129,15 @@ def test_history_files_final_metrics_and_run_names():
     history = History()
     nan, percentiles = np.full(8, np.nan, np.float32), np.arange(8, dtype=np.float32)
     weights, biases = np.stack([nan, percentiles, percentiles]), np.stack([nan, percentiles / 10, percentiles])
-    series = history.add(np.array([1, 2, 3]), np.float32([0.5, 0.75, 0.8]), np.float32([20, 10, 7]),
-                         np.float32([np.nan, 0.95, 0.93]), np.float32([np.nan, 300, 250]), weights, biases)  # fmt: skip
+    series = history.add(
+        np.array([1, 2, 3]),
+        np.float32([0.5, 0.75, 0.8]),
+        np.float32([20, 10, 7]),
+        np.float32([np.nan, 0.95, 0.93]),
+        np.float32([np.nan, 300, 250]),
+        weights,
+        biases,
+    )
     assert series["test_accuracy"] == ([2, 3], [np.float32(0.95), np.float32(0.93)])
     train_csv, test_csv, percentiles_csv = [list(csv.DictReader(io.StringIO(text))) for text in history.csv_files()]
     assert [row["step"] for row in train_csv] == ["1", "2", "3"] and train_csv[1]["train_cross_entropy_sum"] == "10.0"
@@ -174,8 +181,15 @@ def test_parameter_groups_and_weight_maps_of_the_softmax_and_of_a_deeper_model()
     # Map d, pixel (row, column) is the weight from pixel 28 * row + column to class d.
     maps, kernel = weight_maps(model), model.get_weights()[0]
     assert maps.shape == (10, 28, 28) and maps[3, 2, 5] == kernel[28 * 2 + 5, 3]
-    deeper = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 5), keras.layers.BatchNormalization(),
-                               keras.layers.Flatten(), keras.layers.Dense(10)])  # fmt: skip
+    deeper = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(4, 5),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
     weights, biases = parameter_groups(deeper)
     assert [tuple(variable.shape) for variable in weights] == [(5, 5, 1, 4), (2304, 10)]
     assert sorted(variable.name for variable in biases) == ["beta", "bias", "bias"]
@@ -207,9 +221,15 @@ def test_the_users_model_takes_raw_pixels_and_gives_the_trained_probabilities_bi
 # ---------------------------------------------------------------------------------------------
 # The stage as DVC runs it, on a tiny processed data set.
 
-OUTPUTS = {"model": "models/model.keras", "test-probabilities": "models/p.npy", "weight-maps": "models/maps.npy",
-           "train-history": "metrics/train_history.csv", "test-history": "metrics/test_history.csv",
-           "parameter-percentiles": "metrics/percentiles.csv", "metrics": "metrics/train.json"}  # fmt: skip
+OUTPUTS = {
+    "model": "models/model.keras",
+    "test-probabilities": "models/p.npy",
+    "weight-maps": "models/maps.npy",
+    "train-history": "metrics/train_history.csv",
+    "test-history": "metrics/test_history.csv",
+    "parameter-percentiles": "metrics/percentiles.csv",
+    "metrics": "metrics/train.json",
+}
 TRAIN_ARGS = ["--data", "processed", *(part for flag, path in OUTPUTS.items() for part in (f"--{flag}", path))]
 TINY = {"batch_size": 10, "iterations": 60, "eval_interval": 20}  # As processed_project writes them.
 
@@ -277,8 +297,9 @@ def test_reruns_give_the_same_bytes_link_the_same_version_and_leave_the_temp_fol
     temp.mkdir()
     outputs = []
     for attempt in range(2):
-        result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project,
-                            env=tracking_env(processed_project, TMPDIR=str(temp)))  # fmt: skip
+        result = run_module(
+            "pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project, TMPDIR=str(temp))
+        )
         assert result.returncode == 0, result.stderr
         assert list(temp.iterdir()) == [], f"run {attempt + 1} left files in the temp folder"
         outputs.append({path: (processed_project / path).read_bytes() for path in OUTPUTS.values()})
@@ -297,21 +318,37 @@ def break_labels(project) -> None:
 
 
 BAD_INPUT = {
-    "no data": (lambda project: shutil.rmtree(project / "processed"),
-                ["train_images.npy does not exist; run the preprocess stage first"]),
-    "labels not one-hot": (break_labels, ["processed/train_labels.npy holds labels that are not one-hot",
-                                          "the first row 4: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]", "repro -f preprocess"]),
-    "batch too large": (lambda project: write_params(project, preprocess={"validation_size": 50},
-                                                     train={"batch_size": 251}),
-                        ["train.batch_size (251) is larger than the training set (250 images)"]),
-    "diverging": (lambda project: write_params(project, preprocess={"validation_size": 50},
-                                               train={**TINY, "learning_rate": 1.0e38}),
-                  ["training diverged", "at step", "smaller train.learning_rate"]),
-    "artifact folder is a file": (lambda project: (project / "mlartifacts").write_text("not a folder"),
-                                  ["mlartifacts is a file, not a folder", "Nothing was trained"]),
-    "damaged store": (lambda project: (project / "mlflow.db").write_bytes(b"this is not an SQLite database" * 100),
-                      ["mlflow.db is damaged, move it aside", "Nothing was trained"]),
-}  # fmt: skip
+    "no data": (
+        lambda project: shutil.rmtree(project / "processed"),
+        ["train_images.npy does not exist; run the preprocess stage first"],
+    ),
+    "labels not one-hot": (
+        break_labels,
+        [
+            "processed/train_labels.npy holds labels that are not one-hot",
+            "the first row 4: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]",
+            "repro -f preprocess",
+        ],
+    ),
+    "batch too large": (
+        lambda project: write_params(project, preprocess={"validation_size": 50}, train={"batch_size": 251}),
+        ["train.batch_size (251) is larger than the training set (250 images)"],
+    ),
+    "diverging": (
+        lambda project: write_params(
+            project, preprocess={"validation_size": 50}, train={**TINY, "learning_rate": 1.0e38}
+        ),
+        ["training diverged", "at step", "smaller train.learning_rate"],
+    ),
+    "artifact folder is a file": (
+        lambda project: (project / "mlartifacts").write_text("not a folder"),
+        ["mlartifacts is a file, not a folder", "Nothing was trained"],
+    ),
+    "damaged store": (
+        lambda project: (project / "mlflow.db").write_bytes(b"this is not an SQLite database" * 100),
+        ["mlflow.db is damaged, move it aside", "Nothing was trained"],
+    ),
+}
 
 
 @pytest.mark.parametrize(("spoil", "phrases"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
@@ -342,8 +379,9 @@ def test_stopping_a_long_training_is_prompt_leaves_no_partial_output_and_marks_t
     waits to be logged. (A step of conv_batchnorm on 250 images takes ~0.1 s.)"""
     (processed_project / "metrics").mkdir()
     (processed_project / "metrics/train_history.csv").write_text("an earlier history\n")
-    process = start_training(processed_project, model=model, batch_size=batch_size, iterations=2_000_000,
-                             eval_interval=1000)  # fmt: skip
+    process = start_training(
+        processed_project, model=model, batch_size=batch_size, iterations=2_000_000, eval_interval=1000
+    )
     seen = [next(line for line in process.stderr if "MLflow run " in line)]
     client, (run,) = runs(processed_project)
     deadline = time.monotonic() + 120

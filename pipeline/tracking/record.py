@@ -161,8 +161,11 @@ def training_run(
     run_tags |= tags.run_tags(store.project_root(), data)
     try:
         close_abandoned_runs(client, experiment_id)
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                                  tags={**run_tags, PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"})  # fmt: skip
+        active = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags={**run_tags, PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"},
+        )
         mlflow.log_params({key: str(value) for key, value in params.items()})
     except mlflow.exceptions.MlflowException as error:
         raise PipelineError(

@@ -143,8 +143,9 @@ def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
     if (found := server_problem(uri, timeout)) is not None:
         kind, why = found
         what = "does not look like an MLflow tracking server:" if kind == "refused" else "cannot be reached:"
-        raise PipelineError(f"the MLflow tracking server at {redact(uri)} {what} {why}. {TRACKING_FIX_HINT} "
-                            "Nothing was trained.")  # fmt: skip
+        raise PipelineError(
+            f"the MLflow tracking server at {redact(uri)} {what} {why}. {TRACKING_FIX_HINT} Nothing was trained."
+        )
     if (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
         raise PipelineError(f"the MLflow SQLite store {redact(uri)} is in {database.parent}, which does not exist.")
 
