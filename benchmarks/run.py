@@ -119,9 +119,13 @@ class Bench:
         with open(f"{log}.out", "w+") as out, open(f"{log}.err", "w+") as err:
             started = time.perf_counter()
             process = subprocess.Popen(
-                [str(part) for part in command], cwd=cwd, env={**(env or self.env()), **extra}, stdout=out, stderr=err,
+                [str(part) for part in command],
+                cwd=cwd,
+                env={**(env or self.env()), **extra},
+                stdout=out,
+                stderr=err,
                 stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             _, status, usage = os.wait4(process.pid, 0)
             seconds = time.perf_counter() - started
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -234,16 +238,28 @@ def bench_train_loop(bench: Bench) -> list[Row]:
     for _, kind in alternate(bench.repeat, ("tensorflow", "numpy", "no-percentiles")):
         if kind == "numpy":
             _, finals[kind] = bench.reference(
-                "NumPy train loop", "--mirror", str(bench.mirror), "--no-verify", "--iterations", iterations,
-                "--initial-weights", str(weights),
-            )  # fmt: skip
+                "NumPy train loop",
+                "--mirror",
+                str(bench.mirror),
+                "--no-verify",
+                "--iterations",
+                iterations,
+                "--initial-weights",
+                str(weights),
+            )
             loop.reference.append(finals[kind]["train_seconds"])
             continue
         off = kind == "no-percentiles"
         finals[kind] = bench.worker(
-            f"TensorFlow train loop, {kind}", "train-loop", "--iterations", iterations, "--weights-out", str(weights),
-            "--percentiles", "off" if off else "on",
-        )  # fmt: skip
+            f"TensorFlow train loop, {kind}",
+            "train-loop",
+            "--iterations",
+            iterations,
+            "--weights-out",
+            str(weights),
+            "--percentiles",
+            "off" if off else "on",
+        )
         (percentiles.reference if off else loop.ours).append(finals[kind]["seconds"])
         if not off:
             percentiles.ours.append(finals[kind]["seconds"])
@@ -270,10 +286,15 @@ def bench_series(bench: Bench) -> list[Row]:
     best = {model: min(statistics.median(milliseconds[model, threads]) for threads in (1, 2)) for model in models}
     # Convolutional models are to run at least 1.6 times as fast on two cores as on one.
     rows = [
-        Row(f"one step of {model}: 2 TensorFlow threads vs 1", milliseconds[model, 2], milliseconds[model, 1], "ms",
-            limit=1 / 1.6 if model.startswith("conv") else None)
+        Row(
+            f"one step of {model}: 2 TensorFlow threads vs 1",
+            milliseconds[model, 2],
+            milliseconds[model, 1],
+            "ms",
+            limit=1 / 1.6 if model.startswith("conv") else None,
+        )
         for model in models
-    ]  # fmt: skip
+    ]
     dropout, plain = DROPOUT_PAIR
     rows.append(
         Row(f"one step of {dropout} vs {plain} (faster thread count)", [best[dropout]], [best[plain]], "ms", 1.5)
@@ -381,8 +402,13 @@ def worker_series_step(args: argparse.Namespace) -> dict:
     from pipeline.model import SERIES, SgdTrainer, build_model
 
     series = SERIES[args.model]
-    trainer = SgdTrainer(build_model(config["seed"], args.model), series.optimizer(config["learning_rate"]),
-                         *map(data.get, ARRAYS), series.test_batch_size, series.jit_compile)  # fmt: skip
+    trainer = SgdTrainer(
+        build_model(config["seed"], args.model),
+        series.optimizer(config["learning_rate"]),
+        *map(data.get, ARRAYS),
+        series.test_batch_size,
+        series.jit_compile,
+    )
     started = time.perf_counter()
     trainer.train_steps(order[:SERIES_STEPS], 1, config["eval_interval"])
     compiled = time.perf_counter()
@@ -479,10 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep and not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     print(markdown(rows) + "\n")
-    print(f"--repeat {args.repeat}, --slow-repeat {args.slow_repeat}; {time.perf_counter() - started:.0f} s in all; "
-          f"load average {' '.join(f'{x:.2f}' for x in load_before)} before, "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after; {os.cpu_count()} CPUs; "
-          f"bytecode in the virtualenv for {precompiled()}.")  # fmt: skip
+    print(
+        f"--repeat {args.repeat}, --slow-repeat {args.slow_repeat}; {time.perf_counter() - started:.0f} s in all; "
+        f"load average {' '.join(f'{x:.2f}' for x in load_before)} before, "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after; {os.cpu_count()} CPUs; "
+        f"bytecode in the virtualenv for {precompiled()}."
+    )
     for note in bench.notes:
         print(f"- {note}")
     if args.json:

@@ -41,10 +41,14 @@ def prepared(directory: Path):
 def time_queue(project) -> float:
     started = time.perf_counter()
     project.dvc(
-        "exp", "run", "--queue",
-        "-S", "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)),
-        "-S", "train.batch_size=" + ",".join(map(str, BATCH_SIZES)),
-    )  # fmt: skip
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)),
+        "-S",
+        "train.batch_size=" + ",".join(map(str, BATCH_SIZES)),
+    )
     status = project.run_queue(jobs=2, timeout=1800)
     elapsed = time.perf_counter() - started
     if status.count("Success") != len(LEARNING_RATES) * len(BATCH_SIZES):

@@ -22,9 +22,11 @@ def main() -> None:
     client = MlflowClient(args.tracking_uri)
     experiment = experiment_id(client, args)
     sweeps = client.search_runs(
-        [experiment], "tags.`sweep.name` != '' and tags.`mlflow.runName` LIKE 'sweep %'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )  # fmt: skip
+        [experiment],
+        "tags.`sweep.name` != '' and tags.`mlflow.runName` LIKE 'sweep %'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not sweeps:
         sys.exit(f"error: experiment {args.experiment!r} at {args.tracking_uri} has no sweep run")
     sweep = sweeps[0].info.run_name
