@@ -92,6 +92,9 @@ class Project:
     def git(self, *args: str, **kwargs) -> str:
         return self.run("git", *args, **kwargs).stdout.strip()
 
+    def python(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, *args, **kwargs)
+
     def params(self) -> dict:
         return yaml.safe_load((self.root / "params.yaml").read_text())
 
