@@ -50,10 +50,6 @@ def write_bytes(path: Path, data: bytes) -> None:
         temp_path.write_bytes(data)
 
 
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
 def read_bounded(stream: BinaryIO, limit: int = READ_LIMIT) -> bytes:
     """All of ``stream`` (a file or a pipe), refused beyond ``limit`` bytes without reading further."""
     if len(data := stream.read(limit + 1)) > limit:
