@@ -1,6 +1,5 @@
-"""What every entry point shares: path arguments, logging with secrets masked, and clean error exits: a
-``main()`` raises :class:`PipelineError` for what the user can fix, and :func:`run` prints it as one paragraph
-without a traceback and exits non-zero, letting atexit handlers and libraries clean up."""
+"""What every entry point shares: path arguments, logging with secrets masked, and :func:`run`, which prints a
+:class:`PipelineError` (what the user can fix) as one paragraph without a traceback and exits non-zero."""
 
 from __future__ import annotations
 

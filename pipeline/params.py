@@ -1,6 +1,5 @@
-"""params.yaml and the environment's settings, checked into typed objects (pydantic) before any heavy import,
-every problem named at once. params.yaml holds only what changes results; where data comes from and where runs
-are recorded are environment variables (docs/tracking.md, "Settings"), which keeps credentials out of git."""
+"""params.yaml (what changes results) and the environment's settings (docs/tracking.md, "Settings": credentials stay
+out of git), checked into typed pydantic objects before any heavy import, every problem named at once."""
 
 from __future__ import annotations
 
@@ -32,7 +31,6 @@ MODEL_NAMES = (
     "conv_bigger_dropout",
     "conv_batchnorm",
 )
-MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,255}", re.ASCII)
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 MOVED_SECTIONS = {
     "fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT",
@@ -206,7 +204,7 @@ def _tracking_uri(uri: str) -> str:
 
 
 def _registered_model(name: str) -> str:
-    if not MODEL_NAME.fullmatch(name):
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,255}", name, re.ASCII):
         raise ValueError(
             f"{name!r} must be 1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit (the names "
             "every MLflow store keeps and models:/<name>@<alias> URIs can hold)"
