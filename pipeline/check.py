@@ -1,8 +1,6 @@
 """The metric gate (``mnist-check``): the metrics dvc.yaml declares against a baseline, by params.yaml's rules.
-
-The baseline: ``dvc metrics diff`` at the merge base with main (or ``--rev``), ``--baseline-file`` or the
-registry's champion. Prints Markdown or ``--json``; exits 0 pass, 1 regression, 2 bad input (docs/gate.md).
-"""
+The baseline: the merge base with main (or ``--rev``), ``--baseline-file`` or the registry's champion. Prints
+Markdown or ``--json``; exits 0 pass, 1 regression, 2 bad input (docs/gate.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""What every entry point shares: path arguments, logging with secrets masked, and clean error exits: a
-``main()`` raises :class:`PipelineError` for what the user can fix, and :func:`run` prints it as one paragraph
-without a traceback and exits non-zero, letting atexit handlers and libraries clean up."""
+"""What every entry point shares: path arguments, logging with secrets masked, and :func:`run`, which prints a
+:class:`PipelineError` (what the user can fix) as one paragraph without a traceback and exits non-zero."""
 
 from __future__ import annotations
 
@@ -81,9 +80,8 @@ def format_error(message: str) -> str:
 
 
 def watch_dvc() -> tuple[int | None, threading.Event]:
-    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted:
-    a supervisor that signals dvc alone would leave the stage writing outputs as an orphan. Not PR_SET_PDEATHSIG,
-    which sees only the parent, maybe the ``$SHELL -c`` DVC runs us with; a pidfd is immune to pid reuse."""
+    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted.
+    Not PR_SET_PDEATHSIG, which sees only the parent (maybe DVC's ``$SHELL -c``); a pidfd is immune to pid reuse."""
     pid, gone = os.getppid(), threading.Event()
     with contextlib.suppress(OSError):
         if os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
@@ -119,10 +117,8 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
     except KeyboardInterrupt as stop:
         reason = f"the dvc process that started this stage (pid {owner}) has ended" if owner_gone.is_set() else ""
         detail = f" {stop}." if stop.args else ""  # What the stage did on its way out (a run marked FAILED).
-        print(
-            format_error(f"{reason or 'interrupted'}; stopped, and no partial output was left behind.{detail}{note}"),
-            file=sys.stderr,
-        )
+        message = f"{reason or 'interrupted'}; stopped, and no partial output was left behind.{detail}{note}"
+        print(format_error(message), file=sys.stderr)
         sys.exit(130)
     finally:
         # Python's last collection at exit walks every TensorFlow, Keras and MLflow object (1-3 s on 2 cores).

@@ -1,6 +1,5 @@
-"""Atomic writes (a temp file beside the target, then a rename) and bounded reads of the files users name:
-a stage killed at any moment leaves the old file or the new one, never half of one, and a device, a FIFO
-or a huge file is refused instead of hanging a command or exhausting its memory."""
+"""Atomic writes (a stage killed at any moment leaves the old file or the new one, never half of one) and bounded
+reads (a device, a FIFO or a huge file is refused instead of hanging a command or exhausting its memory)."""
 
 from __future__ import annotations
 
@@ -48,10 +47,6 @@ def staged(paths: list[Path]) -> Iterator[list[Path]]:
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as temp_path:
         temp_path.write_bytes(data)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
 
 
 def read_bounded(stream: BinaryIO, limit: int = READ_LIMIT) -> bytes:

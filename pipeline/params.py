@@ -1,13 +1,12 @@
-"""params.yaml and the environment's settings, checked into typed objects (pydantic) before any heavy import,
-every problem named at once. params.yaml holds only what changes results; where data comes from and where runs
-are recorded are environment variables (docs/tracking.md, "Settings"), which keeps credentials out of git."""
+"""params.yaml (what changes results) and the environment's settings (docs/tracking.md, "Settings": credentials stay
+out of git), checked into typed pydantic objects before any heavy import, every problem named at once."""
 
 from __future__ import annotations
 
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -32,8 +31,6 @@ MODEL_NAMES = (
     "conv_bigger_dropout",
     "conv_batchnorm",
 )
-# Names every MLflow store keeps, needing no quoting in models:/ URIs and search filters.
-MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,255}", re.ASCII)
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 MOVED_SECTIONS = {
     "fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT",
@@ -103,7 +100,6 @@ def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError)
 
 
 def read_params(path: Path) -> Any:
-    """The parsed, unvalidated YAML of the params file at ``path``."""
     try:
         return parse_yaml(files.read_bytes(path, YAML_LIMIT).decode("utf-8"), str(path))
     except FileNotFoundError:
@@ -112,19 +108,23 @@ def read_params(path: Path) -> Any:
         raise ParamsError(f"cannot read {path}: {getattr(problem, 'strerror', None) or problem}.") from None
 
 
-def _refuse(problem: Callable[[Any], str | None]) -> AfterValidator:
-    def check(value: Any) -> Any:
-        if message := problem(value):
-            raise ValueError(message)
-        return value
-
-    return AfterValidator(check)
+def _known_model(model: str) -> str:
+    if model not in MODEL_NAMES:
+        hint = "".join(f"did you mean {close}? " for close in difflib.get_close_matches(model, MODEL_NAMES, n=1))
+        raise ValueError(f"{model!r} is not a known model ({hint}known models: {', '.join(MODEL_NAMES)})")
+    return model
 
 
-def _unknown_model(model: str) -> str | None:
-    hint = "".join(f"did you mean {close}? " for close in difflib.get_close_matches(model, MODEL_NAMES, n=1))
-    known = f"{model!r} is not a known model ({hint}known models: {', '.join(MODEL_NAMES)})"
-    return None if model in MODEL_NAMES else known
+def _float32(rate: float) -> float:
+    if rate > 3.4028234663852886e38:
+        raise ValueError(f"must be at most 3.403e+38, as training runs in float32, got {rate:g}")
+    return rate
+
+
+def _ordered(pair: Any) -> Any:
+    if pair and None not in pair and pair[0] > pair[1]:
+        raise ValueError(f"must have low <= high, got [{pair[0]:g}, {pair[1]:g}]")
+    return pair
 
 
 # Strict: true/false and quoted numbers are mistakes; 1e4 (a float in YAML 1.2, which `dvc exp run -S` writes) is whole.
@@ -146,19 +146,9 @@ class PreprocessParams:
 
 @dataclass(frozen=True, config=FORBID)
 class TrainParams:
-    model: Annotated[str, Field(strict=True), _refuse(_unknown_model)]
+    model: Annotated[str, Field(strict=True), AfterValidator(_known_model)]
     seed: Annotated[Whole, Field(ge=0, lt=2**32)]  # Keras and NumPy take 32-bit unsigned seeds.
-    learning_rate: Annotated[
-        Number,
-        Field(gt=0),
-        _refuse(
-            lambda rate: (
-                f"must be at most 3.403e+38, as training runs in float32, got {rate:g}"
-                if rate > 3.4028234663852886e38
-                else None
-            )
-        ),
-    ]
+    learning_rate: Annotated[Number, Field(gt=0), AfterValidator(_float32)]
     batch_size: Annotated[Whole, Field(ge=1, le=TRAINING_IMAGES)]
     iterations: Annotated[Whole, Field(ge=1, le=10_000_000)]  # Bounds a typo's cost, far inside int32.
     eval_interval: Annotated[Whole, Field(ge=1)]
@@ -178,18 +168,8 @@ class CheckRule:
     max_worsening: Annotated[Number, Field(ge=0)]
     floor: Number | None = None
     ceiling: Number | None = None
-    # The values the metric can take at all, (low, high) with None for no limit: a value outside them
-    # is a broken metrics file, not a worse model, so the gate reports it as bad input.
-    range: Annotated[
-        tuple[Number | None, Number | None] | None,
-        _refuse(
-            lambda pair: (
-                f"must have low <= high, got [{pair[0]:g}, {pair[1]:g}]"
-                if pair and None not in pair and pair[0] > pair[1]
-                else None
-            )
-        ),
-    ] = None
+    # What the metric can be at all, None for no limit: a value outside is a broken metrics file (bad input).
+    range: Annotated[tuple[Number | None, Number | None] | None, AfterValidator(_ordered)] = None
 
 
 @dataclass(frozen=True, config=FORBID)
@@ -201,35 +181,40 @@ class Params:
     )
 
 
-def _mirror_problem(mirror: str) -> str | None:
+def _mirror(mirror: str) -> str:
     try:
         scheme = urlparse(mirror).scheme
     except ValueError as error:
-        return f"{redact(mirror)!r} is not a valid URL ({error})"
+        raise ValueError(f"{redact(mirror)!r} is not a valid URL ({error})") from None
     if len(scheme) > 1 and scheme not in ("http", "https", "file"):  # One letter is a drive: C:\data.
-        return f"{redact(mirror)!r} has the scheme {scheme}://; use an http://, https:// or file:// URL or a directory"
-    return None
+        raise ValueError(
+            f"{redact(mirror)!r} has the scheme {scheme}://; use an http://, https:// or file:// URL or a directory"
+        )
+    return mirror
 
 
-def _tracking_uri_problem(uri: str) -> str | None:
+def _tracking_uri(uri: str) -> str:
     scheme = urlparse(uri).scheme.split("+")[0]
-    if not uri or scheme in TRACKING_URI_SCHEMES:
-        return None
-    return f"has unknown scheme {scheme or '(none)'!r} in {redact(uri)!r}; use one of {', '.join(TRACKING_URI_SCHEMES)}"
+    if uri and scheme not in TRACKING_URI_SCHEMES:
+        raise ValueError(
+            f"has unknown scheme {scheme or '(none)'!r} in {redact(uri)!r}; "
+            f"use one of {', '.join(TRACKING_URI_SCHEMES)}"
+        )
+    return uri
 
 
-def _registered_model_problem(name: str) -> str | None:
-    if MODEL_NAME.fullmatch(name):
-        return None
-    return (
-        f"{name!r} must be 1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit (the names "
-        "every MLflow store keeps and models:/<name>@<alias> URIs can hold)"
-    )
+def _registered_model(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,255}", name, re.ASCII):
+        raise ValueError(
+            f"{name!r} must be 1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit (the names "
+            "every MLflow store keeps and models:/<name>@<alias> URIs can hold)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
 class FetchSettings:
-    mirror: Annotated[str, _refuse(_mirror_problem)] = Field("", alias="MNIST_MIRROR")
+    mirror: Annotated[str, AfterValidator(_mirror)] = Field("", alias="MNIST_MIRROR")
     timeout_seconds: Annotated[float, Field(ge=0.001, le=3600, allow_inf_nan=False)] = Field(
         30.0, alias="MNIST_FETCH_TIMEOUT"
     )
@@ -239,9 +224,9 @@ class FetchSettings:
 class TrackingSettings:
     """Where runs are recorded (empty: the project's SQLite store) and how the store is reached."""
 
-    uri: Annotated[str, _refuse(_tracking_uri_problem)] = Field("", alias="MLFLOW_TRACKING_URI")
+    uri: Annotated[str, AfterValidator(_tracking_uri)] = Field("", alias="MLFLOW_TRACKING_URI")
     experiment: str = Field("mnist-softmax", alias="MLFLOW_EXPERIMENT_NAME", max_length=500)  # MLflow's limit
-    registered_model: Annotated[str, _refuse(_registered_model_problem)] = Field(
+    registered_model: Annotated[str, AfterValidator(_registered_model)] = Field(
         "mnist-softmax", alias="MNIST_REGISTERED_MODEL"
     )
     # Five retries with backoff factor 1 wait 0, 2, 4, 8 and 16 s (urllib3); MLflow's own limits.
@@ -274,13 +259,8 @@ def _problem(error: Any) -> str:
     if kind == "unexpected_keyword_argument":
         schema = {"preprocess": PreprocessParams, "train": TrainParams, "check": CheckRule}.get(loc[0], Params)
         known = list((schema if loc[1:] else Params).__pydantic_fields__)  # type: ignore[attr-defined]
-        hint = (
-            "".join(
-                f"did you mean {key[: -len(loc[-1])]}{close}?"
-                for close in difflib.get_close_matches(loc[-1], known, n=1)
-            )
-            or f"valid keys: {', '.join(known)}"
-        )
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {key[: -len(loc[-1])]}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
         return f"{key} is not a known key ({hint})"
     if kind == "value_error":
         return f"{key} {error['ctx']['error']}"

@@ -102,9 +102,8 @@ class Registry:
         try:
             yield
         except mlflow.exceptions.MlflowException as error:
-            raise PipelineError(
-                f"the MLflow registry at {redact(self.uri)} failed: {store.short(error.message)}"
-            ) from None
+            message = f"the MLflow registry at {redact(self.uri)} failed: {store.short(error.message)}"
+            raise PipelineError(message) from None
 
     def recorded(self, version: ModelVersion, label: str, rules: Mapping) -> tuple[dict[str, float], Any]:
         """The metrics of a version's run, from the store: artifacts can go missing, these cannot."""
