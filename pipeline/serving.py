@@ -1,8 +1,5 @@
 """The model as MLflow logs and serves it ("model from code"): rows of 784 raw pixels in, digits and probabilities out.
-
-No input signature on purpose: the scoring server would cast a request to it first, and pixels scaled to 0-1
-became zeros under uint8 (a wrong answer, HTTP 200). :func:`raw_pixels` checks instead (HTTP 400, one line).
-"""
+No input signature: the server would cast 0-1 pixels to uint8 zeros (HTTP 200, wrong); :func:`raw_pixels` refuses."""
 
 from __future__ import annotations
 
