@@ -106,7 +106,6 @@ class Series:
 
 
 _FIVE = (200, 100, 60, 30)
-# The convolutions test in batches, on TensorFlow's kernels (see Series).
 _CONVOLUTIONAL = partial(Series, test_batch_size=1000, jit_compile=False)
 _SERIES = {
     "softmax": Series(
@@ -176,14 +175,9 @@ def build_model(seed: int, name: str = "softmax") -> keras.Model:
 
 def raw_pixel_model(model: keras.Model) -> keras.Model:
     """``model`` behind a layer scaling raw uint8 pixels as scale_pixels does: the same probabilities, bit for bit."""
-    return keras.Sequential(
-        [
-            keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels"),
-            layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels"),
-            model,
-        ],
-        name="mnist_softmax_raw_pixels",
-    )
+    pixels = keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels")
+    scaling = layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels")
+    return keras.Sequential([pixels, scaling, model], name="mnist_softmax_raw_pixels")
 
 
 def save_model(model: keras.Model, path: Path) -> None:

@@ -49,8 +49,7 @@ def timestamp_ms() -> int:
 
 
 class TrainingRun:
-    """The run train records into; one thread writes the per-step history while training goes on. Not MLflow's
-    ``synchronous=False``, whose queue has no bound and must be written out before a run or the process ends."""
+    """The run train records into; one thread writes the per-step history meanwhile (why: ARCHITECTURE.md)."""
 
     def __init__(self, client: MlflowClient, run_id: str, check: Callable[[], None]) -> None:
         self.client, self.run_id, self.check = client, run_id, check
@@ -61,8 +60,7 @@ class TrainingRun:
         return sum(count for _, count in self.pending)
 
     def log_history(self, series: Series, started: float, ended: float) -> None:
-        """Queue a chunk's history, each step's time interpolated across the chunk; first wait while
-        MAX_PENDING_VALUES wait."""
+        """Queue a chunk's history (step times interpolated), first waiting while MAX_PENDING_VALUES wait."""
         from mlflow.entities import Metric
 
         self.check()
