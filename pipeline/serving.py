@@ -48,10 +48,6 @@ def raw_pixels(model_input: Any) -> np.ndarray:
     return values.astype(np.uint8)
 
 
-def answers(probabilities: np.ndarray) -> list[dict[str, Any]]:
-    return [{"digit": int(row.argmax()), "probabilities": row.tolist()} for row in probabilities]
-
-
 class Digits(PythonModel):
     def load_context(self, context) -> None:
         import keras
@@ -59,7 +55,8 @@ class Digits(PythonModel):
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params=None) -> list[dict[str, Any]]:
-        return answers(np.asarray(self.model(raw_pixels(model_input))))
+        probabilities = np.asarray(self.model(raw_pixels(model_input)))
+        return [{"digit": int(row.argmax()), "probabilities": row.tolist()} for row in probabilities]
 
 
 mlflow.models.set_model(Digits())
