@@ -63,8 +63,8 @@ def artifact_location(uri: str, root: Path) -> str | None:
 
 
 def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
-    """None if a server's health check answers (asked without credentials, which urllib would take for the host),
-    else (kind, why), kind being "hung", "refused" (by HTTP) or "down"."""
+    """Ask a server's health check once (without credentials, which urllib would take for the host): None if
+    it answered, else (kind, why), kind being "hung", "refused" (by HTTP) or "down"."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
         return None
@@ -180,8 +180,8 @@ def quiet_links(uri: str) -> None:
 
 
 def resolve(settings: TrackingSettings) -> tuple[str, str | None]:
-    """The tracking URI and artifact location, checked before MLflow is imported; the HTTP defaults go into the
-    environment, where MLflow reads them at each request."""
+    """The tracking URI and artifact location, checked before MLflow is imported; the project's HTTP
+    defaults go into the environment, where MLflow reads them at each request."""
     root = store_root()
     uri = tracking_uri(settings.uri, root)
     check_reachable(uri)
