@@ -1,8 +1,5 @@
-"""The seed's softmax, the rest of Martin Gorner's "TensorFlow without a PhD" series, and their training loop.
-
-Each model has its script's layers, initial values, optimiser and rate schedule (mnist_*.py), and trains on
-the seed's loss, the cross-entropy summed over the batch. A chunk of steps is one compiled TensorFlow loop.
-"""
+"""The seed's softmax and the rest of Martin Gorner's "TensorFlow without a PhD" series (each as its mnist_*.py
+builds and optimises it), trained on the seed's summed cross-entropy, a chunk of steps per compiled loop."""
 
 from __future__ import annotations
 
@@ -94,13 +91,14 @@ def _adam(initial: float = 0.003, decay_steps: int | None = 2000) -> Callable[[f
 
 @dataclass(frozen=True)
 class Series:
-    """A model of the series: its script, how to build it, and its optimiser given train.learning_rate."""
+    """A model of the series: its script, how to build it, and its optimiser given train.learning_rate (by
+    default the scripts' decaying Adam)."""
 
     script: str
     description: str
     build: Callable[[int], keras.Model]
-    optimizer: Callable[[float], keras.optimizers.Optimizer]
-    optimizer_description: str
+    optimizer: Callable[[float], keras.optimizers.Optimizer] = _adam()
+    optimizer_description: str = "Adam, rate 0.0001 + 0.003 exp(-step/2000)"
     # Test images per model call (the convolutions' activations for all 10,000 would take gigabytes).
     test_batch_size: int | None = None
     # XLA made script 3.0's convolutions 1.7x slower per step on this CPU than TensorFlow's kernels.
@@ -108,7 +106,7 @@ class Series:
 
 
 _FIVE = (200, 100, 60, 30)
-_DECAYING = "Adam, rate 0.0001 + 0.003 exp(-step/2000)"
+_CONVOLUTIONAL = partial(Series, test_batch_size=1000, jit_compile=False)
 _SERIES = {
     "softmax": Series(
         "mnist_1.0_softmax.py (the seed notebook's variant)",
@@ -135,35 +133,23 @@ _SERIES = {
         "mnist_2.1_five_layers_relu_lrdecay.py",
         "Dense 200-100-60-30 relu, Dense(10, softmax)",
         partial(_dense, name="mnist_five_layers_relu_lrdecay", units=_FIVE),
-        _adam(),
-        _DECAYING,
     ),
     "five_layers_relu_lrdecay_dropout": Series(
         "mnist_2.2_five_layers_relu_lrdecay_dropout.py",
         "Dense 200-100-60-30 relu, each with dropout 0.25, Dense(10, softmax)",
         partial(_dense, name="mnist_five_layers_relu_lrdecay_dropout", units=_FIVE, dropout=0.25),
-        _adam(),
-        _DECAYING,
     ),
-    "conv": Series(
+    "conv": _CONVOLUTIONAL(
         "mnist_3.0_convolutional.py",
         "Conv 4 (5x5/1), 8 (5x5/2), 12 (4x4/2) relu, Dense 200 relu, Dense(10, softmax)",
         partial(_convolutional, name="mnist_conv", filters=(4, 8, 12), patches=(5, 5, 4)),
-        _adam(),
-        _DECAYING,
-        test_batch_size=1000,
-        jit_compile=False,
     ),
-    "conv_bigger_dropout": Series(
+    "conv_bigger_dropout": _CONVOLUTIONAL(
         "mnist_3.1_convolutional_bigger_dropout.py",
         "Conv 6 (6x6/1), 12 (5x5/2), 24 (4x4/2) relu, Dense 200 relu + dropout 0.25, Dense(10, softmax)",
         partial(_convolutional, name="mnist_conv_bigger_dropout", filters=(6, 12, 24), patches=(6, 5, 4), dropout=0.25),
-        _adam(),
-        _DECAYING,
-        test_batch_size=1000,
-        jit_compile=False,
     ),
-    "conv_batchnorm": Series(
+    "conv_batchnorm": _CONVOLUTIONAL(
         "mnist_4.2_batchnorm_convolutional.py",
         "Conv 24 (6x6/1), 48 (5x5/2), 64 (4x4/2) + batch norm + relu, Dense 200 + batch norm + relu + dropout 0.25, "
         "Dense(10, softmax)",
@@ -177,8 +163,6 @@ _SERIES = {
         ),
         _adam(0.02, 1600),
         "Adam, rate 0.0001 + 0.02 exp(-step/1600)",
-        test_batch_size=1000,
-        jit_compile=False,
     ),
 }
 # params.MODEL_NAMES, which validates train.model without TensorFlow, is the one list of names.
@@ -191,14 +175,9 @@ def build_model(seed: int, name: str = "softmax") -> keras.Model:
 
 def raw_pixel_model(model: keras.Model) -> keras.Model:
     """``model`` behind a layer scaling raw uint8 pixels as scale_pixels does: the same probabilities, bit for bit."""
-    return keras.Sequential(
-        [
-            keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels"),
-            layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels"),
-            model,
-        ],
-        name="mnist_softmax_raw_pixels",
-    )
+    pixels = keras.Input(shape=(NUM_PIXELS,), dtype="uint8", name="raw_pixels")
+    scaling = layers.Rescaling(float(PIXEL_SCALE), name="scale_pixels")
+    return keras.Sequential([pixels, scaling, model], name="mnist_softmax_raw_pixels")
 
 
 def save_model(model: keras.Model, path: Path) -> None:

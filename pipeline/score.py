@@ -1,8 +1,5 @@
-"""The test-set metrics every model is judged by: train logs them on its run, report writes metrics.json.
-
-Both compute them from the same test probabilities, under the names ``dvc metrics show`` gives them
-(which the gate's rules use), so the registry's figures and the committed ones are the same numbers.
-"""
+"""The test-set metrics every model is judged by, from the test probabilities, named as ``dvc metrics show``
+names them: train logs them on its run and its registry version, report writes them to metrics.json."""
 
 from __future__ import annotations
 

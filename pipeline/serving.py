@@ -1,8 +1,5 @@
 """The model as MLflow logs and serves it ("model from code"): rows of 784 raw pixels in, digits and probabilities out.
-
-No input signature on purpose: the scoring server would cast a request to it first, and pixels scaled to 0-1
-became zeros under uint8 (a wrong answer, HTTP 200). :func:`raw_pixels` checks instead (HTTP 400, one line).
-"""
+No input signature: the server would cast 0-1 pixels to uint8 zeros (HTTP 200, wrong); :func:`raw_pixels` refuses."""
 
 from __future__ import annotations
 
@@ -51,10 +48,6 @@ def raw_pixels(model_input: Any) -> np.ndarray:
     return values.astype(np.uint8)
 
 
-def answers(probabilities: np.ndarray) -> list[dict[str, Any]]:
-    return [{"digit": int(row.argmax()), "probabilities": row.tolist()} for row in probabilities]
-
-
 class Digits(PythonModel):
     def load_context(self, context) -> None:
         import keras
@@ -62,7 +55,8 @@ class Digits(PythonModel):
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params=None) -> list[dict[str, Any]]:
-        return answers(np.asarray(self.model(raw_pixels(model_input))))
+        probabilities = np.asarray(self.model(raw_pixels(model_input)))
+        return [{"digit": int(row.argmax()), "probabilities": row.tolist()} for row in probabilities]
 
 
 mlflow.models.set_model(Digits())

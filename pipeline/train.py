@@ -28,8 +28,7 @@ from pipeline.tracking import record, registry, store, tags
 logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
-# Python regains control between chunks of steps (to stop, and to hand the history to MLflow) this often,
-# whatever the model: a step of conv_batchnorm takes some 300 times one of the seed's.
+# How often Python regains control (to stop, to hand MLflow the history), however long a step takes.
 CHUNK_SECONDS = 0.5
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 
@@ -250,16 +249,8 @@ def main() -> None:
 
     series, model = SERIES[config.model], build_model(config.seed, config.model)
     optimizer, test_labels = series.optimizer(config.learning_rate), data["test_labels"]
-    trainer = SgdTrainer(
-        model,
-        optimizer,
-        data["train_images"],
-        data["train_labels"],
-        data["test_images"],
-        test_labels,
-        series.test_batch_size,
-        series.jit_compile,
-    )
+    arrays = data["train_images"], data["train_labels"], data["test_images"], test_labels
+    trainer = SgdTrainer(model, optimizer, *arrays, series.test_batch_size, series.jit_compile)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
         "data.train_examples": order.num_examples,

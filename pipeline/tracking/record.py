@@ -24,13 +24,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# MLflow's UI draws this prefix as a section of charts of its own, above the final figures.
-HISTORY_PREFIX = "history/"
+HISTORY_PREFIX = "history/"  # MLflow's UI charts it as a section of its own, above the final figures.
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call.
-# Training waits once this many history values wait (~0.7 s of SQLite writing): memory stays bounded.
-MAX_PENDING_VALUES = 10_000
-# What a stopping stage gives the values still waiting, before it drops them and ends the run.
-STOP_GRACE_SECONDS = 2.0
+MAX_PENDING_VALUES = 10_000  # ~0.7 s of SQLite writing; training waits beyond it.
+STOP_GRACE_SECONDS = 2.0  # What a stopping stage gives the waiting values before it drops them.
 TEST_PROBABILITIES_TAG = "pipeline.test_probabilities_sha256"
 REPORT_TAG = "pipeline.report_sha256"
 REPORT_ARTIFACTS = "report"
@@ -52,8 +49,7 @@ def timestamp_ms() -> int:
 
 
 class TrainingRun:
-    """The run train records into; one thread writes the per-step history while training goes on. Not MLflow's
-    ``synchronous=False``, whose queue has no bound and must be written out before a run or the process ends."""
+    """The run train records into; one thread writes the per-step history meanwhile (why: ARCHITECTURE.md)."""
 
     def __init__(self, client: MlflowClient, run_id: str, check: Callable[[], None]) -> None:
         self.client, self.run_id, self.check = client, run_id, check
@@ -64,8 +60,7 @@ class TrainingRun:
         return sum(count for _, count in self.pending)
 
     def log_history(self, series: Series, started: float, ended: float) -> None:
-        """Queue a chunk's history, each step's time interpolated across the chunk; first wait while
-        MAX_PENDING_VALUES wait."""
+        """Queue a chunk's history (step times interpolated), first waiting while MAX_PENDING_VALUES wait."""
         from mlflow.entities import Metric
 
         self.check()
@@ -84,7 +79,6 @@ class TrainingRun:
             )
 
     def wait(self) -> None:
-        """Wait until every queued value is in the store; raise if one could not be logged."""
         while self.pending:
             self._result(self.pending.popleft()[0])
 

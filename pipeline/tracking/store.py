@@ -1,6 +1,5 @@
-"""Where the MLflow tracking store is, how it is checked and opened, and how a server is watched. The default
-is ``sqlite:///<root>/mlflow.db`` with ``mlartifacts`` beside it, at ``$DVC_ROOT`` (a queued experiment's
-project) or the project root; ``$MLFLOW_TRACKING_URI`` names another store."""
+"""Where the MLflow store is (``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` and ``mlartifacts`` at ``$DVC_ROOT``
+or the project root), how it is checked and opened, and how a server is watched."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ from pipeline.params import TrackingSettings
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-# A server that cannot answer a health check this fast is reported before any training.
-SERVER_CHECK_SECONDS = 5.0
+SERVER_CHECK_SECONDS = 5.0  # The first health check's timeout, before any training.
 # SQLite's own 5 s wait for a concurrent writer is short when two trainings share two cores.
 SQLITE_BUSY_SECONDS = 60
 SQLITE_INIT_LOCK_SECONDS = 120
@@ -83,9 +81,8 @@ def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
 
 
 class ServerWatch:
-    """Asks a tracking server's health every HEALTH_CHECK_SECONDS while a stage logs to it: a hung server holds
-    each request for its whole timeout once per MLflow retry. It notices a hang within one request timeout and
-    an outage once it outlasts the retries; :meth:`check`, between chunks, then stops the stage."""
+    """Asks a server's health every HEALTH_CHECK_SECONDS while a stage logs to it (a hung server holds each request
+    for its timeout once per MLflow retry); :meth:`check`, between chunks, stops the stage on a hang or outage."""
 
     def __init__(self, uri: str, settings: TrackingSettings, interval: float = HEALTH_CHECK_SECONDS) -> None:
         self.uri, self.settings, self.interval = uri, settings, interval
@@ -129,7 +126,6 @@ class ServerWatch:
 
 
 def fix_hint(uri: str) -> str:
-    """What to do about a store that cannot be used: a server's hint, or a damaged SQLite file's."""
     if (database := sqlite_path(uri)) is None:
         return TRACKING_FIX_HINT
     return (
@@ -139,7 +135,7 @@ def fix_hint(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
-    """Fail fast, with a clear message, when a tracking server or a local store's folder cannot be used."""
+    """Fail fast when a tracking server or a local store's folder cannot be used."""
     if (found := server_problem(uri, timeout)) is not None:
         kind, why = found
         what = "does not look like an MLflow tracking server:" if kind == "refused" else "cannot be reached:"

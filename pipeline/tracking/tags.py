@@ -3,6 +3,7 @@ uv.lock and the distributions' metadata, so nothing heavy is imported to learn a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -38,22 +39,18 @@ MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 def installed(names: tuple[str, ...]) -> tuple[str, str] | None:
     """The first of the distributions ``names`` that is installed, as (name, version)."""
     for name in names:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             return name, metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
     return None
 
 
 def cpu() -> str:
     """The CPU's model and kernel-relevant extensions, and any setting that limits what TensorFlow uses."""
     model, flags = platform.processor() or platform.machine(), set()
-    try:
+    with contextlib.suppress(OSError):
         first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
         fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
         model, flags = fields.get("model name", model), set(fields.get("flags", "").split())
-    except OSError:
-        pass
     text = f"{model} ({platform.machine()}: {' '.join(flag for flag in KERNEL_ISA_FLAGS if flag in flags)})"
     if limit := re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", "")):
         text += f", XLA limited to {limit.group(1)}"
