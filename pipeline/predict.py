@@ -1,7 +1,6 @@
 """``mnist-predict``: the digit in each image (anything Pillow opens; ``-``: stdin), and the model that answered.
 
-Each image is made MNIST-like as MNIST was made (ink cropped, scaled into 20×20, centred by mass in 28×28).
-"""
+Each image is made MNIST-like as MNIST was made (ink cropped, scaled into 20×20, centred by mass in 28×28)."""
 
 from __future__ import annotations
 

@@ -143,15 +143,10 @@ def main() -> None:
         args.mistakes_plot: png_bytes(mistakes_figure(images, labels, probabilities)),
         args.weight_maps_plot: png_bytes(weight_maps_figure(maps)),
     }
-    logger.info(
-        "test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
-        metrics["test_accuracy"],
-        metrics["test_cross_entropy"],
-        metrics["macro_f1"],
-    )
+    shown = [metrics[key] for key in ("test_accuracy", "test_cross_entropy", "macro_f1")]
+    logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f", *shown)
 
-    # The report goes into the run that trained the model (found by the probabilities' digest), once:
-    # a rerun, or train restored from DVC's run cache, leaves a finished run as it was.
+    # Once into the run that trained the model: a rerun, or train restored from DVC's run cache, leaves it as it was.
     with store.ServerWatch(uri, tracking).running():
         client, experiment_id = store.open_store(uri, tracking.experiment, artifact_location)
         run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)

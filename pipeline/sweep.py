@@ -1,8 +1,6 @@
 """Hyperparameter sweeps on Ray Tune: each trial a DVC experiment and an MLflow run nested under the sweep's.
 
-Trials run in clones of the sweep's commit, here or on a Ray cluster; Ray's state in .dvc/tmp/sweeps lets the
-same command resume.
-"""
+Trials run in clones of the sweep's commit, here or on a Ray cluster; the same command resumes a stopped sweep."""
 
 from __future__ import annotations
 
@@ -131,10 +129,7 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 def set_param_arguments(config: Mapping[str, Any]) -> list[str]:
     # Ray's samplers give NumPy scalars; dvc needs YAML literals that read back as the same number.
     plain = {key: value.item() if hasattr(value, "item") else value for key, value in sorted(config.items())}
-    return [
-        f"--set-param={key}={value!r}" if isinstance(value, float) else f"--set-param={key}={value}"
-        for key, value in plain.items()
-    ]
+    return [f"--set-param={key}={value}" for key, value in plain.items()]  # str() of a float is its repr()
 
 
 def failure_message(output: str) -> str:
@@ -299,8 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Ray's state of this definition at this commit: a changed file or commit starts a new sweep.
     state, name = (root / STATE_DIR).resolve(), f"{sweep.name}-{key}"
 
-    # The store before Ray, so that a store refusing this user fails before Ray's start-up; Ray before
-    # the sweep's run, so that a Ray that fails to start leaves no run open.
+    # The store before Ray (a store refusing this user fails fast), Ray before the run (a failed start leaves none).
     store.quiet_links(uri)
     client, experiment_id = store.open_store(uri, settings.experiment, store.artifact_location(uri, root))
     start_ray(args.address)
@@ -319,9 +313,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_tags = {**tags.git_info(root), SWEEP_TAG: sweep.name, "sweep.key": key}
         parent_run_id = client.create_run(experiment_id, run_name=f"sweep {sweep.name}", tags=run_tags).info.run_id
         client.log_text(parent_run_id, text, "sweep.yaml")
-        definition = sweep.model_dump(exclude={"parameters"}) | {
-            k: f"{v.kind} {list(v.bounds)}" for k, v in sweep.parameters.items()
-        }
+        definition = sweep.model_dump(exclude={"parameters"})
+        definition |= {k: f"{v.kind} {list(v.bounds)}" for k, v in sweep.parameters.items()}
         client.log_batch(parent_run_id, params=[Param(f"sweep.{k}", str(v)) for k, v in definition.items()])
 
     dvc = str(Path(sys.executable).with_name("dvc"))
