@@ -41,10 +41,7 @@ TEST_HISTORY_COLUMNS = ["step", "test_accuracy", "test_cross_entropy_sum"]
 # The 8 boundaries of 7 equally filled buckets, as the seed author's visualisation draws the parameters.
 PERCENTILES = tuple(100 * bucket / 7 for bucket in range(8))
 PARAMETER_GROUPS = ("weights", "biases")
-PERCENTILE_COLUMNS = [
-    "step",
-    *(f"{group}_p{round(percentile)}" for group in PARAMETER_GROUPS for percentile in PERCENTILES),
-]
+PERCENTILE_COLUMNS = ["step", *(f"{group}_p{round(share)}" for group in PARAMETER_GROUPS for share in PERCENTILES)]
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:
@@ -83,8 +80,7 @@ def load_array(path: Path, stage: str) -> tuple[np.ndarray, bytes]:
 
 
 def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The processed arrays of ``splits``, and the md5 (DVC's hash) of each file read, so that a run's tags
-    name the data it really read, even a file changed behind DVC's back."""
+    """The processed arrays of ``splits``, and the md5 (DVC's hash) of each file as read, for the run's tags."""
     arrays, digests = {}, {}
     for split in splits:
         for kind in ("images", "labels"):

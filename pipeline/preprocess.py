@@ -1,7 +1,6 @@
 """Stage ``preprocess``: the four IDX files in ``--raw`` become ``<split>_images.npy`` (uint8 rows of 784
 pixels, a quarter of float32's size) and ``<split>_labels.npy`` (one-hot) in ``--out``, for train, validation
-and test. As in the seed's ``read_data_sets``, validation is the first ``validation_size`` training images.
-"""
+and test. As in the seed's ``read_data_sets``, validation is the first ``validation_size`` training images."""
 
 from __future__ import annotations
 

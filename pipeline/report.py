@@ -42,14 +42,11 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
     figure = Figure(figsize=(12, 8), layout="constrained")
     axes = figure.subplots(2, 1, sharex=True)
     steps, accuracy = train_history["step"], train_history["train_accuracy"]
+    smoothed = accuracy.rolling(SMOOTHING_STEPS, min_periods=1).mean()
     for axis, limits in zip(axes, (None, (0.85, 1.0))):
         axis.plot(steps, accuracy, color="#4c72b0", linewidth=0.3, alpha=0.35, label="training batch (every step)")
         axis.plot(
-            steps,
-            accuracy.rolling(SMOOTHING_STEPS, min_periods=1).mean(),
-            color="#4c72b0",
-            linewidth=1.2,
-            label=f"training batch ({SMOOTHING_STEPS}-step mean)",
+            steps, smoothed, color="#4c72b0", linewidth=1.2, label=f"training batch ({SMOOTHING_STEPS}-step mean)"
         )
         axis.plot(test_history["step"], test_history["test_accuracy"], color="#dd8452", linewidth=2, label="test set")
         axis.grid(color="#dddddd")
@@ -90,13 +87,8 @@ def weight_maps_figure(maps: np.ndarray) -> Figure:
     """Each digit's weight per pixel, blue where ink raises its score; only a linear classifier has them."""
     if len(maps) == 0:
         figure = Figure(figsize=(8, 1.5))
-        figure.text(
-            0.5,
-            0.5,
-            "No weight maps: only a linear classifier (the softmax model) has one 28×28 map per digit.",
-            ha="center",
-            va="center",
-        )
+        note = "No weight maps: only a linear classifier (the softmax model) has one 28×28 map per digit."
+        figure.text(0.5, 0.5, note, ha="center", va="center")
         return figure
     figure = Figure(figsize=(12, 5.6), layout="constrained")
     axes = figure.subplots(2, 5)
@@ -117,22 +109,9 @@ def png_bytes(figure: Figure) -> bytes:
 
 
 def main() -> None:
-    args = path_arguments(
-        __doc__,
-        [
-            "data",
-            "test-probabilities",
-            "weight-maps",
-            "train-history",
-            "test-history",
-            "metrics",
-            "confusion",
-            "classification-report",
-            "accuracy-plot",
-            "mistakes-plot",
-            "weight-maps-plot",
-        ],
-    )
+    reads = ["data", "test-probabilities", "weight-maps", "train-history", "test-history"]
+    writes = ["metrics", "confusion", "classification-report", "accuracy-plot", "mistakes-plot", "weight-maps-plot"]
+    args = path_arguments(__doc__, reads + writes)
     load_params()  # Report reads no params, but checks params.yaml as every stage does.
     tracking = tracking_settings()
     uri, artifact_location = store.resolve(tracking)  # A wrong URI or a dead server is reported before any work.
@@ -164,15 +143,10 @@ def main() -> None:
         args.mistakes_plot: png_bytes(mistakes_figure(images, labels, probabilities)),
         args.weight_maps_plot: png_bytes(weight_maps_figure(maps)),
     }
-    logger.info(
-        "test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f",
-        metrics["test_accuracy"],
-        metrics["test_cross_entropy"],
-        metrics["macro_f1"],
-    )
+    shown = [metrics[key] for key in ("test_accuracy", "test_cross_entropy", "macro_f1")]
+    logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f", *shown)
 
-    # The report goes into the run that trained the model (found by the probabilities' digest), once:
-    # a rerun, or train restored from DVC's run cache, leaves a finished run as it was.
+    # Once into the run that trained the model: a rerun, or train restored from DVC's run cache, leaves it as it was.
     with store.ServerWatch(uri, tracking).running():
         client, experiment_id = store.open_store(uri, tracking.experiment, artifact_location)
         run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)

@@ -1,9 +1,6 @@
 """Hyperparameter sweeps on Ray Tune: each trial a DVC experiment and an MLflow run nested under the sweep's.
 
-``mnist-sweep SWEEP.yaml [--address HOST:PORT]`` checks the sweep file against params.yaml, runs each trial
-in a clone of the sweep's commit (``dvc exp run -S ...``, ``dvc exp push``) here or on a Ray cluster, and
-writes the sweep's MLflow run and Ray's state in .dvc/tmp/sweeps, from which the same command resumes.
-"""
+Trials run in clones of the sweep's commit, here or on a Ray cluster; the same command resumes a stopped sweep."""
 
 from __future__ import annotations
 
@@ -36,11 +33,8 @@ STATE_DIR = Path(".dvc/tmp/sweeps")
 SWEEP_TAG, TRIAL_TAG, NODE_TAG, HOST_TAG = "sweep.name", "sweep.trial", "sweep.node", "sweep.host"
 PARENT_TAG, RESTORED_TAG = "mlflow.parentRunId", "sweep.restored_from"
 MAX_TRIALS = 10_000
-# Ray's raylet gives its agents a fixed 15 s to start, which a loaded machine can miss; a second start
-# usually succeeds (the imports are cached then).
-RAY_START_ATTEMPTS = 3
-# Joining a cluster: one attempt (Ray's default is 20 of about 36 s each against a dead port), 2 s per
-# address and 10 s for the cluster's answer, so a wrong --address fails in about 15 s.
+RAY_START_ATTEMPTS = 3  # Ray gives its agents 15 s to start, which a loaded machine can miss.
+# One attempt (Ray's default: 20 of about 36 s each), so that a wrong --address fails in about 15 s.
 RAY_JOIN_SETTINGS = {
     "RAY_gcs_server_port_wait_time_s": "1",
     "RAY_gcs_rpc_server_connect_timeout_s": "2",
@@ -135,10 +129,7 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 def set_param_arguments(config: Mapping[str, Any]) -> list[str]:
     # Ray's samplers give NumPy scalars; dvc needs YAML literals that read back as the same number.
     plain = {key: value.item() if hasattr(value, "item") else value for key, value in sorted(config.items())}
-    return [
-        f"--set-param={key}={value!r}" if isinstance(value, float) else f"--set-param={key}={value}"
-        for key, value in plain.items()
-    ]
+    return [f"--set-param={key}={value}" for key, value in plain.items()]  # str() of a float is its repr()
 
 
 def failure_message(output: str) -> str:
@@ -163,8 +154,7 @@ class TrialSetup:
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Run one trial in a temporary clone and report its metric, or its error: a failing pipeline is a
-    result, not an exception, because Ray retries only trials whose worker died."""
+    """Run one trial in a temporary clone; a failing pipeline is a result, as Ray retries only dead workers."""
     import ray
     from ray import tune
 
@@ -180,8 +170,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"mnist-sweep-{trial}-"))
     try:
         for command in [*setup.prepare, run, ["dvc", "exp", "push", "--force", *cache, "origin", experiment]]:
-            # In the worker's process group, which Ray ends whole when it stops the trial (Ctrl-C, a dead
-            # worker): no pipeline outlives the sweep.
+            # In the worker's process group, which Ray ends whole when it stops the trial: no pipeline outlives it.
             done = subprocess.run(command, cwd=workdir, env=env, stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, text=True)
             if done.returncode:
                 result["error"] = redact(failure_message(done.stdout)) or f"{' '.join(command[:3])} failed"
@@ -305,13 +294,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Ray's state of this definition at this commit: a changed file or commit starts a new sweep.
     state, name = (root / STATE_DIR).resolve(), f"{sweep.name}-{key}"
 
-    # The store before Ray, so that a store refusing this user fails before Ray's start-up; Ray before
-    # the sweep's run, so that a Ray that fails to start leaves no run open.
+    # The store before Ray (a store refusing this user fails fast), Ray before the run (a failed start leaves none).
     store.quiet_links(uri)
     client, experiment_id = store.open_store(uri, settings.experiment, store.artifact_location(uri, root))
     start_ray(args.address)
+    import ray
     from mlflow.entities import Param
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     resumed = tune.Tuner.can_restore(str(state / name)) and client.search_runs(
         [experiment_id], f"tags.`sweep.key` = '{key}'"
@@ -323,9 +313,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_tags = {**tags.git_info(root), SWEEP_TAG: sweep.name, "sweep.key": key}
         parent_run_id = client.create_run(experiment_id, run_name=f"sweep {sweep.name}", tags=run_tags).info.run_id
         client.log_text(parent_run_id, text, "sweep.yaml")
-        definition = sweep.model_dump(exclude={"parameters"}) | {
-            k: f"{v.kind} {list(v.bounds)}" for k, v in sweep.parameters.items()
-        }
+        definition = sweep.model_dump(exclude={"parameters"})
+        definition |= {k: f"{v.kind} {list(v.bounds)}" for k, v in sweep.parameters.items()}
         client.log_batch(parent_run_id, params=[Param(f"sweep.{k}", str(v)) for k, v in definition.items()])
 
     dvc = str(Path(sys.executable).with_name("dvc"))
@@ -341,10 +330,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     remote = bool(args.address and output(root, dvc, "remote", "default", check=False))
     run_tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep.name}
     setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id)
-
-    import ray
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 1})
     status = "FAILED"
     try:
@@ -397,7 +382,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """The ``mnist-sweep`` command."""
     run(main)
 
 
