@@ -29,6 +29,9 @@ from test_tracking_server import mlflow_server, postgres  # noqa: F401  (fixture
 from pipeline import score, sweep
 from pipeline.cli import PipelineError
 
+# Under `pytest -n 2` the Ray clusters of this module run on one worker, one at a time.
+pytestmark = pytest.mark.xdist_group("ray")
+
 PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}}
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "mnist-softmax"
