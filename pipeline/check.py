@@ -29,7 +29,6 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 # 0.9213 - 0.9193 is 0.0020000000000000018: a change of exactly max_worsening must pass.
 TOLERANCE = 1e-9
 ENVIRONMENT = {"uv_lock_sha256": "uv.lock changed", "cpu": "the baseline came from another CPU ({old})"}
-ALIGN = ["left", "right", "right", "right", "left", "left"]
 Metrics = dict[str, dict[str, Any]]  # metrics file → metric, named as DVC names it (per_class_recall.3) → value
 
 
@@ -178,16 +177,14 @@ def check(metric: str, old: float | None, new: float, rule: CheckRule, note: str
     worsening = 0.0 if old is None else old - new if rule.better == "higher" else new - old
     if not math.isfinite(worsening):
         raise CheckError(f"the change in {metric} from {old} to {new} is too large to compute.")
-    allowed = f"{'fell' if rule.better == 'higher' else 'rose'} by {text(worsening)}, more than the {{}} allowed"
-    reasons = [
-        reason.format(text(limit))
-        for reason, limit, broken in [
-            (allowed, rule.max_worsening, worsening > rule.max_worsening + TOLERANCE),
-            ("below the floor of {}", rule.floor, rule.floor is not None and new < rule.floor),
-            ("above the ceiling of {}", rule.ceiling, rule.ceiling is not None and new > rule.ceiling),
-        ]
-        if broken
-    ]
+    reasons = []
+    if worsening > rule.max_worsening + TOLERANCE:
+        moved = "fell" if rule.better == "higher" else "rose"
+        reasons.append(f"{moved} by {text(worsening)}, more than the {text(rule.max_worsening)} allowed")
+    if rule.floor is not None and new < rule.floor:
+        reasons.append(f"below the floor of {text(rule.floor)}")
+    if rule.ceiling is not None and new > rule.ceiling:
+        reasons.append(f"above the ceiling of {text(rule.ceiling)}")
     return {
         "metric": metric,
         "baseline": old,
@@ -230,24 +227,21 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str
         head += f"; no baseline, as {reason}, so only floors and ceilings were checked"
     else:
         head += f", against {baseline['label']}"
-    table = [
-        [
-            f"`{' '.join(row['metric'].split())}`".replace("|", "\\|"),
-            text(row["baseline"]),
-            text(row["current"]),
-            text(row["change"], "+"),
-            describe(row["rule"]),
-            "❌ fail: " + "; ".join(row["reasons"])
-            if row["reasons"]
-            else f"✅ pass ({row['note']})"
-            if row["note"]
-            else "✅ pass",
-        ]
-        for row in rows
-    ]
+    table = []
+    for row in rows:
+        rule = row["rule"]
+        move = "fall" if rule["better"] == "higher" else "rise"
+        bounds = [f"{name} {text(rule[name])}" for name in ("floor", "ceiling") if rule[name] is not None]
+        described = ", ".join([f"{rule['better']} is better", f"may {move} ≤ {text(rule['max_worsening'])}", *bounds])
+        verdict = f"✅ pass ({row['note']})" if row["note"] else "✅ pass"
+        if row["reasons"]:
+            verdict = "❌ fail: " + "; ".join(row["reasons"])
+        numbers = [text(row["baseline"]), text(row["current"]), text(row["change"], "+")]
+        table.append([f"`{' '.join(row['metric'].split())}`".replace("|", "\\|"), *numbers, described, verdict])
     # What pandas' to_markdown calls, without pandas' second of import time.
     headers = ["metric", "baseline", "current", "change", "rule", "verdict"]
-    parts = [head, environment, tabulate(table, headers, "pipe", disable_numparse=True, colalign=ALIGN)]
+    align = ["left", "right", "right", "right", "left", "left"]
+    parts = [head, environment, tabulate(table, headers, "pipe", disable_numparse=True, colalign=align)]
     if promotion and promotion["promoted"]:
         name, previous = promotion["model"], promotion["previous"]
         former = f"; version {previous}, the former champion, is now `{registry.alias_uri(name, registry.PREVIOUS)}`"
@@ -257,12 +251,6 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict, environment: str
     elif promotion:
         parts.append(f"Not promoted: {promotion['reason']}.")
     return "".join(f"{part}\n\n" for part in parts if part)
-
-
-def describe(rule: dict[str, Any]) -> str:
-    move = "fall" if rule["better"] == "higher" else "rise"
-    bounds = [f"{name} {text(rule[name])}" for name in ("floor", "ceiling") if rule[name] is not None]
-    return ", ".join([f"{rule['better']} is better", f"may {move} ≤ {text(rule['max_worsening'])}", *bounds])
 
 
 def append_summary(path: str, markdown: str) -> None:

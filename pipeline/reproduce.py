@@ -61,12 +61,11 @@ def changed_predictions(committed: str, current: str) -> tuple[int, int]:
 def verdict(lock_problems: list[str], diff: dict[str, Any], predictions: tuple[int, int] | None) -> tuple[int, str]:
     """The exit code and the one-paragraph verdict, from ``dvc metrics diff --json --all``'s output."""
     pairs = {name: (v.get("old"), v.get("new")) for names in diff.values() for name, v in names.items()}
-    old_cpu, new_cpu = pairs.pop("environment.cpu", (None, None))
-    changed = [
-        f"{name} {old} → {new}" for name, (old, new) in pairs.items() if name.startswith("environment.") and old != new
-    ]
-    one_side = [f"{name} is only on one side" for name, (old, new) in pairs.items() if (old is None) != (new is None)]
-    if reasons := lock_problems + changed + [reason for reason in one_side if not reason.startswith("environment.")]:
+    environment = {name: pairs.pop(name) for name in list(pairs) if name.startswith("environment.")}
+    old_cpu, new_cpu = environment.pop("environment.cpu", (None, None))
+    changed = [f"{name} {old} → {new}" for name, (old, new) in environment.items() if old != new]
+    changed += [f"{name} is only on one side" for name, (old, new) in pairs.items() if (old is None) != (new is None)]
+    if reasons := lock_problems + changed:
         return EXIT_NOT_REPRODUCED, (
             f"not a reproduction of the same inputs: {'; '.join(reasons)}. Commit the change and its dvc.lock, "
             "or check out the committed files and the locked environment (uv sync --locked), then dvc repro."
