@@ -17,67 +17,27 @@ from pipeline.reproduce import (
 )
 
 CPU_A, CPU_B = "CPU A (x86_64: avx2)", "CPU B (x86_64: avx512f)"
+ROUNDED = {"final_test_cross_entropy_sum": (2695.878173828125, 2695.87841796875)}  # As on another CPU.
+ACCURACY = {"final_test_accuracy": (0.92, 0.92)}
+BEYOND = {"final_test_cross_entropy_sum": (2695.0, 2696.0), "final_test_accuracy": (0.92, 0.93)}
+KERAS = ACCURACY | {"environment.keras": ("3.15", "3.16")}
+WITHIN = ["within tolerance on a different CPU (committed on CPU A", "0 of 10,000 test predictions changed"]
 
 
 @pytest.mark.parametrize(
-    ("cpus", "values", "lock", "code", "phrases"),
+    ("cpu", "values", "lock", "code", "phrases"),
     [
-        # Rounding on another CPU: within tolerance, naming the largest difference.
-        (
-            (CPU_A, CPU_B),
-            {
-                "final_test_cross_entropy_sum": (2695.878173828125, 2695.87841796875),
-                "final_test_accuracy": (0.92, 0.92),
-            },
-            [],
-            EXIT_REPRODUCED,
-            [
-                "within tolerance on a different CPU (committed on CPU A",
-                "final_test_cross_entropy_sum",
-                "0 of 10,000 test predictions changed",
-            ],
-        ),
-        # The same difference on the same CPU is not a reproduction.
-        (
-            (CPU_A, CPU_A),
-            {"final_test_cross_entropy_sum": (2695.878173828125, 2695.87841796875)},
-            [],
-            EXIT_NOT_REPRODUCED,
-            ["not reproduced on the same CPU"],
-        ),
-        (
-            (CPU_A, CPU_B),
-            {"final_test_cross_entropy_sum": (2695.0, 2696.0), "final_test_accuracy": (0.92, 0.93)},
-            [],
-            EXIT_NOT_REPRODUCED,
-            ["beyond tolerance on a different CPU", "2 metrics beyond tolerance"],
-        ),
-        (
-            (CPU_A, CPU_B),
-            {"final_test_accuracy": (0.92, 0.92)},
-            [],
-            EXIT_REPRODUCED,
-            ["identical metrics on a different CPU (committed on CPU A"],
-        ),
+        (CPU_B, ROUNDED | ACCURACY, [], EXIT_REPRODUCED, [*WITHIN, "final_test_cross_entropy_sum"]),
+        (CPU_A, ROUNDED, [], EXIT_NOT_REPRODUCED, ["not reproduced on the same CPU"]),
+        (CPU_B, BEYOND, [], EXIT_NOT_REPRODUCED, ["beyond tolerance on a different CPU", "2 metrics beyond tolerance"]),
+        (CPU_B, ACCURACY, [], EXIT_REPRODUCED, ["identical metrics on a different CPU (committed on CPU A"]),
         # Changed inputs or environment are no reproduction, whatever the metrics.
-        (
-            (CPU_A, CPU_B),
-            {"final_test_accuracy": (0.92, 0.92), "environment.keras": ("3.15", "3.16")},
-            ["train's params differ"],
-            EXIT_NOT_REPRODUCED,
-            ["train's params differ", "environment.keras 3.15 → 3.16"],
-        ),
-        (
-            (CPU_A, CPU_A),
-            {"final_test_accuracy": (0.92, None)},
-            [],
-            EXIT_NOT_REPRODUCED,
-            ["final_test_accuracy is only on one side"],
-        ),
+        (CPU_B, KERAS, ["train's params differ"], EXIT_NOT_REPRODUCED, ["train's params differ", "keras 3.15 → 3.16"]),
+        (CPU_A, {"final_test_accuracy": (0.92, None)}, [], EXIT_NOT_REPRODUCED, ["final_test_accuracy is only on one"]),
     ],
 )
-def test_verdict(cpus, values, lock, code, phrases):
-    pairs = {"environment.cpu": cpus, **values}
+def test_verdict(cpu, values, lock, code, phrases):
+    pairs = {"environment.cpu": (CPU_A, cpu), **values}
     diff = {"metrics/train.json": {name: {"old": old, "new": new} for name, (old, new) in pairs.items()}}
     found, message = verdict(lock, diff, (0, 10_000))
     assert found == code, message
