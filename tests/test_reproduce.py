@@ -84,19 +84,17 @@ def test_changed_predictions_counts_rows():
 def test_the_check_on_a_real_pipeline_same_cpu_other_cpu_and_beyond_tolerance(reproduced_project):
     project = reproduced_project
     project.commit("Results")
-
-    def check():
-        return project.python("-m", "pipeline.reproduce", check=False)
+    check = ["-m", "pipeline.reproduce"]
 
     # Same machine, same bytes.
     project.dvc("repro", "-f")
-    same = check()
+    same = project.python(*check, check=False)
     assert same.returncode == EXIT_REPRODUCED, same.stdout + same.stderr
     assert same.stdout.startswith("identical: dvc.lock and metrics/ are byte for byte"), same.stdout
 
     # "Another CPU": XLA limited to SSE4.2 rounds differently; the check must say so and pass.
     project.dvc("repro", "-f", env={"XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"})
-    other = check()
+    other = project.python(*check, check=False)
     assert other.returncode == EXIT_REPRODUCED, other.stdout + other.stderr
     assert "on a different CPU" in other.stdout and "XLA limited to SSE4_2" in other.stdout, other.stdout
     train = json.loads((project.root / "metrics/train.json").read_text())
@@ -106,12 +104,12 @@ def test_the_check_on_a_real_pipeline_same_cpu_other_cpu_and_beyond_tolerance(re
     metrics = json.loads((project.root / "metrics/metrics.json").read_text())
     metrics["test_cross_entropy"] *= 1.01
     (project.root / "metrics/metrics.json").write_text(json.dumps(metrics))
-    failed = check()
+    failed = project.python(*check, check=False)
     assert failed.returncode == EXIT_NOT_REPRODUCED, failed.stdout + failed.stderr
     assert "beyond tolerance" in failed.stdout and "test_cross_entropy" in failed.stdout
 
     # Any other file the run left behind is no reproduction either.
     project.git("checkout", "--", "metrics")
     (project.root / "stray.txt").write_text("left behind")
-    stray = check()
+    stray = project.python(*check, check=False)
     assert stray.returncode == EXIT_NOT_REPRODUCED and "stray.txt" in stray.stdout
