@@ -96,6 +96,7 @@ def test_a_value_the_rules_cannot_compare_is_bad_input_on_either_side(metrics, r
     with pytest.raises(CheckError, match=f"cannot be checked against {side}") as raised:
         check.values(metrics, {"test_accuracy": rule}, side, required=True)
     assert phrase in str(raised.value)
+    assert str(raised.value).endswith("Fix the rule in params.yaml or rerun the pipeline (dvc repro).")
 
 
 @pytest.mark.parametrize(
