@@ -52,8 +52,7 @@ class ParamsError(PipelineError):
 
 
 class StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader refusing aliases (nested ones multiply into billions of values), nesting past
-    Python's recursion limit, duplicate keys (DVC refuses them) and integers no float holds."""
+    """PyYAML's safe loader refusing aliases (billion laughs), deep nesting, duplicate keys and huge integers."""
 
     depth = 0
 
@@ -215,9 +214,7 @@ def _registered_model(name: str) -> str:
 @dataclass(frozen=True)
 class FetchSettings:
     mirror: Annotated[str, AfterValidator(_mirror)] = Field("", alias="MNIST_MIRROR")
-    timeout_seconds: Annotated[float, Field(ge=0.001, le=3600, allow_inf_nan=False)] = Field(
-        30.0, alias="MNIST_FETCH_TIMEOUT"
-    )
+    timeout_seconds: float = Field(30.0, alias="MNIST_FETCH_TIMEOUT", ge=0.001, le=3600, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,7 @@ def runs(tmp_path_factory) -> dict[str, set[str]]:
 def test_dvc_yaml_lists_every_module_the_stage_runs_and_no_other(runs, stage):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     # A dependency is a file, or a folder and everything in it.
-    listed = {
-        path
-        for path in pipeline_modules()
-        if any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
-    }
+    listed = {path for path in pipeline_modules() if any(Path(path).is_relative_to(dep) for dep in deps)}
     assert runs[stage] - listed == set(), f"stage {stage} runs these, but its deps in dvc.yaml do not list them"
     assert listed - runs[stage] == set(), f"stage {stage} lists these in its deps in dvc.yaml, but never runs them"
     # uv.lock pins every library the stages run, so a dependency upgrade reruns the whole pipeline.
