@@ -34,8 +34,7 @@ class PipelineError(Exception):
 
 
 def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
-    """``text`` with URIs' user information (``user:***@``, or ``***@`` for a token), secret query values and the
-    environment's passwords and tokens masked: a driver's error may quote a password outside its URI."""
+    """``text`` with URIs' user information, secret query values and the environment's passwords and tokens masked."""
     text = AUTHORITY.sub(lambda m: f"{m[1]}{m[2].split(':')[0] + ':' if ':' in m[2] else ''}{MASK}@", str(text))
     text = SECRET_QUERY.sub(rf"\1{MASK}", text)
     secrets = {environ.get(name, "") for name in SECRET_VARIABLES}
@@ -80,8 +79,7 @@ def format_error(message: str) -> str:
 
 
 def watch_dvc() -> tuple[int | None, threading.Event]:
-    """The dvc process running this stage, if any, and an event set when it ends and this process is interrupted.
-    Not PR_SET_PDEATHSIG, which sees only the parent (maybe DVC's ``$SHELL -c``); a pidfd is immune to pid reuse."""
+    """The dvc process running this stage (not DVC's ``$SHELL -c``), if any, and an event set when it ends."""
     pid, gone = os.getppid(), threading.Event()
     with contextlib.suppress(OSError):
         if os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
@@ -127,8 +125,7 @@ def run(main: Callable[[], None], error_exit_code: int = 1) -> None:
 
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """Native code's writes to file descriptor 2 go to /dev/null: TensorFlow's C++ start-up lines ignore
-    TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442). The import-time profile tests read is left alone."""
+    """Native writes to fd 2 go to /dev/null (TensorFlow's start-up lines), except an import-time profile."""
     if os.environ.get("PYTHONPROFILEIMPORTTIME") or "importtime" in sys._xoptions:
         yield
         return

@@ -52,8 +52,7 @@ class ParamsError(PipelineError):
 
 
 class StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader refusing aliases (nested ones multiply into billions of values), nesting past
-    Python's recursion limit, duplicate keys (DVC refuses them) and integers no float holds."""
+    """PyYAML's safe loader refusing aliases (billion laughs), deep nesting, duplicate keys and huge integers."""
 
     depth = 0
 
@@ -63,9 +62,13 @@ class StrictLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
         self.depth += 1
         try:
-            return super().compose_node(parent, index)
+            node: Any = super().compose_node(parent, index)
         finally:
             self.depth -= 1
+        if node.tag == "tag:yaml.org,2002:int" and len(node.value) > YAML_INT_CHARS:
+            problem = f"an integer of {len(node.value)} characters is out of any sane range"
+            raise yaml.composer.ComposerError(None, None, problem, node.start_mark)
+        return node
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         mapping, seen = super().construct_mapping(node, deep), set()
@@ -76,16 +79,6 @@ class StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return mapping
-
-    def construct_yaml_int(self, node: Any) -> int:
-        if len(node.value) > YAML_INT_CHARS:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {len(node.value)} characters is out of any sane range", node.start_mark
-            )
-        return super().construct_yaml_int(node)
-
-
-StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
 
 
 def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError) -> Any:
@@ -215,9 +208,7 @@ def _registered_model(name: str) -> str:
 @dataclass(frozen=True)
 class FetchSettings:
     mirror: Annotated[str, AfterValidator(_mirror)] = Field("", alias="MNIST_MIRROR")
-    timeout_seconds: Annotated[float, Field(ge=0.001, le=3600, allow_inf_nan=False)] = Field(
-        30.0, alias="MNIST_FETCH_TIMEOUT"
-    )
+    timeout_seconds: float = Field(30.0, alias="MNIST_FETCH_TIMEOUT", ge=0.001, le=3600, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -3,33 +3,30 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
+from urllib.parse import quote
 
 import pytest
 
 from pipeline.cli import configure_logging, format_error, redact
 
 
-def test_error_wrapping_keeps_long_hyphenated_paths_whole():
-    path = "/tmp/pytest-of-root/pytest-11/popen-gw1/test_no_source_delivers0/a-directory-with-a-rather-long-name"
-    text = format_error(f"the user mirror {path} is not a directory, so it was skipped")
-    assert path in text.split() and text.startswith("error: the user mirror")
-
-
+# {secret} is a generated password or token.
 @pytest.mark.parametrize(
     ("uri", "printable"),
     [
-        ("postgresql+psycopg://u:p4ss@db-host:5432/mlflow", "postgresql+psycopg://u:***@db-host:5432/mlflow"),
-        ("http://user:p4ss@127.0.0.1:1/", "http://user:***@127.0.0.1:1/"),
-        ("https://token123@mirror.example/mnist/", "https://***@mirror.example/mnist/"),
+        ("postgresql+psycopg://u:{secret}@db-host:5432/mlflow", "postgresql+psycopg://u:***@db-host:5432/mlflow"),
+        ("http://user:{secret}@127.0.0.1:1/", "http://user:***@127.0.0.1:1/"),
+        ("https://{secret}@mirror.example/mnist/", "https://***@mirror.example/mnist/"),
         # An unencoded @ in the password: the user information ends at the authority's last @.
-        ("mysql://u:p@ss@db/mlflow", "mysql://u:***@db/mlflow"),
+        ("mysql://u:{secret}@{secret}@db/mlflow", "mysql://u:***@db/mlflow"),
         (
-            "postgresql://db/mlflow?user=u&password=p4ss&sslmode=require",
+            "postgresql://db/mlflow?user=u&password={secret}&sslmode=require",
             "postgresql://db/mlflow?user=u&password=***&sslmode=require",
         ),
         (
-            "https://bucket.s3/x.gz?X-Amz-Credential=AKIA&X-Amz-Signature=abc&v=1",
+            "https://bucket.s3/x.gz?X-Amz-Credential={secret}&X-Amz-Signature={secret}&v=1",
             "https://bucket.s3/x.gz?X-Amz-Credential=***&X-Amz-Signature=***&v=1",
         ),
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
@@ -38,27 +35,30 @@ def test_error_wrapping_keeps_long_hyphenated_paths_whole():
     ],
 )
 def test_every_uri_shape_prints_without_its_secret(uri, printable):
-    assert redact(uri, {}) == printable
+    assert redact(uri.format(secret=secrets.token_hex(8)), {}) == printable
 
 
-def test_uris_inside_messages_and_known_secrets_anywhere_are_masked():
-    environ = {"MLFLOW_TRACKING_URI": "postgresql://u:p%40ss-w0rd@db/x", "MLFLOW_TRACKING_PASSWORD": "s3cr3t-token"}
+def test_uris_inside_messages_known_secrets_anywhere_and_whole_error_paragraphs_are_masked():
+    password, token = f"{secrets.token_hex(4)}@{secrets.token_hex(4)}", secrets.token_hex(8)
+    encoded = quote(password, safe="")
+    environ = {"MLFLOW_TRACKING_URI": f"postgresql://u:{encoded}@db/x", "MLFLOW_TRACKING_PASSWORD": token}
     message = (
-        "the store postgresql://u:p%40ss-w0rd@db/x failed: (psycopg.OperationalError) password p@ss-w0rd "
-        "rejected; API request to http://admin:s3cr3t-token@h:5000/api/2.0/x failed, token s3cr3t-token"
+        f"the store postgresql://u:{encoded}@db/x failed: (psycopg.OperationalError) password {password} "
+        f"rejected; API request to http://admin:{token}@h:5000/api/2.0/x failed, token {token}"
     )
     masked = redact(message, environ)
-    assert "p%40ss-w0rd" not in masked and "p@ss-w0rd" not in masked and "s3cr3t-token" not in masked
+    assert encoded not in masked and password not in masked and token not in masked
     assert masked.startswith("the store postgresql://u:***@db/x failed: (psycopg.OperationalError) password ***")
     assert "http://admin:***@h:5000/api/2.0/x" in masked
-    # Every error paragraph is masked on its way out.
-    assert "p@ss-w0rd" not in format_error("bad: postgresql://u:p@ss-w0rd@db/x")
+    # Every error paragraph is masked on its way out, and broken only at spaces so that paths stay whole.
+    path = "/tmp/pytest-of-root/pytest-11/popen-gw1/test_no_source_delivers0/a-directory-with-a-rather-long-name"
+    text = format_error(f"the store postgresql://u:{password}@db/x in {path} is not a directory, so it was skipped")
+    assert password not in text and path in text.split() and text.startswith("error: the store postgresql://u:***@")
 
 
 def test_log_lines_of_any_logger_are_masked(capfd):
     configure_logging()
-    handler = logging.StreamHandler(sys.stderr)
     own = logging.getLogger("test_cli.not_propagating")
-    own.propagate, own.handlers = False, [handler]
-    own.warning("failed: %s", "http://admin:hunter22@host:5000/api")
+    own.propagate, own.handlers = False, [logging.StreamHandler(sys.stderr)]
+    own.warning("failed: %s", f"http://admin:{secrets.token_hex(8)}@host:5000/api")
     assert "http://admin:***@host:5000/api" in capfd.readouterr().err

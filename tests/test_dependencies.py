@@ -19,15 +19,12 @@ STAGES = ("fetch", "preprocess", "train", "report")
 # Command-line tools that are no stage: the metric gate, mnist-predict, mnist-reproduce and mnist-sweep.
 TOOLS = {"pipeline/check.py", "pipeline/predict.py", "pipeline/reproduce.py", "pipeline/sweep.py"}
 IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(pipeline\S*)\s*$", re.MULTILINE)
+MODULES = {path.relative_to(ROOT).as_posix() for path in (ROOT / "pipeline").rglob("*.py")}
 
 
 def module_file(module: str) -> str:
     path = Path(*module.split("."))
     return (path / "__init__.py").as_posix() if (ROOT / path).is_dir() else f"{path.as_posix()}.py"
-
-
-def pipeline_modules() -> set[str]:
-    return {path.relative_to(ROOT).as_posix() for path in (ROOT / "pipeline").rglob("*.py")}
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +56,7 @@ def runs(tmp_path_factory) -> dict[str, set[str]]:
 def test_dvc_yaml_lists_every_module_the_stage_runs_and_no_other(runs, stage):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     # A dependency is a file, or a folder and everything in it.
-    listed = {
-        path
-        for path in pipeline_modules()
-        if any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
-    }
+    listed = {path for path in MODULES if any(Path(path).is_relative_to(dep) for dep in deps)}
     assert runs[stage] - listed == set(), f"stage {stage} runs these, but its deps in dvc.yaml do not list them"
     assert listed - runs[stage] == set(), f"stage {stage} lists these in its deps in dvc.yaml, but never runs them"
     # uv.lock pins every library the stages run, so a dependency upgrade reruns the whole pipeline.
@@ -71,4 +64,4 @@ def test_dvc_yaml_lists_every_module_the_stage_runs_and_no_other(runs, stage):
 
 
 def test_every_module_is_run_by_a_stage_or_is_a_command_line_tool(runs):
-    assert pipeline_modules() - set().union(*runs.values()) <= TOOLS
+    assert MODULES - set().union(*runs.values()) <= TOOLS
