@@ -140,7 +140,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server(data, tmp_path):
     """An HTTP server on 127.0.0.1 serving the synthetic mirror in the modes of :class:`Handler`."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
     httpd.root, httpd.other = data["mirror"], tmp_path / "other"
     write_mnist(httpd.other, train_count=20, test_count=10, gz=True, seed=99)
     httpd.requests, httpd.sent, httpd.release, httpd.halfway = [], Counter(), threading.Event(), threading.Event()
@@ -307,20 +306,10 @@ def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data,
     assert_outputs(tmp_path / "raw", data)
 
 
-@pytest.mark.parametrize(
-    ("given", "reason"),
-    [
-        (gzip.compress(bytes(100))[:-8], "somewhere/x is not a valid gzip file"),
-        (b"\x1f\x8bthis is not deflate data", "somewhere/x is not a valid gzip file"),
-        (bytes(100), "somewhere/x has SHA-256"),
-        (b"", "somewhere/x has SHA-256"),
-        # Only the limit plus one byte of the mebibyte is inflated.
-        (gzip_of_zeros(1), f"somewhere/x inflates to more than {SIZE_LIMIT[TRAIN_LABELS]:,} bytes"),
-    ],
-    ids=["truncated gzip", "no deflate data", "other bytes", "empty", "gzip bomb"],
-)
-def test_verify_names_the_origin_and_bounds_inflation(data, given, reason):
-    with pytest.raises(fetch.Unusable, match=reason):
+@pytest.mark.parametrize("given", [gzip.compress(bytes(100))[:-8], b"\x1f\x8bthis is not deflate data"])
+def test_verify_names_the_origin_of_a_broken_gzip(data, given):
+    # The other ways to fail verification are Handler's modes, all in the test that no source delivers.
+    with pytest.raises(fetch.Unusable, match="somewhere/x is not a valid gzip file"):
         fetch.verify(given, TRAIN_LABELS, data["expected"], "somewhere/x")
 
 
