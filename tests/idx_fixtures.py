@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +21,9 @@ def digests(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     return {name: hashlib.sha256(data).hexdigest() for name, data in idx_bytes(arrays).items()}
 
 
-def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
     # mtime=0 keeps the gzip bytes the same from run to run.
     Path(path).write_bytes(gzip.compress(encode_idx(array), mtime=0) if gz else encode_idx(array))
-    return Path(path)
 
 
 def write_mnist(
@@ -49,15 +46,3 @@ def write_mnist(
 def write_digests(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     Path(path).write_text(json.dumps(digests(arrays)), encoding="utf-8")
     return Path(path)
-
-
-def gzip_bomb(mebibytes: int) -> bytes:
-    """A valid gzip file of ``mebibytes`` MiB of zeros, about a thousandth of that size: one MiB compressed
-    once, and its block (independent of what came before, after a full flush) repeated."""
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    block = deflater.compress(bytes(1 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
-    crc = 0
-    for _ in range(mebibytes):
-        crc = zlib.crc32(bytes(1 << 20), crc)
-    trailer = struct.pack("<II", crc, (mebibytes << 20) & 0xFFFFFFFF)
-    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + block * mebibytes + deflater.flush() + trailer

