@@ -184,8 +184,6 @@ def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
 def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced_project, kind):
     from mlflow.tracking import MlflowClient
 
-    reproduced = reproduced_project
-
     silent = socket.create_server(("127.0.0.1", 0))  # Takes connections, never answers: a hung server.
     fake = {"not-mlflow": (404, 404), "api-fails": (200, 500)}.get(kind)  # The health check's status, the API's.
     fake = fake and FakeServer(*fake)
@@ -195,20 +193,20 @@ def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs
         "api-fails": (fake and fake.url, "failed"),
         "unknown-scheme": ("htp://127.0.0.1:5000", "MLFLOW_TRACKING_URI"),
     }[kind]
-    store = MlflowClient(f"sqlite:///{reproduced.root / 'mlflow.db'}")
+    store = MlflowClient(f"sqlite:///{reproduced_project.root / 'mlflow.db'}")
     experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
-    before, runs_before = fingerprint(reproduced), len(store.search_runs([experiment_id]))
+    before, runs_before = fingerprint(reproduced_project), len(store.search_runs([experiment_id]))
     try:  # The stage's own command (dvc repro would first delete the outputs).
-        command = reproduced.stage_command("train")
-        result = reproduced.run(*command, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+        command = reproduced_project.stage_command("train")
+        result = reproduced_project.run(*command, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
     finally:
         silent.close()
         fake and fake.close()
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0 and "Traceback" not in output and uri in output and phrase in output, output
     assert "MLflow run " not in output and "trained " not in output, output
-    assert fingerprint(reproduced) == before and len(store.search_runs([experiment_id])) == runs_before
-    assert not list((reproduced.root / "models").glob(".*.tmp*"))
+    assert fingerprint(reproduced_project) == before and len(store.search_runs([experiment_id])) == runs_before
+    assert not list((reproduced_project.root / "models").glob(".*.tmp*"))
 
 
 @pytest.fixture
