@@ -21,31 +21,28 @@ SIGNATURE = ModelSignature(outputs=Schema([ColSpec("long", "digit"), ColSpec(Arr
 KERAS_ARTIFACT = "keras_model"
 
 
-def input_problem(values: np.ndarray) -> str | None:
-    """What keeps ``values`` from being rows of raw pixels, or None."""
-    if values.ndim != 2 or values.shape[1] != PIXELS:
-        return f"got rows of {values.shape[1]} values" if values.ndim == 2 else f"got an array of shape {values.shape}"
-    if values.dtype.kind == "f" and np.isnan(values).any():
-        return "got NaN"
-    if values.dtype.kind == "f" and values.size and values.min() >= 0 and values.max() <= 1:
-        return "got numbers from 0 to 1: multiply pixels scaled to 0-1 by 255 and send them as integers"
-    if values.dtype.kind == "f":
-        return "got numbers with a fractional part or a decimal point; send integers"
-    if values.dtype.kind not in "iu":
-        return "got values that are not numbers"
-    if values.size and (values.min() < 0 or values.max() > 255):
-        return f"got values from {values.min()} to {values.max()}"
-    return None
-
-
 def raw_pixels(model_input: Any) -> np.ndarray:
-    """``model_input`` as uint8 rows, or an MlflowException whose ``reason`` holds the line alone (the scoring
-    server puts the request's values before the message)."""
+    """``model_input`` as uint8 rows, or an MlflowException whose ``reason`` is the line alone (without the input)."""
     values = np.asarray(model_input)
-    if (problem := input_problem(values)) is not None:
-        reason = f"{CONTRACT}; {problem}."
-        raise MlflowException.invalid_parameter_value(reason, reason=reason)
-    return values.astype(np.uint8)
+    kind = values.dtype.kind
+    if values.ndim != 2:
+        problem = f"got an array of shape {values.shape}"
+    elif values.shape[1] != PIXELS:
+        problem = f"got rows of {values.shape[1]} values"
+    elif kind == "f" and np.isnan(values).any():
+        problem = "got NaN"
+    elif kind == "f" and values.size and values.min() >= 0 and values.max() <= 1:
+        problem = "got numbers from 0 to 1: multiply pixels scaled to 0-1 by 255 and send them as integers"
+    elif kind == "f":
+        problem = "got numbers with a fractional part or a decimal point; send integers"
+    elif kind not in "iu":
+        problem = "got values that are not numbers"
+    elif values.size and (values.min() < 0 or values.max() > 255):
+        problem = f"got values from {values.min()} to {values.max()}"
+    else:
+        return values.astype(np.uint8)
+    reason = f"{CONTRACT}; {problem}."
+    raise MlflowException.invalid_parameter_value(reason, reason=reason)
 
 
 class Digits(PythonModel):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
-from pipeline_project import make_project, model_server, post
+from pipeline_project import model_server, post
 
 from pipeline import serving
 from pipeline.data import NUM_PIXELS
@@ -50,29 +50,27 @@ NAME = "mnist-softmax"
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory):
-    """A project trained on tiny synthetic data whose only registered version is the champion."""
+def champion(reproduced_template, tmp_path_factory):
+    """A copy of the reproduced tiny project whose only registered version is the champion."""
     from mlflow import MlflowClient
 
-    project = make_project(tmp_path_factory.mktemp("serving"))
-    project.dvc("repro", timeout=900)
+    project = reproduced_template.copy_to(tmp_path_factory.mktemp("serving"))
     MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}").set_registered_model_alias(NAME, "champion", "1")
     return project
 
 
-@pytest.fixture(scope="module")
-def served(champion):
+def test_the_served_champion_refuses_other_input_with_400_and_one_line_then_answers_raw_pixels(champion):
+    images = np.load(champion.root / "data/processed/test_images.npy")[:10]
+    expected = np.load(champion.root / "models/test_probabilities.npy")[:10]
     with model_server(champion, f"models:/{NAME}@champion") as url:
-        yield f"{url}/invocations", champion
-
-
-@pytest.mark.slow
-def test_the_served_champion_answers_raw_pixels_with_the_digit_and_its_probabilities(served):
-    url, project = served
-    images = np.load(project.root / "data/processed/test_images.npy")[:10]
-    expected = np.load(project.root / "models/test_probabilities.npy")[:10]
-    status, answer = post(url, json.dumps({"inputs": images.tolist()}).encode())
-    print(f"\nraw pixels: HTTP {status} {json.dumps(answer)[:300]}…")
+        for name, (values, phrase) in WRONG.items():
+            status, answer = post(f"{url}/invocations", json.dumps({"inputs": values}).encode())
+            assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (name, answer)
+            reason = answer["reason"]
+            assert reason.startswith("The model takes rows of 784 integer pixels 0-255") and phrase in reason, name
+            assert "\n" not in reason and answer["message"].endswith(reason), name
+        # It goes on serving: the digit and probabilities of each image.
+        status, answer = post(f"{url}/invocations", json.dumps({"inputs": images.tolist()}).encode())
     assert status == 200, answer
     predictions = answer["predictions"]
     assert [set(prediction) for prediction in predictions] == [{"digit", "probabilities"}] * 10
@@ -80,22 +78,6 @@ def test_the_served_champion_answers_raw_pixels_with_the_digit_and_its_probabili
     assert np.allclose([prediction["probabilities"] for prediction in predictions], expected, atol=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("values, phrase", WRONG.values(), ids=WRONG.keys())
-def test_the_served_champion_refuses_other_input_with_400_and_one_line(served, values, phrase):
-    url, project = served
-    status, answer = post(url, json.dumps({"inputs": values}).encode())
-    print(f"\nHTTP {status} reason: {answer.get('reason')}")
-    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
-    reason = answer["reason"]
-    assert reason.startswith("The model takes rows of 784 integer pixels 0-255") and phrase in reason
-    assert "\n" not in reason and answer["message"].endswith(reason)
-    # And it goes on serving.
-    image = np.load(project.root / "data/processed/test_images.npy")[:1]
-    assert post(url, json.dumps({"inputs": image.tolist()}).encode())[0] == 200
-
-
-@pytest.mark.slow
 def test_mnist_predict_from_another_folder_finds_the_projects_store_and_names_the_model(champion, tmp_path):
     image = tmp_path / "digit.png"
     Image.fromarray(np.load(champion.root / "data/processed/test_images.npy")[0].reshape(28, 28)).save(image)

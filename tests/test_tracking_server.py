@@ -4,10 +4,10 @@ or during a run (one paragraph, no output touched, the run closed later), and a 
 from __future__ import annotations
 
 import glob
-import hashlib
 import http.server
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -78,19 +78,11 @@ def mlflow_server(postgres, tmp_path_factory):
         yield server.url, directory / "artifacts"
 
 
-def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
-    found = []
-    for item in client.list_artifacts(run_id, path):
-        found.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
-    return found
-
-
 @pytest.mark.postgres
 def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
+    """What test_pipeline checks on the local store, here through a server: params, histories, artifacts, registry."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from pipeline.model import SERIES
 
     url, artifacts = mlflow_server
     project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": url})
@@ -100,19 +92,11 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     client = MlflowClient(url)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "lr=0.003 bs=20 it=50 seed=0"
-    softmax = SERIES["softmax"]
-    assert run.data.params == {
-        **{f"train.{key}": str(value) for key, value in project.params()["train"].items()},
-        "data.train_examples": "200",
-        "data.test_examples": "60",
-        "model": softmax.description,
-        "model.script": softmax.script,
-        "loss": "cross-entropy summed over the batch",
-        "optimizer": softmax.optimizer_description,
-    }
-    tags, lock = run.data.tags, (project.root / "dvc.lock").read_text()
-    assert tags["git.commit"] == project.git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
-    assert {key: value for key, value in tags.items() if key.startswith("data.")} == project.data_tags(lock)
+    train_params = {f"train.{key}": str(value) for key, value in project.params()["train"].items()}
+    described = {"data.train_examples", "data.test_examples", "model", "model.script", "loss", "optimizer"}
+    assert run.data.params.keys() == train_params.keys() | described
+    assert train_params.items() <= run.data.params.items() and run.data.params["data.train_examples"] == "200"
+    assert run.data.tags["git.commit"] == project.git("rev-parse", "HEAD")
 
     # Every step's measurement, with its step, equal to the history DVC plots.
     for key in ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum"):
@@ -120,31 +104,23 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
         logged = client.get_metric_history(run.info.run_id, f"history/{key}")
         assert [metric.step for metric in logged] == rows["step"].tolist(), key
         assert [metric.value for metric in logged] == pytest.approx(rows[key].tolist(), rel=1e-6), key
-    final = json.loads((project.root / "metrics/train.json").read_text())
-    report = json.loads((project.root / "metrics/metrics.json").read_text())
-    assert run.data.metrics["final_test_accuracy"] == pytest.approx(final["final_test_accuracy"])
-    assert run.data.metrics["macro_f1"] == pytest.approx(report["macro_f1"])
 
     # Artifacts, fetched back through the server, are the files the stages wrote.
-    logged = set(artifact_paths(client, run.info.run_id))
-    pictures = ("accuracy.png", "mistakes.png", "weight_maps.png")
-    expected = ("train_history.csv", "test_history.csv", "parameter_percentiles.csv", "dvc.lock", "report/metrics.json")
-    assert {*expected, *(f"report/{name}" for name in pictures)} <= logged
-    for name in pictures:
-        path = Path(client.download_artifacts(run.info.run_id, f"report/{name}", str(tmp_path / "downloads")))
-        assert path.read_bytes() == (project.root / "metrics" / name).read_bytes()
-    logged_lock = Path(client.download_artifacts(run.info.run_id, "dvc.lock", str(tmp_path / "downloads")))
-    assert yaml.safe_load(logged_lock.read_text())["stages"]["train"] == yaml.safe_load(lock)["stages"]["train"]
+    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloads")))
+    for name in ("train_history.csv", "test_history.csv", "parameter_percentiles.csv", "report/metrics.json"):
+        assert (downloaded / name).is_file(), name
+    for name in ("accuracy.png", "mistakes.png", "weight_maps.png"):
+        assert (downloaded / "report" / name).read_bytes() == (project.root / "metrics" / name).read_bytes()
+    lock = (project.root / "dvc.lock").read_text()
+    logged_lock = (downloaded / "dvc.lock").read_text()
+    assert yaml.safe_load(logged_lock)["stages"]["train"] == yaml.safe_load(lock)["stages"]["train"]
     # The server kept them in its --artifacts-destination, not beside the project.
     assert any(artifacts.rglob("accuracy.png"))
 
-    # The registry on the server: the run's model is version 1, tagged and described.
+    # The registry on the server: the run's model is version 1; the gate promotes it there, and the model
+    # loads through the server: by id and as champion.
     (version,) = client.search_model_versions(f"name = '{NAME}'")
     assert str(version.version) == "1" and version.run_id == version.tags["run_id"] == run.info.run_id
-    assert version.tags["git.commit"] == tags["git.commit"]
-    assert {key: value for key, value in version.tags.items() if key.startswith("data.")} == project.data_tags(lock)
-    assert version.description.startswith(f"Test accuracy {report['test_accuracy']:.4f} on 60 test images")
-    # The gate promotes it there, and the model loads through the server: by id and as champion.
     (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
     check = project.python("-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote")
     assert f"Promoted {NAME} version 1 to `models:/{NAME}@champion` (there was no champion)" in check.stdout
@@ -193,6 +169,7 @@ def fingerprint(project: Project) -> dict:
 
 
 def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
+    """A closed port, through dvc repro; the test below runs the stage itself against other failing servers."""
     project = make_project(tmp_path)
     project.dvc("repro", "preprocess", timeout=300)
     uri = f"http://127.0.0.1:{free_port()}"
@@ -203,36 +180,33 @@ def test_unreachable_server_stops_dvc_repro_before_training(tmp_path):
     assert not (project.root / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("kind", ["closed-port", "silent", "not-mlflow", "api-fails", "unknown-scheme"])
+@pytest.mark.parametrize("kind", ["silent", "not-mlflow", "api-fails", "unknown-scheme"])
 def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced_project, kind):
     from mlflow.tracking import MlflowClient
-
-    reproduced = reproduced_project
 
     silent = socket.create_server(("127.0.0.1", 0))  # Takes connections, never answers: a hung server.
     fake = {"not-mlflow": (404, 404), "api-fails": (200, 500)}.get(kind)  # The health check's status, the API's.
     fake = fake and FakeServer(*fake)
     uri, phrase = {
-        "closed-port": (f"http://127.0.0.1:{free_port()}", "cannot be reached"),
         "silent": (f"http://127.0.0.1:{silent.getsockname()[1]}", "cannot be reached"),
         "not-mlflow": (fake and fake.url, "does not look like an MLflow tracking server"),
         "api-fails": (fake and fake.url, "failed"),
         "unknown-scheme": ("htp://127.0.0.1:5000", "MLFLOW_TRACKING_URI"),
     }[kind]
-    store = MlflowClient(f"sqlite:///{reproduced.root / 'mlflow.db'}")
+    store = MlflowClient(f"sqlite:///{reproduced_project.root / 'mlflow.db'}")
     experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
-    before, runs_before = fingerprint(reproduced), len(store.search_runs([experiment_id]))
+    before, runs_before = fingerprint(reproduced_project), len(store.search_runs([experiment_id]))
     try:  # The stage's own command (dvc repro would first delete the outputs).
-        command = reproduced.stage_command("train")
-        result = reproduced.run(*command, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+        command = reproduced_project.stage_command("train")
+        result = reproduced_project.run(*command, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
     finally:
         silent.close()
         fake and fake.close()
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0 and "Traceback" not in output and uri in output and phrase in output, output
     assert "MLflow run " not in output and "trained " not in output, output
-    assert fingerprint(reproduced) == before and len(store.search_runs([experiment_id])) == runs_before
-    assert not list((reproduced.root / "models").glob(".*.tmp*"))
+    assert fingerprint(reproduced_project) == before and len(store.search_runs([experiment_id])) == runs_before
+    assert not list((reproduced_project.root / "models").glob(".*.tmp*"))
 
 
 @pytest.fixture
@@ -314,68 +288,54 @@ def test_dvc_remote_push_then_pull_in_a_fresh_clone_restores_everything_without_
 
 
 # The password in the tracking URI of the tests below: found nowhere the pipeline writes or prints.
-SECRET = "Pw-" + hashlib.sha256(b"test_tracking_server").hexdigest()[:20]
+SECRET = secrets.token_hex(10)
 
 
-def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(tmp_path):
+def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(server, tmp_path):
     """The server does not check the password (its basic-auth app needs ``mlflow[auth]``, which the
     project does not install): what matters is what the pipeline does with the URI."""
     from mlflow import MlflowClient
     from PIL import Image
 
-    (tmp_path / "server").mkdir()
-    with MlflowServer(tmp_path / "server").running() as server:
-        url = server.url.replace("http://", f"http://admin:{SECRET}@")
-        masked = url.replace(SECRET, "***")
-        project = make_project(tmp_path / "work", env={"MLFLOW_TRACKING_URI": url})
-        printed = [project.dvc("repro", timeout=600)]
-        # The gate against the registry on that server: no champion yet, a promotion, a comparison.
-        (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
-        gate = ["-m", "pipeline.check", "--params", "loose.yaml", "--summary-file", "summary.md", "--champion"]
-        printed.append(project.python(*gate, "--json", check=False))
-        assert json.loads(printed[-1].stdout)["baseline"]["missing_reason"] == f"{NAME} has no champion yet in {masked}"
-        printed += [project.python(*gate, "--promote"), project.python(*gate, "--json")]
-        assert "Promoted mnist-softmax version 1" in printed[-2].stdout
-        # mnist-predict through the registry: an answer, and an error that names the store.
-        Image.fromarray(np.load(project.root / "data/processed/test_images.npy")[0].reshape(28, 28)).save(
-            project.root / "digit.png"
-        )
-        predict = ["-m", "pipeline.predict", "digit.png", "--model"]
-        printed.append(project.python(*predict, f"models:/{NAME}@champion"))
-        printed.append(project.python(*predict, "models:/no-such-model@champion", check=False))
-        assert printed[-1].returncode == 1 and masked in " ".join(printed[-1].stderr.split()), printed[-1].stderr
-        assert SECRET not in "".join(result.stdout + result.stderr for result in printed)
-        # Every file of the project (dvc.lock, DVC's cache and run cache, metrics/, the summary, git's
-        # objects), and the server's store and artifacts, which hold what the pipeline sent.
-        assert (project.root / ".dvc/cache/runs").is_dir() and (project.root / "summary.md").is_file()
-        holding = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "server.log"]
-        assert [str(path) for path in holding if SECRET.encode() in path.read_bytes()] == []
-        client = MlflowClient(url)
-        (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-        (version,) = client.search_model_versions(f"name = '{NAME}'")
-        assert SECRET not in json.dumps([run.data.params, run.data.tags, version.tags])
+    url = server.url.replace("http://", f"http://admin:{SECRET}@")
+    masked = url.replace(SECRET, "***")
+    project = make_project(tmp_path / "work", env={"MLFLOW_TRACKING_URI": url})
+    printed = [project.dvc("repro", timeout=600)]
+    # The gate against the registry on that server: no champion yet, a promotion, a comparison.
+    (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
+    gate = ["-m", "pipeline.check", "--params", "loose.yaml", "--summary-file", "summary.md", "--champion"]
+    printed.append(project.python(*gate, "--json", check=False))
+    assert json.loads(printed[-1].stdout)["baseline"]["missing_reason"] == f"{NAME} has no champion yet in {masked}"
+    printed += [project.python(*gate, "--promote"), project.python(*gate, "--json")]
+    assert "Promoted mnist-softmax version 1" in printed[-2].stdout
+    # mnist-predict through the registry: an answer, and an error that names the store.
+    image = np.load(project.root / "data/processed/test_images.npy")[0].reshape(28, 28)
+    Image.fromarray(image).save(project.root / "digit.png")
+    predict = ["-m", "pipeline.predict", "digit.png", "--model"]
+    printed.append(project.python(*predict, f"models:/{NAME}@champion"))
+    printed.append(project.python(*predict, "models:/no-such-model@champion", check=False))
+    assert printed[-1].returncode == 1 and masked in " ".join(printed[-1].stderr.split()), printed[-1].stderr
+    assert SECRET not in "".join(result.stdout + result.stderr for result in printed)
+    # Every file of the project (dvc.lock, DVC's cache and run cache, metrics/, the summary, git's
+    # objects), and the server's store and artifacts, which hold what the pipeline sent.
+    assert (project.root / ".dvc/cache/runs").is_dir() and (project.root / "summary.md").is_file()
+    holding = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "server.log"]
+    assert [str(path) for path in holding if SECRET.encode() in path.read_bytes()] == []
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    assert SECRET not in json.dumps([run.data.params, run.data.tags, version.tags])
 
 
 @pytest.mark.postgres
 def test_the_gate_prints_no_database_password(postgres, reproduced_project, tmp_path):
-    reproduced = reproduced_project
     # PostgreSQL's trust authentication accepts any password, so the URI works with one in it.
     uri = postgres.replace("postgresql://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
-    (tmp_path / "loose.yaml").write_text(yaml.safe_dump({**reproduced.params(), **LOOSE}))
-    summary = tmp_path / "summary.md"
-    result = reproduced.python(
-        "-m",
-        "pipeline.check",
-        "--params",
-        str(tmp_path / "loose.yaml"),
-        "--champion",
-        "--json",
-        "--summary-file",
-        str(summary),
-        env={"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"},
-    )
-    masked = uri.replace(SECRET, "***")
-    assert (
-        json.loads(result.stdout)["baseline"]["missing_reason"] == f"gate-password-test has no champion yet in {masked}"
-    )
+    masked, loose, summary = uri.replace(SECRET, "***"), tmp_path / "loose.yaml", tmp_path / "summary.md"
+    loose.write_text(yaml.safe_dump({**reproduced_project.params(), **LOOSE}))
+    gate = ["-m", "pipeline.check", "--params", str(loose), "--champion", "--json", "--summary-file", str(summary)]
+    env = {"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"}
+    result = reproduced_project.python(*gate, env=env)
+    reason = json.loads(result.stdout)["baseline"]["missing_reason"]
+    assert reason == f"gate-password-test has no champion yet in {masked}"
     assert masked in summary.read_text() and SECRET not in result.stdout + result.stderr + summary.read_text()

@@ -108,23 +108,14 @@ class TrainingRun:
                 raise PipelineError(f"{message} The stage wrote no output.") from None
 
 
-def process_gone(owner: str) -> bool:
-    """Whether "<host>:<pid>" names a process of this machine that no longer exists (other hosts cannot tell)."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # Another user's process.
-    return False
-
-
 def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> None:
+    """Mark FAILED each RUNNING run whose train process, on this machine, is gone (other hosts cannot tell)."""
+    import psutil  # installed with DVC
+
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
-        if process_gone(owner := run.data.tags.get(PROCESS_TAG, "")):
+        owner = run.data.tags.get(PROCESS_TAG, "")
+        host, _, pid = owner.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
             client.set_tag(run.info.run_id, CLOSED_TAG, f"its train process ({owner}) ended without closing the run")
             client.set_terminated(run.info.run_id, "FAILED")
             logger.warning("closed MLflow run %s as FAILED: the train process recording it had ended", run.info.run_id)
@@ -140,8 +131,7 @@ def training_run(
     data: Mapping[str, str] | None = None,
     check: Callable[[], None] = lambda: None,
 ) -> Iterator[TrainingRun]:
-    """Start a run with the project's tags (``data``: the md5 of each file read) and ``params``. It ends
-    FINISHED, or FAILED when the block raises, after the queued history got STOP_GRACE_SECONDS."""
+    """A run with the project's tags (``data``: the md5 of each file read) and ``params``; FAILED if it raises."""
     import mlflow
 
     extra = os.environ.get(EXTRA_TAGS_VARIABLE) or "{}"

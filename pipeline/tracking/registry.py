@@ -128,8 +128,7 @@ class Registry:
         return label, metrics | environment, ""
 
     def promote_file(self, path: Path, rules: Mapping, refused: bool) -> dict[str, Any]:
-        """Make the version of the model file at ``path`` the champion unless ``refused``, and the former one
-        ``previous`` (moved first: a failure in between leaves both on the old one)."""
+        """Make ``path``'s version the champion unless ``refused``; the former one ``previous`` (moved first)."""
         promotion = {"model": self.name, "version": None, "previous": None, "promoted": False, "reason": None}
         if refused:
             return promotion | {"reason": "the metrics broke their rules"}

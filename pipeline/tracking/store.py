@@ -63,8 +63,7 @@ def artifact_location(uri: str, root: Path) -> str | None:
 
 
 def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
-    """Ask a server's health check once (without credentials, which urllib would take for the host): None if
-    it answered, else (kind, why), kind being "hung", "refused" (by HTTP) or "down"."""
+    """Ask a server's /health once, without credentials: None if it answered, else ("hung"|"refused"|"down", why)."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
         return None
@@ -81,17 +80,16 @@ def server_problem(uri: str, timeout: float) -> tuple[str, str] | None:
 
 
 class ServerWatch:
-    """Asks a server's health every HEALTH_CHECK_SECONDS while a stage logs to it (a hung server holds each request
-    for its timeout once per MLflow retry); :meth:`check`, between chunks, stops the stage on a hang or outage."""
+    """Asks a server's health while a stage logs to it; :meth:`check`, between chunks, stops the stage on a fault."""
 
-    def __init__(self, uri: str, settings: TrackingSettings, interval: float = HEALTH_CHECK_SECONDS) -> None:
-        self.uri, self.settings, self.interval = uri, settings, interval
+    def __init__(self, uri: str, settings: TrackingSettings) -> None:
+        self.uri, self.settings = uri, settings
         self.problem: str | None = None
         self._stop = threading.Event()
 
     def _watch(self) -> None:
         down_since = None
-        while self.problem is None and not self._stop.wait(self.interval):
+        while self.problem is None and not self._stop.wait(HEALTH_CHECK_SECONDS):
             found = server_problem(self.uri, self.settings.request_timeout)
             if found is None:
                 down_since = None
@@ -148,7 +146,7 @@ def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
 
 def check_artifact_folder(location: str | None) -> None:
     """Fail before any work when a local store's artifact folder cannot take files."""
-    if location is None or urlparse(location).scheme != "file":
+    if location is None:
         return
     folder = Path(urlparse(location).path)
     existing = next(path for path in (folder, *folder.parents) if path.exists())
@@ -180,8 +178,7 @@ def quiet_links(uri: str) -> None:
 
 
 def resolve(settings: TrackingSettings) -> tuple[str, str | None]:
-    """The tracking URI and artifact location, checked before MLflow is imported; the project's HTTP
-    defaults go into the environment, where MLflow reads them at each request."""
+    """The tracking URI and artifact location, checked before MLflow is imported; MLflow's HTTP settings set."""
     root = store_root()
     uri = tracking_uri(settings.uri, root)
     check_reachable(uri)

@@ -76,8 +76,7 @@ def model_requirements() -> list[str]:
 
 
 def git_info(root: Path) -> dict[str, str]:
-    """The commit the run started from (a queued DVC experiment's baseline, which MLflow's own tag does not
-    know), and whether tracked sources or params.yaml differed from it."""
+    """The commit the run started from (a queued experiment's baseline) and whether sources or params differ from it."""
 
     def git(*args: str) -> str | None:
         try:
