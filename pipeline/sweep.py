@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -167,8 +166,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     pull, cache = (["--pull"], []) if setup.remote else ([], ["--no-cache"])
     run = ["dvc", "exp", "run", *pull, "--name", experiment, *set_param_arguments(config)]
     result = {"experiment": experiment, "node": node[:8], setup.metric: math.nan, "error": ""}
-    workdir = Path(tempfile.mkdtemp(prefix=f"mnist-sweep-{trial}-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"mnist-sweep-{trial}-", ignore_cleanup_errors=True) as directory:
+        workdir = Path(directory)
         for command in [*setup.prepare, run, ["dvc", "exp", "push", "--force", *cache, "origin", experiment]]:
             # In the worker's process group, which Ray ends whole when it stops the trial: no pipeline outlives it.
             done = subprocess.run(command, cwd=workdir, env=env, stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, text=True)
@@ -178,8 +177,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         else:
             result[setup.metric] = json.loads((workdir / "metrics/metrics.json").read_text())[setup.metric]
             record_restored_trial(setup, workdir, experiment, run_tags)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     tune.report(result)
 
 
@@ -210,13 +207,11 @@ def ranking(results: list[Any], sweep: Sweep) -> Any:
     import pandas as pd
 
     def row(result: Any) -> dict[str, Any]:
-        metrics = result.metrics or {}
+        metrics, config = result.metrics or {}, result.config or {}
         error = result.error and f"error: {store.short(str(result.error).splitlines()[-1])}"
         status = error or (f"failed: {metrics['error']}" if metrics.get("error") else "ok")
-        ended = {sweep.metric: metrics.get(sweep.metric, math.nan)} | {
-            k: metrics.get(k, "-") for k in ("experiment", "node")
-        }
-        return {key: (result.config or {}).get(key) for key in sweep.parameters} | ended | {"status": status}
+        cells = {key: config.get(key) for key in sweep.parameters} | {sweep.metric: metrics.get(sweep.metric, math.nan)}
+        return cells | {key: metrics.get(key, "-") for key in ("experiment", "node")} | {"status": status}
 
     rows = pd.DataFrame([row(result) for result in results])
     rows = rows.sort_values([sweep.metric, "experiment"], ascending=[sweep.mode == "min", True], na_position="last")
@@ -303,9 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    resumed = tune.Tuner.can_restore(str(state / name)) and client.search_runs(
-        [experiment_id], f"tags.`sweep.key` = '{key}'"
-    )
+    path = str(state / name)
+    resumed = tune.Tuner.can_restore(path) and client.search_runs([experiment_id], f"tags.`sweep.key` = '{key}'")
     if resumed:
         parent_run_id = resumed[0].info.run_id
         client.update_run(parent_run_id, status="RUNNING")
@@ -334,13 +328,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     status = "FAILED"
     try:
         if resumed:
-            tuner = tune.Tuner.restore(str(state / name), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             searcher: Any = BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=sweep.seed)
             if sweep.search == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
-
-                optuna = OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
+                optuna = tune.create_searcher("optuna", metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
                 searcher = ConcurrencyLimiter(optuna, max_concurrent=sweep.max_concurrent)
             config = tune.TuneConfig(search_alg=searcher, num_samples=1 if sweep.search == "grid" else sweep.trials)
             failures = tune.FailureConfig(max_failures=sweep.retries)
