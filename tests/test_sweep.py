@@ -65,9 +65,8 @@ def test_a_definition_parses_and_may_rank_by_any_of_the_reports_scores():
 
 
 def test_a_trials_params_become_set_param_arguments_and_its_failure_the_pipelines_own_error():
-    arguments = sweep.set_param_arguments(
-        {"train.learning_rate": np.float64(0.1) / 3, "train.batch_size": np.int64(20)}
-    )
+    config = {"train.learning_rate": np.float64(0.1) / 3, "train.batch_size": np.int64(20)}
+    arguments = sweep.set_param_arguments(config)
     assert arguments == ["--set-param=train.batch_size=20", f"--set-param=train.learning_rate={0.1 / 3!r}"]
     assert yaml.safe_load(arguments[1].split("=", 2)[2]) == 0.1 / 3
     output = (
@@ -184,11 +183,7 @@ def test_any_definition_is_refused_with_its_reasons_or_gives_a_space_ray_can_dra
         ("/dev/zero", "", ["cannot read the sweep file /dev/zero: it is a device, not a regular file"]),
         ("bad.yaml", "", ["metric: Input should be 'test_accuracy'"]),
         # On a cluster, trials on other machines can neither write to a local store nor clone a local repository.
-        (
-            "sweep.yaml --address 127.0.0.1:1",
-            "",
-            ["cannot write to; start a tracking server and set MLFLOW_TRACKING_URI=http://", "no git remote 'origin'"],
-        ),
+        ("sweep.yaml --address 127.0.0.1:1", "", ["local store", "MLFLOW_TRACKING_URI=http://", "git remote 'origin'"]),
         # A server whose health check answers but which refuses this user.
         ("sweep.yaml", "refusing", ["the MLflow tracking store", "failed with error code 401"]),
     ],
