@@ -62,8 +62,7 @@ def shared_mnist() -> Path:
 
 @pytest.fixture(scope="session")
 def reproduced_template(tmp_path_factory):
-    """The tiny project (pipeline_project.make_project) after one ``dvc repro`` (``.reproduced``), outputs
-    uncommitted. Read it, never change it: a test that runs or changes anything takes ``reproduced_project``."""
+    """The tiny project after one ``dvc repro`` (``.reproduced``), outputs uncommitted: read it, never change it."""
     from pipeline_project import make_project
 
     # oneDNN forced on, as TensorFlow does by default on CPUs with AVX-512, where it announces itself.
@@ -74,21 +73,13 @@ def reproduced_template(tmp_path_factory):
 
 @pytest.fixture
 def reproduced_project(reproduced_template, tmp_path):
-    """A test's own copy of ``reproduced_template`` (git, DVC cache, MLflow store), in ``tmp_path``.
-    ``reproduced_template.copy_to(directory, env)`` makes more, or one with other settings."""
+    """A test's own copy of ``reproduced_template`` (git, DVC cache, MLflow store), to run or change."""
     return reproduced_template.copy_to(tmp_path / "reproduced")
 
 
 # Fixtures that build a git + DVC repository or run a stage as a subprocess: seconds per test, so
 # the tests that use them belong to the slow set (`pytest -m "not slow"` leaves them out).
-SLOW_FIXTURES = {
-    "repo",
-    "pull_request",
-    "processed_project",
-    "report_project",
-    "reproduced_template",
-    "reproduced_project",
-}
+SLOW_FIXTURES = {"repo", "processed_project", "report_project", "reproduced_template", "reproduced_project"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -103,10 +94,9 @@ def small_disk(tmp_path):
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mountpoint)]
-    try:
-        mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
+    if shutil.which("mount") is None:
         pytest.skip("there is no mount command to make a small file system with")
+    mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
@@ -131,7 +121,6 @@ def processed_data(tmp_path_factory):
 def processed_project(tmp_path, processed_data):
     """A folder to run the train stage in: that data, and params.yaml with 60 steps of 10 images."""
     shutil.copytree(processed_data, tmp_path / "processed")
-    write_params(
-        tmp_path, preprocess={"validation_size": 50}, train={"batch_size": 10, "iterations": 60, "eval_interval": 20}
-    )
+    train = {"batch_size": 10, "iterations": 60, "eval_interval": 20}
+    write_params(tmp_path, preprocess={"validation_size": 50}, train=train)
     return tmp_path

