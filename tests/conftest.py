@@ -44,11 +44,8 @@ def write_params(directory: Path, **sections: dict) -> Path:
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` with its bytes, to prove that a failed run changed nothing."""
-    return {
-        str(path.relative_to(directory)): path.read_bytes()
-        for path in sorted(Path(directory).rglob("*"))
-        if path.is_file()
-    }
+    files = sorted(path for path in Path(directory).rglob("*") if path.is_file())
+    return {str(path.relative_to(directory)): path.read_bytes() for path in files}
 
 
 @pytest.fixture

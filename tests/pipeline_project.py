@@ -1,6 +1,5 @@
-"""Throwaway copies of the project as git + DVC repositories (``make_project``: tiny synthetic MNIST and
-params that ``dvc repro`` runs in seconds), and the MLflow servers tests start. Imports no MLflow or TensorFlow.
-"""
+"""Throwaway git + DVC copies of the project (``make_project``: tiny synthetic MNIST and params that ``dvc repro``
+runs in seconds), and the MLflow servers tests start. Imports no MLflow or TensorFlow."""
 
 from __future__ import annotations
 
@@ -173,11 +172,8 @@ class Project:
 
 def base_env(project_root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without pipeline, DVC and MLflow settings, with this venv first on PATH."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("MLFLOW_", "DVC_", "MNIST_", "GIT_", "PYTHONPATH", "VIRTUAL_ENV"))
-    }
+    ours = ("MLFLOW_", "DVC_", "MNIST_", "GIT_", "PYTHONPATH", "VIRTUAL_ENV")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ours)}
     # dvc.yaml's commands say `python`, and DVC's queue spawns `dvc` workers by name.
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
     name, email = GIT_IDENTITY.values()

@@ -1,18 +1,19 @@
-"""DVC experiments and MLflow runs: one tagged run per experiment in the project's own store, for ``dvc exp
-run -S`` and a queued sweep run two at a time in ``.dvc/tmp/exps``; none for one restored from the run cache."""
+"""Reruns, DVC experiments and MLflow runs: one tagged run per experiment in the project's own store, for ``dvc
+exp run -S`` and a queued sweep two at a time in ``.dvc/tmp/exps``; none for one restored from the run cache."""
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import stage_env
 from mlflow.tracking import MlflowClient
 from pipeline_project import Project
-from test_pipeline import EVALUATIONS
+from test_pipeline import EVALUATIONS, ran_stages
 from test_pipeline import runs as client_and_runs
 
 from pipeline.tracking.record import TEST_PROBABILITIES_TAG
@@ -24,15 +25,9 @@ def runs(project: Project) -> list:
     return client_and_runs(project)[1]
 
 
-def steps(project: Project, run, key: str) -> list[int]:
-    client = client_and_runs(project)[0]
-    return [metric.step for metric in client.get_metric_history(run.info.run_id, key)]
-
-
-def produced(project: Project, run) -> bool:
-    """Whether ``run`` trained the model whose test probabilities are in the workspace."""
-    digest = hashlib.sha256((project.root / "models/test_probabilities.npy").read_bytes()).hexdigest()
-    return run.data.tags[TEST_PROBABILITIES_TAG] == digest
+def produced(run, probabilities: Path) -> bool:
+    """Whether ``run`` trained the model whose test probabilities are the file ``probabilities``."""
+    return run.data.tags[TEST_PROBABILITIES_TAG] == hashlib.sha256(probabilities.read_bytes()).hexdigest()
 
 
 def check_run(project: Project, run, baseline, *, experiment: str, learning_rate: float, lock_text: str) -> None:
@@ -49,64 +44,69 @@ def check_run(project: Project, run, baseline, *, experiment: str, learning_rate
     assert run.info.experiment_id == baseline.info.experiment_id and set(run.data.params) == set(baseline.data.params)
     assert float(run.data.params["train.learning_rate"]) == learning_rate
     assert {"final_test_accuracy", "macro_f1"} <= set(run.data.metrics)
-    assert steps(project, run, "history/train_accuracy") == list(range(1, 51))
-    assert steps(project, run, "history/test_accuracy") == EVALUATIONS
+    client = client_and_runs(project)[0]
+    for key, expected in (("history/train_accuracy", list(range(1, 51))), ("history/test_accuracy", EVALUATIONS)):
+        assert [metric.step for metric in client.get_metric_history(run.info.run_id, key)] == expected, key
     # The store and its artifacts are the project's own, also for a queued copy (DVC_ROOT).
     assert run.info.artifact_uri.startswith((project.root / "mlartifacts").as_uri())
 
 
-def test_exp_run_logs_one_tagged_run_and_an_experiment_dvc_restores_logs_none(reproduced_project):
+def test_a_setting_reruns_nothing_and_each_experiment_logs_one_tagged_run_but_a_restored_one_none(reproduced_project):
     project = reproduced_project
-    (baseline,) = runs(project)
-    project.dvc("exp", "run", "-S", "train.learning_rate=0.02", timeout=600)
+    # Where data comes from and where runs go are settings, not parameters: changing them reruns nothing.
+    settings = {"MNIST_MIRROR": str(project.root / "no-such-mirror"), "MNIST_FETCH_TIMEOUT": "5"}
+    settings |= {"MLFLOW_EXPERIMENT_NAME": "another-experiment", "MNIST_REGISTERED_MODEL": "another-model"}
+    settings |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+    assert "Data and pipelines are up to date." in project.dvc("status", env=settings).stdout
+    assert ran_stages(project.dvc("repro", env=settings).stdout) == []
+    client, (baseline,) = client_and_runs(project)
+    assert client.get_experiment_by_name("another-experiment") is None
+
+    # A parameter reruns train and report, as an experiment.
+    result = project.dvc("exp", "run", "-S", "train.learning_rate=0.02", timeout=600)
+    assert ran_stages(result.stdout) == ["train", "report"]
     (name,) = project.experiments()
     (run,) = runs(project)[1:]
     lock = (project.root / "dvc.lock").read_text()
     check_run(project, run, baseline, experiment=name, learning_rate=0.02, lock_text=lock)
-    assert produced(project, run)
+    assert produced(run, project.root / "models/test_probabilities.npy")
 
     # The baseline's params again: DVC restores its outputs from the run cache instead of training.
     result = project.dvc("exp", "run", "-S", "train.learning_rate=0.003", timeout=600)
     assert "Running stage 'train'" not in result.stdout, result.stdout
     assert len(runs(project)) == 2
     # The restored outputs lead to the run that produced them, which keeps its single report.
-    assert produced(project, baseline) and len(steps(project, baseline, "macro_f1")) == 1
+    assert produced(baseline, project.root / "models/test_probabilities.npy")
+    assert len(client.get_metric_history(baseline.info.run_id, "macro_f1")) == 1
 
-
-def test_a_queued_sweep_two_at_a_time_logs_one_run_per_experiment_into_the_projects_store(reproduced_project):
-    project = reproduced_project
+    # A sweep queued on a new baseline (the restored workspace committed), two at a time. None of its
+    # rates is one DVC has in its run cache (0.003, 0.02), which it would restore instead of training.
     project.commit("Reproduced")
-    (baseline,) = runs(project)
-    sweep = (0.001, 0.01, 0.02)  # none is the baseline's 0.003, which DVC would restore from its run cache
+    sweep = (0.001, 0.01, 0.03)
     queued = project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=" + ",".join(map(str, sweep)))
     assert queued.stdout.count("Queued experiment") == len(sweep), queued.stdout
     status = project.run_queue(jobs=2)
     # A "database is locked" (or any) failure in a queued stage would fail its task.
     assert status.count("Success") == len(sweep) and "Failed" not in status, status
     experiments = project.experiments()
-    by_experiment = {run.data.tags.get("dvc.experiment"): run for run in runs(project)[1:]}
+    by_experiment = {run.data.tags.get("dvc.experiment"): run for run in runs(project)[2:]}
     assert set(by_experiment) == set(experiments)
     for name, info in experiments.items():
         run, lock = by_experiment[name], project.git("show", f"{info['rev']}:dvc.lock")
         rate = info["params"]["train"]["learning_rate"]
         check_run(project, run, baseline, experiment=name, learning_rate=rate, lock_text=lock)
         # The experiment's own outputs lead to this run (report finds it by their digest).
-        (md5,) = [
-            out["md5"]
-            for out in yaml.safe_load(lock)["stages"]["train"]["outs"]
-            if out["path"].endswith("test_probabilities.npy")
-        ]
-        probabilities = project.root / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
-        assert run.data.tags[TEST_PROBABILITIES_TAG] == hashlib.sha256(probabilities.read_bytes()).hexdigest()
+        outs = {out["path"]: out["md5"] for out in yaml.safe_load(lock)["stages"]["train"]["outs"]}
+        md5 = outs["models/test_probabilities.npy"]
+        assert produced(run, project.root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
         final = info["metrics"]["metrics/train.json"]["final_test_accuracy"]
         assert run.data.metrics["final_test_accuracy"] == pytest.approx(final)
     assert sorted(float(run.data.params["train.learning_rate"]) for run in by_experiment.values()) == list(sweep)
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
-    """Two queued experiments reaching train together must not both create the store's tables, nor
-    fail to log into it side by side. (Whether DVC's queue overlaps two tiny trainings is up to the
-    machine's load, so this is where writers that run at the same instant are pinned.)"""
+    """Two trainings that open a new store in the same instant (as queued experiments may) both log into it."""
+    # Whether DVC's queue overlaps two tiny trainings is up to the machine's load; here they always do.
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     go = tmp_path / "go"
     script = (
