@@ -15,8 +15,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "mnist"
 
-sys.path.insert(0, str(ROOT))
-
 
 def stage_env(**extra: str) -> dict[str, str]:
     """The environment a stage subprocess runs in: this checkout importable, no stray tracking URI."""

@@ -140,8 +140,7 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_the_registered_mode
     assert {key: value for key, value in tags.items() if key.startswith("data.")} == project.data_tags(lock)
     model_file = project.root / "models/model.keras"
     assert tags[registry.MODEL_SHA256_TAG] == hashlib.sha256(model_file.read_bytes()).hexdigest()
-    accuracy = report_metrics["test_accuracy"]
-    assert version.description.startswith(f"Test accuracy {accuracy:.4f} on 60 test images")
+    assert version.description.startswith(f"Test accuracy {report_metrics['test_accuracy']:.4f} on 60 test images")
     # The registry's model holds the very file DVC tracks (dvc.yaml's model artifact).
     assert (registered / "artifacts/model.keras").read_bytes() == model_file.read_bytes()
     (artifact,) = yaml.safe_load((project.root / "dvc.yaml").read_text())["artifacts"].values()
