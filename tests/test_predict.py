@@ -89,7 +89,6 @@ def test_ink_is_found_whichever_way_round_in_any_mode(image, kind):
     ("data", "phrase"),
     [
         (b"", "is not an image"),
-        (b"just some text, not a picture", "is not an image"),
         (encoded(Image.new("RGB", (200, 300), (30, 90, 200))), "shows no ink"),
         (encoded(seven())[:400], "damaged or truncated"),
         (encoded(seven(1500, 1500)), "decompression-bomb limit"),
@@ -130,7 +129,6 @@ def test_text_and_json_name_the_model():
         "seven.png: 7  (7: 90.0%, 3: 5.0%, 2: 2.0%)\n"
     )
     assert predict.render_text(results[1:], {}) == ""
-    assert predict.render_text(results, {"file": "/p/model.keras"}).startswith("model: file /p/model.keras\n")
     assert predict.render_text(results, {"uri": "runs:/abc/model"}).startswith("model: runs:/abc/model\n")
     top = [{"digit": 7, "probability": 0.9}, {"digit": 3, "probability": 0.05}, {"digit": 2, "probability": 0.02}]
     assert json.loads(predict.render_json(results, model)) == [
@@ -164,23 +162,13 @@ def test_unusable_files_huge_inputs_and_a_terminal_are_refused_each_alone(tmp_pa
     (folder := tmp_path / "folder.png").mkdir()
     with open(huge := tmp_path / "huge.png", "wb") as handle:
         handle.truncate(READ_LIMIT + 1)
-    main, terminal = pty.openpty()
+    command = [sys.executable, "-m", "pipeline.predict"]
+    options = {"cwd": tmp_path, "env": stage_env(), "capture_output": True, "text": True, "timeout": 120}
+    names = ["missing.png", "notes.txt", "/dev/zero", str(fifo), str(folder), str(huge), "-"]
     with open("/dev/zero", "rb") as zeros:
-        results = [
-            subprocess.run(
-                [sys.executable, "-m", "pipeline.predict", *names],
-                stdin=stdin,
-                cwd=tmp_path,
-                env=stage_env(),
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            for names, stdin in (
-                (["missing.png", "notes.txt", "/dev/zero", str(fifo), str(folder), str(huge), "-"], zeros),
-                (["-"], terminal),
-            )
-        ]
+        results = [subprocess.run([*command, *names], stdin=zeros, **options)]
+    main, terminal = pty.openpty()
+    results.append(subprocess.run([*command, "-"], stdin=terminal, **options))
     os.close(main)
     os.close(terminal)
     assert [(result.returncode, result.stdout) for result in results] == [(1, ""), (1, "")]
