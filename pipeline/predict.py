@@ -61,42 +61,36 @@ def grey_levels(data: bytes) -> np.ndarray:
             raise ImageError(f"is a damaged or truncated image ({error or type(error).__name__})") from None
 
 
-def ink(grey: np.ndarray) -> np.ndarray:
-    """The ink, 0 (paper) to 255, cropped to it; the border is mostly paper, whichever way round the page is."""
+def mnist_pixels(data: bytes) -> np.ndarray:
+    """An image file's bytes as one MNIST-like row of 784 uint8 pixels, white ink on black."""
+    grey = grey_levels(data)
+    # The ink, 0 (paper) to 255; the border is mostly paper, whichever way round the page is.
     paper = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
     amount = np.clip(paper - grey if paper >= 128 else grey - paper, 0, None)
-    if (strongest := float(amount.max())) < MIN_CONTRAST:
+    strongest = float(amount.max())
+    if strongest < MIN_CONTRAST:
         raise ImageError(NO_INK)
     # What is below half the threshold is paper texture or noise, which would pull the centre of mass away.
     amount[amount < INK_THRESHOLD * strongest / 2] = 0
     rows, columns = np.nonzero(amount > INK_THRESHOLD * strongest)
-    return amount[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1] * (255.0 / strongest)
-
-
-def fit_box(amount: np.ndarray) -> np.ndarray:
-    """Scale the longer side to DIGIT_BOX, keeping the aspect ratio (ImageOps.contain can round a side to 0)."""
+    amount = amount[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1] * (255.0 / strongest)
+    # Cropped to the ink, its longer side scaled to DIGIT_BOX (ImageOps.contain can round a thin side to 0).
     size = [max(1, round(side * DIGIT_BOX / max(amount.shape))) for side in reversed(amount.shape)]
     image = Image.fromarray(amount.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.float32).clip(0, 255)
-
-
-def centre_by_mass(digit: np.ndarray) -> np.ndarray:
-    """``digit`` in MNIST's field with its centre of mass on CENTRE (whole pixels), yet wholly inside."""
+    digit = np.asarray(image, dtype=np.float32).clip(0, 255)
+    if digit.sum() == 0:
+        raise ImageError(NO_INK)
+    # Its centre of mass on CENTRE (whole pixels), yet wholly inside MNIST's field.
     top, left = (
         min(max(round(target - np.average(np.arange(size), weights=digit.sum(axis=1 - axis))), 0), field - size)
         for axis, (size, field, target) in enumerate(zip(digit.shape, IMAGE_SHAPE, CENTRE))
     )
     field = np.zeros(IMAGE_SHAPE, dtype=np.float32)
     field[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
-    return field
-
-
-def mnist_pixels(data: bytes) -> np.ndarray:
-    """An image file's bytes as one MNIST-like row of 784 uint8 pixels, white ink on black."""
-    digit = fit_box(ink(grey_levels(data)))
-    if digit.sum() > 0 and (pixels := np.rint(centre_by_mass(digit)).astype(np.uint8).reshape(NUM_PIXELS)).any():
-        return pixels
-    raise ImageError(NO_INK)
+    pixels = np.rint(field).astype(np.uint8).reshape(NUM_PIXELS)
+    if not pixels.any():
+        raise ImageError(NO_INK)
+    return pixels
 
 
 def top(probabilities: np.ndarray) -> list[tuple[int, float]]:

@@ -23,10 +23,7 @@ from pipeline.tracking import record, store
 
 logger = logging.getLogger(__name__)
 
-SMOOTHING_STEPS = 100
 MISTAKES_SHOWN = 100
-# The author's visualisation shows a misrecognised digit dark on a red background.
-MISTAKE_BACKGROUND = np.array([1.0, 1.0 / 1.3, 1.0 / 1.3])
 
 
 def read_history(path: Path, column: str) -> pd.DataFrame:
@@ -42,12 +39,10 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
     figure = Figure(figsize=(12, 8), layout="constrained")
     axes = figure.subplots(2, 1, sharex=True)
     steps, accuracy = train_history["step"], train_history["train_accuracy"]
-    smoothed = accuracy.rolling(SMOOTHING_STEPS, min_periods=1).mean()
+    smoothed = accuracy.rolling(100, min_periods=1).mean()
     for axis, limits in zip(axes, (None, (0.85, 1.0))):
         axis.plot(steps, accuracy, color="#4c72b0", linewidth=0.3, alpha=0.35, label="training batch (every step)")
-        axis.plot(
-            steps, smoothed, color="#4c72b0", linewidth=1.2, label=f"training batch ({SMOOTHING_STEPS}-step mean)"
-        )
+        axis.plot(steps, smoothed, color="#4c72b0", linewidth=1.2, label="training batch (100-step mean)")
         axis.plot(test_history["step"], test_history["test_accuracy"], color="#dd8452", linewidth=2, label="test set")
         axis.grid(color="#dddddd")
         axis.set_ylabel("share of correct answers")
@@ -70,9 +65,10 @@ def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.nd
     axes = figure.subplots(rows, 10, squeeze=False)
     for axis in axes.flat:
         axis.set_axis_off()
+    # The author's visualisation shows a misrecognised digit dark on a red background.
+    background = np.array([1.0, 1.0 / 1.3, 1.0 / 1.3])
     for axis, index in zip(axes.flat, order[:MISTAKES_SHOWN]):
-        ink = images[index].reshape(*IMAGE_SHAPE, 1) / 255
-        axis.imshow((1 - ink) * MISTAKE_BACKGROUND, interpolation="nearest")
+        axis.imshow((1 - images[index].reshape(*IMAGE_SHAPE, 1) / 255) * background, interpolation="nearest")
         answer = predicted[index]
         axis.set_title(f"{labels[index]} → {answer}  {probabilities[index, answer]:.2f}", fontsize=9, pad=2)
     figure.suptitle(

@@ -7,11 +7,11 @@ import os
 import re
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 from pipeline_project import MlflowServer
+from test_pipeline import EVALUATIONS
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +31,12 @@ RENDERED = """(element) => { const canvas = document.querySelector(element + " c
 
 
 def series(rows: list[dict], y: str | None = None) -> dict[str, list[float]]:
-    """A chart's lines, by the name DVC gives each ("file::column", or the column when one file
-    gives them all), with their y values; ``y`` names the column of a single-line chart."""
+    """A chart's y values by line ("file::column", or the column when one file gives all); ``y``: a single line's."""
     lines: dict[str, list[float]] = {}
     for row in rows:
         name = row.get("filename::field") or row.get("field") or y
         lines.setdefault(name, []).append(float(row["dvc_inferred_y_value"] if y is None else row[y]))
     return lines
-
-
-EVALUATIONS = [10, 20, 30, 40, 50]  # TINY_PARAMS: 50 iterations, a test evaluation every 10 steps
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +91,8 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
     page.goto(page_file.as_uri())
     # Each chart's script hands vegaEmbed its element, then the chart replaces the script.
     charts = re.findall(r"vegaEmbed\('(#[^']+)'", html)
-    deadline = time.monotonic() + 180
-    while (
-        sorted(done := page.evaluate("Object.keys(window.renderedViews)")) != sorted(charts)
-        and time.monotonic() < deadline
-    ):
-        page.wait_for_timeout(500)
-    assert sorted(done) == sorted(charts), f"rendered {done} of {charts}; errors: {errors}"
-    assert errors == []
+    page.wait_for_function("(n) => Object.keys(window.renderedViews).length >= n", arg=len(charts), timeout=180_000)
+    assert sorted(page.evaluate("Object.keys(window.renderedViews)")) == sorted(charts) and errors == []
 
     rendered = {chart: page.evaluate(RENDERED, chart) for chart in charts}
     # Every chart drew on a canvas of its own.

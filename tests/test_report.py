@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_module, snapshot, stage_env, write_params
+import yaml
+from conftest import ROOT, run_module, snapshot, stage_env, write_params
+from pipeline_project import REPORT_OUTPUTS
 
 from pipeline.report import accuracy_figure, mistakes_figure, png_bytes, weight_maps_figure
 from pipeline.tracking.record import REPORT_TAG, TEST_PROBABILITIES_TAG, sha256
 
-STEPS = np.arange(1, 301)
-TRAIN = pd.DataFrame({"step": STEPS, "train_accuracy": np.random.default_rng(0).uniform(0.8, 1.0, 300)})
+TRAIN = pd.DataFrame({"step": np.arange(1, 301), "train_accuracy": np.random.default_rng(0).uniform(0.8, 1.0, 300)})
 TEST = pd.DataFrame({"step": [100, 200, 300], "test_accuracy": 0.92})
+PROBABILITIES = "models/test_probabilities.npy"
 
 
-def test_figures_are_drawn_as_png():
-    labels = np.array([0, 1, 2, 2, 9])
-    probabilities = np.eye(10)[[0, 1, 2, 1, 9]] * 0.9 + 0.01
-    images = np.random.default_rng(0).integers(0, 256, size=(5, 784), dtype=np.uint8)
+def test_figures_are_drawn_as_png_and_mistakes_come_most_confident_first():
+    labels = np.array([3, 1, 4, 1, 5])
+    probabilities = np.full((5, 10), 0.01)
+    # Image 0 is right; images 1, 2 and 4 are wrong with 0.6, 0.9 and 0.6 on the wrong class.
+    for row, (predicted, probability) in enumerate([(3, 0.9), (7, 0.6), (9, 0.9), (1, 0.8), (0, 0.6)]):
+        probabilities[row, predicted] = probability
+    mistakes = mistakes_figure(np.zeros((5, 784), np.uint8), labels, probabilities)
     for figure in (
         accuracy_figure(TRAIN, TEST),
         accuracy_figure(TRAIN, TEST.iloc[:0]),  # eval_interval 0: no test history
-        mistakes_figure(images, labels, probabilities),
+        mistakes,
         weight_maps_figure(np.random.default_rng(0).normal(size=(10, 28, 28))),
         weight_maps_figure(np.zeros((0, 28, 28))),
     ):
@@ -34,37 +39,15 @@ def test_figures_are_drawn_as_png():
     figure = accuracy_figure(TRAIN, TEST)
     assert figure.axes[0].get_title() == "Accuracy — final test accuracy 0.9200"
     assert figure.axes[1].get_ylim() == (0.85, 1.0)
-
-
-def test_mistakes_come_most_confident_first_and_are_labelled_actual_to_predicted():
-    labels = np.array([3, 1, 4, 1, 5])
-    probabilities = np.full((5, 10), 0.01)
-    # Image 0 is right; images 1, 2 and 4 are wrong with 0.6, 0.9 and 0.6 on the wrong class.
-    for row, (predicted, probability) in enumerate([(3, 0.9), (7, 0.6), (9, 0.9), (1, 0.8), (0, 0.6)]):
-        probabilities[row, predicted] = probability
-    figure = mistakes_figure(np.zeros((5, 784), np.uint8), labels, probabilities)
-    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    # The mistakes are labelled actual → predicted; a blank digit is all background, and the background is red.
+    titles = [axis.get_title() for axis in mistakes.axes if axis.get_title()]
     assert titles == ["4 → 9  0.90", "1 → 7  0.60", "5 → 0  0.60"]
-    # A blank digit is all background, and the background is red.
-    red, green, blue = figure.axes[0].get_images()[0].get_array()[0, 0]
+    red, green, blue = mistakes.axes[0].get_images()[0].get_array()[0, 0]
     assert red == 1.0 and green == blue < 0.8
 
 
-OUTPUTS = {
-    "metrics": "metrics.json",
-    "confusion": "confusion.csv",
-    "classification-report": "report.txt",
-    "accuracy-plot": "a.png",
-    "mistakes-plot": "mistakes.png",
-    "weight-maps-plot": "maps.png",
-}
-INPUTS = {
-    "data": "processed",
-    "test-probabilities": "models/p.npy",
-    "weight-maps": "models/maps.npy",
-    "train-history": "models/train.csv",
-    "test-history": "models/test.csv",
-}
+# The stage's own command line in dvc.yaml, after ``python -m pipeline.report``.
+COMMAND = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["cmd"].split()[3:]
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +57,18 @@ def report_template(tmp_path_factory, processed_data):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("report")
-    shutil.copytree(processed_data, root / "processed")
+    shutil.copytree(processed_data, root / "data/processed")
     write_params(root)
     (root / "models").mkdir()
     (root / "metrics").mkdir()
-    np.save(root / "models/p.npy", np.random.default_rng(0).dirichlet(np.ones(10), size=50).astype(np.float32))
-    np.save(root / "models/maps.npy", np.random.default_rng(0).normal(size=(10, 28, 28)).astype(np.float32))
-    TRAIN.assign(train_cross_entropy_sum=30.0).to_csv(root / "models/train.csv", index=False)
-    TEST.assign(test_cross_entropy_sum=2800.0).to_csv(root / "models/test.csv", index=False)
+    np.save(root / PROBABILITIES, np.random.default_rng(0).dirichlet(np.ones(10), size=50).astype(np.float32))
+    np.save(root / "models/weight_maps.npy", np.random.default_rng(0).normal(size=(10, 28, 28)).astype(np.float32))
+    TRAIN.assign(train_cross_entropy_sum=30.0).to_csv(root / "metrics/train_history.csv", index=False)
+    TEST.assign(test_cross_entropy_sum=2800.0).to_csv(root / "metrics/test_history.csv", index=False)
     (root / "metrics/metrics.json").write_text('{"test_accuracy": 0.5}\n')
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment_id = client.create_experiment("mnist-softmax", artifact_location=(root / "art").as_uri())
-    digest = sha256((root / "models/p.npy").read_bytes())
+    digest = sha256((root / PROBABILITIES).read_bytes())
     client.set_terminated(client.create_run(experiment_id, tags={TEST_PROBABILITIES_TAG: digest}).info.run_id)
     return root
 
@@ -102,10 +85,8 @@ def report_project(report_template, tmp_path):
 
 
 def run_report(project):
-    paths = {**INPUTS, **{option: f"metrics/{name}" for option, name in OUTPUTS.items()}}
-    args = [part for option, path in paths.items() for part in (f"--{option}", path)]
     env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
-    return run_module("pipeline.report", *args, cwd=project, env=env)
+    return run_module("pipeline.report", *COMMAND, cwd=project, env=env)
 
 
 def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
@@ -113,15 +94,13 @@ def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
     before = client.get_run(run_id).info
     result = run_report(project)
     assert result.returncode == 0, result.stderr
-    metrics = json.loads((project / "metrics/metrics.json").read_text())
-    labels = np.load(project / "processed/test_labels.npy").argmax(1)
-    predicted = np.load(project / "models/p.npy").argmax(1)
-    assert metrics["test_accuracy"] == pytest.approx(np.mean(labels == predicted))
+    labels = np.load(project / "data/processed/test_labels.npy").argmax(1)
+    predicted = np.load(project / PROBABILITIES).argmax(1)
     confusion = pd.read_csv(project / "metrics/confusion.csv")
     assert confusion.to_dict("list") == {"actual": labels.tolist(), "predicted": predicted.tolist()}
     run = client.get_run(run_id)
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "report")}
-    assert artifacts == {f"report/{name}" for name in OUTPUTS.values()}
+    assert artifacts == {f"report/{Path(path).name}" for path in REPORT_OUTPUTS}
     # The metrics are train's to log (with the model, so that no registry version lacks them when DVC
     # restores report from its cache): report logs files only.
     assert run.data.metrics == {} and run.data.tags[REPORT_TAG]
@@ -139,30 +118,26 @@ def test_report_logs_into_the_run_that_trained_the_model_once(report_project):
 
 
 @pytest.mark.parametrize(
-    ("break_it", "expected"),
+    ("path", "content", "expected"),
     [
         # Other (valid) probabilities than the training run's: outputs from another store.
-        (lambda project: np.save(project / "models/p.npy", np.full((50, 10), 0.1)), "no finished MLflow run"),
-        (lambda project: (project / "models/p.npy").unlink(), "models/p.npy does not exist; run the train stage"),
-        (lambda project: (project / "models/p.npy").write_bytes(b"not numpy"), "models/p.npy is corrupt"),
-        (
-            lambda project: np.save(project / "models/p.npy", np.ones((49, 10), np.float32)),
-            "hold arrays of shape (49, 10) and (10, 28, 28), not (50, 10) and (10, 28, 28)",
-        ),
-        (
-            lambda project: np.save(project / "models/maps.npy", np.ones((10, 784), np.float32)),
-            "hold arrays of shape (50, 10) and (10, 784), not (50, 10)",
-        ),
-        (
-            lambda project: (project / "models/train.csv").write_text("step,nonsense\n1,2\n"),
-            "cannot read models/train.csv: Usecols do not match columns",
-        ),
+        (PROBABILITIES, np.full((50, 10), 0.1), "no finished MLflow run"),
+        (PROBABILITIES, None, f"{PROBABILITIES} does not exist; run the train stage"),
+        (PROBABILITIES, b"not numpy", f"{PROBABILITIES} is corrupt"),
+        (PROBABILITIES, np.ones((49, 10), np.float32), "hold arrays of shape (49, 10) and (10, 28, 28), not (50, 10)"),
+        ("models/weight_maps.npy", np.ones((10, 784), np.float32), "hold arrays of shape (50, 10) and (10, 784), not"),
+        ("metrics/train_history.csv", b"step,nonsense\n1,2\n", "cannot read metrics/train_history.csv: Usecols do not"),
     ],
     ids=["no-training-run", "missing", "corrupt", "probabilities-shape", "maps-shape", "history-columns"],
 )
-def test_bad_inputs_give_one_paragraph_and_keep_earlier_outputs(report_project, break_it, expected):
+def test_bad_inputs_give_one_paragraph_and_keep_earlier_outputs(report_project, path, content, expected):
     project, _, _ = report_project
-    break_it(project)
+    if content is None:
+        (project / path).unlink()
+    elif isinstance(content, bytes):
+        (project / path).write_bytes(content)
+    else:
+        np.save(project / path, content)
     before = snapshot(project / "metrics")
     result = run_report(project)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
