@@ -103,11 +103,8 @@ class History:
 
     def csv_files(self) -> list[str]:
         """The train history, test history and percentiles as CSV, in float64 (whose repr reads back exactly)."""
-        accuracy, cross_entropy = self.train_series()
-        steps = range(1, len(accuracy) + 1)
-        train = pd.DataFrame(
-            dict(zip(TRAIN_HISTORY_COLUMNS, (steps, accuracy.astype(float), cross_entropy.astype(float))))
-        )
+        train = pd.DataFrame(np.column_stack(self.train_series()).astype(float), columns=TRAIN_HISTORY_COLUMNS[1:])
+        train.insert(0, "step", range(1, len(train) + 1))
         percentiles = [
             np.reshape(values, (-1, len(PERCENTILES))) for values in (self.weight_percentiles, self.bias_percentiles)
         ]
@@ -148,10 +145,9 @@ def status(history: History, step: int) -> str:
     if not history.test_steps:
         accuracy, cross_entropy = history.train_accuracy[-1][-1], history.train_cross_entropy[-1][-1]
         return f"batch accuracy {accuracy:.4f}, batch cross-entropy {cross_entropy:.2f}"
-    as_of = "" if history.test_steps[-1] == step else f" (measured at step {history.test_steps[-1]})"
-    return (
-        f"test accuracy {history.test_accuracy[-1]:.4f}, test cross-entropy {history.test_cross_entropy[-1]:.2f}{as_of}"
-    )
+    accuracy, cross_entropy, tested = history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1]
+    as_of = "" if tested == step else f" (measured at step {tested})"
+    return f"test accuracy {accuracy:.4f}, test cross-entropy {cross_entropy:.2f}{as_of}"
 
 
 def final_metrics(history: History) -> dict[str, float]:

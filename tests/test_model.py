@@ -27,40 +27,25 @@ SCRIPT_PARAMETERS = {
 }
 
 
-def trainable_count(model) -> int:
-    return sum(int(np.prod(variable.shape)) for variable in model.trainable_variables)
+# Sigmoids start their biases at 0, relus at 0.1 but for the last layer (script 2.x's comments); the
+# convolutional scripts start every bias (and 4.2 every batch-norm offset) at 0.1.
+RELU_BIASES = [0.1, 0.1, 0.1, 0.1, 0]
+INITIAL_BIASES = {"softmax": [0], "five_layers_sigmoid": [0] * 5, "conv": [0.1] * 5}
+INITIAL_BIASES |= {"conv_bigger_dropout": [0.1] * 5, "conv_batchnorm": [0.1] * 5}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_models_have_the_scripts_shapes_and_parameter_counts(name):
+def test_models_have_the_scripts_shapes_parameter_counts_and_initial_values(name):
     from pipeline.model import build_model
 
     model = build_model(0, name)
-    assert trainable_count(model) == SCRIPT_PARAMETERS[name]
+    assert sum(int(np.prod(variable.shape)) for variable in model.trainable_variables) == SCRIPT_PARAMETERS[name]
     assert tuple(model.input_shape) == (None, 784) and tuple(model.output_shape) == (None, 10)
     probabilities = model(np.random.default_rng(0).random((3, 784), np.float32)).numpy()
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("name", "biases"),
-    [
-        ("softmax", [0]),
-        # Sigmoids start at 0, relus at 0.1 but for the last layer (script 2.x's comments); the
-        # convolutional scripts start every bias (and 4.2 every batch-norm offset) at 0.1.
-        ("five_layers_sigmoid", [0, 0, 0, 0, 0]),
-        ("five_layers_relu", [0.1, 0.1, 0.1, 0.1, 0]),
-        ("conv", [0.1] * 5),
-        ("conv_bigger_dropout", [0.1] * 5),
-        ("conv_batchnorm", [0.1] * 5),
-    ],
-)
-def test_initial_values_follow_the_scripts(name, biases):
-    from pipeline.model import build_model
-
-    model = build_model(0, name)
     kernels = [v.numpy() for v in model.trainable_variables if len(v.shape) > 1]
     offsets = [v.numpy() for v in model.trainable_variables if len(v.shape) == 1]
+    biases = INITIAL_BIASES.get(name, RELU_BIASES)
     assert [float(np.unique(offset).item()) for offset in offsets] == pytest.approx(biases)
     for kernel in kernels:
         # tf.truncated_normal(stddev=0.1): never beyond two standard deviations.
@@ -96,24 +81,41 @@ def test_dropout_and_batch_norm_only_act_in_training():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_each_model_trains_in_the_compiled_loop_and_repeats_exactly(name):
+def test_each_model_trains_in_the_compiled_loop_and_repeats_exactly_whatever_the_chunks(name):
+    """One step per chunk, or chunks doubling up to each printed line: the same numbers, bit for bit."""
     from test_train import small_data, train_once
 
-    from pipeline.model import SERIES, build_model
+    from pipeline.data import PERCENTILES
+    from pipeline.model import SERIES, build_model, parameter_groups
 
     initial = build_model(0, name).get_weights()
-    # A test batch size that does not divide the test set, so the last call is a short one.
+    assert not np.array_equal(build_model(1, name).get_weights()[0], initial[0]), "a different seed starts elsewhere"
+    # The seed's softmax runs past its first printed line; a test batch size that does not divide the test set.
+    iterations = 1100 if name == "softmax" else 100
     test_batch_size = None if SERIES[name].test_batch_size is None else 30
-    first, model, trainer = train_once(name, test_batch_size=test_batch_size)
-    assert first.test_steps == [50, 100] and np.all(np.isfinite(first.train_series()[1]))
+    runs = []
+    for chunk_seconds in (1e-9, 1e9):
+        chunks: list[tuple] = []
+        options = {"chunk_seconds": chunk_seconds, "on_chunk": lambda *chunk, chunks=chunks: chunks.append(chunk)}
+        trained = train_once(name, iterations, 0, test_batch_size, **options)
+        runs.append(([series["train_accuracy"][0][-1] for series, *_ in chunks], *trained))
+    (one_step_ends, first, model, trainer), (ends, second, second_model, _) = runs
+    assert one_step_ends == list(range(1, iterations + 1))
+    doubling = [1, 3, 7, 15, 31, 63, 127, 255, 511, 1000, 1100] if name == "softmax" else [1, 3, 7, 15, 31, 63, 100]
+    assert ends == doubling
+    assert first.test_steps == list(range(50, iterations + 1, 50)) and np.all(np.isfinite(first.train_series()[1]))
     # Every variable moved: gradients reach every layer, batch norm's moving averages are updated.
     assert not any(np.array_equal(before, after) for before, after in zip(initial, model.get_weights()))
+    # The percentiles recorded in the loop are numpy's of all the weights and of all the biases then.
+    for group, recorded in zip(parameter_groups(model), (first.weight_percentiles, first.bias_percentiles)):
+        values = np.concatenate([variable.numpy().ravel() for variable in group])
+        np.testing.assert_allclose(recorded[-1], np.percentile(values, PERCENTILES), atol=1e-6)
+        assert len(recorded) == len(first.test_steps) and not np.array_equal(recorded[0], recorded[1])
     # The test probabilities, measured in chunks or not, are one row per test image.
     probabilities = trainer.test_probabilities()
     assert probabilities.shape == (100, 10)
     accuracy = float(np.mean(probabilities.argmax(1) == small_data()[3].argmax(1)))
     assert accuracy == pytest.approx(first.test_accuracy[-1])
-    second, second_model, _ = train_once(name, test_batch_size=test_batch_size)
-    assert np.array_equal(first.train_series()[1], second.train_series()[1])
-    assert first.test_accuracy == second.test_accuracy
+    assert all(np.array_equal(a, b) for a, b in zip(first.train_series(), second.train_series()))
+    assert first.test_accuracy == second.test_accuracy and first.test_cross_entropy == second.test_cross_entropy
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), second_model.get_weights()))
