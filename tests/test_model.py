@@ -35,8 +35,8 @@ INITIAL_BIASES |= {"conv_bigger_dropout": [0.1] * 5, "conv_batchnorm": [0.1] * 5
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_models_have_the_scripts_shapes_parameter_counts_and_initial_values(name):
-    from pipeline.model import build_model
+def test_models_have_the_scripts_shapes_parameter_counts_initial_values_and_parameter_groups(name):
+    from pipeline.model import build_model, parameter_groups, weight_maps
 
     model = build_model(0, name)
     assert sum(int(np.prod(variable.shape)) for variable in model.trainable_variables) == SCRIPT_PARAMETERS[name]
@@ -53,6 +53,15 @@ def test_models_have_the_scripts_shapes_parameter_counts_and_initial_values(name
     # Each layer draws its own weights; the seed's model is the one its notebook names.
     assert len(kernels) == 1 or not np.array_equal(kernels[0].ravel()[:30], kernels[1].ravel()[:30])
     assert name != "softmax" or (model.name, [layer.name for layer in model.layers]) == ("mnist_softmax", ["softmax"])
+    # Batch norm's offsets count as biases; only a linear model has weight maps.
+    weights, biases = parameter_groups(model)
+    assert len(weights) == len(kernels) and len(biases) == len(offsets)
+    maps = weight_maps(model)
+    if name == "softmax":
+        # Map d, pixel (row, column) is the weight from pixel 28 * row + column to class d.
+        assert maps.shape == (10, 28, 28) and maps[3, 2, 5] == kernels[0][28 * 2 + 5, 3]
+    else:
+        assert maps.shape == (0, 28, 28)
 
 
 def test_decaying_rate_is_the_scripts_formula():

@@ -34,8 +34,7 @@ def synthetic_data(seed: int = 0):
     )
 
 
-@pytest.fixture(scope="module")
-def both_runs():
+def test_tensorflow_and_numpy_compute_the_same_steps():
     """The same steps from the same initial weights, once in TensorFlow and once in NumPy."""
     import keras
     import tensorflow as tf
@@ -52,11 +51,6 @@ def both_runs():
     reference = train_numpy(*data, initial_weights, initial_biases, order, LEARNING_RATE, EVAL_INTERVAL)
     # train_numpy leaves its inputs alone.
     assert np.array_equal(initial_weights, build_model(0).get_weights()[0]) and not initial_biases.any()
-    return history, model, reference, initial_weights
-
-
-def test_tensorflow_and_numpy_compute_the_same_steps(both_runs):
-    history, model, reference, initial_weights = both_runs
     assert reference["test_probabilities"].shape == (200, 10)
     accuracy, cross_entropy = history.train_series()
     assert reference["train_cross_entropy"].dtype == np.float32
@@ -79,8 +73,7 @@ def test_tensorflow_and_numpy_compute_the_same_steps(both_runs):
 
 @pytest.fixture
 def tiny_mirror(tmp_path):
-    """A learnable synthetic mirror (a block of pixels per label over faint noise) for params.yaml's 5,000
-    validation images: on random pixels the summed loss explodes and float32 rounding grows chaotically."""
+    """A learnable mirror (a block of pixels per label over noise): on random pixels the summed loss explodes."""
     rng = np.random.default_rng(0)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
