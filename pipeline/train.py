@@ -1,8 +1,7 @@
 """Stage ``train``: fit the model ``train.model`` names as the seed trains it, recording the run in MLflow.
 
-Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and final metrics; logs
-them, with per-step history and the gate's metrics, to the run, and the model to the registry.
-"""
+Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and metrics; logs them,
+the per-step history and the gate's metrics to the run, and registers the model."""
 
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ from pipeline.tracking import record, registry, store, tags
 logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
-# How often Python regains control (to stop, to hand MLflow the history), however long a step takes.
-CHUNK_SECONDS = 0.5
+CHUNK_SECONDS = 0.5  # How often Python regains control (to stop, to hand MLflow the history), however slow a step.
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 CSV_PATHS = ["train-history", "test-history", "parameter-percentiles"]
 PATHS = ["data", "model", "test-probabilities", "weight-maps", *CSV_PATHS, "metrics"]  # --NAME PATH, as dvc.yaml
