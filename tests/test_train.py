@@ -6,7 +6,6 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -123,8 +122,7 @@ def test_history_files_final_metrics_and_run_names():
     from pipeline.params import TrainParams
 
     settings = {"seed": 0, "learning_rate": 0.01, "batch_size": 100, "iterations": 10000, "eval_interval": 100}
-    assert run_name(TrainParams(model="softmax", **settings)) == "lr=0.01 bs=100 it=10000 seed=0"
-    # The other models do not train at train.learning_rate, so their name replaces it.
+    # The other models do not train at train.learning_rate, so their name replaces it (the softmax's: test_pipeline.py).
     assert run_name(TrainParams(model="conv", **settings)) == "conv bs=100 it=10000 seed=0"
 
 
@@ -240,26 +238,8 @@ def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_sa
         assert run.data.tags[f"data.processed/{split}.npy"] == md5 == version.tags[f"data.processed/{split}.npy"]
 
 
-def break_labels(project) -> None:
-    """Labels rewritten in place (which DVC need not notice) are refused, not trained on."""
-    labels = np.load(project / "processed/train_labels.npy")
-    labels[4] = 0
-    np.save(project / "processed/train_labels.npy", labels)
-
-
+# Missing or damaged processed data: test_preprocess.py (load_processed, which train calls first).
 BAD_INPUT = {
-    "no data": (
-        lambda project: shutil.rmtree(project / "processed"),
-        ["train_images.npy does not exist; run the preprocess stage first"],
-    ),
-    "labels not one-hot": (
-        break_labels,
-        [
-            "processed/train_labels.npy holds labels that are not one-hot",
-            "the first row 4: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]",
-            "repro -f preprocess",
-        ],
-    ),
     "batch too large": (
         partial(write_params, preprocess={"validation_size": 50}, train={"batch_size": 251}),
         ["train.batch_size (251) is larger than the training set (250 images)"],
