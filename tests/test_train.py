@@ -18,6 +18,7 @@ from conftest import run_module, stage_env, write_params
 
 from benchmarks import numpy_reference
 from pipeline.data import PERCENTILE_COLUMNS
+from pipeline.params import TrainParams
 from pipeline.score import flat, score
 from pipeline.tracking.record import CLOSED_TAG
 from pipeline.tracking.registry import RUN_VERSION_TAG
@@ -29,7 +30,6 @@ from pipeline.train import (
     longest_chunk,
     next_chunk_steps,
     run_name,
-    train,
 )
 
 
@@ -53,22 +53,16 @@ class NextBatch:
 
 
 @pytest.mark.parametrize(("num_examples", "batch_size", "iterations"), [(7, 3, 10), (10, 5, 9), (55_000, 100, 1200)])
-def test_batch_order_matches_next_batch(num_examples, batch_size, iterations):
+def test_batch_order_is_the_seeds_next_batch_drawn_chunk_by_chunk_in_order(num_examples, batch_size, iterations):
     reference = NextBatch(num_examples, np.random.default_rng(4))
     expected = np.stack([reference.next(batch_size) for _ in range(iterations)])
-    assert np.array_equal(BatchOrder(num_examples, batch_size, iterations, seed=4)[:iterations], expected)
-    # The NumPy reference draws the same batches.
-    assert np.array_equal(numpy_reference.batch_order(num_examples, batch_size, iterations, 4), expected)
-
-
-def test_batch_order_covers_each_epoch_once_depends_on_the_seed_and_is_drawn_in_order():
-    order = BatchOrder(55_000, 100, 550, seed=0)[:550]
-    assert sorted(order.ravel().tolist()) == list(range(55_000))
-    assert not np.array_equal(order, BatchOrder(55_000, 100, 550, seed=1)[:550])
-    chunked, whole = BatchOrder(1000, 300, 50, seed=3), BatchOrder(1000, 300, 50, seed=3)[:50]
-    assert np.array_equal(np.concatenate([chunked[0:7], chunked[7:8], chunked[8:50]]), whole)
+    chunked = BatchOrder(num_examples, batch_size, iterations, seed=4)
+    assert np.array_equal(np.concatenate([chunked[0:7], chunked[7:8], chunked[8:iterations]]), expected)
     with pytest.raises(ValueError, match="in order"):
-        BatchOrder(1000, 300, 50, seed=3)[5:6]
+        chunked[5:6]
+    # The NumPy reference draws the same batches; another seed draws others.
+    assert np.array_equal(numpy_reference.batch_order(num_examples, batch_size, iterations, 4), expected)
+    assert not np.array_equal(BatchOrder(num_examples, batch_size, iterations, seed=5)[:iterations], expected)
 
 
 def test_chunks_grow_to_what_the_pace_fits_in_half_a_second_and_stay_bounded():
@@ -79,25 +73,6 @@ def test_chunks_grow_to_what_the_pace_fits_in_half_a_second_and_stay_bounded():
     # Large batches give shorter chunks, of bounded size.
     assert longest_chunk(10_000, 100) == 1000 and longest_chunk(250, 100) == 250 and longest_chunk(10, 10**8) == 1
     assert longest_chunk(10_000, 55_000) * 55_000 <= MAX_CHUNK_INDICES < (longest_chunk(10_000, 55_000) + 1) * 55_000
-
-
-def small_data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    # Labels that depend on the pixels, so that the model can learn something.
-    train_images, test_images = rng.integers(0, 256, (400, 784), np.uint8), rng.integers(0, 256, (100, 784), np.uint8)
-    eye = np.eye(10, dtype=np.uint8)
-    return train_images, eye[train_images[:, :10].argmax(1)], test_images, eye[test_images[:, :10].argmax(1)]
-
-
-def train_once(name: str = "softmax", iterations: int = 100, seed: int = 0, test_batch_size=None, **options):
-    import keras
-
-    from pipeline.model import SERIES, SgdTrainer, build_model
-
-    keras.utils.set_random_seed(seed)
-    model, series = build_model(seed, name), SERIES[name]
-    trainer = SgdTrainer(model, series.optimizer(0.003), *small_data(), test_batch_size, series.jit_compile)
-    return train(trainer, BatchOrder(400, 20, iterations, seed), 50, **options), model, trainer
 
 
 def test_history_files_final_metrics_and_run_names():
@@ -118,34 +93,9 @@ def test_history_files_final_metrics_and_run_names():
     metrics = final_metrics(history)
     assert metrics["max_test_accuracy"] == pytest.approx(0.95) and metrics["max_test_accuracy_step"] == 2
     assert metrics["final_test_accuracy"] == pytest.approx(0.93)
-
-    from pipeline.params import TrainParams
-
     settings = {"seed": 0, "learning_rate": 0.01, "batch_size": 100, "iterations": 10000, "eval_interval": 100}
     # The other models do not train at train.learning_rate, so their name replaces it (the softmax's: test_pipeline.py).
     assert run_name(TrainParams(model="conv", **settings)) == "conv bs=100 it=10000 seed=0"
-
-
-@pytest.mark.slow
-def test_the_users_model_takes_raw_pixels_and_gives_the_trained_probabilities_bit_for_bit(tmp_path):
-    import keras
-
-    from pipeline.data import scale_pixels
-    from pipeline.model import raw_pixel_model, save_model
-
-    _, model, trainer = train_once(iterations=60)
-    test_images = small_data()[2]
-    users = raw_pixel_model(model)
-    # The same float32 inputs reach the trained layer, so not a bit differs.
-    assert np.array_equal(users(test_images).numpy(), model(scale_pixels(test_images)).numpy())
-    assert np.array_equal(users(test_images).numpy(), trainer.test_probabilities())
-    # Saved as train saves it: byte-deterministic, and loaded back as a model of uint8 pixels.
-    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
-    save_model(users, first)
-    save_model(raw_pixel_model(model), second)
-    assert first.read_bytes() == second.read_bytes()
-    loaded = keras.saving.load_model(first)
-    assert loaded.inputs[0].dtype == "uint8" and np.array_equal(loaded(test_images).numpy(), users(test_images).numpy())
 
 
 # ---------------------------------------------------------------------------------------------
