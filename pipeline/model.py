@@ -24,6 +24,18 @@ from pipeline.params import MODEL_NAMES
 BIAS_NAMES = ("bias", "beta")
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class PhiloxDropout(layers.Dropout):
+    """Keras' Dropout with its mask drawn by Philox, TensorFlow's generator on CPU: in an XLA-compiled loop the
+    default ("auto_select") made a step of the dense dropout model 16 times slower (13.2 ms against 0.85)."""
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0:
+            return inputs
+        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), tf.int32)  # As Keras casts it.
+        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed, rng_alg="philox")
+
+
 def _weights(seed: int, layer: int) -> keras.initializers.Initializer:
     """The scripts' ``tf.truncated_normal(shape, stddev=0.1)``, a stream of its own for every layer."""
     return keras.initializers.TruncatedNormal(stddev=0.1, seed=seed + layer)
@@ -39,7 +51,7 @@ def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=
         }
         stack.append(layers.Dense(width, activation, **initializers))
         if dropout:
-            stack.append(layers.Dropout(dropout, seed=seed + layer))
+            stack.append(PhiloxDropout(dropout, seed=seed + layer))
     stack.append(layers.Dense(NUM_CLASSES, "softmax", kernel_initializer=_weights(seed, len(units)), name="softmax"))
     return keras.Sequential(stack, name=name)
 
@@ -59,7 +71,7 @@ def _convolutional(seed: int, name: str, filters, patches, dropout=0.0, batch_no
         stack += relu(partial(layers.Conv2D, depth, patch, strides=stride, padding="same"), number)
     stack += [layers.Flatten(), *relu(partial(layers.Dense, 200), 3)]
     if dropout:
-        stack.append(layers.Dropout(dropout, seed=seed))
+        stack.append(PhiloxDropout(dropout, seed=seed))
     stack.append(layers.Dense(NUM_CLASSES, "softmax", kernel_initializer=_weights(seed, 4), bias_initializer=bias))
     return keras.Sequential(stack, name=name)
 
