@@ -110,11 +110,14 @@ class Series:
     test_batch_size: int | None = None
     # XLA made script 3.0's convolutions 1.7x slower per step on this CPU than TensorFlow's kernels.
     jit_compile: bool = True
+    # TensorFlow's threads (intra- and inter-op), from `benchmarks.run --only series`: a dense step is too
+    # small to split (one thread leaves a core to MLflow), a convolutional one runs ~1.6x faster on two.
+    threads: int = 1
 
 
 _FIVE = (200, 100, 60, 30)
 _CONSTANT_ADAM = partial(Series, optimizer=_adam(decay_steps=None), optimizer_description="Adam, rate 0.003")
-_CONVOLUTIONAL = partial(Series, test_batch_size=1000, jit_compile=False)
+_CONVOLUTIONAL = partial(Series, test_batch_size=1000, jit_compile=False, threads=2)
 _SERIES = {
     "softmax": Series(
         "mnist_1.0_softmax.py (the seed notebook's variant)",

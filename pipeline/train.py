@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import files, score
 from pipeline.cli import PipelineError, native_stderr_silenced, path_arguments, run
@@ -27,6 +28,7 @@ from pipeline.tracking import record, registry, store, tags
 logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
+PROGRESS_SECONDS = 5.0  # A progress line at least this often, with or without a terminal (dvc repro has none).
 CHUNK_SECONDS = 0.5  # How often Python regains control (to stop, to hand MLflow the history), however slow a step.
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 CSV_PATHS = ["train-history", "test-history", "parameter-percentiles"]
@@ -116,7 +118,9 @@ def train(trainer, order, eval_interval: int, on_chunk=None, chunk_seconds: floa
     """Run ``order`` in chunks (the same compiled code, so the same numbers), ``on_chunk(series, started, ended)``."""
     history, (iterations, batch_size) = History(), order.shape
     longest, start, planned = longest_chunk(iterations, batch_size), 0, 1
-    with tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5) as progress:
+    began = shown = time.perf_counter()
+    bar = tqdm(total=iterations, unit="step", desc="train", disable=None, mininterval=0.5)
+    with logging_redirect_tqdm(), bar as progress:
         while start < iterations:
             end = min(start + planned, (start // PRINT_INTERVAL + 1) * PRINT_INTERVAL, iterations)
             started, clock = time.time(), time.perf_counter()
@@ -129,13 +133,22 @@ def train(trainer, order, eval_interval: int, on_chunk=None, chunk_seconds: floa
                     "rate too large for this batch size). Try a smaller train.learning_rate."
                 )
             series = history.add(np.arange(start + 1, end + 1), *measured)
-            if end % PRINT_INTERVAL == 0 or end == iterations:  # The seed's print(i, a, c).
-                logger.info("step %d: %s", end, status(history, end))
+            # The seed's print(i, a, c), and a line every few seconds when 1,000 steps take longer.
+            if end % PRINT_INTERVAL == 0 or end == iterations or time.perf_counter() - shown >= PROGRESS_SECONDS:
+                logger.info(progress_line(history, end, iterations, time.perf_counter() - began))
+                shown = time.perf_counter()
             if on_chunk is not None:
                 on_chunk(series, started, time.time())
             progress.update(end - start)
             start = end
     return history
+
+
+def progress_line(history: History, step: int, iterations: int, seconds: float) -> str:
+    """Where the training is, how fast it goes, when it ends, and the latest measurement."""
+    rate = step / max(seconds, 1e-9)
+    left = tqdm.format_interval((iterations - step) / rate)
+    return f"step {step} of {iterations} ({rate:,.0f} steps/s, {left} left): {status(history, step)}"
 
 
 def status(history: History, step: int) -> str:
@@ -224,9 +237,10 @@ def seeded_trainer(config: TrainParams, data: dict):
     logging.getLogger("absl").setLevel(logging.WARNING)
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    # One thread is ~30% faster per step than two, with the same numbers, and leaves a core to MLflow.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    series, model = SERIES[config.model], build_model(config.seed, config.model)
+    series = SERIES[config.model]
+    tf.config.threading.set_intra_op_parallelism_threads(series.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(series.threads)
+    model = build_model(config.seed, config.model)
     arrays = data["train_images"], data["train_labels"], data["test_images"], data["test_labels"]
     optimizer = series.optimizer(config.learning_rate)
     run_params = {

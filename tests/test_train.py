@@ -29,6 +29,7 @@ from pipeline.train import (
     final_metrics,
     longest_chunk,
     next_chunk_steps,
+    progress_line,
     run_name,
 )
 
@@ -93,6 +94,9 @@ def test_history_files_final_metrics_and_run_names():
     metrics = final_metrics(history)
     assert metrics["max_test_accuracy"] == pytest.approx(0.95) and metrics["max_test_accuracy_step"] == 2
     assert metrics["final_test_accuracy"] == pytest.approx(0.93)
+    # 3 of 10 steps in 1.5 s: 2 steps a second, 3.5 s left; the test set as measured last.
+    line = progress_line(history, 3, 10, 1.5)
+    assert line == "step 3 of 10 (2 steps/s, 00:03 left): test accuracy 0.9300, test cross-entropy 250.00"
     settings = {"seed": 0, "learning_rate": 0.01, "batch_size": 100, "iterations": 10000, "eval_interval": 100}
     # The other models do not train at train.learning_rate, so their name replaces it (the softmax's: test_pipeline.py).
     assert run_name(TrainParams(model="conv", **settings)) == "conv bs=100 it=10000 seed=0"
@@ -136,7 +140,8 @@ def runs(store):
 def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_same_bytes(processed_project):
     # SIGKILL leaves no chance to end the run; the next train on the same store marks it FAILED.
     process = start_training(processed_project, iterations=2_000_000, eval_interval=1000)
-    next(line for line in process.stderr if "step 1000:" in line)
+    progress = next(line for line in process.stderr if "step 1000 of 2000000 (" in line)
+    assert "steps/s" in progress and " left): " in progress, progress
     process.kill()
     process.communicate(timeout=60)
     client, (killed,) = runs(processed_project)
