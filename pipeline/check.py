@@ -1,4 +1,4 @@
-"""The metric gate (``mnist-check``): the metrics dvc.yaml declares against a baseline, by params.yaml's rules.
+"""The metric gate (``mnist-check``): the metrics dvc.yaml declares against a baseline, by check.yaml's rules.
 The baseline: the merge base with main (or ``--rev``), ``--baseline-file`` or the registry's champion. Prints
 Markdown or ``--json``; exits 0 pass, 1 regression, 2 bad input (docs/gate.md)."""
 
@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from pipeline import files
 from pipeline.cli import PipelineError, redact, run
-from pipeline.params import CheckRule, load_params
+from pipeline.params import RULES_FILE, CheckRule, load_rules
 from pipeline.tracking import registry
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
@@ -162,13 +162,13 @@ def values(metrics: Metrics, rules: dict[str, CheckRule], source: str, required:
             problems.append(f"{metric} is {value}, not a finite number")
         elif (low is not None and value < low) or (high is not None and value > high):
             bounds = ", ".join("null" if end is None else text(end) for end in (low, high))
-            problems.append(f"{metric} is {text(value)}, outside its range [{bounds}] in params.yaml")
+            problems.append(f"{metric} is {text(value)}, outside its range [{bounds}] in {RULES_FILE}")
         else:
             found[metric] = float(value)
     if problems:
         raise CheckError(
-            f"the check rules in params.yaml name metrics that cannot be checked against {source}: "
-            f"{'; '.join(problems)}. Fix the rule in params.yaml or rerun the pipeline (dvc repro)."
+            f"the rules in {RULES_FILE} name metrics that cannot be checked against {source}: "
+            f"{'; '.join(problems)}. Fix the rule in {RULES_FILE} or rerun the pipeline (dvc repro)."
         )
     return found
 
@@ -276,7 +276,7 @@ def model_artifact() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, help="the rules' params file (default: $PIPELINE_PARAMS or params.yaml)")
+    parser.add_argument("--rules", type=Path, help=f"the rules' file (default: {RULES_FILE})")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--rev", help="baseline git revision (default: merge base of HEAD and main, else HEAD)")
     source.add_argument("--baseline-file", type=Path, help="a JSON file of baseline metrics, instead of git")
@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-file", default=summary, help="append the Markdown here ($GITHUB_STEP_SUMMARY)")
     args = parser.parse_args(argv)
     try:
-        if not (rules := load_params(args.params).check):
+        if not (rules := load_rules(args.rules)):
             raise CheckError(
-                "params.yaml has no rules in its check section, so the gate would check nothing; add "
+                f"{args.rules or RULES_FILE} has no rules, so the gate would check nothing; add "
                 "one per metric, e.g. test_accuracy: {better: higher, max_worsening: 0.002}."
             )
         current = current_metrics()

@@ -1,5 +1,6 @@
-"""params.yaml (what changes results) and the environment's settings (docs/tracking.md, "Settings": credentials stay
-out of git), checked into typed pydantic objects before any heavy import, every problem named at once."""
+"""params.yaml (what changes results), the gate's rules (check.yaml) and the environment's settings (docs/tracking.md,
+"Settings": credentials stay out of git), checked into typed pydantic objects before any heavy import, every problem
+named at once."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ MODEL_NAMES = (
     "conv_bigger_dropout",
     "conv_batchnorm",
 )
+RULES_FILE = "check.yaml"  # The metric gate's rules: they change no result, so they are no params of DVC's.
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 MOVED_SECTIONS = {
     "fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT",
@@ -42,6 +44,7 @@ MESSAGES = {
     "int": "must be a whole number",
     "float": "must be a number",
     "dataclass": "must be a mapping",
+    "dict": "must be a mapping",
     "tuple": "must be a list [low, high] of two numbers or nulls",
 }
 FLOAT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")  # YAML 1.1 reads 3e-3 (no dot) as a string.
@@ -169,9 +172,6 @@ class CheckRule:
 class Params:
     preprocess: PreprocessParams
     train: TrainParams
-    check: Annotated[dict[str, CheckRule], BeforeValidator(lambda v: {} if v is None else v)] = Field(
-        default_factory=dict
-    )
 
 
 def _mirror(mirror: str) -> str:
@@ -242,13 +242,16 @@ def _problem(error: Any) -> str:
     parts = error["loc"][:-1] if error["loc"][-2:-1] == ("range",) else error["loc"]  # Not the index in a range.
     loc = [str(part) if str(part).isprintable() else repr(part) for part in parts]
     key, kind = ".".join(loc) or "it", error["type"]
+    if kind == "unexpected_keyword_argument" and key == "check":
+        return f"section check is no longer read from params.yaml, as no stage reads it: move its rules to {RULES_FILE}"
     if kind == "unexpected_keyword_argument" and key in MOVED_SECTIONS:
         return (
             f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
             f"and set the environment variables {MOVED_SECTIONS[key]} instead (docs/tracking.md)"
         )
     if kind == "unexpected_keyword_argument":
-        schema = {"preprocess": PreprocessParams, "train": TrainParams, "check": CheckRule}.get(loc[0], Params)
+        # Below a params.yaml section, or a rule of check.yaml (metric.key).
+        schema = {"preprocess": PreprocessParams, "train": TrainParams}.get(loc[0], CheckRule)
         known = list((schema if loc[1:] else Params).__pydantic_fields__)  # type: ignore[attr-defined]
         close = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f"did you mean {key[: -len(loc[-1])]}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
@@ -294,6 +297,12 @@ def load_params(path: Path | str | None = None) -> Params:
     """Read and validate params.yaml (or ``$PIPELINE_PARAMS``, or ``path``)."""
     path = Path(path or os.environ.get("PIPELINE_PARAMS") or "params.yaml")
     return validate(read_params(path), str(path))
+
+
+def load_rules(path: Path | str | None = None) -> dict[str, CheckRule]:
+    """Read and validate the gate's rules, a rule per metric (check.yaml, or ``path``)."""
+    path = Path(path or RULES_FILE)
+    return _validated(dict[str, CheckRule], read_params(path) or {}, str(path), ParamsError, [])
 
 
 def _settings(kind: type, environ: Mapping[str, str]) -> Any:

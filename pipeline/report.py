@@ -1,5 +1,6 @@
 """Stage ``report``: score train's test probabilities (no TensorFlow needed) into metrics.json, confusion.csv,
-a classification report and the README's figures, logged into the training run's MLflow run first.
+a classification report, the README's figures and the thinned training curve DVC's charts draw, logged into the
+training run's MLflow run first.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pipeline.tracking import record, store
 logger = logging.getLogger(__name__)
 
 MISTAKES_SHOWN = 100
+CURVE_POINTS = 100  # The training curve's points in DVC's charts: 10,000 steps in means of 100, as often as the tests.
 
 
-def read_history(path: Path, column: str) -> pd.DataFrame:
+def read_history(path: Path, *columns: str) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, usecols=["step", column])
+        return pd.read_csv(path, usecols=["step", *columns])
     except (OSError, ValueError) as error:
         problem = getattr(error, "strerror", None) or error
         raise PipelineError(f"cannot read {path}: {problem}; rerun the train stage (dvc repro -f train).") from None
@@ -53,6 +55,12 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
     axes[0].legend(loc="best")
     axes[1].set_xlabel("training step")
     return figure
+
+
+def training_curve(history: pd.DataFrame) -> pd.DataFrame:
+    """The training history in at most CURVE_POINTS means of consecutive steps, each at its block's last step."""
+    blocks = history.groupby(np.arange(len(history)) // max(1, -(-len(history) // CURVE_POINTS)))
+    return blocks.mean().assign(step=blocks["step"].max())
 
 
 def mistakes_figure(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> Figure:
@@ -106,7 +114,8 @@ def png_bytes(figure: Figure) -> bytes:
 
 def main() -> None:
     reads = ["data", "test-probabilities", "weight-maps", "train-history", "test-history"]
-    writes = ["metrics", "confusion", "classification-report", "accuracy-plot", "mistakes-plot", "weight-maps-plot"]
+    writes = ["metrics", "confusion", "training-curve", "classification-report"]
+    writes += ["accuracy-plot", "mistakes-plot", "weight-maps-plot"]
     args = path_arguments(__doc__, reads + writes)
     load_params()  # Report reads no params, but checks params.yaml as every stage does.
     tracking = tracking_settings()
@@ -122,7 +131,7 @@ def main() -> None:
             f"{args.test_probabilities} and {args.weight_maps} hold arrays of shape {probabilities.shape} and "
             f"{maps.shape}, not ({len(labels)}, {NUM_CLASSES}) and (10, 28, 28); rerun train (dvc repro -f train)."
         )
-    train_history = read_history(args.train_history, "train_accuracy")
+    train_history = read_history(args.train_history, "train_accuracy", "train_cross_entropy_sum")
     test_history = read_history(args.test_history, "test_accuracy")  # Empty when eval_interval is 0.
 
     from sklearn.metrics import classification_report
@@ -132,6 +141,7 @@ def main() -> None:
     outputs = {
         args.metrics: (json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(),
         args.confusion: pd.DataFrame({"actual": labels, "predicted": predicted}).to_csv(index=False).encode(),
+        args.training_curve: training_curve(train_history).to_csv(index=False).encode(),
         args.classification_report: classification_report(
             labels, predicted, labels=range(NUM_CLASSES), target_names=CLASS_NAMES, digits=4, zero_division=0
         ).encode(),

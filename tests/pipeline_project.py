@@ -32,8 +32,8 @@ VENV_BIN = Path(sys.executable).parent
 
 
 PROJECT_FILES = (
-    *("dvc.yaml", "params.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"),
-    *("data/.gitignore", "models/.gitignore"),
+    *("dvc.yaml", "params.yaml", "check.yaml", "uv.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"),
+    *("data/.gitignore", "models/.gitignore", ".dvc/plots/lines.json", ".dvc/plots/confusion_counts.json"),
 )
 
 # fetch → report in seconds with real work for every stage: 200 training images after the validation
@@ -50,7 +50,7 @@ TRAIN_OUTPUTS = (
 )
 REPORT_OUTPUTS = (
     *("metrics/metrics.json", "metrics/confusion.csv", "metrics/classification_report.txt", "metrics/accuracy.png"),
-    *("metrics/mistakes.png", "metrics/weight_maps.png"),
+    *("metrics/mistakes.png", "metrics/weight_maps.png", "metrics/training_curve.csv"),
 )
 
 

@@ -9,6 +9,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from pipeline_project import MlflowServer
 from test_pipeline import EVALUATIONS
@@ -24,19 +26,32 @@ Object.defineProperty(window, "vegaEmbed", {configurable: true, get() { return e
   embed = (element, ...rest) => original(element, ...rest).then((result) => {
     window.renderedViews[element] = result.view; return result; });
 }});"""
-# What a rendered chart holds: the rows its view drew from, and the size of its canvas.
-RENDERED = """(element) => { const canvas = document.querySelector(element + " canvas");
-  return {rows: window.renderedViews[element].data("source_0").map((row) => Object.assign({}, row)),
-          width: canvas ? canvas.width : 0, height: canvas ? canvas.height : 0}; }"""
+# What a rendered chart drew: each mark of its scenegraph, its role (axis-title, legend-label...) and items.
+MARKS = """(element) => { const marks = []; const walk = (mark) => {
+  marks.push({role: mark.role, type: mark.marktype, items: mark.items.map((item) => ({text: item.text,
+    angle: item.angle, stroke: item.stroke, line: item.datum && item.datum.line,
+    count: item.datum && item.datum.xy_count}))});
+  mark.items.forEach((item) => (item.items || []).forEach(walk)); };
+  walk(window.renderedViews[element].scenegraph().root); return marks; }"""
+PAGE_LIMIT = 2_500_000  # bytes: the page with its pictures, for a run of the seed's 10,000 steps
 
 
-def series(rows: list[dict], y: str | None = None) -> dict[str, list[float]]:
-    """A chart's y values by line ("file::column", or the column when one file gives all); ``y``: a single line's."""
-    lines: dict[str, list[float]] = {}
-    for row in rows:
-        name = row.get("filename::field") or row.get("field") or y
-        lines.setdefault(name, []).append(float(row["dvc_inferred_y_value"] if y is None else row[y]))
-    return lines
+def items(marks: list[dict], role: str, kind: str | None = None) -> list[dict]:
+    return [item for mark in marks if mark["role"] == role and kind in (None, mark["type"]) for item in mark["items"]]
+
+
+def texts(marks: list[dict], role: str) -> list[str]:
+    return [str(item["text"]) for item in items(marks, role)]
+
+
+def axis_titles(marks: list[dict]) -> dict[str, str]:
+    return {"y" if item["angle"] else "x": str(item["text"]) for item in items(marks, "axis-title")}
+
+
+def lines(marks: list[dict]) -> list[tuple[str, str, int]]:
+    """Each line a chart drew, in drawing order (the last on top): its name, colour and number of points."""
+    drawn = [mark["items"] for mark in marks if mark["type"] == "line" and mark["items"]]
+    return [(items[0]["line"], items[0]["stroke"], len(items)) for items in drawn]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +82,21 @@ def vega_libraries(page_html: str) -> dict[str, bytes]:
     return libraries
 
 
-def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_template, browser, tmp_path):
-    reproduced_template.dvc("plots", "show", "-o", str(tmp_path / "dvc_plots"))
+def test_dvc_plots_page_reads_at_a_glance(reproduced_template, browser, tmp_path):
+    project = reproduced_template.copy_to(tmp_path / "copy")
+    # As long a history as the seed's: the charts draw report's means of it, not its 10,000 points.
+    steps = np.arange(1, 10_001)
+    noisy = np.random.default_rng(0).uniform(0.8, 1.0, len(steps))
+    history = pd.DataFrame({"step": steps, "train_accuracy": noisy, "train_cross_entropy_sum": 30 * noisy})
+    history.to_csv(project.root / "metrics/train_history.csv", index=False)
+    project.dvc("repro", "--single-item", "report")
+    project.dvc("plots", "show", "-o", str(tmp_path / "dvc_plots"))
     page_file = tmp_path / "dvc_plots/index.html"
     libraries = vega_libraries(html := page_file.read_text())
+    size = sum(path.stat().st_size for path in page_file.parent.rglob("*") if path.is_file())
+    assert size <= PAGE_LIMIT, f"the page and its pictures take {size:,} bytes"
 
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.add_init_script(KEEP_VIEWS)
@@ -82,7 +106,7 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
         if url.startswith("file:"):
             route.continue_()
         elif url in libraries:
-            route.fulfill(body=libraries[url], content_type="application/javascript")
+            route.fulfill(body=libraries[url], content_type="application/javascript; charset=utf-8")
         else:
             route.abort()
 
@@ -93,36 +117,37 @@ def test_dvc_plots_page_draws_every_series_without_a_comb_to_zero(reproduced_tem
     charts = re.findall(r"vegaEmbed\('(#[^']+)'", html)
     page.wait_for_function("(n) => Object.keys(window.renderedViews).length >= n", arg=len(charts), timeout=180_000)
     assert sorted(page.evaluate("Object.keys(window.renderedViews)")) == sorted(charts) and errors == []
+    page.screenshot(path=tmp_path / "dvc_plots.png", full_page=True)
 
-    rendered = {chart: page.evaluate(RENDERED, chart) for chart in charts}
-    # Every chart drew on a canvas of its own.
-    assert all(chart["width"] > 100 and chart["height"] > 100 for chart in rendered.values()), rendered.keys()
-    # One chart per definition in dvc.yaml plus the confusion matrix, and no stray chart of a
-    # history file's last column.
-    assert len(rendered) == 6 and not any("history_csv" in chart for chart in rendered), rendered.keys()
-
-    def chart(title: str) -> list[dict]:
-        return next(found["rows"] for name, found in rendered.items() if name.startswith(f"#{title}"))
-
-    accuracy = series(chart("Accuracy"))
-    assert sorted(accuracy) == ["test_history.csv::test_accuracy", "train_history.csv::train_accuracy"]
-    # The test accuracy has a point per evaluation and none at 0; the training accuracy one per step.
-    tested, trained = accuracy["test_history.csv::test_accuracy"], accuracy["train_history.csv::train_accuracy"]
-    assert len(tested) == len(EVALUATIONS) and min(tested) > 0 and len(trained) == 50
-    for group in ("Weights", "Biases"):
-        percentiles = series(chart(group))
-        assert sorted(percentiles) == sorted(f"{group.lower()}_p{p}" for p in (0, 14, 29, 43, 57, 71, 86, 100))
-        assert all(len(points) == len(EVALUATIONS) for points in percentiles.values()), group
-        # The bands are ordered: every evaluation's minimum is at most its maximum.
-        low, high = percentiles[f"{group.lower()}_p0"], percentiles[f"{group.lower()}_p100"]
-        assert all(a <= b for a, b in zip(low, high)) and low != high, group
-    test_loss = series(chart("Test_cross-entropy"), y="test_cross_entropy_sum")
-    assert len(test_loss["test_cross_entropy_sum"]) == len(EVALUATIONS) and min(test_loss["test_cross_entropy_sum"]) > 0
-    train_loss = series(chart("Training_cross-entropy"), y="train_cross_entropy_sum")
-    assert len(train_loss["train_cross_entropy_sum"]) == 50
-    # The static pictures are on the page too.
+    drawn = {chart: page.evaluate(MARKS, chart) for chart in charts}
+    titles = {texts(marks, "title-text")[-1]: marks for marks in drawn.values()}
+    # Each chart once: one per definition in dvc.yaml, the confusion matrix, and the pictures no chart shows.
+    expected = ["Accuracy", "Training cross-entropy", "Test cross-entropy", "Weights", "Biases"]
+    assert sorted(titles) == sorted([*expected, "Confusion matrix (test images)"]) and len(drawn) == len(titles)
     for picture in ("accuracy", "mistakes", "weight_maps"):
         assert page.locator(f"img[src$='metrics_{picture}.png']").count() == 1, picture
+    # Every axis has a title of its own, none DVC's placeholder "y".
+    for title, marks in titles.items():
+        axes = axis_titles(marks)
+        assert len(axes["y"]) > 5 and axes["x"] in ("training step", "predicted digit"), (title, axes)
+
+    # The training curve is report's 100 means, in a colour of its own, and the test set's line is drawn over it.
+    (train, train_colour, train_points), (test, test_colour, test_points) = lines(titles["Accuracy"])
+    assert (train, test) == ("training_curve.csv::train_accuracy", "test_history.csv::test_accuracy")
+    assert train_points == 100 and test_points == len(EVALUATIONS) and train_colour != test_colour
+    percentiles = lines(titles["Weights"])
+    assert [name for name, _, _ in percentiles] == [f"weights_p{p}" for p in (0, 14, 29, 43, 57, 71, 86, 100)]
+    assert len({colour for _, colour, _ in percentiles}) == 8
+    assert texts(titles["Biases"], "legend-label")[:2] == ["biases_p0", "biases_p14"]
+
+    # The confusion matrix shows its counts, a row per actual digit as in the PNGs: they add up to the test set.
+    confusion = titles["Confusion matrix (test images)"]
+    assert axis_titles(confusion) == {"x": "predicted digit", "y": "actual digit"}
+    counts = items(confusion, "mark", "text")
+    rows = pd.read_csv(project.root / "metrics/confusion.csv")
+    assert len(counts) == rows["actual"].nunique() * rows["predicted"].nunique() > 10
+    assert all(item["text"] == str(item["count"]) for item in counts)
+    assert sum(item["count"] for item in counts) == len(rows)
 
 
 @pytest.fixture

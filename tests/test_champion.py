@@ -3,6 +3,7 @@ to a byte-identical retrain (linked to its version), a regression, and a champio
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from pipeline.tracking import registry
@@ -35,7 +36,7 @@ def versions(project) -> list[str]:
 
 def test_the_champion_gate_from_a_first_model_to_a_champion_without_metrics(reproduced_template, tmp_path):
     project = reproduced_template.copy_to(tmp_path / "champion")
-    project.set_params(check=NO_FLOOR)  # No stage reads the check section: the outputs stay up to date.
+    (project.root / "check.yaml").write_text(json.dumps(NO_FLOOR))  # No stage reads it: the outputs stay up to date.
     project.commit("First model")
     code, output = gate(project, "--champion", "--promote")
     assert code == 0 and f"Promoted {NAME} version 1" in output, output

@@ -21,7 +21,7 @@ from pipeline_project import Project, base_env, make_project
 from pipeline import check
 from pipeline.check import CheckError, environment_difference, render_markdown
 from pipeline.files import READ_LIMIT
-from pipeline.params import CheckRule, load_params
+from pipeline.params import CheckRule, load_rules
 
 BASE = {
     "test_accuracy": 0.9213,
@@ -37,7 +37,7 @@ HIGHER = CheckRule(better="higher", max_worsening=0.002, floor=0.915)
 LOWER = CheckRule(better="lower", max_worsening=0.01, ceiling=0.3)
 SCORE = CheckRule(better="higher", max_worsening=0.002, range=(0.0, 1.0))
 LOSS = CheckRule(better="lower", max_worsening=0.01, range=(0.0, None))
-RULES = load_params(ROOT / "params.yaml").check
+RULES = load_rules(ROOT / "check.yaml")
 
 
 def flat(metrics: dict, path: str = "metrics/metrics.json") -> dict:
@@ -83,8 +83,8 @@ CLASH = {"metrics/metrics.json": {"test_accuracy": 0.9213}, "metrics/train.json"
         (flat({"test_accuracy": math.nan}), SCORE, "test_accuracy is nan, not a finite number"),
         (flat({"test_accuracy": -math.inf}), SCORE, "test_accuracy is -inf, not a finite number"),
         (flat({"test_accuracy": 10**400}), SCORE, "test_accuracy is a 401-digit number, too large to compare"),
-        (flat({"test_accuracy": 1e308}), SCORE, "test_accuracy is 1e+308, outside its range [0, 1] in params.yaml"),
-        (flat({"test_accuracy": -0.1}), SCORE, "test_accuracy is -0.1, outside its range [0, 1] in params.yaml"),
+        (flat({"test_accuracy": 1e308}), SCORE, "test_accuracy is 1e+308, outside its range [0, 1] in check.yaml"),
+        (flat({"test_accuracy": -0.1}), SCORE, "test_accuracy is -0.1, outside its range [0, 1] in check.yaml"),
         (flat({"test_accuracy": -0.5}), LOSS, "test_accuracy is -0.5, outside its range [0, null]"),
         (flat({"test_accuracy": "0.92"}), SCORE, "test_accuracy is '0.92', not a number"),
         (flat({"test_accuracy": True}), SCORE, "test_accuracy is True, not a number"),
@@ -96,7 +96,7 @@ def test_a_value_the_rules_cannot_compare_is_bad_input_on_either_side(metrics, r
     with pytest.raises(CheckError, match=f"cannot be checked against {side}") as raised:
         check.values(metrics, {"test_accuracy": rule}, side, required=True)
     assert phrase in str(raised.value)
-    assert str(raised.value).endswith("Fix the rule in params.yaml or rerun the pipeline (dvc repro).")
+    assert str(raised.value).endswith("Fix the rule in check.yaml or rerun the pipeline (dvc repro).")
 
 
 @pytest.mark.parametrize(
@@ -316,7 +316,7 @@ def test_the_json_report_of_uncommitted_metrics_from_a_subdirectory(repo):
     merge_base = repo.git("rev-parse", "main")
     write_metrics(repo, WORSE, TRAIN | {"environment": ENVIRONMENT | {"numpy": "2.2.0"}})
     # Uncommitted, as dvc repro leaves them; and from a subdirectory, where DVC still finds them.
-    result = gate(repo, "--json", "--params", "../params.yaml", cwd=repo.root / "metrics")
+    result = gate(repo, "--json", "--rules", "../check.yaml", cwd=repo.root / "metrics")
     report = json.loads(result.stdout, parse_constant=pytest.fail)
     assert result.returncode == 1 and report["status"] == "fail" and report["promotion"] is None
     assert report["baseline"] == {
@@ -372,12 +372,8 @@ INFINITE = json.dumps(BASE).replace("0.9213", "Infinity")
         (lambda p: None, ["--rev", "no-such-branch"], ["unknown git revision 'no-such-branch'", "fetch-depth: 0"]),
         (lambda p: None, ["--rev=--all"], ["unknown git revision '--all'"]),
         (lambda p: None, ["--baseline-file", "gone.json"], ["the baseline file gone.json does not exist"]),
-        (lambda p: None, ["--params", "missing.yaml"], ["missing.yaml does not exist"]),
-        (
-            lambda p: (p.root / "params.yaml").write_text(yaml.safe_dump(p.params() | {"check": {}})),
-            [],
-            ["no rules in its check section"],
-        ),
+        (lambda p: None, ["--rules", "missing.yaml"], ["missing.yaml does not exist"]),
+        (lambda p: (p.root / "check.yaml").write_text("{}\n"), [], ["check.yaml has no rules"]),
         (lambda p: shutil.rmtree(p.root / ".dvc"), [], ["the current metrics: not inside of a DVC repository"]),
         (
             lambda p: (p.root / "metrics/metrics.json").unlink() or os.mkfifo(p.root / "metrics/metrics.json"),
@@ -453,7 +449,6 @@ def test_a_summary_fifo_that_nothing_reads_is_bad_input_not_a_hang(tmp_path):
 
 def test_a_crash_exits_2_never_1_which_means_a_regression(repo, monkeypatch, capsys):
     monkeypatch.chdir(repo.root)
-    monkeypatch.delenv("PIPELINE_PARAMS", raising=False)
     monkeypatch.setattr(sys, "argv", ["mnist-check", "--summary-file", ""])
     monkeypatch.setattr(check, "values", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(SystemExit) as crashed:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline import params
 from pipeline.cli import PipelineError, format_error
-from pipeline.params import ParamsError, fetch_settings, load_params, tracking_settings, validate
+from pipeline.params import ParamsError, fetch_settings, load_params, load_rules, tracking_settings, validate
 
 GONE = object()  # a key deleted from the project's params
 PASSWORD = secrets.token_hex(8)  # generated, so that no password-looking literal is committed
@@ -38,8 +38,8 @@ RULE = {"better": "lower", "max_worsening": 0}
     ("changes", "expected"),
     [
         ({"train__learnin_rate": 0.1}, "train.learnin_rate is not a known key (did you mean train.learning_rate?)"),
-        ({"check__x": {**RULE, "flor": 1}}, "check.x.flor is not a known key (did you mean check.x.floor?)"),
-        ({"gopher": 1}, "gopher is not a known key (valid keys: preprocess, train, check)"),
+        ({"gopher": 1}, "gopher is not a known key (valid keys: preprocess, train)"),
+        ({"check": {}}, "section check is no longer read from params.yaml, as no stage reads it: move its rules to"),
         ({"train__batch_size": GONE, "preprocess": GONE}, "2 problems: preprocess is missing; train.batch_size is"),
         ({"train": [1, 2]}, "train must be a mapping, got [1, 2]"),
         ({"train__batch_size": "abc"}, "train.batch_size must be a whole number, got 'abc'"),
@@ -58,20 +58,15 @@ RULE = {"better": "lower", "max_worsening": 0}
         ({"train__model": "convnet"}, "train.model 'convnet' is not a known model (did you mean conv? known models: "),
         ({"train__model": "lenet"}, "'lenet' is not a known model (known models: softmax, five_layers_sigmoid, "),
         ({"train__model": 3}, "train.model must be a valid string, got 3"),
-        ({"check__test_accuracy": {"better": "up"}}, "check.test_accuracy.better must be 'higher' or 'lower'"),
-        ({"check__x": {**RULE, "range": [1, 0]}}, "check.x.range must have low <= high, got [1, 0]"),
-        ({"check__x": {**RULE, "range": "0..1"}}, "must be a list [low, high] of two numbers or nulls, got '0..1'"),
-        ({"check__x": {**RULE, "range": [0, "many"]}}, "check.x.range must be a number, got 'many'"),
         ({"fetch": {}}, "section fetch is no longer read from params.yaml, because its settings change no result"),
         ({"tracking": {}}, "remove it and set the environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME"),
         (
             {"tracking": {"uri": f"postgresql://m:{PASSWORD}@db/x"}, "train__model": f"http://a:{PASSWORD}@h"},
             "train.model, tracking.uri hold credentials, which must not be in a committed file",
         ),
-        ({"check__x": {**RULE, "better": f"https://h/?token={PASSWORD}"}}, "check.x.better holds credentials"),
         (
-            {"train__learning_rate": -1, "train__iterations": 0, "train__model": "gopher", "check__test_accuracy": {}},
-            "params.yaml has 5 problems: train.model 'gopher'",
+            {"train__learning_rate": -1, "train__iterations": 0, "train__model": "gopher"},
+            "params.yaml has 3 problems: train.model 'gopher'",
         ),
     ],
 )
@@ -80,6 +75,33 @@ def test_every_bad_value_is_named_in_one_paragraph(changes, expected):
         validate(edited(**changes))
     assert expected in str(caught.value) and "\n" not in str(caught.value)
     assert PASSWORD not in format_error(str(caught.value))
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        ({"x": {**RULE, "flor": 1}}, "x.flor is not a known key (did you mean x.floor?)"),
+        ({"test_accuracy": {"better": "up"}}, "test_accuracy.better must be 'higher' or 'lower'"),
+        ({"x": {**RULE, "range": [1, 0]}}, "x.range must have low <= high, got [1, 0]"),
+        ({"x": {**RULE, "range": "0..1"}}, "must be a list [low, high] of two numbers or nulls, got '0..1'"),
+        ({"x": {**RULE, "range": [0, "many"]}}, "x.range must be a number, got 'many'"),
+        (
+            {"x": {**RULE, "better": "up"}, "y": {}},
+            "rules.yaml has 3 problems: x.better must be 'higher' or 'lower', got 'up'; y.better is missing",
+        ),
+        ([RULE], "rules.yaml has 1 problem: it must be a mapping"),
+    ],
+)
+def test_every_bad_rule_of_the_gate_is_named_in_one_paragraph(tmp_path, rules, expected):
+    (path := tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    with pytest.raises(ParamsError) as caught:
+        load_rules(path)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_committed_rules_are_valid_and_not_params():
+    assert set(load_rules(ROOT / "check.yaml")) == {"test_accuracy", "test_cross_entropy", "macro_f1"}
+    assert "check" not in yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize(
@@ -204,7 +226,7 @@ YAMLISH = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(section=st.sampled_from(["preprocess", "train", "check"]), key=st.text(max_size=15) | st.none(), value=YAMLISH)
+@given(section=st.sampled_from(["preprocess", "train"]), key=st.text(max_size=15) | st.none(), value=YAMLISH)
 def test_any_value_anywhere_is_valid_or_one_params_error(section, key, value):
     raw, known = edited(), list(edited()[section])
     # The whole section takes the value, or one of its keys (a known one most of the time).

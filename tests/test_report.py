@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT, run_module, snapshot, stage_env, write_params
 from pipeline_project import REPORT_OUTPUTS
 
-from pipeline.report import accuracy_figure, mistakes_figure, png_bytes, weight_maps_figure
+from pipeline.report import accuracy_figure, mistakes_figure, png_bytes, training_curve, weight_maps_figure
 from pipeline.tracking.record import REPORT_TAG, TEST_PROBABILITIES_TAG, sha256
 
 TRAIN = pd.DataFrame({"step": np.arange(1, 301), "train_accuracy": np.random.default_rng(0).uniform(0.8, 1.0, 300)})
@@ -44,6 +44,16 @@ def test_figures_are_drawn_as_png_and_mistakes_come_most_confident_first():
     assert titles == ["4 → 9  0.90", "1 → 7  0.60", "5 → 0  0.60"]
     red, green, blue = mistakes.axes[0].get_images()[0].get_array()[0, 0]
     assert red == 1.0 and green == blue < 0.8
+
+
+@pytest.mark.parametrize("steps, points", [(0, 0), (50, 50), (300, 100), (10_000, 100), (10_001, 100)])
+def test_the_charts_training_curve_is_at_most_100_means_of_consecutive_steps(steps, points):
+    history = pd.DataFrame({"step": np.arange(1, steps + 1), "train_accuracy": np.arange(steps) % 3 / 2})
+    curve = training_curve(history)
+    assert len(curve) == points and list(curve.columns) == ["step", "train_accuracy"]
+    assert curve["step"].tolist()[-1:] == history["step"].tolist()[-1:]
+    if steps == 300:  # Blocks of 3 steps (0, 0.5 and 1), each at its last step.
+        assert curve["step"].tolist() == list(range(3, 301, 3)) and set(curve["train_accuracy"]) == {0.5}
 
 
 # The stage's own command line in dvc.yaml, after ``python -m pipeline.report``.

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 EXPERIMENT = NAME = "mnist-softmax"
 # The rules loosened for the synthetic data, whose accuracy is far below the gate's floor.
-LOOSE = {"check": {"test_accuracy": {"better": "higher", "max_worsening": 0.002}}}
+LOOSE = yaml.safe_dump({"test_accuracy": {"better": "higher", "max_worsening": 0.002}})
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,8 @@ def test_pipeline_logs_everything_to_a_shared_server_on_postgresql(mlflow_server
     # loads through the server: by id and as champion.
     (version,) = client.search_model_versions(f"name = '{NAME}'")
     assert str(version.version) == "1" and version.run_id == version.tags["run_id"] == run.info.run_id
-    (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
-    check = project.python("-m", "pipeline.check", "--params", "loose.yaml", "--champion", "--promote")
+    (project.root / "loose.yaml").write_text(LOOSE)
+    check = project.python("-m", "pipeline.check", "--rules", "loose.yaml", "--champion", "--promote")
     assert f"Promoted {NAME} version 1 to `models:/{NAME}@champion` (there was no champion)" in check.stdout
     images = np.load(project.root / "data/processed/test_images.npy")[:8]
     expected_probabilities = np.load(project.root / "models/test_probabilities.npy")[:8]
@@ -302,8 +302,8 @@ def test_a_password_in_the_tracking_uri_works_and_is_never_written_or_printed(se
     project = make_project(tmp_path / "work", env={"MLFLOW_TRACKING_URI": url})
     printed = [project.dvc("repro", timeout=600)]
     # The gate against the registry on that server: no champion yet, a promotion, a comparison.
-    (project.root / "loose.yaml").write_text(yaml.safe_dump({**project.params(), **LOOSE}))
-    gate = ["-m", "pipeline.check", "--params", "loose.yaml", "--summary-file", "summary.md", "--champion"]
+    (project.root / "loose.yaml").write_text(LOOSE)
+    gate = ["-m", "pipeline.check", "--rules", "loose.yaml", "--summary-file", "summary.md", "--champion"]
     printed.append(project.python(*gate, "--json", check=False))
     assert json.loads(printed[-1].stdout)["baseline"]["missing_reason"] == f"{NAME} has no champion yet in {masked}"
     printed += [project.python(*gate, "--promote"), project.python(*gate, "--json")]
@@ -332,8 +332,8 @@ def test_the_gate_prints_no_database_password(postgres, reproduced_project, tmp_
     # PostgreSQL's trust authentication accepts any password, so the URI works with one in it.
     uri = postgres.replace("postgresql://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
     masked, loose, summary = uri.replace(SECRET, "***"), tmp_path / "loose.yaml", tmp_path / "summary.md"
-    loose.write_text(yaml.safe_dump({**reproduced_project.params(), **LOOSE}))
-    gate = ["-m", "pipeline.check", "--params", str(loose), "--champion", "--json", "--summary-file", str(summary)]
+    loose.write_text(LOOSE)
+    gate = ["-m", "pipeline.check", "--rules", str(loose), "--champion", "--json", "--summary-file", str(summary)]
     env = {"MLFLOW_TRACKING_URI": uri, "MNIST_REGISTERED_MODEL": "gate-password-test"}
     result = reproduced_project.python(*gate, env=env)
     reason = json.loads(result.stdout)["baseline"]["missing_reason"]
