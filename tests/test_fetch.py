@@ -306,7 +306,11 @@ def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data,
     assert_outputs(tmp_path / "raw", data)
 
 
-@pytest.mark.parametrize("given", [gzip.compress(bytes(100))[:-8], b"\x1f\x8bthis is not deflate data"])
+@pytest.mark.parametrize(
+    "given",
+    [gzip.compress(bytes(100), mtime=0)[:-8], b"\x1f\x8bthis is not deflate data"],
+    ids=["truncated", "not-deflate"],
+)
 def test_verify_names_the_origin_of_a_broken_gzip(data, given):
     # The other ways to fail verification are Handler's modes, all in the test that no source delivers.
     with pytest.raises(fetch.Unusable, match="somewhere/x is not a valid gzip file"):
