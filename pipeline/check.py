@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         current = current_metrics()
         new = values(current, rules, "the current metrics", required=True)
-        store = registry.Registry.open(args.params) if args.champion or args.promote else None
+        store = registry.Registry.open() if args.champion or args.promote else None
         if args.baseline_file:
             baseline, old = file_baseline(args.baseline_file)
         elif store and args.champion:

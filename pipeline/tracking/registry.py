@@ -91,14 +91,14 @@ class Registry:
     name: str
 
     @classmethod
-    def open(cls, params: Path | None = None) -> Registry:
+    def open(cls) -> Registry:
         tracking = tracking_settings()
         uri = store.tracking_uri(tracking.uri, store.store_root())
         store.check_reachable(uri)
         store.require_existing(uri)
         import mlflow
 
-        return cls(mlflow.MlflowClient(uri), uri, registered_name(params))
+        return cls(mlflow.MlflowClient(uri), uri, registered_name())
 
     @contextlib.contextmanager
     def access(self) -> Iterator[None]:
