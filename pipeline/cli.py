@@ -51,6 +51,9 @@ def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
 def configure_logging() -> None:
     level = getattr(logging, os.environ.get("PIPELINE_LOG_LEVEL", "INFO").upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # MLflow's INFO notes and progress bars (copying files into the model) are no results; set before its import.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Records are masked when made, whichever logger or handler (MLflow's do not propagate to ours).
     make_record = logging.getLogRecordFactory()
 

@@ -197,7 +197,7 @@ def _tracking_uri(uri: str) -> str:
 
 
 def _registered_model(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,255}", name, re.ASCII):
+    if name and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,255}", name, re.ASCII):
         raise ValueError(
             f"{name!r} must be 1 to 256 letters, digits, '_', '-' or '.', starting with a letter or digit (the names "
             "every MLflow store keeps and models:/<name>@<alias> URIs can hold)"
@@ -217,13 +217,15 @@ class TrackingSettings:
 
     uri: Annotated[str, AfterValidator(_tracking_uri)] = Field("", alias="MLFLOW_TRACKING_URI")
     experiment: str = Field("mnist-softmax", alias="MLFLOW_EXPERIMENT_NAME", max_length=500)  # MLflow's limit
-    registered_model: Annotated[str, AfterValidator(_registered_model)] = Field(
-        "mnist-softmax", alias="MNIST_REGISTERED_MODEL"
-    )
+    registered_model: Annotated[str, AfterValidator(_registered_model)] = Field("", alias="MNIST_REGISTERED_MODEL")
     # Five retries with backoff factor 1 wait 0, 2, 4, 8 and 16 s (urllib3); MLflow's own limits.
     max_retries: int = Field(5, alias="MLFLOW_HTTP_REQUEST_MAX_RETRIES", ge=0, le=10)
     backoff_factor: int = Field(1, alias="MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", ge=0, le=120)
     request_timeout: int = Field(10, alias="MLFLOW_HTTP_REQUEST_TIMEOUT", ge=1, le=600)
+
+    def registered_name(self, model: str) -> str:
+        """Where ``model``'s versions are registered: $MNIST_REGISTERED_MODEL, else mnist-<model> (mnist-softmax)."""
+        return self.registered_model or f"mnist-{model}"
 
     @property
     def retry_seconds(self) -> int:

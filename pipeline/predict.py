@@ -134,11 +134,12 @@ def load_mlflow_model(model: str | None):
     settings = tracking_settings()
     # The store of the project around the current folder, else of the clone this package is installed from.
     roots = (store.store_root(), store.project_root(Path(__file__).parent))
-    uri = store.tracking_uri(settings.uri, next((root for root in roots if (root / "dvc.yaml").exists()), roots[0]))
+    root = next((root for root in roots if (root / "dvc.yaml").exists()), roots[0])
+    uri = store.tracking_uri(settings.uri, root)
     store.check_reachable(uri)
     store.require_existing(uri)
     mlflow.set_tracking_uri(uri)
-    client, name = mlflow.MlflowClient(), settings.registered_model
+    client, name = mlflow.MlflowClient(), registry.registered_name(root / "params.yaml")
     wanted = model or registry.alias_uri(name, registry.CHAMPION)
     described: dict[str, Any] = {"uri": wanted}
     try:

@@ -197,7 +197,7 @@ def record_restored_trial(setup: TrialSetup, workdir: Path, experiment: str, run
     run_tags[RESTORED_TAG] = earlier.info.run_id
     run_id = client.create_run(setup.experiment_id, run_name=earlier.info.run_name, tags=run_tags).info.run_id
     now, final = record.timestamp_ms(), earlier.data.metrics.items()
-    metrics = [Metric(key, value, now, 0) for key, value in final if not key.startswith(record.HISTORY_PREFIX)]
+    metrics = [Metric(key, value, now, 0) for key, value in final if not key.startswith(record.RUN_OWN_PREFIXES)]
     client.log_batch(run_id, metrics, [Param(key, value) for key, value in earlier.data.params.items()])
     client.set_terminated(run_id, "FINISHED")
 

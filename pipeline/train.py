@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import files, score
-from pipeline.cli import PipelineError, native_stderr_silenced, path_arguments, run
+from pipeline.cli import PipelineError, native_stderr_silenced, path_arguments, redact, run
 from pipeline.data import PERCENTILE_COLUMNS, PERCENTILES, TEST_HISTORY_COLUMNS, TRAIN_HISTORY_COLUMNS, load_processed
 from pipeline.params import TrainParams, load_params, tracking_settings
 from pipeline.tracking import record, registry, store, tags
@@ -29,10 +30,14 @@ logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
 PROGRESS_SECONDS = 5.0  # A progress line at least this often, with or without a terminal (dvc repro has none).
+UI_URL = "http://127.0.0.1:5000"  # Where `mlflow ui` serves by default.
+UI_VIEW = "?workflowType=machine_learning"  # MLflow 3's UI otherwise opens the GenAI view, without the run's charts.
 CHUNK_SECONDS = 0.5  # How often Python regains control (to stop, to hand MLflow the history), however slow a step.
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 CSV_PATHS = ["train-history", "test-history", "parameter-percentiles"]
 PATHS = ["data", "model", "test-probabilities", "weight-maps", *CSV_PATHS, "metrics"]  # --NAME PATH, as dvc.yaml
+# train.json's figures the run holds once already: as the last points of its history/ curves, test_accuracy as a score.
+FINAL_PREFIX = "final_"
 
 
 class BatchOrder:
@@ -201,7 +206,8 @@ def log_to_mlflow(mlflow_run, registered_model, paths, example, run_params, metr
                 pip_requirements=tags.model_requirements(),
                 params={key: str(value) for key, value in run_params.items()},
             )
-        mlflow.log_metrics({**metrics, **scores}, model_id=logged.model_id)
+        once = {key: value for key, value in metrics.items() if not key.startswith(FINAL_PREFIX)}
+        mlflow.log_metrics({**once, **scores}, model_id=logged.model_id)
         for name, text in csv_files.items():
             mlflow.log_text(text, name)
         mlflow.set_tag(record.TEST_PROBABILITIES_TAG, record.sha256(probabilities_path.read_bytes()))
@@ -215,13 +221,24 @@ def log_to_mlflow(mlflow_run, registered_model, paths, example, run_params, metr
             )
         else:
             version_tags = registry.version_tags(run_id, client.get_run(run_id).data.tags, model_sha256)
+            # MLflow prints "Created version N of model <name>".
             version = registry.register(client, registered_model, logged.model_uri, version_tags, description)
-            logger.info("registered the model as version %s of %r", version.version, registered_model)
         mlflow.set_tag(registry.RUN_VERSION_TAG, registry.version_uri(registered_model, version.version))
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise PipelineError(
             f"logging the model to MLflow run {run_id} failed: {store.short(str(error))} The stage wrote no output."
         ) from None
+
+
+def view_run_line(uri: str, mlflow_run) -> str | None:
+    """The run's page as ``mlflow ui`` serves a local store, as MLflow itself prints it for a server's runs."""
+    if urlparse(uri).scheme in ("http", "https", "databricks"):
+        return None
+    run = mlflow_run.client.get_run(mlflow_run.run_id)
+    page = f"{UI_URL}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{UI_VIEW}"
+    database = store.sqlite_path(uri)
+    backend = f"sqlite:///{database.as_posix()}" if database else uri
+    return redact(f"View run {run.info.run_name} at: {page} (uv run mlflow ui --backend-store-uri {backend})")
 
 
 def seeded_trainer(config: TrainParams, data: dict):
@@ -271,7 +288,14 @@ def main() -> None:
         store.ServerWatch(uri, tracking).running() as watch,
         files.staged([*outputs, *csv_outputs]) as (model_path, probabilities_path, maps_path, metrics_path, *csvs),
         record.training_run(
-            uri, artifact_location, tracking.experiment, run_name(config), run_params, data_digests, watch.check
+            uri,
+            artifact_location,
+            tracking.experiment,
+            run_name(config),
+            run_params,
+            data_digests,
+            watch.check,
+            args.data,
         ) as mlflow_run,
     ):
         logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking.experiment)
@@ -294,7 +318,7 @@ def main() -> None:
         mlflow_run.wait()
         log_to_mlflow(
             mlflow_run,
-            tracking.registered_model,
+            tracking.registered_name(config.model),
             [model_path, probabilities_path],
             data["test_images"][:5],
             run_params,
@@ -303,6 +327,8 @@ def main() -> None:
             {path.name: text for path, text in zip(csv_outputs, csv_texts)},
             registry.description(scores["test_accuracy"], len(test_labels), run_name(config)),
         )
+    if (line := view_run_line(uri, mlflow_run)) is not None:
+        print(line)
 
 
 if __name__ == "__main__":

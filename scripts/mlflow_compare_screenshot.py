@@ -30,7 +30,7 @@ def arguments(out: str, size: str) -> argparse.Namespace:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     parser.add_argument("--tracking-uri", default=uri, help="a running MLflow server (default $MLFLOW_TRACKING_URI)")
     parser.add_argument("--experiment", default="mnist-softmax")
-    parser.add_argument("--metric", default="final_test_accuracy", help="the compare plot's metric ('': MLflow's)")
+    parser.add_argument("--metric", default="test_accuracy", help="the compare plot's metric ('': MLflow's)")
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--size", default=size, help="the page's size, WIDTHxHEIGHT")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")

@@ -180,6 +180,9 @@ def test_settings_defaults_and_values():
         {"MLFLOW_EXPERIMENT_NAME": "e" * 500, "MNIST_REGISTERED_MODEL": "m" * 256, **dict(zip(names, ["3", "2", "7"]))}
     )
     assert (len(tracking.experiment), len(tracking.registered_model), tracking.retry_seconds) == (500, 256, 12)
+    # Each model of the series is a registered model of its own, unless the variable names one for all.
+    assert [default.registered_name(model) for model in ("softmax", "conv")] == ["mnist-softmax", "mnist-conv"]
+    assert tracking.registered_name("conv") == "m" * 256
     assert fetch_settings({"MNIST_MIRROR": "/srv/mnist", "MNIST_FETCH_TIMEOUT": "2.5"}).timeout_seconds == 2.5
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, VENV_BIN
 from test_train import STOP_SECONDS
 
@@ -95,6 +96,12 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_the_registered_mode
     report_metrics = json.loads((project.root / "metrics/metrics.json").read_text())
     for name in ("test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1"):
         assert run.data.metrics[name] == pytest.approx(report_metrics[name]), name
+    # The processed data is the run's dataset: its path the source, DVC's hash (as dvc.lock has it) the digest.
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())
+    (processed,) = [out for out in lock["stages"]["preprocess"]["outs"] if out["path"] == "data/processed"]
+    (dataset,) = [data_input.dataset for data_input in run.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("data/processed", processed["md5"])
+    assert json.loads(dataset.source) == {"uri": "data/processed"}
     # params.yaml and the sources are those of HEAD.
     assert run.data.tags["git.commit"] == project.git("rev-parse", "HEAD") and run.data.tags["git.dirty"] == "false"
 
@@ -127,8 +134,10 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_the_registered_mode
     assert logged_model.params["train.learning_rate"] == "0.003"
     final = json.loads((project.root / "metrics/train.json").read_text())["final_test_accuracy"]
     linked = {metric.key: metric.value for metric in logged_model.metrics}
-    assert linked["final_test_accuracy"] == pytest.approx(final) and "train_seconds" in linked
-    assert run.data.metrics["final_test_accuracy"] == pytest.approx(final)
+    assert linked["test_accuracy"] == pytest.approx(final) and "train_seconds" in linked
+    # Each figure once: train.json's final_* are the history's last points, test_accuracy is the report's.
+    assert run.data.metrics["test_accuracy"] == pytest.approx(final)
+    assert [key for key in run.data.metrics if key.startswith("final_")] == []
 
     # The run registers its model as version 1, tagged with its run, commit, data and file digest.
     (version,) = client.search_model_versions("name = 'mnist-softmax'")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
 import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from pipeline_project import MlflowServer
 
 from pipeline.cli import PipelineError
 from pipeline.params import tracking_settings
@@ -76,6 +80,50 @@ def test_a_run_records_params_tags_and_every_history_value_with_its_own_time(pro
     assert points[0].timestamp > 100_000 and points[1499].timestamp == 115_000 and points[-1].timestamp == 125_000
     assert [metric.step for metric in client.get_metric_history(run.run_id, "history/test_accuracy")] == [2000, 2500]
     assert logged.data.tags["env.python"].count(".") == 2 and logged.data.tags["git.commit"] == "unknown"
+
+
+def test_a_run_samples_the_machine_while_it_is_running(project):
+    client = client_for(project)
+    with open_run() as run:
+        for _ in range(600):  # MLflow's monitor samples every SYSTEM_METRICS_SECONDS; this waits a minute at most.
+            if sampled := [key for key in client.get_run(run.run_id).data.metrics if key.startswith("system/")]:
+                break
+            time.sleep(0.1)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(sampled)
+
+
+@pytest.fixture
+def chromium():
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("Chromium is not installed (bash scripts/install_test_services.sh installs Debian's chromium)")
+    pytest.importorskip("playwright", reason="playwright is missing: uv sync installs the dev group")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(project, chromium):
+    readme = (ROOT / "README.md").read_text()
+    link = re.search(r"^uv run mlflow ui .*http://127\.0\.0\.1:5000(\S*)$", readme, re.MULTILINE)
+    assert link is not None, "the README's first `mlflow ui` line names no page"
+    (project / "data" / "processed").mkdir(parents=True)
+    (project / "data" / "processed" / "images.npy").write_bytes(b"pixels")
+    with record.training_run(*resolve(), EXPERIMENT, "first", {}, data_folder=Path("data/processed")) as run:
+        pass
+    with MlflowServer(project).running() as server:
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url + link[1])
+        # Its row in the runs table of the model-training view (GenAI's shows no runs table), with its dataset.
+        page.get_by_text("first", exact=True).first.wait_for(timeout=120_000)
+        digest = record.dvc_digest(project / "data" / "processed")
+        page.get_by_text(f"data/processed ({digest})", exact=True).first.wait_for(timeout=60_000)
+        assert page.get_by_text("Model registry", exact=True).count() == 1
+        assert page.get_by_text("Evaluation runs", exact=True).count() == 0
+        assert re.search(f"/experiments/{client_for(project).get_run(run.run_id).info.experiment_id}/runs", page.url)
 
 
 def test_an_error_in_the_stage_marks_the_run_failed_after_logging_what_was_queued(project):

@@ -174,9 +174,12 @@ def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_sa
     assert probabilities.shape == (50, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     _, (_, run, rerun) = runs(processed_project)
     assert run.info.status == rerun.info.status == "FINISHED"
+    # Its end links its page, as `mlflow ui` serves the local store.
+    page = f"at: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType="
+    assert page in results[0].stdout
     # The run carries the environment (its history metrics: test_pipeline.py; its digest: test_experiments.py).
     assert final["environment"]["keras"] == run.data.tags["env.keras"] and run.data.params["train.batch_size"] == "10"
-    assert run.data.metrics["final_test_cross_entropy_sum"] == pytest.approx(final["final_test_cross_entropy_sum"])
+    assert run.data.metrics["history/test_cross_entropy_sum"] == pytest.approx(final["final_test_cross_entropy_sum"])
     logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"train_history.csv", "test_history.csv", "percentiles.csv"} <= logged
     # The gate's metrics, logged by train itself so that no registry version lacks them whatever DVC

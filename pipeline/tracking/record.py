@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli import PipelineError, redact
@@ -25,9 +26,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HISTORY_PREFIX = "history/"  # MLflow's UI charts it as a section of its own, above the final figures.
+RUN_OWN_PREFIXES = (HISTORY_PREFIX, "system/")  # A run's curves, which a run restored from it does not repeat.
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call.
 MAX_PENDING_VALUES = 10_000  # ~0.7 s of SQLite writing; training waits beyond it.
 STOP_GRACE_SECONDS = 2.0  # What a stopping stage gives the waiting values before it drops them.
+SYSTEM_METRICS_SECONDS = 2  # MLflow's default, 10 s, leaves the seed's training (~10 s) without a sample.
 TEST_PROBABILITIES_TAG = "pipeline.test_probabilities_sha256"
 REPORT_TAG = "pipeline.report_sha256"
 REPORT_ARTIFACTS = "report"
@@ -46,6 +49,29 @@ def sha256(data: bytes) -> str:
 
 def timestamp_ms() -> int:
     return int(time.time() * 1000)
+
+
+def dvc_digest(folder: Path) -> str:
+    """DVC's hash of a folder, as dvc.lock records it: the md5 of its listing of files and their md5s."""
+    from dvc_data.hashfile.tree import Tree
+
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    md5s = [hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() for path in files]
+    tree = Tree.from_list(
+        [{"md5": md5, "relpath": path.relative_to(folder).as_posix()} for path, md5 in zip(files, md5s)]
+    )
+    tree.digest()
+    return tree.hash_info.value
+
+
+def dataset(folder: Path):
+    """``folder`` as an MLflow dataset (the runs table's Dataset column): its path the source, DVC's hash the digest."""
+    from mlflow.data import sources
+    from mlflow.data.meta_dataset import MetaDataset
+
+    # MLflow defines its artifact sources at import time and leaves MetaDataset's profile abstract (None is its own).
+    source = sources.LocalArtifactDatasetSource(folder.as_posix())  # type: ignore[attr-defined]
+    return MetaDataset(source, name=folder.as_posix(), digest=dvc_digest(folder))  # type: ignore[abstract]
 
 
 class TrainingRun:
@@ -130,8 +156,10 @@ def training_run(
     params: Mapping[str, object],
     data: Mapping[str, str] | None = None,
     check: Callable[[], None] = lambda: None,
+    data_folder: Path | None = None,
 ) -> Iterator[TrainingRun]:
-    """A run with the project's tags (``data``: the md5 of each file read) and ``params``; FAILED if it raises."""
+    """A run with the project's tags (``data``: the md5 of each file read), ``params``, system metrics and
+    ``data_folder`` as its training dataset; FAILED if it raises."""
     import mlflow
 
     extra = os.environ.get(EXTRA_TAGS_VARIABLE) or "{}"
@@ -145,12 +173,16 @@ def training_run(
     run_tags |= tags.run_tags(store.project_root(), data)
     try:
         close_abandoned_runs(client, experiment_id)
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
         active = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=run_name,
             tags={**run_tags, PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"},
+            log_system_metrics=True,
         )
         mlflow.log_params({key: str(value) for key, value in params.items()})
+        if data_folder is not None:
+            mlflow.log_input(dataset(data_folder), context="training")
     except mlflow.exceptions.MlflowException as error:
         raise PipelineError(
             f"starting a run in the MLflow tracking store {redact(uri)} failed: {store.short(error.message)} "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cli import PipelineError, redact
-from pipeline.params import tracking_settings
+from pipeline.params import load_params, tracking_settings
 from pipeline.tracking import store
 
 if TYPE_CHECKING:
@@ -40,6 +40,11 @@ def description(test_accuracy: float, test_examples: int, run_name: str) -> str:
 def version_tags(run_id: str, run_tags: Mapping[str, str], model_sha256: str) -> dict[str, str]:
     kept = {key: value for key, value in run_tags.items() if key.startswith(("git.", "data.", "dvc."))}
     return {**kept, RUN_ID_TAG: run_id, MODEL_SHA256_TAG: model_sha256}
+
+
+def registered_name(params: Path | None = None) -> str:
+    """The registered model of the workspace's ``train.model`` (mnist-softmax for the seed's), unless set."""
+    return tracking_settings().registered_name(load_params(params).train.model)
 
 
 def register(client: MlflowClient, name: str, model_uri: str, tags: Mapping[str, str], text: str) -> ModelVersion:
@@ -93,7 +98,7 @@ class Registry:
         store.require_existing(uri)
         import mlflow
 
-        return cls(mlflow.MlflowClient(uri), uri, tracking.registered_model)
+        return cls(mlflow.MlflowClient(uri), uri, registered_name())
 
     @contextlib.contextmanager
     def access(self) -> Iterator[None]:
