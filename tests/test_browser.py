@@ -199,6 +199,6 @@ def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(
     assert page.locator("svg .scatterlayer .trace").count() >= len(curves)
     # Below them, the final figures.
     page.get_by_text("Model metrics", exact=True).last.scroll_into_view_if_needed()
-    page.get_by_text("final_test_accuracy", exact=True).first.wait_for(timeout=60_000)
-    assert top("final_test_accuracy") > top("Model metrics", "last")
+    page.get_by_text("macro_f1", exact=True).first.wait_for(timeout=60_000)
+    assert top("macro_f1") > top("Model metrics", "last")
     assert errors == []
