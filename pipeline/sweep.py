@@ -173,8 +173,10 @@ class TrialSetup:
 
 
 def trial_cpus(model: str) -> int:
-    """The cores a trial of ``model`` asks Ray for: the convolutions' two TensorFlow threads, else one."""
-    return 2 if model.startswith("conv") else 1
+    """The cores a trial of ``model`` asks Ray for: as many as TensorFlow threads it trains with."""
+    from pipeline.model import SERIES  # TensorFlow, which the sweep imports only once its trials start
+
+    return SERIES[model].threads
 
 
 def stop_pipeline(process: subprocess.Popen) -> None:
