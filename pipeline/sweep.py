@@ -5,15 +5,18 @@ Trials run in clones of the sweep's commit, here or on a Ray cluster; the same c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from subprocess import DEVNULL, PIPE, STDOUT
@@ -30,7 +33,8 @@ from pipeline.tracking import record, store, tags
 
 STATE_DIR = Path(".dvc/tmp/sweeps")
 SWEEP_TAG, TRIAL_TAG, NODE_TAG, HOST_TAG = "sweep.name", "sweep.trial", "sweep.node", "sweep.host"
-PARENT_TAG, RESTORED_TAG = "mlflow.parentRunId", "sweep.restored_from"
+PARENT_TAG, RESTORED_TAG, STOPPED_TAG = "mlflow.parentRunId", "sweep.restored_from", "sweep.stopped_early"
+POLL_SECONDS = 1  # how often a trial looks for its run's new evaluations
 MAX_TRIALS = 10_000
 RAY_START_ATTEMPTS = 3  # Ray gives its agents 15 s to start, which a loaded machine can miss.
 # One attempt (Ray's default: 20 of about 36 s each), so that a wrong --address fails in about 15 s.
@@ -64,6 +68,14 @@ class Distribution(BaseModel, extra="forbid"):
         return self
 
 
+class Scheduler(BaseModel, extra="forbid"):
+    """Ray Tune's ASHA: at steps grace_period x reduction_factor^k, a trial below the best 1/reduction_factor stops."""
+
+    kind: Literal["asha"] = "asha"
+    grace_period: Annotated[Whole, Field(ge=1)] = 1000  # training steps
+    reduction_factor: Annotated[Whole, Field(ge=2, le=100)] = 3
+
+
 class Sweep(BaseModel, extra="forbid"):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=100)]  # it names DVC experiments (git refs)
     search: Literal["grid", "random", "optuna"] = "grid"
@@ -73,6 +85,7 @@ class Sweep(BaseModel, extra="forbid"):
     mode: Literal["max", "min"] = "max"
     max_concurrent: Annotated[Whole, Field(ge=1, le=1000)] = 1
     retries: Annotated[Whole, Field(ge=0, le=100)] = 2
+    scheduler: Scheduler | None = None
     parameters: Annotated[dict[str, Distribution], Field(min_length=1)]
 
     @field_validator("parameters")
@@ -92,6 +105,12 @@ class Sweep(BaseModel, extra="forbid"):
         if problems:
             raise ValueError("; ".join(problems))
         return parameters
+
+    @model_validator(mode="after")
+    def scheduled_metric(self) -> Sweep:
+        if self.scheduler and self.metric != "test_accuracy":
+            raise ValueError("a scheduler needs a metric the train stage logs while it trains: test_accuracy")
+        return self
 
     @property
     def total(self) -> int:  # a grid's combinations, or the random or optuna draws
@@ -150,34 +169,111 @@ class TrialSetup:
     tags: dict[str, str]  # of every trial's run
     metric: str
     experiment_id: str
+    iterations: int  # params.yaml's train.iterations, the last step of a trial that does not set it
 
 
-def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Run one trial in a temporary clone; a failing pipeline is a result, as Ray retries only dead workers."""
+def trial_cpus(model: str) -> int:
+    """The cores a trial of ``model`` asks Ray for: as many as TensorFlow threads it trains with."""
+    from pipeline.model import SERIES  # TensorFlow, which the sweep imports only once its trials start
+
+    return SERIES[model].threads
+
+
+def stop_pipeline(process: subprocess.Popen) -> None:
+    """Stop a trial's `dvc exp run` as Ctrl-C would: its stage ends its MLflow run and leaves no half output."""
+    import psutil  # installed with DVC
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def trial_run(client: Any, experiment_id: str, parent_run_id: str, trial: str) -> Any | None:
+    """The MLflow run of the trial's latest attempt, if its train stage opened one yet."""
+    own = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'"
+    return next(iter(client.search_runs([experiment_id], own, max_results=1, order_by=["start_time DESC"])), None)
+
+
+def trial_trainable() -> type:
+    """Ray Tune's class for one trial: a pipeline in a temporary clone, reporting each evaluation its run logs."""
     import ray
+    from mlflow import MlflowClient
     from ray import tune
 
-    trial, node = tune.get_context().get_trial_id(), ray.get_runtime_context().get_node_id()
-    experiment = f"{setup.tags[SWEEP_TAG]}-{trial}"
-    run_tags = {**setup.tags, TRIAL_TAG: trial, NODE_TAG: node, HOST_TAG: socket.gethostname()}
-    env = {**os.environ, **setup.env, record.EXTRA_TAGS_VARIABLE: json.dumps(run_tags)}
-    # This worker's environment runs dvc and the stages, wherever the worker is.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    pull, cache = (["--pull"], []) if setup.remote else ([], ["--no-cache"])
-    run = ["dvc", "exp", "run", *pull, "--name", experiment, *set_param_arguments(config)]
-    result = {"experiment": experiment, "node": node[:8], setup.metric: math.nan, "error": ""}
-    with tempfile.TemporaryDirectory(prefix=f"mnist-sweep-{trial}-", ignore_cleanup_errors=True) as directory:
-        workdir = Path(directory)
-        for command in [*setup.prepare, run, ["dvc", "exp", "push", "--force", *cache, "origin", experiment]]:
-            # In the worker's process group, which Ray ends whole when it stops the trial: no pipeline outlives it.
-            done = subprocess.run(command, cwd=workdir, env=env, stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, text=True)
-            if done.returncode:
-                result["error"] = redact(failure_message(done.stdout)) or f"{' '.join(command[:3])} failed"
-                break
-        else:
-            result[setup.metric] = json.loads((workdir / "metrics/metrics.json").read_text())[setup.metric]
-            record_restored_trial(setup, workdir, experiment, run_tags)
-    tune.report(result)
+    class Trial(tune.Trainable):
+        def setup(self, config: dict[str, Any], setup: TrialSetup) -> None:  # type: ignore[override]
+            node, self.options = ray.get_runtime_context().get_node_id(), setup
+            self.experiment, self.reported, self.process = f"{setup.tags[SWEEP_TAG]}-{self.trial_id}", 0, None
+            self.run_tags = {**setup.tags, TRIAL_TAG: self.trial_id, NODE_TAG: node, HOST_TAG: socket.gethostname()}
+            self.result = {"experiment": self.experiment, "node": node[:8], setup.metric: math.nan, "error": ""}
+            self.last_step = config.get("train.iterations", setup.iterations)
+            self.env = {**os.environ, **setup.env, record.EXTRA_TAGS_VARIABLE: json.dumps(self.run_tags)}
+            # This worker's environment runs dvc and the stages, wherever the worker is.
+            self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+            self.directory = tempfile.TemporaryDirectory(
+                prefix=f"mnist-sweep-{self.trial_id}-", ignore_cleanup_errors=True
+            )
+            self.workdir, pull = Path(self.directory.name), ["--pull"] if setup.remote else []
+            self.run = ["dvc", "exp", "run", *pull, "--name", self.experiment, *set_param_arguments(config)]
+            if all(map(self.command, setup.prepare)):
+                # In the worker's process group, which Ray ends whole if the worker dies: no pipeline outlives it.
+                self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (a pipe, the stages' lines could fill)
+                self.process = subprocess.Popen(
+                    self.run, cwd=self.workdir, env=self.env, stdout=self.log, stderr=STDOUT, stdin=DEVNULL, text=True
+                )
+            self.client = MlflowClient(setup.env["MLFLOW_TRACKING_URI"])
+
+        def command(self, command: list[str], output: str | None = None, returncode: int = 0) -> bool:
+            """Whether ``command`` (or the one that gave ``output``) succeeded; else its error in the result."""
+            if output is None:
+                done = subprocess.run(
+                    command, cwd=self.workdir, env=self.env, stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, text=True
+                )
+                output, returncode = done.stdout, done.returncode
+            if returncode:
+                self.result["error"] = redact(failure_message(output)) or f"{' '.join(command[:3])} failed"
+            return not returncode
+
+        def evaluations(self) -> list[Any]:
+            """The new points of the metric's history in this trial's MLflow run, before its last step."""
+            found = trial_run(self.client, self.options.experiment_id, self.run_tags[PARENT_TAG], self.trial_id)
+            key = record.HISTORY_PREFIX + self.options.metric
+            history = self.client.get_metric_history(found.info.run_id, key) if found else []
+            return sorted(
+                (point for point in history if self.reported < point.step < self.last_step),
+                key=lambda point: point.step,
+            )
+
+        def step(self) -> dict[str, Any]:
+            while self.process and self.process.poll() is None:
+                if points := self.evaluations():
+                    self.reported = points[0].step
+                    return self.result | {self.options.metric: points[0].value, "step": points[0].step, "final": False}
+                time.sleep(POLL_SECONDS)
+            if self.process and self.command(self.run, self.output(), self.process.returncode):
+                cache = [] if self.options.remote else ["--no-cache"]
+                if self.command(["dvc", "exp", "push", "--force", *cache, "origin", self.experiment]):
+                    metrics = json.loads((self.workdir / "metrics/metrics.json").read_text())
+                    self.result[self.options.metric] = metrics[self.options.metric]
+                    record_restored_trial(self.options, self.workdir, self.experiment, self.run_tags)
+            return self.result | {"step": self.last_step, "final": True, "done": True}
+
+        def output(self) -> str:
+            self.log.seek(0)
+            return self.log.read()
+
+        def cleanup(self) -> None:  # after the last step, or when Ray stops the trial (the scheduler, a Ctrl-C)
+            if self.process and self.process.poll() is None:
+                stop_pipeline(self.process)
+            self.directory.cleanup()
+
+    return Trial
 
 
 def record_restored_trial(setup: TrialSetup, workdir: Path, experiment: str, run_tags: dict[str, str]) -> None:
@@ -202,19 +298,40 @@ def record_restored_trial(setup: TrialSetup, workdir: Path, experiment: str, run
     client.set_terminated(run_id, "FINISHED")
 
 
+def stopped_step(metrics: Mapping[str, Any]) -> int | None:
+    """The step at which the scheduler stopped this trial (Ray marks its last result done), else None."""
+    return metrics["step"] if metrics.get("done") and metrics.get("final") is False else None
+
+
+def mark_stopped(client: Any, experiment_id: str, parent_run_id: str, experiment: str, step: int) -> None:
+    """A stopped trial's run ends KILLED (its interrupted stage said FAILED) and says why; its history stays."""
+    deadline, trial = time.monotonic() + 60, experiment.rpartition("-")[2]
+    # Ray returns before the last stopped trial's stage has ended its run, which would then overwrite the status.
+    while (found := trial_run(client, experiment_id, parent_run_id, trial)) and found.info.status == "RUNNING":
+        if time.monotonic() > deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    if found:
+        client.set_tag(found.info.run_id, STOPPED_TAG, f"stopped early by the scheduler at step {step}")
+        client.set_terminated(found.info.run_id, "KILLED")
+
+
 def ranking(results: list[Any], sweep: Sweep) -> Any:
-    """Ray Tune's results of the ended trials as the table's rows, best first and failed ones last."""
+    """Ray Tune's results of the ended trials as the table's rows: finished best first, then stopped, then failed."""
     import pandas as pd
 
     def row(result: Any) -> dict[str, Any]:
         metrics, config = result.metrics or {}, result.config or {}
         error = result.error and f"error: {store.short(str(result.error).splitlines()[-1])}"
-        status = error or (f"failed: {metrics['error']}" if metrics.get("error") else "ok")
+        stopped = (step := stopped_step(metrics)) is not None and f"stopped early by the scheduler at step {step}"
+        status = error or (f"failed: {metrics['error']}" if metrics.get("error") else stopped or "ok")
         cells = {key: config.get(key) for key in sweep.parameters} | {sweep.metric: metrics.get(sweep.metric, math.nan)}
         return cells | {key: metrics.get(key, "-") for key in ("experiment", "node")} | {"status": status}
 
     rows = pd.DataFrame([row(result) for result in results])
-    rows = rows.sort_values([sweep.metric, "experiment"], ascending=[sweep.mode == "min", True], na_position="last")
+    rows["order"] = rows["status"].map(lambda status: 0 if status == "ok" else 1 if status.startswith("stopped") else 2)
+    by = ["order", sweep.metric, "experiment"]
+    rows = rows.sort_values(by, ascending=[True, sweep.mode == "min", True], na_position="last").drop(columns="order")
     rows.insert(0, "rank", range(1, len(rows) + 1))
     return rows
 
@@ -296,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import ray
     from mlflow.entities import Param
     from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     path = str(state / name)
@@ -323,8 +441,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         env[f"GIT_AUTHOR_{what.upper()}"] = env[f"GIT_COMMITTER_{what.upper()}"] = found
     remote = bool(args.address and output(root, dvc, "remote", "default", check=False))
     run_tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep.name}
-    setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 1})
+    defaults = read_params(root / "params.yaml")["train"]
+    setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id, defaults["iterations"])
+
+    def cpus(config: dict) -> Any:
+        return tune.PlacementGroupFactory([{"CPU": trial_cpus(config.get("train.model", defaults["model"]))}])
+
+    trainable = tune.with_resources(tune.with_parameters(trial_trainable(), setup=setup), cpus)
     status = "FAILED"
     try:
         if resumed:
@@ -335,13 +458,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                 optuna = tune.create_searcher("optuna", metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
                 searcher = ConcurrencyLimiter(optuna, max_concurrent=sweep.max_concurrent)
             config = tune.TuneConfig(search_alg=searcher, num_samples=1 if sweep.search == "grid" else sweep.trials)
+            if sweep.scheduler:
+                iterations = sweep.parameters.get("train.iterations")
+                last = max(iterations.bounds) if iterations else defaults["iterations"]
+                asha = sweep.scheduler.model_dump(exclude={"kind"})
+                config.scheduler = ASHAScheduler("step", sweep.metric, sweep.mode, max_t=last, **asha)
             failures = tune.FailureConfig(max_failures=sweep.retries)
-            storage = tune.RunConfig(name=name, storage_path=str(state), failure_config=failures)
+            # A trial cannot resume a pipeline half way: it has nothing to save.
+            nothing = tune.CheckpointConfig(checkpoint_at_end=False)
+            storage = tune.RunConfig(name, storage_path=str(state), failure_config=failures, checkpoint_config=nothing)
             tuner = tune.Tuner(trainable, param_space=param_space(sweep), tune_config=config, run_config=storage)
         # Ray Tune returns from a Ctrl-C too, leaving the trials it stopped unended.
         results: Any = tuner.fit()
-        ended = [result for result in results if result.error or "experiment" in (result.metrics or {})]
+        ended = [result for result in results if result.error or (result.metrics or {}).get("done")]
         status = "FINISHED" if len(ended) >= sweep.total else "KILLED"
+        for result in ended:
+            if (step := stopped_step(result.metrics)) is not None:
+                mark_stopped(client, experiment_id, parent_run_id, result.metrics["experiment"], step)
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -62,6 +62,9 @@ def test_a_definition_parses_and_may_rank_by_any_of_the_reports_scores():
     assert metrics == list(score.SCORES)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert sweep.parse_sweep((ROOT / "sweeps/example.yaml").read_text(), params).total == 6
+    asha = sweep.parse_sweep(definition(scheduler={}), PARAMS).scheduler
+    assert asha is not None and (asha.kind, asha.grace_period, asha.reduction_factor) == ("asha", 1000, 3)
+    assert sweep.trial_cpus("conv_batchnorm") == 2 and sweep.trial_cpus("softmax") == 1
 
 
 def test_a_trials_params_become_set_param_arguments_and_its_failure_the_pipelines_own_error():
@@ -80,20 +83,23 @@ def test_a_trials_params_become_set_param_arguments_and_its_failure_the_pipeline
 def test_the_ranking_puts_the_best_first_and_failed_trials_last():
     from ray.tune import Result
 
-    def result(name, value, error=""):
-        metrics = {"experiment": name, "node": "abcdef01", "test_accuracy": value, "error": error}
+    def result(name, value, error="", **more):
+        metrics = {"experiment": name, "node": "abcdef01", "test_accuracy": value, "error": error, "step": 300, **more}
         return Result(metrics={**metrics, "config": {"train.seed": len(name)}}, checkpoint=None, error=None, path="")
 
     results = [result("a", 0.5), result("b", math.nan, "error: bad"), result("c", 0.9), result("d", 0.7)]
     results.append(Result(metrics={}, checkpoint=None, error=RuntimeError("Traceback\nworker died"), path=""))
+    # Stopped by the scheduler: Ray marks the last (intermediate) result done; ranked after every finished trial.
+    results.append(result("e", 0.95, done=True, final=False))
     defined = sweep.parse_sweep(definition(parameters={"train.seed": {"values": [0, 1]}}), PARAMS)
     rows = sweep.ranking(results, defined)
-    assert list(rows["experiment"]) == ["c", "d", "a", "-", "b"] and list(rows["rank"]) == [1, 2, 3, 4, 5]
-    assert list(rows["status"]) == ["ok", "ok", "ok", "error: worker died", "failed: error: bad"]
+    assert list(rows["experiment"]) == ["c", "d", "a", "e", "-", "b"] and list(rows["rank"]) == [1, 2, 3, 4, 5, 6]
+    stopped = "stopped early by the scheduler at step 300"
+    assert list(rows["status"]) == ["ok", "ok", "ok", stopped, "error: worker died", "failed: error: bad"]
     assert list(rows.columns) == ["rank", "train.seed", "test_accuracy", "experiment", "node", "status"]
     assert rows.iloc[0].tolist() == [1, 1, 0.9, "c", "abcdef01", "ok"]
     ranked_down = sweep.ranking(results, defined.model_copy(update={"mode": "min"}))
-    assert list(ranked_down["experiment"]) == ["a", "d", "c", "-", "b"]
+    assert list(ranked_down["experiment"]) == ["a", "d", "c", "e", "-", "b"]
 
 
 # fmt: off
@@ -111,6 +117,10 @@ def test_the_ranking_puts_the_best_first_and_failed_trials_last():
      ["seed: Input should be greater than or equal to 0", "retries: Input should be greater than or equal to 0",
       "max_concurrent: Input should be less than or equal to 1000", "name: String should have at most 100 characters"]),
     ({"seed": 2**32}, ["seed: Input should be less than 4294967296"]),
+    ({"scheduler": {"kind": "hyperband", "grace_period": 0, "reduction_factor": 1, "max_t": 5}},
+     ["scheduler.kind: Input should be 'asha'", "scheduler.grace_period: Input should be greater than or equal to 1",
+      "scheduler.reduction_factor: Input should be greater than or equal to 2", "scheduler.max_t: Extra inputs"]),
+    ({"scheduler": {}, "metric": "macro_f1"}, ["a scheduler needs a metric the train stage logs while it trains"]),
     ({"seed": True}, ["seed: Input should be a valid integer"]),
     (random(**{"train.learning_rate": {"loguniform": [0.1, 0.001]}}), ["loguniform needs low < high, got [0.1, 0.0"]),
     (random(**{"train.learning_rate": {"uniform": [0.1, 0.1]}}), ["uniform needs low < high, got [0.1, 0.1]"]),
@@ -384,6 +394,31 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     failed = run_sweep(project, check=False)
     assert failed.returncode == 1 and "error: no trial of sweep none succeeded" in failed.stderr, failed.stderr
     assert sweep_runs(url, "none")[0].info.status == "FAILED"
+
+    # An early-stopping sweep, one trial at a time so that each later trial meets the rungs the first one set.
+    # A trial below a rung's cutoff is stopped there: its pipeline interrupted, its run KILLED with its partial
+    # history and the reason, ranked after the finished trials, not retried, and it leaves no DVC experiment.
+    grid = {"train.learning_rate": {"values": [0.01, 1e-7, 0.003]}}
+    grid |= {"train.iterations": {"values": [100_000]}, "train.eval_interval": {"values": [5_000]}}
+    asha = {"grace_period": 10_000, "reduction_factor": 2}
+    (project.root / "sweep.yaml").write_text(definition(name="asha", max_concurrent=1, parameters=grid, scheduler=asha))
+    project.commit("An early-stopping sweep")
+    rows = table(run_sweep(project).stdout)
+    statuses = [row["status"] for row in rows]
+    stopped = [row for row in rows if row["status"].startswith("stopped early by the scheduler at step ")]
+    assert stopped and statuses == ["ok"] * (3 - len(stopped)) + [row["status"] for row in stopped], statuses
+    parent, trials = sweep_runs(url, "asha")
+    assert parent.info.status == "FINISHED" and len(trials) == 3, [run.info.status for run in trials]
+    from mlflow import MlflowClient
+
+    for row in stopped:
+        (run,) = [run for run in trials if run.data.tags[sweep.TRIAL_TAG] == row["experiment"].removeprefix("asha-")]
+        history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
+        assert run.info.status == "KILLED" and run.data.tags[sweep.STOPPED_TAG] == row["status"]
+        assert 2 <= len(history) < 20 and "final_test_accuracy" not in run.data.metrics, len(history)
+    assert {run.info.status for run in trials} == {"FINISHED", "KILLED"}
+    assert not {row["experiment"] for row in stopped} & set(project.experiments())
+    assert not processes_whose_environment_has(parent.info.run_id)
 
 
 # -- a two-node cluster --------------------------------------------------------------------------------
