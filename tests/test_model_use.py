@@ -31,10 +31,11 @@ def flow(tmp_path_factory):
     from mlflow import MlflowClient
 
     mirror = SHARED_MNIST if all((SHARED_MNIST / f"{name}.gz").exists() for name in FILES) else None
-    params = {"preprocess": {"validation_size": 5000}, "check": FLOOR}
+    params = {"preprocess": {"validation_size": 5000}}
     project = make_project(
         tmp_path_factory.mktemp("model-use"), mirror=mirror, real_sources=True, tiny=False, params=params
     )
+    (project.root / "check.yaml").write_text(json.dumps(FLOOR))
     client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
     steps = {}
     for step, train in (("first", FIRST), ("improvement", IMPROVEMENT)):

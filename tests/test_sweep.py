@@ -399,7 +399,8 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     # A trial below a rung's cutoff is stopped there: its pipeline interrupted, its run KILLED with its partial
     # history and the reason, ranked after the finished trials, not retried, and it leaves no DVC experiment.
     grid = {"train.learning_rate": {"values": [0.01, 1e-7, 0.003]}}
-    grid |= {"train.iterations": {"values": [100_000]}, "train.eval_interval": {"values": [5_000]}}
+    # Long enough (tens of seconds) that a stop lands mid-training even on a loaded machine.
+    grid |= {"train.iterations": {"values": [300_000]}, "train.eval_interval": {"values": [15_000]}}
     asha = {"grace_period": 10_000, "reduction_factor": 2}
     (project.root / "sweep.yaml").write_text(definition(name="asha", max_concurrent=1, parameters=grid, scheduler=asha))
     project.commit("An early-stopping sweep")
