@@ -84,7 +84,7 @@ def load_processed(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> tuple[di
                 f"{labels.shape}) are not as many uint8 rows of {NUM_PIXELS} pixels and of {NUM_CLASSES} classes; "
                 "rerun the preprocess stage (dvc repro -f preprocess)."
             )
-        if len(bad := np.flatnonzero((labels > 1).any(axis=1) | (labels.sum(axis=1) != 1))):
+        if len(bad := np.flatnonzero(labels.sum(axis=1) != 1)):  # uint8 rows sum to 1 only when one-hot
             raise PipelineError(
                 f"{data_dir / f'{split}_labels.npy'} holds labels that are not one-hot (a single 1 among 0s) in "
                 f"{len(bad)} of its {len(labels)} rows, the first row {bad[0]}: {labels[bad[0]].tolist()}. "

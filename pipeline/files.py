@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -25,11 +25,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The suffix stays last, as Keras and NumPy insist; the umask's permissions replace mkstemp's private ones.
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(handle)
-    os.umask(umask := os.umask(0))
-    (temp_path := Path(name)).chmod(0o666 & ~umask)
+    # The suffix stays last, as Keras and NumPy insist; the writer creates the file, so the umask sets its mode.
+    temp_path = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp{path.suffix}")
     try:
         yield temp_path
         os.replace(temp_path, path)
