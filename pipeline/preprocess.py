@@ -21,8 +21,7 @@ def main() -> None:
     validation_size = load_params().preprocess.validation_size
     raw = {}
     for split, (images_name, labels_name) in RAW_PAIRS.items():
-        images, _ = load_array(args.raw / images_name, "fetch")
-        labels, _ = load_array(args.raw / labels_name, "fetch")
+        images, labels = (load_array(args.raw / name, "fetch")[0] for name in (images_name, labels_name))
         if len(images) != len(labels) or labels.max(initial=0) >= NUM_CLASSES:
             raise PipelineError(
                 f"{args.raw / images_name} and {labels_name} hold {len(images)} images and {len(labels)} labels "
