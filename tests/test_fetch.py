@@ -188,7 +188,7 @@ def test_no_source_delivers_names_each_and_changes_nothing(tmp_path, data, serve
         "html": f"{TRAIN_IMAGES}.gz returned an HTML page",
         "html-as-data": f"{TRAIN_IMAGES}.gz has SHA-256",
         "wrong": f"{TRAIN_IMAGES}.gz has SHA-256",
-        "damaged": f"{TRAIN_IMAGES}.gz is not a valid gzip file",  # a CRC error or a deflate error, by file
+        "damaged": f"{TRAIN_IMAGES}.gz is not a valid gzip file",  # a CRC error, or a deflate error, per file
         "short": f"{TRAIN_IMAGES}.gz is not a valid gzip file",  # a truncated download
         "endless": f"sent more than the {SIZE_LIMIT[TRAIN_IMAGES]:,} bytes an MNIST file can be; it was cut off",
         "bomb": f"{TRAIN_IMAGES}.gz inflates to more than {SIZE_LIMIT[TRAIN_IMAGES]:,} bytes",
