@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -63,11 +63,9 @@ class StrictLoader(yaml.SafeLoader):
         if (alias := self.check_event(yaml.AliasEvent)) or self.depth >= YAML_DEPTH:
             problem = "aliases (*name) are not accepted; write each value out" if alias else "values nest too deep"
             raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
-        self.depth += 1
-        try:
-            node: Any = super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+        self.depth += 1  # An error ends the load, so only a node composed in full needs the count back.
+        node: Any = super().compose_node(parent, index)
+        self.depth -= 1
         if node.tag == "tag:yaml.org,2002:int" and len(node.value) > YAML_INT_CHARS:
             problem = f"an integer of {len(node.value)} characters is out of any sane range"
             raise yaml.composer.ComposerError(None, None, problem, node.start_mark)
@@ -77,9 +75,8 @@ class StrictLoader(yaml.SafeLoader):
         mapping, seen = super().construct_mapping(node, deep), set()
         for key_node, _ in node.value:
             if (key := self.construct_object(key_node)) in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r:.80} appears twice", key_node.start_mark
-                )
+                problem = f"the key {key!r:.80} appears twice"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
             seen.add(key)
         return mapping
 
@@ -264,8 +261,7 @@ def _problem(error: Any) -> str:
     return f"{key} {text}" if kind == "missing" else f"{key} {text}, got {_shown(error['input'])}"
 
 
-def _validated(kind: type, values: Any, source: str, error: type[PipelineError], problems: list[str]) -> Any:
-    result: Any = None
+def _validated(kind: Any, values: Any, source: str, error: type[PipelineError], problems: Sequence[str] = ()) -> Any:
     try:
         result = TypeAdapter(kind).validate_python(values)
     except ValidationError as invalid:
@@ -304,14 +300,13 @@ def load_params(path: Path | str | None = None) -> Params:
 def load_rules(path: Path | str | None = None) -> dict[str, CheckRule]:
     """Read and validate the gate's rules, a rule per metric (check.yaml, or ``path``)."""
     path = Path(path or RULES_FILE)
-    return _validated(dict[str, CheckRule], read_params(path) or {}, str(path), ParamsError, [])
+    return _validated(dict[str, CheckRule], read_params(path) or {}, str(path), ParamsError)
 
 
 def _settings(kind: type, environ: Mapping[str, str]) -> Any:
     """``kind`` from the variables its fields name (unset or blank: the default)."""
-    names = [field.alias for field in kind.__pydantic_fields__.values()]  # type: ignore[attr-defined]
-    values = {name: environ[name].strip() for name in names if environ.get(name, "").strip()}
-    return _validated(kind, values, "the environment", PipelineError, [])
+    values = {name: value.strip() for name, value in environ.items() if value.strip()}
+    return _validated(kind, values, "the environment", PipelineError)
 
 
 def fetch_settings(environ: Mapping[str, str] = os.environ) -> FetchSettings:

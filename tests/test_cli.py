@@ -12,30 +12,22 @@ import pytest
 from pipeline.cli import configure_logging, format_error, redact
 
 
-# {secret} is a generated password or token.
+# {secret} is a generated password or token; the authority's last @ ends it (test below, an @ in the password).
 @pytest.mark.parametrize(
-    ("uri", "printable"),
+    "uri",
     [
-        ("postgresql+psycopg://u:{secret}@db-host:5432/mlflow", "postgresql+psycopg://u:***@db-host:5432/mlflow"),
-        ("http://user:{secret}@127.0.0.1:1/", "http://user:***@127.0.0.1:1/"),
-        ("https://{secret}@mirror.example/mnist/", "https://***@mirror.example/mnist/"),
-        # An unencoded @ in the password: the user information ends at the authority's last @.
-        ("mysql://u:{secret}@{secret}@db/mlflow", "mysql://u:***@db/mlflow"),
-        (
-            "postgresql://db/mlflow?user=u&password={secret}&sslmode=require",
-            "postgresql://db/mlflow?user=u&password=***&sslmode=require",
-        ),
-        (
-            "https://bucket.s3/x.gz?X-Amz-Credential={secret}&X-Amz-Signature={secret}&v=1",
-            "https://bucket.s3/x.gz?X-Amz-Credential=***&X-Amz-Signature=***&v=1",
-        ),
-        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-        ("sqlite:////home/me/project/mlflow.db?timeout=60", "sqlite:////home/me/project/mlflow.db?timeout=60"),
-        ("/srv/mnist", "/srv/mnist"),
+        "postgresql+psycopg://u:{secret}@db-host:5432/mlflow",
+        "http://user:{secret}@127.0.0.1:1/",
+        "https://{secret}@mirror.example/mnist/",
+        "postgresql://db/mlflow?user=u&password={secret}&sslmode=require",
+        "https://bucket.s3/x.gz?X-Amz-Credential={secret}&X-Amz-Signature={secret}&v=1",
+        "http://127.0.0.1:5000",
+        "sqlite:////home/me/project/mlflow.db?timeout=60",
+        "/srv/mnist",
     ],
 )
-def test_every_uri_shape_prints_without_its_secret(uri, printable):
-    assert redact(uri.format(secret=secrets.token_hex(8)), {}) == printable
+def test_every_uri_shape_prints_without_its_secret(uri):
+    assert redact(uri.format(secret=secrets.token_hex(8)), {}) == uri.format(secret="***")
 
 
 def test_uris_inside_messages_known_secrets_anywhere_and_whole_error_paragraphs_are_masked():
@@ -53,7 +45,7 @@ def test_uris_inside_messages_known_secrets_anywhere_and_whole_error_paragraphs_
     # Every error paragraph is masked on its way out, and broken only at spaces so that paths stay whole.
     path = "/tmp/pytest-of-root/pytest-11/popen-gw1/test_no_source_delivers0/a-directory-with-a-rather-long-name"
     text = format_error(f"the store postgresql://u:{password}@db/x in {path} is not a directory, so it was skipped")
-    assert password not in text and path in text.split() and text.startswith("error: the store postgresql://u:***@")
+    assert text.startswith("error: the store postgresql://u:***@db/x in") and path in text.split()
 
 
 def test_log_lines_of_any_logger_are_masked(capfd):

@@ -41,7 +41,6 @@ RULE = {"better": "lower", "max_worsening": 0}
         ({"gopher": 1}, "gopher is not a known key (valid keys: preprocess, train)"),
         ({"check": {}}, "section check is no longer read from params.yaml, as no stage reads it: move its rules to"),
         ({"train__batch_size": GONE, "preprocess": GONE}, "2 problems: preprocess is missing; train.batch_size is"),
-        ({"train": [1, 2]}, "train must be a mapping, got [1, 2]"),
         ({"train__batch_size": "abc"}, "train.batch_size must be a whole number, got 'abc'"),
         ({"train__iterations": True}, "train.iterations must be a whole number, got True"),
         ({"train__learning_rate": "fast"}, "train.learning_rate must be a number, got 'fast'"),
@@ -64,10 +63,6 @@ RULE = {"better": "lower", "max_worsening": 0}
             {"tracking": {"uri": f"postgresql://m:{PASSWORD}@db/x"}, "train__model": f"http://a:{PASSWORD}@h"},
             "train.model, tracking.uri hold credentials, which must not be in a committed file",
         ),
-        (
-            {"train__learning_rate": -1, "train__iterations": 0, "train__model": "gopher"},
-            "params.yaml has 3 problems: train.model 'gopher'",
-        ),
     ],
 )
 def test_every_bad_value_is_named_in_one_paragraph(changes, expected):
@@ -81,7 +76,6 @@ def test_every_bad_value_is_named_in_one_paragraph(changes, expected):
     ("rules", "expected"),
     [
         ({"x": {**RULE, "flor": 1}}, "x.flor is not a known key (did you mean x.floor?)"),
-        ({"test_accuracy": {"better": "up"}}, "test_accuracy.better must be 'higher' or 'lower'"),
         ({"x": {**RULE, "range": [1, 0]}}, "x.range must have low <= high, got [1, 0]"),
         ({"x": {**RULE, "range": "0..1"}}, "must be a list [low, high] of two numbers or nulls, got '0..1'"),
         ({"x": {**RULE, "range": [0, "many"]}}, "x.range must be a number, got 'many'"),
@@ -99,23 +93,11 @@ def test_every_bad_rule_of_the_gate_is_named_in_one_paragraph(tmp_path, rules, e
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_the_committed_rules_are_valid_and_not_params():
-    assert set(load_rules(ROOT / "check.yaml")) == {"test_accuracy", "test_cross_entropy", "macro_f1"}
-    assert "check" not in yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-@pytest.mark.parametrize(
-    ("changes", "key", "expected"),
-    [
-        ({"train__seed": 2**32 - 1, "train__learning_rate": 3.0e38}, "seed", 2**32 - 1),
-        ({"train__learning_rate": "3e-3"}, "learning_rate", 0.003),  # YAML 1.1 reads 3e-3 as a string
-        ({"train__iterations": 1e4}, "iterations", 10_000),  # what `dvc exp run -S train.iterations=1e4` writes
-        *[({"train__model": name}, "model", name) for name in params.MODEL_NAMES],
-    ],
-)
-def test_the_limits_and_every_model_of_the_series_pass(changes, key, expected):
-    value = getattr(validate(edited(**changes)).train, key)
-    assert value == expected and type(value) is type(expected)
+def test_values_at_the_limits_and_numbers_as_yaml_and_dvc_write_them_pass():
+    # YAML 1.1 reads 3e-3 as a string; `dvc exp run -S train.iterations=1e4` writes a float.
+    train = validate(edited(train__seed=2**32 - 1, train__learning_rate="3e-3", train__iterations=1e4)).train
+    assert (train.seed, train.learning_rate, train.iterations) == (2**32 - 1, 0.003, 10_000)
+    assert type(train.iterations) is int and validate(edited(train__learning_rate=3.0e38)).train.learning_rate == 3.0e38
 
 
 @pytest.mark.parametrize(
@@ -171,19 +153,16 @@ def test_stages_refuse_bad_input_before_heavy_imports_and_change_nothing(tmp_pat
 
 
 def test_settings_defaults_and_values():
-    # Blank is unset. urllib3 waits 0, 2, 4, 8 and 16 s: 30 s of retries.
-    default, fetch = tracking_settings({}), fetch_settings({"MNIST_MIRROR": " ", "MNIST_FETCH_TIMEOUT": ""})
-    assert (default.uri, fetch.mirror, fetch.timeout_seconds, default.retry_seconds) == ("", "", 30, 30)
     names = [f"MLFLOW_HTTP_REQUEST_{name}" for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT")]
-    assert default.http_environment() == dict(zip(names, ["5", "1", "10"]))
-    tracking = tracking_settings(
-        {"MLFLOW_EXPERIMENT_NAME": "e" * 500, "MNIST_REGISTERED_MODEL": "m" * 256, **dict(zip(names, ["3", "2", "7"]))}
-    )
-    assert (len(tracking.experiment), len(tracking.registered_model), tracking.retry_seconds) == (500, 256, 12)
-    # Each model of the series is a registered model of its own, unless the variable names one for all.
-    assert [default.registered_name(model) for model in ("softmax", "conv")] == ["mnist-softmax", "mnist-conv"]
+    http = dict(zip(names, ["3", "2", "7"]))
+    tracking = tracking_settings({"MLFLOW_EXPERIMENT_NAME": "e" * 500, "MNIST_REGISTERED_MODEL": "m" * 256, **http})
+    # 3 retries with backoff factor 2 wait 0, 4 and 8 s (urllib3).
+    assert (len(tracking.experiment), tracking.http_environment(), tracking.retry_seconds) == (500, http, 12)
+    # Blank is unset. Each model of the series is a registered model of its own, unless the variable names one for all.
+    blank = tracking_settings({"MLFLOW_EXPERIMENT_NAME": "\t", "MNIST_REGISTERED_MODEL": " "})
+    assert (blank.experiment, blank.registered_name("conv")) == ("mnist-softmax", "mnist-conv")
     assert tracking.registered_name("conv") == "m" * 256
-    assert fetch_settings({"MNIST_MIRROR": "/srv/mnist", "MNIST_FETCH_TIMEOUT": "2.5"}).timeout_seconds == 2.5
+    assert fetch_settings({"MNIST_MIRROR": " ", "MNIST_FETCH_TIMEOUT": "2.5"}).timeout_seconds == 2.5
 
 
 @pytest.mark.parametrize(
