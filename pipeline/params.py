@@ -50,10 +50,6 @@ MESSAGES = {
 FLOAT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")  # YAML 1.1 reads 3e-3 (no dot) as a string.
 
 
-class ParamsError(PipelineError):
-    pass
-
-
 class StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader refusing aliases (billion laughs), deep nesting, duplicate keys and huge integers."""
 
@@ -81,24 +77,24 @@ class StrictLoader(yaml.SafeLoader):
         return mapping
 
 
-def parse_yaml(text: str, source: str, error: type[PipelineError] = ParamsError) -> Any:
+def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as problem:
         mark = problem.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise error(f"{source} is not valid YAML{where}: {problem.problem or problem.context}.") from None
+        raise PipelineError(f"{source} is not valid YAML{where}: {problem.problem or problem.context}.") from None
     except (yaml.YAMLError, ValueError) as problem:  # ValueError: a date such as 2024-13-45.
-        raise error(f"{source} is not valid YAML: {problem}.") from None
+        raise PipelineError(f"{source} is not valid YAML: {problem}.") from None
 
 
 def read_params(path: Path) -> Any:
     try:
         return parse_yaml(files.read_bytes(path, YAML_LIMIT).decode("utf-8"), str(path))
     except FileNotFoundError:
-        raise ParamsError(f"{path} does not exist; run from the project root, where params.yaml lives.") from None
+        raise PipelineError(f"{path} does not exist; run from the project root, where params.yaml lives.") from None
     except (OSError, UnicodeDecodeError) as problem:
-        raise ParamsError(f"cannot read {path}: {getattr(problem, 'strerror', None) or problem}.") from None
+        raise PipelineError(f"cannot read {path}: {getattr(problem, 'strerror', None) or problem}.") from None
 
 
 def _known_model(model: str) -> str:
@@ -261,13 +257,13 @@ def _problem(error: Any) -> str:
     return f"{key} {text}" if kind == "missing" else f"{key} {text}, got {_shown(error['input'])}"
 
 
-def _validated(kind: Any, values: Any, source: str, error: type[PipelineError], problems: Sequence[str] = ()) -> Any:
+def _validated(kind: Any, values: Any, source: str, problems: Sequence[str] = ()) -> Any:
     try:
         result = TypeAdapter(kind).validate_python(values)
     except ValidationError as invalid:
         problems = [*problems, *(redact(_problem(error)) for error in invalid.errors())]
     if problems:
-        raise error(f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}.")
+        raise PipelineError(f"{source} has {len(problems)} problem{'s' * (len(problems) > 1)}: {'; '.join(problems)}.")
     return result
 
 
@@ -281,14 +277,14 @@ def credential_keys(raw: Any, prefix: str = "") -> list[str]:
 
 
 def validate(raw: Any, source: str = "params.yaml") -> Params:
-    """Parsed YAML as :class:`Params`, or one ParamsError naming every problem."""
+    """Parsed YAML as :class:`Params`, or one PipelineError naming every problem."""
     keys = credential_keys(raw)
     secret = (
         f"{', '.join(keys)} hold{'s' * (len(keys) == 1)} credentials, which must not be in a committed file (DVC "
         "also copies it into dvc.lock and its run cache): set them in the environment instead (MLFLOW_TRACKING_URI, "
         "or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
     )
-    return _validated(Params, raw, source, ParamsError, [secret] if keys else [])
+    return _validated(Params, raw, source, [secret] if keys else [])
 
 
 def load_params(path: Path | str | None = None) -> Params:
@@ -300,13 +296,13 @@ def load_params(path: Path | str | None = None) -> Params:
 def load_rules(path: Path | str | None = None) -> dict[str, CheckRule]:
     """Read and validate the gate's rules, a rule per metric (check.yaml, or ``path``)."""
     path = Path(path or RULES_FILE)
-    return _validated(dict[str, CheckRule], read_params(path) or {}, str(path), ParamsError)
+    return _validated(dict[str, CheckRule], read_params(path) or {}, str(path))
 
 
 def _settings(kind: type, environ: Mapping[str, str]) -> Any:
     """``kind`` from the variables its fields name (unset or blank: the default)."""
     values = {name: value.strip() for name, value in environ.items() if value.strip()}
-    return _validated(kind, values, "the environment", PipelineError)
+    return _validated(kind, values, "the environment")
 
 
 def fetch_settings(environ: Mapping[str, str] = os.environ) -> FetchSettings:

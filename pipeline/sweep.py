@@ -120,7 +120,7 @@ class Sweep(BaseModel, extra="forbid"):
 
 def parse_sweep(text: str, params: Mapping[str, Any]) -> Sweep:
     """Validate a sweep definition against the project's params.yaml, reporting every problem at once."""
-    raw = parse_yaml(text, "the sweep file", PipelineError)
+    raw = parse_yaml(text, "the sweep file")
     # The file is committed and uploaded to the sweep's MLflow run.
     problems = [f"{key} must not hold credentials; keep them in the environment" for key in credential_keys(raw)]
     try:

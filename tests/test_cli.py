@@ -39,9 +39,7 @@ def test_uris_inside_messages_known_secrets_anywhere_and_whole_error_paragraphs_
         f"rejected; API request to http://admin:{token}@h:5000/api/2.0/x failed, token {token}"
     )
     masked = redact(message, environ)
-    assert encoded not in masked and password not in masked and token not in masked
-    assert masked.startswith("the store postgresql://u:***@db/x failed: (psycopg.OperationalError) password ***")
-    assert "http://admin:***@h:5000/api/2.0/x" in masked
+    assert masked == message.replace(encoded, "***").replace(password, "***").replace(token, "***")
     # Every error paragraph is masked on its way out, and broken only at spaces so that paths stay whole.
     path = "/tmp/pytest-of-root/pytest-11/popen-gw1/test_no_source_delivers0/a-directory-with-a-rather-long-name"
     text = format_error(f"the store postgresql://u:{password}@db/x in {path} is not a directory, so it was skipped")
