@@ -171,10 +171,10 @@ def _mirror(mirror: str) -> str:
     try:
         scheme = urlparse(mirror).scheme
     except ValueError as error:
-        raise ValueError(f"{redact(mirror)!r} is not a valid URL ({error})") from None
+        raise ValueError(f"{mirror!r} is not a valid URL ({error})") from None
     if len(scheme) > 1 and scheme not in ("http", "https", "file"):  # One letter is a drive: C:\data.
         raise ValueError(
-            f"{redact(mirror)!r} has the scheme {scheme}://; use an http://, https:// or file:// URL or a directory"
+            f"{mirror!r} has the scheme {scheme}://; use an http://, https:// or file:// URL or a directory"
         )
     return mirror
 
@@ -182,10 +182,8 @@ def _mirror(mirror: str) -> str:
 def _tracking_uri(uri: str) -> str:
     scheme = urlparse(uri).scheme.split("+")[0]
     if uri and scheme not in TRACKING_URI_SCHEMES:
-        raise ValueError(
-            f"has unknown scheme {scheme or '(none)'!r} in {redact(uri)!r}; "
-            f"use one of {', '.join(TRACKING_URI_SCHEMES)}"
-        )
+        known = ", ".join(TRACKING_URI_SCHEMES)
+        raise ValueError(f"has unknown scheme {scheme or '(none)'!r} in {uri!r}; use one of {known}")
     return uri
 
 
