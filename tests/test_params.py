@@ -45,6 +45,7 @@ RULE = {"better": "lower", "max_worsening": 0}
         ({"train__learning_rate": 1e300}, "learning_rate must be at most 3.403e+38, as training runs in float32"),
         ({"train__learning_rate": 10**400}, "train.learning_rate must be a number, got 1000000000"),
         ({"train__batch_size": 0}, "train.batch_size must be greater than or equal to 1, got 0"),
+        ({"train__iterations": 0}, "train.iterations must be greater than or equal to 1, got 0"),
         ({"train__iterations": 10_000_001}, "train.iterations must be less than or equal to 10000000"),
         ({"train__eval_interval": 10_001}, "train.eval_interval must be at most train.iterations (10000), got 10001"),
         ({"train__seed": 2**32}, "train.seed must be less than 4294967296, got 4294967296"),
