@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,75 +348,53 @@ BENCHES = {
 # Workers: the measured pieces that are not a command of the project, each run in a fresh process
 
 
-def tensorflow_setup(seed: int, threads: int) -> None:
-    """What the train stage sets before it builds the model, with ``threads`` intra- and inter-op threads."""
-    import keras
-    import tensorflow as tf
-
-    keras.config.disable_interactive_logging()
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-
 def worker_train_loop(args: argparse.Namespace) -> dict:
     """The seed's training as the train stage runs it, from building the trainer to the last step."""
     import numpy as np
     import tensorflow as tf
-    import yaml
 
     import pipeline.model
-    from benchmarks.numpy_reference import ARRAYS, load_mirror
+    from benchmarks.numpy_reference import load_mirror
     from pipeline.data import PERCENTILES
-    from pipeline.train import BatchOrder, train
+    from pipeline.params import load_params
+    from pipeline.train import BatchOrder, seeded_trainer, train
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    config = params["train"]
-    data = load_mirror(args.mirror, params["preprocess"]["validation_size"], verify=False)
+    params = load_params(ROOT / "params.yaml")
+    config = replace(params.train, model="softmax")  # The model the NumPy reference computes.
+    data = load_mirror(args.mirror, params.preprocess.validation_size, verify=False)
     if args.percentiles == "off":  # A constant is traced in place of each sort; pipeline/ is unchanged.
         pipeline.model.percentiles_graph = lambda variables: tf.fill([len(PERCENTILES)], float("nan"))
-    tensorflow_setup(config["seed"], 1)
-    model = pipeline.model.build_model(config["seed"])
-    np.savez(args.weights_out, **dict(zip(("weights", "biases"), model.get_weights())))
     started = time.perf_counter()
-    trainer = pipeline.model.SgdTrainer(model, config["learning_rate"], *map(data.get, ARRAYS))
-    order = BatchOrder(len(data["train_images"]), config["batch_size"], args.iterations, config["seed"])
-    history = train(trainer, order, config["eval_interval"])
+    trainer, _ = seeded_trainer(config, data)
+    initial = trainer.model.get_weights()
+    order = BatchOrder(len(data["train_images"]), config.batch_size, args.iterations, config.seed)
+    history = train(trainer, order, config.eval_interval)
+    seconds = time.perf_counter() - started
+    np.savez(args.weights_out, **dict(zip(("weights", "biases"), initial)))
     return {
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "test_accuracy": history.test_accuracy[-1],
         "test_cross_entropy": history.test_cross_entropy[-1],
     }
 
 
 def worker_series_step(args: argparse.Namespace) -> dict:
-    """Seconds per step of one model of the series, as the train stage runs it, once compiled."""
-    import yaml
+    """Seconds per step of one model of the series, as the train stage runs it (on ``--threads``), once compiled."""
+    from benchmarks.numpy_reference import load_mirror
+    from pipeline.params import load_params
+    from pipeline.train import BatchOrder, seeded_trainer
 
-    from benchmarks.numpy_reference import ARRAYS, load_mirror
-    from pipeline.train import BatchOrder
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    config = params["train"]
-    data = load_mirror(args.mirror, params["preprocess"]["validation_size"], verify=False)
-    order = BatchOrder(len(data["train_images"]), config["batch_size"], 2 * SERIES_STEPS, config["seed"])
-    # The train stage has no thread setting per model; TensorFlow's is set here before the model is built.
-    tensorflow_setup(config["seed"], args.threads)
-    from pipeline.model import SERIES, SgdTrainer, build_model
-
-    series = SERIES[args.model]
-    trainer = SgdTrainer(
-        build_model(config["seed"], args.model),
-        series.optimizer(config["learning_rate"]),
-        *map(data.get, ARRAYS),
-        series.test_batch_size,
-        series.jit_compile,
-    )
+    params = load_params(ROOT / "params.yaml")
+    config = replace(params.train, model=args.model)
+    data = load_mirror(args.mirror, params.preprocess.validation_size, verify=False)
+    order = BatchOrder(len(data["train_images"]), config.batch_size, 2 * SERIES_STEPS, config.seed)
+    trainer, _ = seeded_trainer(config, data, threads=args.threads)
     started = time.perf_counter()
-    trainer.train_steps(order[:SERIES_STEPS], 1, config["eval_interval"])
+    trainer.train_steps(order[:SERIES_STEPS], 1, config.eval_interval)
     compiled = time.perf_counter()
-    trainer.train_steps(order[SERIES_STEPS:], SERIES_STEPS + 1, config["eval_interval"])
+    trainer.train_steps(order[SERIES_STEPS:], SERIES_STEPS + 1, config.eval_interval)
+    from pipeline.model import SERIES
+
     return {
         "step_seconds": (time.perf_counter() - compiled) / SERIES_STEPS,
         "first_chunk_seconds": compiled - started,
