@@ -45,11 +45,8 @@ def _dense(seed: int, name: str, units=(), activation="relu", bias=0.1, dropout=
     """The seed and scripts 2.0-2.2: hidden layers of ``units`` (dropout after each), 10 softmax neurons."""
     stack: list = [keras.Input(shape=(NUM_PIXELS,), name="pixels")]
     for layer, width in enumerate(units):
-        initializers = {
-            "kernel_initializer": _weights(seed, layer),
-            "bias_initializer": keras.initializers.Constant(bias),
-        }
-        stack.append(layers.Dense(width, activation, **initializers))
+        initial_kernel, initial_bias = _weights(seed, layer), keras.initializers.Constant(bias)
+        stack.append(layers.Dense(width, activation, kernel_initializer=initial_kernel, bias_initializer=initial_bias))
         if dropout:
             stack.append(PhiloxDropout(dropout, seed=seed + layer))
     stack.append(layers.Dense(NUM_CLASSES, "softmax", kernel_initializer=_weights(seed, len(units)), name="softmax"))
@@ -76,19 +73,16 @@ def _convolutional(seed: int, name: str, filters, patches, dropout=0.0, batch_no
     return keras.Sequential(stack, name=name)
 
 
-@keras.saving.register_keras_serializable(package="pipeline")
 class DecayToFloor(keras.optimizers.schedules.LearningRateSchedule):
-    """The scripts' ``0.0001 + tf.train.exponential_decay(initial, step, decay_steps, 1/e)``, first update step 0."""
+    """The scripts' ``0.0001 + tf.train.exponential_decay(initial, step, decay_steps, 1/e)``, first update step 0.
+    Never saved: the model files hold no optimiser."""
 
     def __init__(self, initial: float, decay_steps: int, floor: float) -> None:
-        self.initial, self.decay_steps, self.floor = initial, decay_steps, floor
+        self.floor = floor
         self.decay = keras.optimizers.schedules.ExponentialDecay(initial, decay_steps, 1 / math.e)
 
     def __call__(self, step):
         return self.floor + self.decay(step)
-
-    def get_config(self) -> dict:
-        return {"initial": self.initial, "decay_steps": self.decay_steps, "floor": self.floor}
 
 
 def _adam(initial: float = 0.003, decay_steps: int | None = 2000) -> Callable[[float], keras.optimizers.Optimizer]:
@@ -206,9 +200,7 @@ def parameter_groups(model: keras.Model) -> tuple[list, list]:
 
 
 def percentiles_graph(variables: list) -> tf.Tensor:
-    """PERCENTILES of all ``variables``' values, interpolated as numpy.percentile does (NaN for none)."""
-    if not variables:
-        return tf.fill([len(PERCENTILES)], tf.constant(np.nan, tf.float32))
+    """PERCENTILES of all ``variables``' values, interpolated as numpy.percentile does."""
     values = tf.sort(tf.concat([tf.reshape(tf.cast(variable, tf.float32), [-1]) for variable in variables], 0))
     # The positions are known when the loop is traced, so only two gathers run in it.
     positions = np.array(PERCENTILES) / 100 * (sum(int(np.prod(v.shape)) for v in variables) - 1)
@@ -226,14 +218,12 @@ def weight_maps(model: keras.Model) -> np.ndarray:
 
 
 class SgdTrainer:
-    """Chunks of steps, test evaluations included, in one compiled loop; ``optimizer`` may be the seed's SGD rate."""
+    """Chunks of steps, test evaluations included, in one compiled loop."""
 
     def __init__(
         self, model, optimizer, train_images, train_labels, test_images, test_labels, test_batch_size=None, xla=True
     ) -> None:
         self.model, self.test_batch_size, self.optimizer = model, test_batch_size, optimizer
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            self.optimizer = keras.optimizers.SGD(learning_rate=optimizer)
         self.optimizer.build(model.trainable_variables)
         self.loss = keras.losses.CategoricalCrossentropy(reduction="sum")  # From the logits: stable.
         # The training set stays uint8 in memory; each batch is gathered and scaled on the fly.

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from pipeline import predict
-from pipeline.cli import PipelineError
 from pipeline.files import READ_LIMIT
 from pipeline.predict import ImageError, mnist_pixels
 
@@ -137,24 +136,6 @@ def test_text_and_json_name_the_model():
     ]
 
 
-@pytest.mark.parametrize(
-    ("content", "phrase"),
-    [
-        (None, "cannot read the model file .*: No such file or directory"),
-        ("fifo", "cannot read the model file .*: it is a FIFO, not a regular file"),
-        (b"just text", "is not a sound .keras file \\(a zip archive\\): File is not a zip file"),
-    ],
-)
-def test_a_model_file_is_checked_before_tensorflow_is_imported(tmp_path, content, phrase):
-    path = tmp_path / "model.keras"
-    if content == "fifo":
-        os.mkfifo(path)
-    elif content is not None:
-        path.write_bytes(content)
-    with pytest.raises(PipelineError, match=phrase):
-        predict.load_predictor(str(path))  # Raises before TensorFlow is imported.
-
-
 def test_unusable_files_huge_inputs_and_a_terminal_are_refused_each_alone(tmp_path):
     """Missing files, text, devices, FIFOs, directories, files or pipes over the limit: one error each, no hang."""
     (tmp_path / "notes.txt").write_text("hello")
@@ -204,26 +185,23 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_command_answers_files_and_stdin_and_explains_bad_images(models, tmp_path):
+def test_the_command_answers_with_a_model_file_and_refuses_models_that_cannot_be_used(models, tmp_path):
     (tmp_path / "seven.png").write_bytes(encoded(seven()))
     (tmp_path / "notes.txt").write_text("hello")
+    os.mkfifo(tmp_path / "fifo.keras")
     model = str(models / "model.keras")
+    # Files and stdin answered, a bad image explained; TensorFlow's oneDNN start-up lines, forced on, not on stderr.
     command = [sys.executable, "-m", "pipeline.predict", "seven.png", "notes.txt", "-", "--model", model]
-    # TensorFlow's oneDNN start-up lines, forced on, must not reach stderr.
-    env = stage_env(TF_ENABLE_ONEDNN_OPTS="1")
     stdin = encoded(seven(ink=235, paper=15), "JPEG")
-    result = subprocess.run(command, input=stdin, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    options = {"cwd": tmp_path, "env": stage_env(TF_ENABLE_ONEDNN_OPTS="1"), "capture_output": True, "timeout": 300}
+    result = subprocess.run(command, input=stdin, **options)
     lines = result.stdout.decode().splitlines()
     assert result.returncode == 1 and lines[0] == f"model: file {model}"
     assert [line.split(":")[0] for line in lines[1:]] == ["seven.png", "<stdin>"]
     message = "notes.txt is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP…)."
     assert " ".join(result.stderr.decode().split()) == f"error: {message}"
 
-
-@pytest.mark.slow
-def test_models_that_cannot_be_used(models, tmp_path):
     env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "seven.png").write_bytes(encoded(seven()))
     weights = zipfile.ZipFile(models / "model.keras").getinfo("model.weights.h5")
     damaged = bytearray((models / "model.keras").read_bytes())
     # One byte of the stored weights: the archive opens, but their CRC-32 fails.
@@ -233,6 +211,10 @@ def test_models_that_cannot_be_used(models, tmp_path):
         archive.writestr("config.json", json.dumps({"class_name": "Nope", "config": {}}))
     champion = ["--model", "models:/mnist-softmax@champion"]
     for args, phrase in (
+        # The file is read before TensorFlow is imported: Keras would wait forever on a FIFO.
+        (["--model", "missing.keras"], "cannot read the model file missing.keras: No such file or directory"),
+        (["--model", "fifo.keras"], "cannot read the model file fifo.keras: it is a FIFO, not a regular file"),
+        (["--model", "notes.txt"], "is not a sound .keras file (a zip archive): File is not a zip file"),
         (["--model", str(models / "grid.keras")], "takes [(None, 28, 28)] and answers [(None, 10)], but an MNIST"),
         (["--model", str(models / "five.keras")], "takes [(None, 784)] and answers [(None, 5)], but an MNIST"),
         (["--model", "damaged.keras"], "cannot load the model file damaged.keras: Bad CRC-32 for file"),
