@@ -241,8 +241,9 @@ def view_run_line(uri: str, mlflow_run) -> str | None:
     return redact(f"View run {run.info.run_name} at: {page} (uv run mlflow ui --backend-store-uri {backend})")
 
 
-def seeded_trainer(config: TrainParams, data: dict):
-    """The trainer of ``config``'s model, in TensorFlow set up to repeat the seed's numbers; the run's params."""
+def seeded_trainer(config: TrainParams, data: dict, threads: int | None = None):
+    """The trainer of ``config``'s model, in TensorFlow set up to repeat the seed's numbers (on ``threads``, by
+    default the model's); the run's params."""
     import keras
     import tensorflow as tf
 
@@ -255,8 +256,9 @@ def seeded_trainer(config: TrainParams, data: dict):
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     series = SERIES[config.model]
-    tf.config.threading.set_intra_op_parallelism_threads(series.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(series.threads)
+    threads = threads or series.threads
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
     model = build_model(config.seed, config.model)
     arrays = data["train_images"], data["train_labels"], data["test_images"], data["test_labels"]
     optimizer = series.optimizer(config.learning_rate)
