@@ -126,15 +126,6 @@ def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(p
         assert re.search(f"/experiments/{client_for(project).get_run(run.run_id).info.experiment_id}/runs", page.url)
 
 
-def test_an_error_in_the_stage_marks_the_run_failed_after_logging_what_was_queued(project):
-    with pytest.raises(RuntimeError), open_run("doomed") as run:
-        run.log_history({"train_accuracy": ([1, 2], [0.1, 0.2])}, time.time(), time.time())
-        raise RuntimeError("training blew up")
-    client = client_for(project)
-    assert client.get_run(run.run_id).info.status == "FAILED"
-    assert len(client.get_metric_history(run.run_id, "history/train_accuracy")) == 2
-
-
 def test_a_store_that_takes_no_values_holds_training_back_at_the_bound(project):
     """Memory stays bounded however slow the store: beyond MAX_PENDING_VALUES, logging waits."""
     with open_run("held back") as run:
@@ -174,25 +165,24 @@ def test_a_stop_gives_the_backlog_a_short_grace_then_counts_what_was_not_written
     assert client_for(project).get_run(run.run_id).info.status == "FAILED"
 
 
-def test_malformed_extra_run_tags_stop_with_one_line_before_any_run(project, monkeypatch):
-    for value in ("{not json", '["a list"]'):
-        monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, value)
-        with pytest.raises(PipelineError, match=r"^\$PIPELINE_RUN_TAGS is not a JSON object of run tags: "), open_run():
-            pass
-    assert not (project / "mlflow.db").exists()
-
-
-def test_the_report_finds_the_newest_finished_run_with_its_probabilities(project):
+def test_an_error_marks_the_run_failed_after_logging_what_was_queued_and_the_report_skips_it(project):
     import mlflow
 
     for name in ("older", "newer"):
         with open_run(name):
             mlflow.set_tag(record.TEST_PROBABILITIES_TAG, "abc")
+    with pytest.raises(RuntimeError), open_run("doomed") as run:
+        mlflow.set_tag(record.TEST_PROBABILITIES_TAG, "abc")
+        run.log_history({"train_accuracy": ([1, 2], [0.1, 0.2])}, time.time(), time.time())
+        raise RuntimeError("training blew up")
     client, experiment_id = store.open_store(f"sqlite:///{project / 'mlflow.db'}", EXPERIMENT, None)
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    assert len(client.get_metric_history(run.run_id, "history/train_accuracy")) == 2
+    # The newest finished run with those probabilities, not the failed one.
     assert record.find_training_run(client, experiment_id, "abc", "here").info.run_name == "newer"
 
 
-def test_unusable_stores_fail_before_mlflow_is_imported_and_keep_credentials_out(project):
+def test_unusable_stores_and_malformed_run_tags_stop_with_one_line_before_any_run(project, monkeypatch):
     with pytest.raises(PipelineError, match="which does not exist"):
         resolve(f"sqlite:///{project}/nowhere/mlflow.db")
     password = secrets.token_hex(8)
@@ -201,6 +191,11 @@ def test_unusable_stores_fail_before_mlflow_is_imported_and_keep_credentials_out
     # The health check reached for 127.0.0.1 (not for a host named "admin:<password>@127.0.0.1").
     assert "http://admin:***@127.0.0.1:9/ cannot be reached: [Errno 111] Connection refused" in str(caught.value)
     assert password not in str(caught.value)
+    for value in ("{not json", '["a list"]'):
+        monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, value)
+        with pytest.raises(PipelineError, match=r"^\$PIPELINE_RUN_TAGS is not a JSON object of run tags: "), open_run():
+            pass
+    assert not (project / "mlflow.db").exists()
 
 
 def test_the_environment_and_the_models_requirements_name_the_locked_versions(project):

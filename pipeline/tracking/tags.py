@@ -19,19 +19,8 @@ ENVIRONMENT_PACKAGES = {"tensorflow": ("tensorflow-cpu", "tensorflow")} | {
 }
 # The extensions TensorFlow's CPU kernels choose their code by: CPUs differing in them round differently.
 KERNEL_ISA_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
+    *("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16"),
+    *("amx_tile", "amx_bf16", "amx_int8"),
 )
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
