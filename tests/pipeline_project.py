@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -62,24 +63,11 @@ class Project:
     reproduced: subprocess.CompletedProcess | None = None
 
     def run(
-        self,
-        *command: str,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 300,
-        check: bool = True,
-        cwd: Path | None = None,
+        self, *command: str, env: Mapping[str, str] | None = None, check: bool = True, **options: Any
     ) -> subprocess.CompletedProcess:
-        """Run ``command`` in the project with its environment (plus ``env``), capturing the output."""
-        env = {**self.env, **(env or {})}
-        result = subprocess.run(
-            command,
-            cwd=cwd or self.root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        """Run ``command`` with the project's environment (plus ``env``), output captured; ``options``: cwd, timeout."""
+        options = {"cwd": self.root, "timeout": 300, "env": {**self.env, **(env or {})}, **options}
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, **options)
         if check and result.returncode != 0:
             output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
             raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{output}")

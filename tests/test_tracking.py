@@ -82,16 +82,6 @@ def test_a_run_records_params_tags_and_every_history_value_with_its_own_time(pro
     assert logged.data.tags["env.python"].count(".") == 2 and logged.data.tags["git.commit"] == "unknown"
 
 
-def test_a_run_samples_the_machine_while_it_is_running(project):
-    client = client_for(project)
-    with open_run() as run:
-        for _ in range(600):  # MLflow's monitor samples every SYSTEM_METRICS_SECONDS; this waits a minute at most.
-            if sampled := [key for key in client.get_run(run.run_id).data.metrics if key.startswith("system/")]:
-                break
-            time.sleep(0.1)
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(sampled)
-
-
 @pytest.fixture
 def chromium():
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -126,8 +116,9 @@ def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(p
         assert re.search(f"/experiments/{client_for(project).get_run(run.run_id).info.experiment_id}/runs", page.url)
 
 
-def test_a_store_that_takes_no_values_holds_training_back_at_the_bound(project):
+def test_a_store_that_takes_no_values_holds_training_back_at_the_bound_and_the_machine_is_sampled(project):
     """Memory stays bounded however slow the store: beyond MAX_PENDING_VALUES, logging waits."""
+    client = client_for(project)
     with open_run("held back") as run:
         lock, queued = lock_store(project), []
 
@@ -144,7 +135,11 @@ def test_a_store_that_takes_no_values_holds_training_back_at_the_bound(project):
         lock.rollback()
         trainer.join(timeout=60)
         assert max(queued) <= record.MAX_PENDING_VALUES + 1000
-    client = client_for(project)
+        for _ in range(600):  # MLflow's monitor samples every SYSTEM_METRICS_SECONDS; this waits a minute at most.
+            if sampled := [key for key in client.get_run(run.run_id).data.metrics if key.startswith("system/")]:
+                break
+            time.sleep(0.1)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(sampled)
     assert client.get_run(run.run_id).info.status == "FINISHED"
     assert len(client.get_metric_history(run.run_id, "history/train_accuracy")) == 15_000
 

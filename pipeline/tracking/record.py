@@ -52,16 +52,15 @@ def timestamp_ms() -> int:
 
 
 def dvc_digest(folder: Path) -> str:
-    """DVC's hash of a folder, as dvc.lock records it: the md5 of its listing of files and their md5s."""
-    from dvc_data.hashfile.tree import Tree
+    """DVC's hash of a folder, as dvc.lock records it."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
 
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
-    md5s = [hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() for path in files]
-    tree = Tree.from_list(
-        [{"md5": md5, "relpath": path.relative_to(folder).as_posix()} for path, md5 in zip(files, md5s)]
-    )
-    tree.digest()
-    return tree.hash_info.value
+    local = LocalFileSystem()
+    # A dry run only hashes: the object store it is given stays untouched.
+    _, _, tree = build(HashFileDB(local, folder.as_posix()), folder.as_posix(), local, "md5", dry_run=True)
+    return str(tree.hash_info.value)
 
 
 def dataset(folder: Path):
