@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import stage_env
-from pipeline_project import REPORT_OUTPUTS, TRAIN_OUTPUTS, MlflowServer, Project, free_port, make_project
+from conftest import snapshot, stage_env
+from pipeline_project import TRAIN_OUTPUTS, MlflowServer, free_port, make_project
 from test_train import OUTPUTS, runs, start_training
 
 pytestmark = pytest.mark.slow
@@ -192,16 +192,8 @@ class FakeServer:
         self.server.server_close()
 
 
-def fingerprint(project: Project) -> dict:
-    """Modification time and content hash of every train and report output."""
-    paths = {name: project.root / name for name in (*TRAIN_OUTPUTS, *REPORT_OUTPUTS)}
-    return {name: path.exists() and (path.stat().st_mtime_ns, path.read_bytes()) for name, path in paths.items()}
-
-
 @pytest.mark.parametrize("kind", ["silent", "not-mlflow", "api-fails", "unknown-scheme"])
 def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs_untouched(reproduced_project, kind):
-    from mlflow.tracking import MlflowClient
-
     silent = socket.create_server(("127.0.0.1", 0))  # Takes connections, never answers: a hung server.
     fake = {"not-mlflow": (404, 404), "api-fails": (200, 500)}.get(kind)  # The health check's status, the API's.
     fake = fake and FakeServer(*fake)
@@ -211,9 +203,7 @@ def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs
         "api-fails": (fake and fake.url, "failed"),
         "unknown-scheme": ("htp://127.0.0.1:5000", "MLFLOW_TRACKING_URI"),
     }[kind]
-    store = MlflowClient(f"sqlite:///{reproduced_project.root / 'mlflow.db'}")
-    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
-    before, runs_before = fingerprint(reproduced_project), len(store.search_runs([experiment_id]))
+    before = snapshot(reproduced_project.root)  # The outputs, the MLflow store, git and DVC's files.
     try:  # The stage's own command (dvc repro would first delete the outputs).
         command = reproduced_project.stage_command("train")
         result = reproduced_project.run(*command, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
@@ -223,8 +213,7 @@ def test_a_failing_server_stops_the_stage_before_training_and_leaves_the_outputs
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0 and "Traceback" not in output and uri in output and phrase in output, output
     assert "MLflow run " not in output and "trained " not in output, output
-    assert fingerprint(reproduced_project) == before and len(store.search_runs([experiment_id])) == runs_before
-    assert not list((reproduced_project.root / "models").glob(".*.tmp*"))
+    assert snapshot(reproduced_project.root) == before
 
 
 @pytest.fixture
