@@ -282,11 +282,10 @@ class MlflowServer:
         self.process = start_server(command, log_path, f"{self.url}/health", timeout, cwd=self.directory, env=env)
         return self
 
-    def stop(self, signum: int = signal.SIGKILL) -> None:
-        """Stop the server and the workers it forked (SIGCONT first, should it be stopped)."""
+    def stop(self) -> None:
+        """Kill the server and the workers it forked (SIGKILL ends a stopped process too)."""
         if self.process is not None and self.process.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signum)
+            self.signal(signal.SIGKILL)
             self.process.wait(timeout=60)
 
     def signal(self, signum: int) -> None:
