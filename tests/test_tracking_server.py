@@ -88,8 +88,9 @@ def test_a_shared_server_on_postgresql_gets_everything_and_no_password(postgres,
     from PIL import Image
 
     url, artifacts = mlflow_server
-    masked = url.replace("http://", "http://admin:***@")
-    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": masked.replace("***", SECRET)})
+    with_password = url.replace("http://", f"http://admin:{SECRET}@")
+    masked = with_password.replace(SECRET, "***")
+    project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": with_password})
     printed = [project.dvc("repro", timeout=600)]
     # Nothing went to a local store.
     assert not (project.root / "mlflow.db").exists() and not (project.root / "mlartifacts").exists()
