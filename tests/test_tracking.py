@@ -104,16 +104,17 @@ def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(p
     (project / "data" / "processed" / "images.npy").write_bytes(b"pixels")
     with record.training_run(*resolve(), EXPERIMENT, "first", {}, data_folder=Path("data/processed")) as run:
         pass
+    logged = client_for(project).get_run(run.run_id)
+    (dataset_input,) = logged.inputs.dataset_inputs  # test_pipeline checks its digest against dvc.lock's.
     with MlflowServer(project).running() as server:
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(server.url + link[1])
         # Its row in the runs table of the model-training view (GenAI's shows no runs table), with its dataset.
         page.get_by_text("first", exact=True).first.wait_for(timeout=120_000)
-        digest = record.dvc_digest(project / "data" / "processed")
-        page.get_by_text(f"data/processed ({digest})", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text(f"data/processed ({dataset_input.dataset.digest})", exact=True).first.wait_for(timeout=60_000)
         assert page.get_by_text("Model registry", exact=True).count() == 1
         assert page.get_by_text("Evaluation runs", exact=True).count() == 0
-        assert re.search(f"/experiments/{client_for(project).get_run(run.run_id).info.experiment_id}/runs", page.url)
+        assert re.search(f"/experiments/{logged.info.experiment_id}/runs", page.url)
 
 
 def test_a_store_that_takes_no_values_holds_training_back_at_the_bound_and_the_machine_is_sampled(project):

@@ -51,26 +51,20 @@ def timestamp_ms() -> int:
     return int(time.time() * 1000)
 
 
-def dvc_digest(folder: Path) -> str:
-    """DVC's hash of a folder, as dvc.lock records it."""
+def dataset(folder: Path):
+    """``folder`` as an MLflow dataset (the runs table's Dataset column): its path the source, DVC's hash the digest."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs.local import LocalFileSystem
-
-    local = LocalFileSystem()
-    # A dry run only hashes: the object store it is given stays untouched.
-    _, _, tree = build(HashFileDB(local, folder.as_posix()), folder.as_posix(), local, "md5", dry_run=True)
-    return str(tree.hash_info.value)
-
-
-def dataset(folder: Path):
-    """``folder`` as an MLflow dataset (the runs table's Dataset column): its path the source, DVC's hash the digest."""
     from mlflow.data import sources
     from mlflow.data.meta_dataset import MetaDataset
 
+    # DVC's hash as dvc.lock records it; a dry run only hashes, leaving the object store it is given untouched.
+    local = LocalFileSystem()
+    _, _, tree = build(HashFileDB(local, folder.as_posix()), folder.as_posix(), local, "md5", dry_run=True)
     # MLflow defines its artifact sources at import time and leaves MetaDataset's profile abstract (None is its own).
     source = sources.LocalArtifactDatasetSource(folder.as_posix())  # type: ignore[attr-defined]
-    return MetaDataset(source, name=folder.as_posix(), digest=dvc_digest(folder))  # type: ignore[abstract]
+    return MetaDataset(source, name=folder.as_posix(), digest=str(tree.hash_info.value))  # type: ignore[abstract]
 
 
 class TrainingRun:
