@@ -53,12 +53,9 @@ def test_the_champion_gate_from_a_first_model_to_a_champion_without_metrics(repr
     store = client(project)
     experiment = store.get_experiment_by_name(NAME).experiment_id
     first, second = store.search_runs([experiment], order_by=["attributes.start_time ASC"])
-    assert (
-        first.data.tags[registry.RUN_VERSION_TAG] == second.data.tags[registry.RUN_VERSION_TAG] == f"models:/{NAME}/1"
-    )
+    assert {run.data.tags[registry.RUN_VERSION_TAG] for run in (first, second)} == {f"models:/{NAME}/1"}
     # The new run holds the gate's metrics although report never ran for it.
-    for metric in METRICS:
-        assert second.data.metrics[metric] == first.data.metrics[metric], metric
+    assert [second.data.metrics[metric] for metric in METRICS] == [first.data.metrics[metric] for metric in METRICS]
     code, output = gate(project, "--champion", "--promote")
     assert code == 0 and "version 1 already is the champion" in output, output
 
