@@ -5,6 +5,7 @@ Markdown or ``--json``; exits 0 pass, 1 regression, 2 bad input (docs/gate.md)."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import json
@@ -69,11 +70,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def metrics_files(declared: dict[str, Any]) -> list[str]:
+    entries = (entry for stage in declared.get("stages", {}).values() for entry in stage.get("metrics", []))
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+
+
 def current_metrics() -> Metrics:
     root, declared = dvc_yaml()
     # DVC reads a metrics file whole, and waits forever on a FIFO: each must pass the bounded reader first.
-    for entry in (entry for stage in declared.get("stages", {}).values() for entry in stage.get("metrics", [])):
-        path = entry if isinstance(entry, str) else next(iter(entry))
+    for path in metrics_files(declared):
         try:
             files.read_bytes(root / path)
         except FileNotFoundError:
@@ -197,12 +202,37 @@ def check(metric: str, old: float | None, new: float, rule: CheckRule, note: str
     }
 
 
-def environment_difference(old: Metrics | None, new: Metrics) -> str | None:
+def recorded_environment(metrics: Metrics | None) -> dict[str, Any] | None:
+    """The environment in ``metrics``: train.json's [name, value] pairs, or ``environment.*`` keys (an older
+    train.json's object, the champion's tags)."""
+    if metrics is None:
+        return None
+    found: dict[str, Any] = {}
+    for names in metrics.values():
+        found |= {key[12:]: value for key, value in names.items() if key.startswith("environment.")}
+        with contextlib.suppress(TypeError, ValueError):  # Not [name, value] pairs: no environment.
+            found |= dict(names.get("environment") or ())
+    return found
+
+
+def environment_at(commit: str | None) -> dict[str, Any]:
+    """The environment the metrics files record at ``commit`` (None: in the workspace). DVC's ``metrics show`` and
+    ``metrics diff`` leave it out, as they show no lists."""
+    root, declared = dvc_yaml()
+    recorded: Metrics = {}
+    for path in metrics_files(declared):
+        try:
+            text = git("-C", str(root), "show", f"{commit}:./{path}") if commit else files.read_bytes(root / path)
+            data = json.loads(text or "{}")
+        except (OSError, ValueError, RecursionError):
+            continue  # Reading the metrics themselves reports a missing or broken file.
+        recorded[path] = flatten(data) if isinstance(data, dict) else {}
+    return recorded_environment(recorded) or {}
+
+
+def environment_difference(was: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
     """What differs in the recorded environments (train.json's ``environment``); information, never a failure."""
-    was, now = (
-        {k[12:]: v for names in (m or {}).values() for k, v in names.items() if k.startswith("environment.")}
-        for m in (old, new)
-    )
+    was, now = was or {}, now or {}
     changes = [
         ENVIRONMENT.get(key, "{key} {old} → {new}").format(
             key=key, old=was.get(key, "(none)"), new=now.get(key, "(none)")
@@ -314,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             except CheckError as also:
                 raise CheckError(f"{error} (Also, {also}.)") from None
         raise
-    environment = environment_difference(old, current)
+    was = environment_at(baseline["commit"]) if baseline["commit"] else recorded_environment(old)
+    environment = environment_difference(was, environment_at(None))
     markdown = render_markdown(rows, baseline, environment, promotion)
     report: dict[str, Any] = {"status": "fail" if failed else "pass", "baseline": baseline | {"found": old is not None}}
     report |= {"environment_difference": environment, "metrics": rows, "promotion": promotion}

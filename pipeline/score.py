@@ -1,5 +1,5 @@
 """The test-set metrics every model is judged by, from the test probabilities, named as ``dvc metrics show``
-names them: train logs them on its run and its registry version, report writes them to metrics.json."""
+names them: train logs them on its run and its registry version, report writes the ``SCORES`` to metrics.json."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.data import NUM_CLASSES
 
 CLASS_NAMES = [str(digit) for digit in range(NUM_CLASSES)]
-# The single numbers at the top of metrics.json, which a sweep can rank trials by.
+# The single numbers, metrics.json's, which a sweep can rank trials by.
 SCORES = ("test_accuracy", "test_cross_entropy", "macro_precision", "macro_recall", "macro_f1")
 
 
