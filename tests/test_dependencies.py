@@ -1,6 +1,8 @@
-"""Every stage depends on exactly the project code it runs, so a code change reruns exactly those stages. The
-modules are derived: ``dvc repro`` with ``PYTHONPROFILEIMPORTTIME=1`` makes every Python process (a stage and what
-it starts) print each module it imports after DVC's "Running stage" line; they are compared with dvc.yaml's deps."""
+"""Every stage depends on the project code it runs (the folder ``pipeline``), so that a code change reruns it, and
+DVC does not see the command-line tools no stage runs (.dvcignore), so that editing one reruns nothing. The modules
+are derived: ``dvc repro`` with ``PYTHONPROFILEIMPORTTIME=1`` makes every Python process (a stage and what it starts)
+print each module it imports after DVC's "Running stage" line; they are compared with dvc.yaml's deps and with what
+``dvc check-ignore`` says DVC ignores."""
 
 from __future__ import annotations
 
@@ -11,13 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-from pipeline_project import VENV_BIN, make_project
+from pipeline_project import VENV_BIN, Project, make_project
 
 pytestmark = pytest.mark.slow
 
 STAGES = ("fetch", "preprocess", "train", "report")
-# Command-line tools that are no stage: the metric gate, mnist-predict, mnist-reproduce and mnist-sweep.
-TOOLS = {"pipeline/check.py", "pipeline/predict.py", "pipeline/reproduce.py", "pipeline/sweep.py"}
 IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(pipeline\S*)\s*$", re.MULTILINE)
 MODULES = {path.relative_to(ROOT).as_posix() for path in (ROOT / "pipeline").rglob("*.py")}
 
@@ -28,9 +28,13 @@ def module_file(module: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, set[str]]:
+def project(tmp_path_factory) -> Project:
+    return make_project(tmp_path_factory.mktemp("deps"))
+
+
+@pytest.fixture(scope="module")
+def runs(project) -> dict[str, set[str]]:
     """For each stage, the project files its process (and any process it starts) imported."""
-    project = make_project(tmp_path_factory.mktemp("deps"))
     # One stream, so each stage's imports follow the line announcing it.
     result = subprocess.run(
         [str(VENV_BIN / "dvc"), "repro"],
@@ -52,16 +56,26 @@ def runs(tmp_path_factory) -> dict[str, set[str]]:
     return found
 
 
+@pytest.fixture(scope="module")
+def ignored(project) -> set[str]:
+    """The project's modules that DVC does not see."""
+    return set(project.dvc("check-ignore", *sorted(MODULES), check=False).stdout.split())
+
+
 @pytest.mark.parametrize("stage", STAGES)
-def test_dvc_yaml_lists_every_module_the_stage_runs_and_no_other(runs, stage):
+def test_every_module_a_stage_runs_is_in_its_deps_and_seen_by_dvc(runs, ignored, stage):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     # A dependency is a file, or a folder and everything in it.
     listed = {path for path in MODULES if any(Path(path).is_relative_to(dep) for dep in deps)}
-    assert runs[stage] - listed == set(), f"stage {stage} runs these, but its deps in dvc.yaml do not list them"
-    assert listed - runs[stage] == set(), f"stage {stage} lists these in its deps in dvc.yaml, but never runs them"
+    assert runs[stage] - listed == set(), f"stage {stage} runs these, but its deps in dvc.yaml do not hold them"
+    assert runs[stage] & ignored == set(), f"stage {stage} runs these, but .dvcignore hides them from DVC"
     # uv.lock pins every library the stages run, so a dependency upgrade reruns the whole pipeline.
     assert "uv.lock" in deps
 
 
-def test_every_module_is_run_by_a_stage_or_is_a_command_line_tool(runs):
-    assert MODULES - set().union(*runs.values()) <= TOOLS
+def test_dvc_ignores_exactly_the_modules_no_stage_runs(project, runs, ignored):
+    # The metric gate, mnist-predict, mnist-reproduce and mnist-sweep.
+    assert ignored == MODULES - set().union(*runs.values()) and len(ignored) == 4, ignored
+    for path in ignored:
+        (project.root / path).write_text((project.root / path).read_text() + "# Edited.\n")
+    assert "Data and pipelines are up to date." in project.dvc("status").stdout

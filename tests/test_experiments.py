@@ -99,9 +99,17 @@ def test_a_setting_reruns_nothing_and_each_experiment_logs_one_tagged_run_but_a_
         outs = {out["path"]: out["md5"] for out in yaml.safe_load(lock)["stages"]["train"]["outs"]}
         md5 = outs["models/test_probabilities.npy"]
         assert produced(run, project.root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
-        final = info["metrics"]["metrics/train.json"]["final_test_accuracy"]
-        assert run.data.metrics["test_accuracy"] == pytest.approx(final)
+        recorded = info["metrics"]
+        assert run.data.metrics["test_accuracy"] == pytest.approx(recorded["metrics/metrics.json"]["test_accuracy"])
+        # Every metric DVC's tables show is a number (train.json's environment is a list, which they leave out).
+        shown = [value for values in recorded.values() for value in values.values() if not isinstance(value, list)]
+        assert all(type(value) in (int, float) for value in shown), recorded
     assert sorted(float(run.data.params["train.learning_rate"]) for run in by_experiment.values()) == list(sweep)
+    # `dvc exp show` reads at a glance (issue #24): results, params, and one column per dependency, the code one.
+    header = project.dvc("exp", "show", "--csv").stdout.splitlines()[0].split(",")
+    columns = [name for name in header if name not in ("rev", "typ", "parent")]
+    assert len(columns) <= 26 and "pipeline" in columns, columns
+    assert not [name for name in columns if name.startswith(("environment", "per_class_recall", "pipeline/"))], columns
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):

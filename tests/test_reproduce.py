@@ -1,5 +1,6 @@
 """mnist-reproduce: identical on the same CPU, within tolerance on another, not reproduced beyond it.
-``verdict`` gets what ``dvc metrics diff --json --all`` gives; the end-to-end test meets the cases as CI does."""
+``verdict`` gets what ``dvc metrics diff --json --all`` gives and the two environments; the end-to-end test meets
+the cases as CI does."""
 
 from __future__ import annotations
 
@@ -17,29 +18,30 @@ from pipeline.reproduce import (
 )
 
 CPU_A, CPU_B = "CPU A (x86_64: avx2)", "CPU B (x86_64: avx512f)"
-ROUNDED = {"final_test_cross_entropy_sum": (2695.878173828125, 2695.87841796875)}  # As on another CPU.
-ACCURACY = {"final_test_accuracy": (0.92, 0.92)}
-BEYOND = {"final_test_cross_entropy_sum": (2695.0, 2696.0), "final_test_accuracy": (0.92, 0.93)}
-KERAS = ACCURACY | {"environment.keras": ("3.15", "3.16")}
+ROUNDED = {"test_cross_entropy": (0.2695878173828125, 0.269587841796875)}  # As on another CPU.
+ACCURACY = {"test_accuracy": (0.92, 0.92)}
+BEYOND = {"test_cross_entropy": (0.2695, 0.2696), "test_accuracy": (0.92, 0.93)}
+# A train.json of before the environment became [name, value] pairs: `dvc metrics diff` shows its strings.
+OLD_FORM = {"environment.cpu": (CPU_A, None), "environment.keras": ("3.15", None)}
 WITHIN = ["within tolerance on a different CPU (committed on CPU A", "0 of 10,000 test predictions changed"]
 
 
 @pytest.mark.parametrize(
-    ("cpu", "values", "lock", "code", "phrases"),
+    ("cpu", "keras", "values", "lock", "code", "phrases"),
     [
-        (CPU_B, ROUNDED | ACCURACY, [], EXIT_REPRODUCED, [*WITHIN, "final_test_cross_entropy_sum"]),
-        (CPU_A, ROUNDED, [], EXIT_NOT_REPRODUCED, ["not reproduced on the same CPU"]),
-        (CPU_B, BEYOND, [], EXIT_NOT_REPRODUCED, ["beyond tolerance on a different CPU", "2 metrics beyond tolerance"]),
-        (CPU_B, ACCURACY, [], EXIT_REPRODUCED, ["identical metrics on a different CPU (committed on CPU A"]),
+        (CPU_B, "3.15", ROUNDED | ACCURACY | OLD_FORM, [], EXIT_REPRODUCED, [*WITHIN, "test_cross_entropy"]),
+        (CPU_A, "3.15", ROUNDED, [], EXIT_NOT_REPRODUCED, ["not reproduced on the same CPU"]),
+        (CPU_B, "3.15", BEYOND, [], EXIT_NOT_REPRODUCED, ["beyond tolerance on a different CPU", "2 metrics beyond"]),
+        (CPU_B, "3.15", ACCURACY, [], EXIT_REPRODUCED, ["identical metrics on a different CPU (committed on CPU A"]),
         # Changed inputs or environment are no reproduction, whatever the metrics.
-        (CPU_B, KERAS, ["train's params differ"], EXIT_NOT_REPRODUCED, ["train's params differ", "keras 3.15 → 3.16"]),
-        (CPU_A, {"final_test_accuracy": (0.92, None)}, [], EXIT_NOT_REPRODUCED, ["final_test_accuracy is only on one"]),
+        (CPU_B, "3.16", ACCURACY, ["train's params differ"], EXIT_NOT_REPRODUCED, ["params", "keras 3.15 → 3.16"]),
+        (CPU_A, "3.15", {"test_accuracy": (0.92, None)}, [], EXIT_NOT_REPRODUCED, ["test_accuracy is only on one"]),
     ],
 )
-def test_verdict(cpu, values, lock, code, phrases):
-    pairs = {"environment.cpu": (CPU_A, cpu), **values}
-    diff = {"metrics/train.json": {name: {"old": old, "new": new} for name, (old, new) in pairs.items()}}
-    found, message = verdict(lock, diff, (0, 10_000))
+def test_verdict(cpu, keras, values, lock, code, phrases):
+    diff = {"metrics/metrics.json": {name: {"old": old, "new": new} for name, (old, new) in values.items()}}
+    environments = {"cpu": CPU_A, "keras": "3.15"}, {"cpu": cpu, "keras": keras}
+    found, message = verdict(lock, diff, (0, 10_000), environments)
     assert found == code, message
     for phrase in phrases:
         assert phrase in message, message
@@ -48,8 +50,8 @@ def test_verdict(cpu, values, lock, code, phrases):
 @pytest.mark.parametrize(
     ("metric", "old", "new", "within"),
     [
-        ("final_test_cross_entropy_sum", 2695.0, 2695.0 * (1 + 0.9e-5), True),
-        ("final_test_cross_entropy_sum", 2695.0, 2695.0 * (1 + 1.1e-5), False),
+        ("test_cross_entropy", 0.2695, 0.2695 * (1 + 0.9e-5), True),
+        ("test_cross_entropy", 0.2695, 0.2695 * (1 + 1.1e-5), False),
         ("test_accuracy", 0.9248, 0.9257, True),
         ("test_accuracy", 0.9248, 0.9260, False),
         ("max_test_accuracy_step", 9100, 9100, True),
@@ -98,7 +100,7 @@ def test_the_check_on_a_real_pipeline_same_cpu_other_cpu_and_beyond_tolerance(re
     assert other.returncode == EXIT_REPRODUCED, other.stdout + other.stderr
     assert "on a different CPU" in other.stdout and "XLA limited to SSE4_2" in other.stdout, other.stdout
     train = json.loads((project.root / "metrics/train.json").read_text())
-    assert "XLA limited to SSE4_2" in train["environment"]["cpu"]
+    assert "XLA limited to SSE4_2" in dict(train["environment"])["cpu"]
 
     # A metric beyond its tolerance fails, naming it.
     metrics = json.loads((project.root / "metrics/metrics.json").read_text())
