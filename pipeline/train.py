@@ -36,7 +36,7 @@ CHUNK_SECONDS = 0.5  # How often Python regains control (to stop, to hand MLflow
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 CSV_PATHS = ["train-history", "test-history", "parameter-percentiles"]
 PATHS = ["data", "model", "test-probabilities", "weight-maps", *CSV_PATHS, "metrics"]  # --NAME PATH, as dvc.yaml
-# train.json's figures the run holds once already: as the last points of its history/ curves, test_accuracy as a score.
+# train.json's figures the run holds once already, as the last points of its history/ curves.
 FINAL_PREFIX = "final_"
 
 
