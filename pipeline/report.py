@@ -1,7 +1,6 @@
 """Stage ``report``: score train's test probabilities (no TensorFlow needed) into metrics.json, confusion.csv,
 a classification report, the README's figures and the thinned training curve DVC's charts draw, logged into the
-training run's MLflow run first.
-"""
+training run's MLflow run first."""
 
 from __future__ import annotations
 
@@ -42,14 +41,13 @@ def accuracy_figure(train_history: pd.DataFrame, test_history: pd.DataFrame) -> 
     axes = figure.subplots(2, 1, sharex=True)
     steps, accuracy = train_history["step"], train_history["train_accuracy"]
     smoothed = accuracy.rolling(100, min_periods=1).mean()
-    for axis, limits in zip(axes, (None, (0.85, 1.0))):
+    for axis in axes:
         axis.plot(steps, accuracy, color="#4c72b0", linewidth=0.3, alpha=0.35, label="training batch (every step)")
         axis.plot(steps, smoothed, color="#4c72b0", linewidth=1.2, label="training batch (100-step mean)")
         axis.plot(test_history["step"], test_history["test_accuracy"], color="#dd8452", linewidth=2, label="test set")
         axis.grid(color="#dddddd")
         axis.set_ylabel("share of correct answers")
-        if limits:
-            axis.set_ylim(*limits)
+    axes[1].set_ylim(0.85, 1.0)
     final = f" — final test accuracy {test_history['test_accuracy'].iloc[-1]:.4f}" if len(test_history) else ""
     axes[0].set_title(f"Accuracy{final}")
     axes[0].legend(loc="best")
@@ -154,23 +152,23 @@ def main() -> None:
     shown = [metrics[key] for key in ("test_accuracy", "test_cross_entropy", "macro_f1")]
     logger.info("test accuracy %.4f, cross-entropy per image %.4f, macro F1 %.4f", *shown)
 
-    # Once into the run that trained the model: a rerun, or train restored from DVC's run cache, leaves it as it was.
     with store.ServerWatch(uri, tracking).running():
         client, experiment_id = store.open_store(uri, tracking.experiment, artifact_location)
         run = record.find_training_run(client, experiment_id, record.sha256(probabilities_bytes), uri)
-        report_digest = record.sha256(b"".join(outputs.values()))
-        if run.data.tags.get(record.REPORT_TAG) == report_digest:
-            logger.info("MLflow run %s already holds this report; nothing logged again", run.info.run_id)
-        else:
-            log_report(client, run.info.run_id, outputs, report_digest)
+        log_report(client, run, outputs)
     for path, data in outputs.items():
         files.write_bytes(path, data)
 
 
-def log_report(client, run_id: str, outputs: dict[Path, bytes], digest: str) -> None:
+def log_report(client, run, outputs: dict[Path, bytes]) -> None:
     """Log the outputs and dvc.lock into the run, tagged with the report's digest (train logged the metrics)."""
     import mlflow
 
+    # Once into the run: a rerun, or train restored from DVC's run cache, leaves it as it was.
+    run_id, digest = run.info.run_id, record.sha256(b"".join(outputs.values()))
+    if run.data.tags.get(record.REPORT_TAG) == digest:
+        logger.info("MLflow run %s already holds this report; nothing logged again", run_id)
+        return
     try:
         with tempfile.TemporaryDirectory() as folder:
             for path, data in outputs.items():

@@ -30,14 +30,10 @@ logger = logging.getLogger(__name__)
 
 PRINT_INTERVAL = 1000  # The seed prints a line every 1,000 steps.
 PROGRESS_SECONDS = 5.0  # A progress line at least this often, with or without a terminal (dvc repro has none).
-UI_URL = "http://127.0.0.1:5000"  # Where `mlflow ui` serves by default.
-UI_VIEW = "?workflowType=machine_learning"  # MLflow 3's UI otherwise opens the GenAI view, without the run's charts.
 CHUNK_SECONDS = 0.5  # How often Python regains control (to stop, to hand MLflow the history), however slow a step.
 MAX_CHUNK_INDICES = 10_000_000  # A chunk's batch indices, as one int32 tensor: 40 MB at most.
 CSV_PATHS = ["train-history", "test-history", "parameter-percentiles"]
 PATHS = ["data", "model", "test-probabilities", "weight-maps", *CSV_PATHS, "metrics"]  # --NAME PATH, as dvc.yaml
-# train.json's figures the run holds once already, as the last points of its history/ curves.
-FINAL_PREFIX = "final_"
 
 
 class BatchOrder:
@@ -150,20 +146,17 @@ def train(trainer, order, eval_interval: int, on_chunk=None, chunk_seconds: floa
 
 
 def progress_line(history: History, step: int, iterations: int, seconds: float) -> str:
-    """Where the training is, how fast it goes, when it ends, and the latest measurement."""
+    """Where the training is, how fast it goes, when it ends, and the latest test measurement (or batch's)."""
     rate = step / max(seconds, 1e-9)
-    left = tqdm.format_interval((iterations - step) / rate)
-    return f"step {step} of {iterations} ({rate:,.0f} steps/s, {left} left): {status(history, step)}"
-
-
-def status(history: History, step: int) -> str:
-    """The latest test measurement, or without one the batch's."""
+    where = (
+        f"step {step} of {iterations} ({rate:,.0f} steps/s, {tqdm.format_interval((iterations - step) / rate)} left)"
+    )
     if not history.test_steps:
         accuracy, cross_entropy = history.train_accuracy[-1][-1], history.train_cross_entropy[-1][-1]
-        return f"batch accuracy {accuracy:.4f}, batch cross-entropy {cross_entropy:.2f}"
+        return f"{where}: batch accuracy {accuracy:.4f}, batch cross-entropy {cross_entropy:.2f}"
     accuracy, cross_entropy, tested = history.test_accuracy[-1], history.test_cross_entropy[-1], history.test_steps[-1]
     as_of = "" if tested == step else f" (measured at step {tested})"
-    return f"test accuracy {accuracy:.4f}, test cross-entropy {cross_entropy:.2f}{as_of}"
+    return f"{where}: test accuracy {accuracy:.4f}, test cross-entropy {cross_entropy:.2f}{as_of}"
 
 
 def final_metrics(history: History) -> dict[str, float]:
@@ -185,7 +178,7 @@ def run_name(params: TrainParams) -> str:
     return f"lr={params.learning_rate:g} {settings}" if params.model == "softmax" else f"{params.model} {settings}"
 
 
-def log_to_mlflow(mlflow_run, registered_model, paths, example, run_params, metrics, scores, csv_files, description):
+def log_to_mlflow(mlflow_run, registered_model, paths, test_images, run_params, metrics, scores, csv_files):
     """Log the model pipeline.serving serves, its metrics (``scores``: the gate's), CSV files and tags; register it."""
     import mlflow
 
@@ -201,11 +194,12 @@ def log_to_mlflow(mlflow_run, registered_model, paths, example, run_params, metr
                 python_model=serving.__file__,
                 artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
                 signature=serving.SIGNATURE,
-                input_example=example,
+                input_example=test_images[:5],
                 pip_requirements=tags.model_requirements(),
                 params={key: str(value) for key, value in run_params.items()},
             )
-        once = {key: value for key, value in metrics.items() if not key.startswith(FINAL_PREFIX)}
+        # train.json's final_* figures the run holds once already, as the last points of its history/ curves.
+        once = {key: value for key, value in metrics.items() if not key.startswith("final_")}
         mlflow.log_metrics({**once, **scores}, model_id=logged.model_id)
         for name, text in csv_files.items():
             mlflow.log_text(text, name)
@@ -219,7 +213,9 @@ def log_to_mlflow(mlflow_run, registered_model, paths, example, run_params, metr
                 registered_model,
             )
         else:
-            version_tags = registry.version_tags(run_id, client.get_run(run_id).data.tags, model_sha256)
+            run = client.get_run(run_id)
+            version_tags = registry.version_tags(run_id, run.data.tags, model_sha256)
+            description = registry.description(scores["test_accuracy"], len(test_images), run.info.run_name)
             # MLflow prints "Created version N of model <name>".
             version = registry.register(client, registered_model, logged.model_uri, version_tags, description)
         mlflow.set_tag(registry.RUN_VERSION_TAG, registry.version_uri(registered_model, version.version))
@@ -234,7 +230,9 @@ def view_run_line(uri: str, mlflow_run) -> str | None:
     if urlparse(uri).scheme in ("http", "https", "databricks"):
         return None
     run = mlflow_run.client.get_run(mlflow_run.run_id)
-    page = f"{UI_URL}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{UI_VIEW}"
+    # Where `mlflow ui` serves by default; MLflow 3's UI otherwise opens the GenAI view, without the run's charts.
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page += "?workflowType=machine_learning"
     database = store.sqlite_path(uri)
     backend = f"sqlite:///{database.as_posix()}" if database else uri
     return redact(f"View run {run.info.run_name} at: {page} (uv run mlflow ui --backend-store-uri {backend})")
@@ -258,9 +256,7 @@ def seeded_trainer(config: TrainParams, data: dict, threads: int | None = None):
     threads = threads or series.threads
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    model = build_model(config.seed, config.model)
     arrays = data["train_images"], data["train_labels"], data["test_images"], data["test_labels"]
-    optimizer = series.optimizer(config.learning_rate)
     run_params = {
         **{f"train.{key}": value for key, value in vars(config).items()},
         "data.train_examples": len(data["train_images"]),
@@ -270,6 +266,7 @@ def seeded_trainer(config: TrainParams, data: dict, threads: int | None = None):
         "loss": "cross-entropy summed over the batch",
         "optimizer": series.optimizer_description,
     }
+    model, optimizer = build_model(config.seed, config.model), series.optimizer(config.learning_rate)
     return SgdTrainer(model, optimizer, *arrays, series.test_batch_size, series.jit_compile), run_params
 
 
@@ -282,36 +279,30 @@ def main() -> None:
         from pipeline.model import raw_pixel_model, save_model, weight_maps
 
     trainer, run_params = seeded_trainer(config, data)
-    test_labels = data["test_labels"]
-    outputs = [args.model, args.test_probabilities, args.weight_maps, args.metrics]
+    name, registered_model = run_name(config), tracking.registered_name(config.model)
     csv_outputs = [args.train_history, args.test_history, args.parameter_percentiles]
+    outputs = [args.model, args.test_probabilities, args.weight_maps, args.metrics, *csv_outputs]
     with (
         store.ServerWatch(uri, tracking).running() as watch,
-        files.staged([*outputs, *csv_outputs]) as (model_path, probabilities_path, maps_path, metrics_path, *csvs),
+        files.staged(outputs) as (model_path, probabilities_path, maps_path, metrics_path, *csvs),
         record.training_run(
-            uri,
-            artifact_location,
-            tracking.experiment,
-            run_name(config),
-            run_params,
-            data_digests,
-            watch.check,
-            args.data,
+            uri, artifact_location, tracking.experiment, name, run_params, data_digests, watch.check, args.data
         ) as mlflow_run,
     ):
-        logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, run_name(config), tracking.experiment)
+        logger.info("MLflow run %s (%s) in experiment %r", mlflow_run.run_id, name, tracking.experiment)
         started = time.perf_counter()
         history = train(trainer, order, config.eval_interval, on_chunk=mlflow_run.log_history)
         train_seconds, metrics = time.perf_counter() - started, final_metrics(history)
         logger.info("trained %d steps in %.1f s: %s", config.iterations, train_seconds, metrics)
 
         probabilities = trainer.test_probabilities()
-        scores = score.flat(score.score(test_labels.argmax(axis=1), probabilities))  # Every version holds them.
+        scores = score.flat(score.score(data["test_labels"].argmax(axis=1), probabilities))  # Every version's.
         save_model(raw_pixel_model(trainer.model), model_path)
         for path, array in ((probabilities_path, probabilities), (maps_path, weight_maps(trainer.model))):
             with open(path, "wb") as file:  # np.save(path) would add .npy to the staged file's name.
                 np.save(file, array, allow_pickle=False)
-        for path, text in zip(csvs, csv_texts := history.csv_files()):
+        csv_files = dict(zip([path.name for path in csv_outputs], history.csv_files()))
+        for path, text in zip(csvs, csv_files.values()):
             path.write_text(text)
         # DVC's tables show numbers and strings, not lists, so the record keeps the environment as [name, value]
         # pairs: committed with the results, out of `dvc exp show` (the run has it as env.* tags).
@@ -319,17 +310,9 @@ def main() -> None:
         metrics_path.write_text(json.dumps({**metrics, "environment": environment}, indent=2, sort_keys=True) + "\n")
 
         mlflow_run.wait()
-        log_to_mlflow(
-            mlflow_run,
-            tracking.registered_name(config.model),
-            [model_path, probabilities_path],
-            data["test_images"][:5],
-            run_params,
-            {**metrics, "train_seconds": train_seconds},
-            scores,
-            {path.name: text for path, text in zip(csv_outputs, csv_texts)},
-            registry.description(scores["test_accuracy"], len(test_labels), run_name(config)),
-        )
+        metrics["train_seconds"] = train_seconds  # The run's alone: train.json would change at every rerun.
+        paths = [model_path, probabilities_path]
+        log_to_mlflow(mlflow_run, registered_model, paths, data["test_images"], run_params, metrics, scores, csv_files)
     if (line := view_run_line(uri, mlflow_run)) is not None:
         print(line)
 
