@@ -150,21 +150,14 @@ def test_dvc_plots_page_reads_at_a_glance(reproduced_template, browser, tmp_path
     assert sum(item["count"] for item in counts) == len(rows)
 
 
-@pytest.fixture
-def mlflow_ui(reproduced_template, tmp_path):
-    """``mlflow server`` on the project's store; yields its URL."""
-    with MlflowServer(tmp_path, f"sqlite:///{reproduced_template.root / 'mlflow.db'}").running() as server:
-        yield server.url
-
-
-def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(
-    reproduced_template, browser, mlflow_ui
-):
+def test_mlflow_run_page_draws_the_history_curves_above_the_final_figures(reproduced_template, browser, tmp_path):
+    """The run's page (the experiment's page, as the README links it, listing the runs: test_tracking.py)."""
     from mlflow import MlflowClient
 
     from pipeline.tracking import store
 
-    client = MlflowClient(f"sqlite:///{reproduced_template.root / 'mlflow.db'}")
+    uri = f"sqlite:///{reproduced_template.root / 'mlflow.db'}"
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("mnist-softmax")
     assert experiment.tags[store.EXPERIMENT_KIND_TAG] == store.EXPERIMENT_KIND
     (run,) = client.search_runs([experiment.experiment_id])
@@ -172,33 +165,29 @@ def test_mlflow_opens_the_experiment_on_its_runs_and_the_run_page_on_its_curves(
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    # The experiment's page, as the README links it, lists the training run.
-    page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
-    page.get_by_text(run.info.run_name, exact=True).first.wait_for(timeout=120_000)
-    assert "/runs" in page.url
+    with MlflowServer(tmp_path, uri).running() as server:
+        page.goto(f"{server.url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}/model-metrics")
+        # The per-step curves form the first section of charts ("history"), above the section of the
+        # one-point final figures ("Model metrics", also the name of the tab above both). MLflow draws
+        # only the charts on screen, so each comparison is made at one scroll position.
+        curves = ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum")
+        for title in curves:
+            page.get_by_text(title, exact=True).first.wait_for(timeout=120_000)
 
-    page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}/model-metrics")
-    # The per-step curves form the first section of charts ("history"), above the section of the
-    # one-point final figures ("Model metrics", also the name of the tab above both). MLflow draws
-    # only the charts on screen, so each comparison is made at one scroll position.
-    curves = ("train_accuracy", "train_cross_entropy_sum", "test_accuracy", "test_cross_entropy_sum")
-    for title in curves:
-        page.get_by_text(title, exact=True).first.wait_for(timeout=120_000)
+        def top(text: str, which: str = "first") -> float:
+            box = getattr(page.get_by_text(text, exact=True), which).bounding_box()
+            assert box is not None, text
+            return box["y"]
 
-    def top(text: str, which: str = "first") -> float:
-        box = getattr(page.get_by_text(text, exact=True), which).bounding_box()
-        assert box is not None, text
-        return box["y"]
-
-    history, final_figures = top("history"), top("Model metrics", "last")
-    assert history < final_figures
-    for title in curves:
-        assert history < top(title) < final_figures, title
-    # The curves were drawn against the step, one line each (MLflow draws its charts with Plotly).
-    page.get_by_text("Step", exact=True).first.wait_for(timeout=60_000)
-    assert page.locator("svg .scatterlayer .trace").count() >= len(curves)
-    # Below them, the final figures.
-    page.get_by_text("Model metrics", exact=True).last.scroll_into_view_if_needed()
-    page.get_by_text("macro_f1", exact=True).first.wait_for(timeout=60_000)
-    assert top("macro_f1") > top("Model metrics", "last")
-    assert errors == []
+        history, final_figures = top("history"), top("Model metrics", "last")
+        assert history < final_figures
+        for title in curves:
+            assert history < top(title) < final_figures, title
+        # The curves were drawn against the step, one line each (MLflow draws its charts with Plotly).
+        page.get_by_text("Step", exact=True).first.wait_for(timeout=60_000)
+        assert page.locator("svg .scatterlayer .trace").count() >= len(curves)
+        # Below them, the final figures.
+        page.get_by_text("Model metrics", exact=True).last.scroll_into_view_if_needed()
+        page.get_by_text("macro_f1", exact=True).first.wait_for(timeout=60_000)
+        assert top("macro_f1") > top("Model metrics", "last")
+        assert errors == []

@@ -27,8 +27,9 @@ def test_figures_are_drawn_as_png_and_mistakes_come_most_confident_first():
     for row, (predicted, probability) in enumerate([(3, 0.9), (7, 0.6), (9, 0.9), (1, 0.8), (0, 0.6)]):
         probabilities[row, predicted] = probability
     mistakes = mistakes_figure(np.zeros((5, 784), np.uint8), labels, probabilities)
+    accuracy = accuracy_figure(TRAIN, TEST)
     for figure in (
-        accuracy_figure(TRAIN, TEST),
+        accuracy,
         accuracy_figure(TRAIN, TEST.iloc[:0]),  # eval_interval 0: no test history
         mistakes,
         weight_maps_figure(np.random.default_rng(0).normal(size=(10, 28, 28))),
@@ -36,9 +37,8 @@ def test_figures_are_drawn_as_png_and_mistakes_come_most_confident_first():
     ):
         assert png_bytes(figure).startswith(b"\x89PNG\r\n\x1a\n")
     # The seed's figure: a full panel and one zoomed in on the last percents.
-    figure = accuracy_figure(TRAIN, TEST)
-    assert figure.axes[0].get_title() == "Accuracy — final test accuracy 0.9200"
-    assert figure.axes[1].get_ylim() == (0.85, 1.0)
+    assert accuracy.axes[0].get_title() == "Accuracy — final test accuracy 0.9200"
+    assert accuracy.axes[1].get_ylim() == (0.85, 1.0)
     # The mistakes are labelled actual → predicted; a blank digit is all background, and the background is red.
     titles = [axis.get_title() for axis in mistakes.axes if axis.get_title()]
     assert titles == ["4 → 9  0.90", "1 → 7  0.60", "5 → 0  0.60"]

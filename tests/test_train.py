@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -34,29 +35,23 @@ from pipeline.train import (
 )
 
 
-class NextBatch:
-    """A literal port of TensorFlow's old DataSet.next_batch, the seed's batching, for comparison."""
-
-    def __init__(self, num_examples: int, rng: np.random.Generator) -> None:
-        self.num_examples, self.rng, self.permutation, self.index = num_examples, rng, None, 0
-
-    def next(self, batch_size: int) -> np.ndarray:
-        if self.permutation is None:
-            self.permutation = self.rng.permutation(self.num_examples)
-        start = self.index
-        if start + batch_size > self.num_examples:
-            rest = self.permutation[start:]
-            self.permutation = self.rng.permutation(self.num_examples)
-            self.index = batch_size - len(rest)
-            return np.concatenate([rest, self.permutation[: self.index]])
-        self.index += batch_size
-        return self.permutation[start : self.index]
+def next_batches(num_examples: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """TensorFlow's old DataSet.next_batch, the seed's batching, step by step, for comparison."""
+    permutation, index = rng.permutation(num_examples), 0
+    while True:
+        start, index = index, index + batch_size
+        if index > num_examples:
+            rest, permutation = permutation[start:], rng.permutation(num_examples)
+            index = batch_size - len(rest)
+            yield np.concatenate([rest, permutation[:index]])
+        else:
+            yield permutation[start:index]
 
 
 @pytest.mark.parametrize(("num_examples", "batch_size", "iterations"), [(7, 3, 10), (10, 5, 9), (55_000, 100, 1200)])
 def test_batch_order_is_the_seeds_next_batch_drawn_chunk_by_chunk_in_order(num_examples, batch_size, iterations):
-    reference = NextBatch(num_examples, np.random.default_rng(4))
-    expected = np.stack([reference.next(batch_size) for _ in range(iterations)])
+    reference = next_batches(num_examples, batch_size, np.random.default_rng(4))
+    expected = np.stack([next(reference) for _ in range(iterations)])
     chunked = BatchOrder(num_examples, batch_size, iterations, seed=4)
     assert np.array_equal(np.concatenate([chunked[0:7], chunked[7:8], chunked[8:iterations]]), expected)
     with pytest.raises(ValueError, match="in order"):
@@ -139,15 +134,43 @@ def runs(store):
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_same_bytes(processed_project):
-    # SIGKILL leaves no chance to end the run; the next train on the same store marks it FAILED.
+# Seconds from SIGTERM to the end of a stopped train stage: a chunk (half a second), the logging
+# backlog's grace (2 s) and the interpreter's exit (1-2 s on a loaded machine), with a margin.
+STOP_SECONDS = 10
+
+
+def test_stage_stops_promptly_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_same_bytes(
+    processed_project,
+):
+    # Stopped by SIGTERM while its history is being logged: promptly, the run FAILED, the earlier outputs kept.
+    (processed_project / "metrics").mkdir()
+    (processed_project / "metrics/train_history.csv").write_text("an earlier history\n")
     process = start_training(processed_project, iterations=2_000_000, eval_interval=1000)
     progress = next(line for line in process.stderr if "step 1000 of 2000000 (" in line)
     assert "steps/s" in progress and " left): " in progress, progress
+    client, (stopped_run,) = runs(processed_project)
+    deadline = time.monotonic() + 120
+    while not client.get_metric_history(stopped_run.info.run_id, "history/train_accuracy"):
+        assert time.monotonic() < deadline, "no history was logged"
+        time.sleep(0.2)
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    stderr = process.communicate(timeout=60)[1]
+    took, message = time.monotonic() - stopped, " ".join(stderr.split())
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert took < STOP_SECONDS, f"the stage took {took:.1f} s to stop"
+    assert "interrupted; stopped, and no partial output was left behind" in message and "was marked FAILED" in message
+    assert (processed_project / "metrics/train_history.csv").read_text() == "an earlier history\n"
+    left = [path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name]
+    assert left == [] and not (processed_project / "metrics/test_history.csv").exists()
+    # SIGKILL leaves no chance to end the run; the next train on the same store marks it FAILED.
+    process = start_training(processed_project, iterations=2_000_000, eval_interval=1000)
+    next(line for line in process.stderr if "step 1000 of 2000000 (" in line)
     process.kill()
     process.communicate(timeout=60)
-    client, (killed,) = runs(processed_project)
-    assert killed.info.status == "RUNNING"
+    client, (stopped_run, killed) = runs(processed_project)
+    assert (stopped_run.info.status, killed.info.status) == ("FAILED", "RUNNING")
     write_params(processed_project, preprocess={"validation_size": 50}, train=TINY)
     # A rerun writes the same bytes; exiting normally, TensorFlow removes its temp files (AutoGraph's too).
     temp = processed_project / "tmp"
@@ -163,17 +186,10 @@ def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_sa
     assert "linked, not registered again" in results[1].stderr
     closed = client.get_run(killed.info.run_id)
     assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags[CLOSED_TAG]
-    rows = list(csv.DictReader((processed_project / "metrics/train_history.csv").open()))
-    assert [row["step"] for row in rows] == [str(step) for step in range(1, 61)]
-    tests = list(csv.DictReader((processed_project / "metrics/test_history.csv").open()))
-    percentiles = list(csv.DictReader((processed_project / "metrics/percentiles.csv").open()))
-    assert [row["step"] for row in tests] == [row["step"] for row in percentiles] == ["20", "40", "60"]
     final = json.loads((processed_project / "metrics/train.json").read_text())
-    assert final["max_test_accuracy"] == pytest.approx(max(float(row["test_accuracy"]) for row in tests))
-    assert np.load(processed_project / "models/maps.npy").shape == (10, 28, 28)
     probabilities = np.load(processed_project / "models/p.npy")
     assert probabilities.shape == (50, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    _, (_, run, rerun) = runs(processed_project)
+    _, (_, _, run, rerun) = runs(processed_project)
     assert run.info.status == rerun.info.status == "FINISHED"
     # Its end links its page, as `mlflow ui` serves the local store.
     page = f"at: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType="
@@ -181,8 +197,6 @@ def test_stage_closes_a_killed_run_writes_outputs_and_a_run_and_reruns_to_the_sa
     # The run carries the environment (its history metrics: test_pipeline.py; its digest: test_experiments.py).
     environment = dict(final["environment"])  # [name, value] pairs, which `dvc exp show` leaves out.
     assert environment["keras"] == run.data.tags["env.keras"] and run.data.params["train.batch_size"] == "10"
-    last_sum = float(tests[-1]["test_cross_entropy_sum"])
-    assert run.data.metrics["history/test_cross_entropy_sum"] == pytest.approx(last_sum)
     logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"train_history.csv", "test_history.csv", "percentiles.csv"} <= logged
     # The gate's metrics, logged by train itself so that no registry version lacks them whatever DVC
@@ -233,37 +247,3 @@ def test_bad_input_stops_the_stage_with_one_paragraph_and_writes_nothing(process
         assert "step " not in message, "training ran before the input was found unusable"
     else:
         assert [run.info.status for run in runs(processed_project)[1]] == ["FAILED"]
-
-
-# Seconds from SIGTERM to the end of a stopped train stage: a chunk (half a second), the logging
-# backlog's grace (2 s) and the interpreter's exit (1-2 s on a loaded machine), with a margin.
-STOP_SECONDS = 10
-
-
-@pytest.mark.parametrize(("model", "batch_size"), [("softmax", 10), ("conv_batchnorm", 250)])
-def test_stopping_a_long_training_is_prompt_leaves_no_partial_output_and_marks_the_run_failed(
-    processed_project, model, batch_size
-):
-    """2,000,000 steps: a stop comes within seconds whatever the model (conv_batchnorm: ~0.1 s a step)."""
-    (processed_project / "metrics").mkdir()
-    (processed_project / "metrics/train_history.csv").write_text("an earlier history\n")
-    process = start_training(
-        processed_project, model=model, batch_size=batch_size, iterations=2_000_000, eval_interval=1000
-    )
-    seen = [next(line for line in process.stderr if "MLflow run " in line)]
-    client, (run,) = runs(processed_project)
-    deadline = time.monotonic() + 120
-    while not client.get_metric_history(run.info.run_id, "history/train_accuracy") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1)
-    process.send_signal(signal.SIGTERM)
-    stopped = time.monotonic()
-    stderr = process.communicate(timeout=60)[1]
-    took, message = time.monotonic() - stopped, " ".join("".join([*seen, stderr]).split())
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
-    assert took < STOP_SECONDS, f"the stage took {took:.1f} s to stop"
-    assert "interrupted; stopped, and no partial output was left behind" in message and "was marked FAILED" in message
-    assert (processed_project / "metrics/train_history.csv").read_text() == "an earlier history\n"
-    left = [path.name for path in processed_project.rglob("*") if path.name.startswith(".") and ".tmp" in path.name]
-    assert left == [] and not (processed_project / "metrics/test_history.csv").exists()
-    assert [run.info.status for run in runs(processed_project)[1]] == ["FAILED"]
