@@ -148,9 +148,8 @@ def train(trainer, order, eval_interval: int, on_chunk=None, chunk_seconds: floa
 def progress_line(history: History, step: int, iterations: int, seconds: float) -> str:
     """Where the training is, how fast it goes, when it ends, and the latest test measurement (or batch's)."""
     rate = step / max(seconds, 1e-9)
-    where = (
-        f"step {step} of {iterations} ({rate:,.0f} steps/s, {tqdm.format_interval((iterations - step) / rate)} left)"
-    )
+    left = tqdm.format_interval((iterations - step) / rate)
+    where = f"step {step} of {iterations} ({rate:,.0f} steps/s, {left} left)"
     if not history.test_steps:
         accuracy, cross_entropy = history.train_accuracy[-1][-1], history.train_cross_entropy[-1][-1]
         return f"{where}: batch accuracy {accuracy:.4f}, batch cross-entropy {cross_entropy:.2f}"
