@@ -60,7 +60,7 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced_template, tmp
     assert "confusion" in (tmp_path / "plots/index.html").read_text().lower()
 
 
-def test_one_mlflow_run_holds_params_histories_artifacts_and_the_registered_model(reproduced_template):
+def test_one_mlflow_run_holds_params_histories_artifacts_and_the_registered_model(reproduced_template, monkeypatch):
     import mlflow
 
     from pipeline.tracking import registry
@@ -98,13 +98,10 @@ def test_one_mlflow_run_holds_params_histories_artifacts_and_the_registered_mode
     # Artifacts sit beside the store at the project root, not wherever a stage happened to run.
     assert run.info.artifact_uri.startswith((project.root / "mlartifacts").as_uri())
 
-    mlflow.set_tracking_uri(f"sqlite:///{project.root / 'mlflow.db'}")
-    try:
-        pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-        requirements = Path(mlflow.pyfunc.get_model_dependencies(f"runs:/{run.info.run_id}/model")).read_text()
-        registered = Path(mlflow.artifacts.download_artifacts("models:/mnist-softmax/1"))
-    finally:
-        mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project.root / 'mlflow.db'}")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"runs:/{run.info.run_id}/model")).read_text()
+    registered = Path(mlflow.artifacts.download_artifacts("models:/mnist-softmax/1"))
     # pipeline.serving's model, with an input example and pinned requirements (its answers to raw pixels, the
     # scaling inside it, and what it refuses: test_serving).
     assert pyfunc.metadata.get_input_schema() is None and pyfunc.metadata.saved_input_example_info is not None
