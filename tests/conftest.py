@@ -119,3 +119,18 @@ def processed_project(tmp_path, processed_data):
     train = {"batch_size": 10, "iterations": 60, "eval_interval": 20}
     write_params(tmp_path, preprocess={"validation_size": 50}, train=train)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright (skips, saying why, where either is missing)."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("Chromium is not installed (bash scripts/install_test_services.sh installs Debian's chromium)")
+    pytest.importorskip("playwright", reason="playwright is missing: uv sync installs the dev group")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()

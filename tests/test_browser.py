@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from test_pipeline import EVALUATIONS
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VEGA_PACKAGES = Path(os.environ.get("VEGA_PACKAGES", Path.home() / ".cache" / "mnist-pipeline" / "vega"))
 CDN_SCRIPT = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/([\w-]+)@([\d.]+)"></script>')
 # Set before the page's scripts run: keeps the view each vegaEmbed call renders, by its element.
@@ -52,19 +50,6 @@ def lines(marks: list[dict]) -> list[tuple[str, str, int]]:
     """Each line a chart drew, in drawing order (the last on top): its name, colour and number of points."""
     drawn = [mark["items"] for mark in marks if mark["type"] == "line" and mark["items"]]
     return [(items[0]["line"], items[0]["stroke"], len(items)) for items in drawn]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (bash scripts/install_test_services.sh installs Debian's chromium)")
-    pytest.importorskip("playwright", reason="playwright is missing: uv sync installs the dev group")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
 
 
 def vega_libraries(page_html: str) -> dict[str, bytes]:

@@ -6,7 +6,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import sqlite3
 import threading
 import time
@@ -82,21 +81,7 @@ def test_a_run_records_params_tags_and_every_history_value_with_its_own_time(pro
     assert logged.data.tags["env.python"].count(".") == 2 and logged.data.tags["git.commit"] == "unknown"
 
 
-@pytest.fixture
-def chromium():
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.skip("Chromium is not installed (bash scripts/install_test_services.sh installs Debian's chromium)")
-    pytest.importorskip("playwright", reason="playwright is missing: uv sync installs the dev group")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(project, chromium):
+def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(project, browser):
     readme = (ROOT / "README.md").read_text()
     link = re.search(r"^uv run mlflow ui .*http://127\.0\.0\.1:5000(\S*)$", readme, re.MULTILINE)
     assert link is not None, "the README's first `mlflow ui` line names no page"
@@ -107,7 +92,7 @@ def test_the_readmes_mlflow_ui_link_opens_the_training_runs_with_their_dataset(p
     logged = client_for(project).get_run(run.run_id)
     (dataset_input,) = logged.inputs.dataset_inputs  # test_pipeline checks its digest against dvc.lock's.
     with MlflowServer(project).running() as server:
-        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(server.url + link[1])
         # Its row in the runs table of the model-training view (GenAI's shows no runs table), with its dataset.
         page.get_by_text("first", exact=True).first.wait_for(timeout=120_000)
