@@ -8,7 +8,7 @@ import math
 import re
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras import layers
 
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS, PERCENTILES, PIXEL_SCALE, scale_pixels
-from pipeline.params import MODEL_NAMES
+from pipeline.params import MODEL_THREADS
 
 # Dense and convolution biases, and batch norm's offsets, which take their place in script 4.2.
 BIAS_NAMES = ("bias", "beta")
@@ -104,9 +104,7 @@ class Series:
     test_batch_size: int | None = None
     # XLA made script 3.0's convolutions 1.7x slower per step on this CPU than TensorFlow's kernels.
     jit_compile: bool = True
-    # TensorFlow's threads (intra- and inter-op), from `benchmarks.run --only series`: the softmax's step is
-    # too small to split (one thread leaves a core to MLflow); the others ran 1.4-1.6x faster on two cores.
-    threads: int = 2
+    threads: int = 1  # TensorFlow's threads: params.MODEL_THREADS, set in SERIES below
 
 
 _FIVE = (200, 100, 60, 30)
@@ -119,7 +117,6 @@ _SERIES = {
         _dense,
         lambda rate: keras.optimizers.SGD(learning_rate=rate),
         "SGD, rate train.learning_rate",
-        threads=1,
     ),
     "five_layers_sigmoid": _CONSTANT_ADAM(
         "mnist_2.0_five_layers_sigmoid.py",
@@ -160,8 +157,9 @@ _SERIES = {
         "Adam, rate 0.0001 + 0.02 exp(-step/1600)",
     ),
 }
-# params.MODEL_NAMES, which validates train.model without TensorFlow, is the one list of names.
-SERIES = {name: _SERIES[name] for name in MODEL_NAMES}
+# params.MODEL_THREADS, which validates train.model and sizes a sweep's trials without TensorFlow, is the one list of
+# names and threads.
+SERIES = {name: replace(_SERIES[name], threads=threads) for name, threads in MODEL_THREADS.items()}
 
 
 def build_model(seed: int, name: str = "softmax") -> keras.Model:

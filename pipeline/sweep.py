@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from pipeline import files
 from pipeline.cli import PipelineError, redact, run
-from pipeline.params import credential_keys, load_params, parse_yaml, read_params, tracking_settings
+from pipeline.params import MODEL_THREADS, credential_keys, load_params, parse_yaml, read_params, tracking_settings
 from pipeline.score import SCORES
 from pipeline.tracking import record, store, tags
 
@@ -170,13 +170,6 @@ class TrialSetup:
     metric: str
     experiment_id: str
     iterations: int  # params.yaml's train.iterations, the last step of a trial that does not set it
-
-
-def trial_cpus(model: str) -> int:
-    """The cores a trial of ``model`` asks Ray for: as many as TensorFlow threads it trains with."""
-    from pipeline.model import SERIES  # TensorFlow, which the sweep imports only once its trials start
-
-    return SERIES[model].threads
 
 
 def stop_pipeline(process: subprocess.Popen) -> None:
@@ -444,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     defaults = read_params(root / "params.yaml")["train"]
     setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id, defaults["iterations"])
 
-    def cpus(config: dict) -> Any:
-        return tune.PlacementGroupFactory([{"CPU": trial_cpus(config.get("train.model", defaults["model"]))}])
+    def cpus(config: dict) -> Any:  # as many cores as the model's TensorFlow threads
+        return tune.PlacementGroupFactory([{"CPU": MODEL_THREADS[config.get("train.model", defaults["model"])]}])
 
     trainable = tune.with_resources(tune.with_parameters(trial_trainable(), setup=setup), cpus)
     status = "FAILED"
