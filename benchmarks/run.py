@@ -1,6 +1,6 @@
 """Benchmark the pipeline against a plain NumPy reference; print a Markdown table of medians and ratios.
 
-    uv run python -m benchmarks.run [--only pipeline,stage,train-loop,series,sweep] [--repeat N] [--slow-repeat N]
+    uv run python -m benchmarks.run [--only pipeline,stage,train-loop,series,sweep,asha] [--repeat N] [--slow-repeat N]
 
 benchmarks/README.md says what each row measures. Every measured piece runs in a process of its
 own, with PYTHONDONTWRITEBYTECODE=1 as on our machines, in a throwaway directory; within a
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-SECTIONS = ("pipeline", "stage", "train-loop", "series", "sweep")
+SECTIONS = ("pipeline", "stage", "train-loop", "series", "sweep", "asha")
 STAGES = ("fetch", "preprocess", "train", "report")
 # The series section times this many steps per model, after as many that compile the loop; at
 # eval_interval 100 the test set is measured twice in them, as often as in a whole run.
@@ -335,12 +335,19 @@ def bench_sweep(bench: Bench) -> list[Row]:
     return [row]
 
 
+def bench_asha(bench: Bench) -> list[Row]:
+    from benchmarks import asha
+
+    return asha.rows(bench)
+
+
 BENCHES = {
     "pipeline": bench_pipeline,
     "stage": bench_stage,
     "train-loop": bench_train_loop,
     "series": bench_series,
     "sweep": bench_sweep,
+    "asha": bench_asha,
 }
 
 

@@ -1,6 +1,6 @@
 """mnist-sweep: the definition, the trial's pieces and the ranking; then real sweeps of a tiny project against a
 real MLflow server, on this machine (Ctrl-C and resume, run cache, failing trials) and on a two-node Ray cluster
-on 127.0.0.1 whose worker is killed mid-trial."""
+on 127.0.0.1 (an early-stopping one) whose worker is killed mid-trial."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "mnist-softmax"
 GRID = {"train.learning_rate": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [10, 20]}}
 PASSWORD = secrets.token_hex(8)  # in a tracking URI: never to be printed or kept
+HOPELESS = [1e-8, 2e-8, 3e-8, 4e-8, 5e-8, 6e-8, 7e-8]  # learning rates at which the softmax learns nothing
 
 
 def definition(**overrides) -> str:
@@ -394,32 +395,6 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     assert failed.returncode == 1 and "error: no trial of sweep none succeeded" in failed.stderr, failed.stderr
     assert sweep_runs(url, "none")[0].info.status == "FAILED"
 
-    # An early-stopping sweep, one trial at a time so that each later trial meets the rungs the first one set.
-    # A trial below a rung's cutoff is stopped there: its pipeline interrupted, its run KILLED with its partial
-    # history and the reason, ranked after the finished trials, not retried, and it leaves no DVC experiment.
-    grid = {"train.learning_rate": {"values": [0.01, 1e-7, 0.003]}}
-    # Long enough (tens of seconds) that a stop lands mid-training even on a loaded machine.
-    grid |= {"train.iterations": {"values": [300_000]}, "train.eval_interval": {"values": [15_000]}}
-    asha = {"grace_period": 10_000, "reduction_factor": 2}
-    (project.root / "sweep.yaml").write_text(definition(name="asha", max_concurrent=1, parameters=grid, scheduler=asha))
-    project.commit("An early-stopping sweep")
-    rows = table(run_sweep(project).stdout)
-    statuses = [row["status"] for row in rows]
-    stopped = [row for row in rows if row["status"].startswith("stopped early by the scheduler at step ")]
-    assert stopped and statuses == ["ok"] * (3 - len(stopped)) + [row["status"] for row in stopped], statuses
-    parent, trials = sweep_runs(url, "asha")
-    assert parent.info.status == "FINISHED" and len(trials) == 3, [run.info.status for run in trials]
-    from mlflow import MlflowClient
-
-    for row in stopped:
-        (run,) = [run for run in trials if run.data.tags[sweep.TRIAL_TAG] == row["experiment"].removeprefix("asha-")]
-        history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
-        assert run.info.status == "KILLED" and run.data.tags[sweep.STOPPED_TAG] == row["status"]
-        assert 2 <= len(history) < 20 and "final_test_accuracy" not in run.data.metrics, len(history)
-    assert {run.info.status for run in trials} == {"FINISHED", "KILLED"}
-    assert not {row["experiment"] for row in stopped} & set(project.experiments())
-    assert not processes_whose_environment_has(parent.info.run_id)
-
 
 # -- a two-node cluster --------------------------------------------------------------------------------
 
@@ -490,12 +465,20 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     address, node_env, roles = cluster
     auth = {key: value for key, value in node_env.items() if key.startswith("RAY_AUTH")}
     project = committed_sweep(tmp_path / "team", "cluster", MLFLOW_TRACKING_URI=url, **auth)
+    # An early-stopping sweep: one trial that learns, then hopeless ones (learning rates near 0), one trial at a time
+    # on each node. A hopeless trial that reaches the one rung (step 100,000 of 200,000) after the learning one is
+    # stopped there: with reduction factor 10 the cutoff lies above the hopeless trials' equal accuracies as long as
+    # fewer than 10 of them reached it. They outnumber the learning one enough that both nodes get some once it ends.
+    grid = {"train.learning_rate": {"values": [0.003, *HOPELESS]}, "train.iterations": {"values": [200_000]}}
+    grid |= {"train.eval_interval": {"values": [10_000]}}
+    asha = {"grace_period": 100_000, "reduction_factor": 10}
+    (project.root / "sweep.yaml").write_text(definition(name="cluster", parameters=grid, scheduler=asha))
     # The team's remotes: a bare git repository and a DVC remote directory.
     remote_git = tmp_path / "remote.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote_git)], check=True)
     project.dvc("remote", "add", "--default", "shared", str(tmp_path / "dvc-remote"))
     project.git("remote", "add", "origin", str(remote_git))
-    project.commit("The team's remotes")
+    project.commit("The team's remotes and an early-stopping sweep")
     project.dvc("push", timeout=300)
     project.git("push", "-q", "-u", "origin", "main")
     worker = next(node for node, role in roles.items() if role == "worker")
@@ -514,29 +497,51 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     server.server_close()
     assert not runs(url, "tags.`sweep.name` = 'cluster'")
 
-    def second_trial_on_the_worker() -> str | None:
-        on_worker = [run for run in runs(url) if run.data.tags.get(sweep.NODE_TAG) == worker]
-        running = [run.info.run_id for run in on_worker if run.info.status == "RUNNING"]
-        return running[0] if running and any(run.info.status == "FINISHED" for run in on_worker) else None
+    from mlflow import MlflowClient
 
-    # Kill the worker node outright while it runs its second trial (after one finished there).
+    def early_trial_on_the_worker_after_a_stop() -> str | None:
+        on_worker = [run for run in runs(url) if run.data.tags.get(sweep.NODE_TAG) == worker]
+        # Until the sweep ends, a stopped trial's run is FAILED, as its interrupted stage left it.
+        if not any(run.info.status == "FAILED" for run in on_worker):
+            return None
+        for run in [run for run in on_worker if run.info.status == "RUNNING"]:
+            history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
+            if max((point.step for point in history), default=0) <= 50_000:  # seconds before the rung could stop it
+                return run.info.run_id
+        return None
+
+    # Kill the worker node outright while it runs a trial, after the scheduler stopped one there.
     log = tmp_path / "sweep.log"
     with sweep_in_background(project, log, "--address", address) as process:
-        killed_run = wait_until(second_trial_on_the_worker, process, log)
+        killed_run = wait_until(early_trial_on_the_worker_after_a_stop, process, log)
         kill_node("worker")
     assert process.returncode == 0, log.read_text()[-4000:]
 
-    # Nothing stays RUNNING: the killed attempt's run ended FAILED; every trial finished once.
+    # Nothing stays RUNNING: the killed attempt's run ended FAILED, and its trial ran again; every trial ended once,
+    # finished or stopped by the scheduler, and a stopped one on each node (Ray's node of the trial, in its run).
     _, trials = sweep_runs(url, "cluster")
-    assert {run.info.status for run in trials} == {"FINISHED", "FAILED"}
     (failed,) = [run for run in trials if run.info.status == "FAILED"]
     finished = [run for run in trials if run.info.status == "FINISHED"]
-    assert failed.info.run_id == killed_run and len(finished) == 4
-    assert {run.data.tags[sweep.TRIAL_TAG] for run in finished} >= {failed.data.tags[sweep.TRIAL_TAG]}
-    assert len({run.data.tags[sweep.TRIAL_TAG] for run in finished}) == 4
-    assert {roles[run.data.tags[sweep.NODE_TAG]] for run in finished} == {"head", "worker"}
+    stopped = [run for run in trials if run.info.status == "KILLED"]
+    assert failed.info.run_id == killed_run and len(finished) + len(stopped) == len(trials) - 1 == 1 + len(HOPELESS)
+    assert len({run.data.tags[sweep.TRIAL_TAG] for run in finished + stopped}) == 1 + len(HOPELESS)
+    assert failed.data.tags[sweep.TRIAL_TAG] in {run.data.tags[sweep.TRIAL_TAG] for run in finished + stopped}
+    assert {roles[run.data.tags[sweep.NODE_TAG]] for run in stopped} == {"head", "worker"}
+    assert 0.003 in {float(run.data.params["train.learning_rate"]) for run in finished}
 
-    # A fresh clone of the team's remote sees every trial, with its outputs, after dvc exp pull.
+    # A stopped trial ranks after the finished ones; its run keeps its partial history and says where it stopped;
+    # it has no final score, and no DVC experiment (a finished trial has).
+    rows = table(log.read_text())
+    statuses = {run.data.tags["dvc.experiment"]: "ok" for run in finished}
+    statuses |= {f"cluster-{run.data.tags[sweep.TRIAL_TAG]}": run.data.tags[sweep.STOPPED_TAG] for run in stopped}
+    assert [row["status"] == "ok" for row in rows] == [True] * len(finished) + [False] * len(stopped)
+    assert {row["experiment"]: row["status"] for row in rows} == statuses
+    for run in stopped:
+        history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
+        step = int(run.data.tags[sweep.STOPPED_TAG].removeprefix("stopped early by the scheduler at step "))
+        assert 100_000 <= step < 200_000 and 10 <= len(history) < 20 and "test_accuracy" not in run.data.metrics
+
+    # A fresh clone of the team's remote sees every finished trial, with its outputs, after dvc exp pull.
     clone = Project(root=tmp_path / "fresh", env=project.env)
     subprocess.run(["git", "clone", "-q", str(remote_git), str(clone.root)], check=True, env=project.env)
     clone.dvc("exp", "pull", "origin", timeout=300)
