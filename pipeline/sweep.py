@@ -222,9 +222,14 @@ def trial_trainable() -> type:
             if all(map(self.command, setup.prepare)):
                 # In the worker's process group, which Ray ends whole if the worker dies: no pipeline outlives it.
                 self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (a pipe, the stages' lines could fill)
-                self.process = subprocess.Popen(
-                    self.run, cwd=self.workdir, env=self.env, stdout=self.log, stderr=STDOUT, stdin=DEVNULL, text=True
-                )
+                # Ray's workers block SIGINT, and a child inherits the blocked mask: the pipeline would never see the
+                # Ctrl-C that stops it and would train to its end. Unblocked in this thread while it forks the child.
+                streams: dict[str, Any] = {"stdout": self.log, "stderr": STDOUT, "stdin": DEVNULL}
+                blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                try:
+                    self.process = subprocess.Popen(self.run, cwd=self.workdir, env=self.env, text=True, **streams)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.client = MlflowClient(setup.env["MLFLOW_TRACKING_URI"])
 
         def command(self, command: list[str], output: str | None = None, returncode: int = 0) -> bool:

@@ -466,12 +466,12 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     auth = {key: value for key, value in node_env.items() if key.startswith("RAY_AUTH")}
     project = committed_sweep(tmp_path / "team", "cluster", MLFLOW_TRACKING_URI=url, **auth)
     # An early-stopping sweep: one trial that learns, then hopeless ones (learning rates near 0), one trial at a time
-    # on each node. A hopeless trial that reaches the one rung (step 100,000 of 200,000) after the learning one is
+    # on each node. A hopeless trial that reaches the one rung (step 50,000 of 100,000) after the learning one is
     # stopped there: with reduction factor 10 the cutoff lies above the hopeless trials' equal accuracies as long as
     # fewer than 10 of them reached it. They outnumber the learning one enough that both nodes get some once it ends.
-    grid = {"train.learning_rate": {"values": [0.003, *HOPELESS]}, "train.iterations": {"values": [200_000]}}
-    grid |= {"train.eval_interval": {"values": [10_000]}}
-    asha = {"grace_period": 100_000, "reduction_factor": 10}
+    grid = {"train.learning_rate": {"values": [0.003, *HOPELESS]}, "train.iterations": {"values": [100_000]}}
+    grid |= {"train.eval_interval": {"values": [5_000]}}
+    asha = {"grace_period": 50_000, "reduction_factor": 10}
     (project.root / "sweep.yaml").write_text(definition(name="cluster", parameters=grid, scheduler=asha))
     # The team's remotes: a bare git repository and a DVC remote directory.
     remote_git = tmp_path / "remote.git"
@@ -506,7 +506,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
             return None
         for run in [run for run in on_worker if run.info.status == "RUNNING"]:
             history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
-            if max((point.step for point in history), default=0) <= 50_000:  # seconds before the rung could stop it
+            if max((point.step for point in history), default=0) <= 25_000:  # seconds before the rung could stop it
                 return run.info.run_id
         return None
 
@@ -539,7 +539,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     for run in stopped:
         history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
         step = int(run.data.tags[sweep.STOPPED_TAG].removeprefix("stopped early by the scheduler at step "))
-        assert 100_000 <= step < 200_000 and 10 <= len(history) < 20 and "test_accuracy" not in run.data.metrics
+        assert 50_000 <= step < 100_000 and 10 <= len(history) < 20 and "test_accuracy" not in run.data.metrics
 
     # A fresh clone of the team's remote sees every finished trial, with its outputs, after dvc exp pull.
     clone = Project(root=tmp_path / "fresh", env=project.env)
