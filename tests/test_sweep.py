@@ -27,11 +27,13 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from idx_fixtures import write_digests, write_idx
 from pipeline_project import VENV_BIN, Project, base_env, free_port, make_project
 from test_tracking_server import FakeServer, mlflow_server, postgres  # noqa: F401  (fixtures)
 
 from pipeline import score, sweep
 from pipeline.cli import PipelineError
+from pipeline.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 
 # Under `pytest -n 2` the Ray clusters of this module run on one worker, one at a time.
 pytestmark = pytest.mark.xdist_group("ray")
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "mnist-softmax"
 GRID = {"train.learning_rate": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [10, 20]}}
 PASSWORD = secrets.token_hex(8)  # in a tracking URI: never to be printed or kept
-HOPELESS = [1e-8, 2e-8, 3e-8, 4e-8, 5e-8, 6e-8, 7e-8]  # learning rates at which the softmax learns nothing
+HOPELESS = [1e-9, 2e-9, 3e-9, 4e-9, 5e-9, 6e-9, 7e-9]  # learning rates at which the softmax learns nothing
 
 
 def definition(**overrides) -> str:
@@ -265,6 +267,22 @@ def run_sweep(project: Project, check: bool = True) -> subprocess.CompletedProce
     return project.run(str(VENV_BIN / "mnist-sweep"), "sweep.yaml", timeout=1500, check=check)
 
 
+def learnable_mnist(directory: Path) -> dict[str, str]:
+    """Tiny random images, each with a bright row its label places, which the softmax learns (random data it
+    cannot): its mirror and digests as the project's environment."""
+    rng, arrays = np.random.default_rng(0), {}
+    for images, labels, count in ((TRAIN_IMAGES, TRAIN_LABELS, 240), (TEST_IMAGES, TEST_LABELS, 60)):
+        digits = rng.integers(0, 10, count, dtype=np.uint8)
+        pictures = rng.integers(0, 128, (count, 28, 28), dtype=np.uint8)
+        pictures[np.arange(count), 2 * digits + 4] = 255
+        arrays |= {images: pictures, labels: digits}
+    directory.mkdir(parents=True)
+    for name, array in arrays.items():
+        write_idx(directory / f"{name}.gz", array, gz=True)
+    digests = write_digests(directory / "sha256.json", arrays)
+    return {"MNIST_MIRROR": str(directory), "MNIST_EXPECTED_SHA256": str(digests)}
+
+
 def committed_sweep(directory: Path, name: str, **env: str) -> Project:
     """The tiny project with its data prepared (so that trials restore it) and a sweep of GRID, committed."""
     project = make_project(directory, env=env)
@@ -464,14 +482,16 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     url, _ = mlflow_server
     address, node_env, roles = cluster
     auth = {key: value for key, value in node_env.items() if key.startswith("RAY_AUTH")}
-    project = committed_sweep(tmp_path / "team", "cluster", MLFLOW_TRACKING_URI=url, **auth)
+    data = learnable_mnist(tmp_path / "mirror")
+    project = committed_sweep(tmp_path / "team", "cluster", MLFLOW_TRACKING_URI=url, **auth, **data)
     # An early-stopping sweep: one trial that learns, then hopeless ones (learning rates near 0), one trial at a time
-    # on each node. A hopeless trial that reaches the one rung (step 50,000 of 100,000) after the learning one is
-    # stopped there: with reduction factor 10 the cutoff lies above the hopeless trials' equal accuracies as long as
-    # fewer than 10 of them reached it. They outnumber the learning one enough that both nodes get some once it ends.
-    grid = {"train.learning_rate": {"values": [0.003, *HOPELESS]}, "train.iterations": {"values": [100_000]}}
-    grid |= {"train.eval_interval": {"values": [5_000]}}
-    asha = {"grace_period": 50_000, "reduction_factor": 10}
+    # on each node. A hopeless trial that reaches the one rung (step 25,000 of 50,000) after the learning one is
+    # stopped there: with reduction factor 10 the cutoff lies between their accuracies and the learning one's as long
+    # as fewer than 10 of them reached it. They outnumber the learning one enough that both nodes get some once it
+    # ends.
+    grid = {"train.learning_rate": {"values": [0.003, *HOPELESS]}, "train.iterations": {"values": [50_000]}}
+    grid |= {"train.eval_interval": {"values": [2_500]}}
+    asha = {"grace_period": 25_000, "reduction_factor": 10}
     (project.root / "sweep.yaml").write_text(definition(name="cluster", parameters=grid, scheduler=asha))
     # The team's remotes: a bare git repository and a DVC remote directory.
     remote_git = tmp_path / "remote.git"
@@ -506,7 +526,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
             return None
         for run in [run for run in on_worker if run.info.status == "RUNNING"]:
             history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
-            if max((point.step for point in history), default=0) <= 25_000:  # seconds before the rung could stop it
+            if max((point.step for point in history), default=0) <= 12_500:  # seconds before the rung could stop it
                 return run.info.run_id
         return None
 
@@ -539,7 +559,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     for run in stopped:
         history = MlflowClient(url).get_metric_history(run.info.run_id, "history/test_accuracy")
         step = int(run.data.tags[sweep.STOPPED_TAG].removeprefix("stopped early by the scheduler at step "))
-        assert 50_000 <= step < 100_000 and 10 <= len(history) < 20 and "test_accuracy" not in run.data.metrics
+        assert 25_000 <= step < 50_000 and 10 <= len(history) < 20 and "test_accuracy" not in run.data.metrics
 
     # A fresh clone of the team's remote sees every finished trial, with its outputs, after dvc exp pull.
     clone = Project(root=tmp_path / "fresh", env=project.env)
