@@ -128,11 +128,7 @@ def test_a_rule_finds_its_metric_in_any_file_or_the_one_it_names():
     [
         ({"tensorflow": "2.22.0", "uv_lock_sha256": "1" * 64}, {}, "tensorflow 2.22.0 → 2.21.0, uv.lock changed"),
         ({}, {"jax": "0.5.0"}, "jax (none) → 0.5.0"),
-        (
-            {"cpu": "CPU A (x86_64: avx2)"},
-            {"cpu": "CPU B"},
-            "the baseline came from another CPU (CPU A (x86_64: avx2))",
-        ),
+        ({"cpu": "CPU A (avx2)"}, {"cpu": "CPU B"}, "the baseline came from another CPU (CPU A (avx2))"),
         ({}, {}, None),
     ],
 )
@@ -248,9 +244,12 @@ def baseline_file(project: Project, baseline: dict, current: dict = BASE) -> Non
 
 PASSED = "### ✅ Metric check passed: 3 of 3 metrics within their rules"
 BEST = BASE | {"test_accuracy": 0.99}
-OTHER_TENSORFLOW = TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}  # As an older train.json had it.
+# The environment as an older train.json had it.
+OTHER_TENSORFLOW = BASE | TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}
+FELL = BASE | {"test_accuracy": 0.95}
 FILE = ["--baseline-file", "b.json"]
-READ = "cannot read the current metrics: metrics/metrics.json: "
+METRICS = "metrics/metrics.json"
+READ = f"cannot read the current metrics: {METRICS}: "
 NOT_A_NUMBER = json.dumps(BASE).replace("0.9213", "NaN")
 INFINITE = json.dumps(BASE).replace("0.9213", "Infinity")
 
@@ -283,19 +282,9 @@ INFINITE = json.dumps(BASE).replace("0.9213", "Infinity")
         ),
         # The baseline from a file: one metrics file, or those of every file merged as DVC shows them.
         (lambda p: baseline_file(p, BASE, BETTER), FILE, 0, ["| `test_accuracy` | 0.9213 | 0.93 | +0.0087 |"]),
-        (
-            lambda p: baseline_file(p, BASE | {"test_accuracy": 0.95}),
-            FILE,
-            1,
-            ["failed: 1 of 3 metrics broke their rules (test_accuracy), against b.json"],
-        ),
+        (lambda p: baseline_file(p, FELL), FILE, 1, ["metrics broke their rules (test_accuracy), against b.json"]),
         (lambda p: baseline_file(p, BASE | TRAIN), FILE, 0, [f"{PASSED}, against b.json"]),
-        (
-            lambda p: baseline_file(p, BASE | OTHER_TENSORFLOW),
-            FILE,
-            0,
-            ["differs from the baseline's: tensorflow 2.22.0 → 2.21.0. | metric |"],
-        ),
+        (lambda p: baseline_file(p, OTHER_TENSORFLOW), FILE, 0, ["baseline's: tensorflow 2.22.0 → 2.21.0. | metric |"]),
         # A metric not in the baseline (added by this change) checks only its floor and ceiling.
         (
             lambda p: baseline_file(p, {"macro_f1": 0.9}),
@@ -308,7 +297,7 @@ INFINITE = json.dumps(BASE).replace("0.9213", "Infinity")
         ),
         # Bad input: exit 2 with one paragraph.
         (
-            lambda p: (p.root / "metrics/metrics.json").unlink(),
+            lambda p: (p.root / METRICS).unlink(),
             [],
             2,
             [READ + "it does not exist; run the pipeline first (dvc repro)"],
@@ -337,13 +326,13 @@ INFINITE = json.dumps(BASE).replace("0.9213", "Infinity")
         (lambda p: (p.root / "check.yaml").write_text("{}\n"), [], 2, ["check.yaml has no rules"]),
         (lambda p: shutil.rmtree(p.root / ".dvc"), [], 2, ["the current metrics: not inside of a DVC repository"]),
         (
-            lambda p: (p.root / "metrics/metrics.json").unlink() or os.mkfifo(p.root / "metrics/metrics.json"),
+            lambda p: (p.root / METRICS).unlink() or os.mkfifo(p.root / METRICS),
             [],
             2,
             [READ + "it is a FIFO, not a regular file"],
         ),
         (
-            lambda p: os.truncate(p.root / "metrics/metrics.json", READ_LIMIT + 1),
+            lambda p: os.truncate(p.root / METRICS, READ_LIMIT + 1),
             [],
             2,
             [READ + "it holds more than the 67,108,864 bytes"],
