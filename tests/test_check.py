@@ -117,9 +117,8 @@ def test_a_rule_for_a_metric_that_is_not_there_says_what_is(metric, phrase):
 def test_a_rule_finds_its_metric_in_any_file_or_the_one_it_names():
     same = CLASH | {"metrics/train.json": {"test_accuracy": 0.9213}}
     assert check.values(same, {"test_accuracy": SCORE}, "x", True) == {"test_accuracy": 0.9213}
-    assert check.values(CLASH, {"metrics/train.json:test_accuracy": SCORE}, "x", True) == {
-        "metrics/train.json:test_accuracy": 0.5
-    }
+    named = "metrics/train.json:test_accuracy"
+    assert check.values(CLASH, {named: SCORE}, "x", True) == {named: 0.5}
     assert check.values(flat({"loss": 1e300}), {"loss": LOSS}, "x", True) == {"loss": 1e300}
 
 
