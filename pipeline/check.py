@@ -101,8 +101,7 @@ def recorded_environment(metrics: Metrics) -> dict[str, Any]:
 
 
 def environment_at(commit: str | None) -> dict[str, Any]:
-    """The environment the metrics files record at ``commit`` (None: in the workspace), which DVC's ``metrics show``
-    and ``metrics diff`` leave out, as they show no lists."""
+    """The environment the metrics files record at ``commit`` (None: the workspace), a list DVC's tables leave out."""
     root, declared = dvc_yaml()
     recorded: Metrics = {}
     for path in metrics_files(declared):

@@ -226,8 +226,7 @@ def gate(project: Project, *args: str, cwd: Path | None = None, **env: str):
 
 
 def assert_exit(result, code: int, *phrases: str) -> None:
-    """The exit code, every phrase said, and nothing on stderr, or for bad input (2) nothing on stdout and one short
-    'error:' paragraph without a traceback."""
+    """The exit code and every phrase; bad input (2) as one short 'error:' paragraph alone, else a silent stderr."""
     assert result.returncode == code and all(phrase in result.text for phrase in phrases), result.text
     if code != 2:
         assert result.stderr == "", result.stderr

@@ -8,14 +8,8 @@ import json
 
 import pytest
 
-from pipeline.reproduce import (
-    EXIT_NOT_REPRODUCED,
-    EXIT_REPRODUCED,
-    beyond,
-    changed_predictions,
-    lock_differences,
-    verdict,
-)
+from pipeline import reproduce
+from pipeline.reproduce import EXIT_NOT_REPRODUCED, EXIT_REPRODUCED, verdict
 
 CPU_A, CPU_B = "CPU A (x86_64: avx2)", "CPU B (x86_64: avx512f)"
 ROUNDED = {"test_cross_entropy": (0.2695878173828125, 0.269587841796875)}  # As on another CPU.
@@ -61,7 +55,7 @@ def test_verdict(values, lock, code, phrases):
     ],
 )
 def test_tolerances(metric, old, new, within):
-    assert (beyond(metric, old, new) <= 1) is within
+    assert (reproduce.beyond(metric, old, new) <= 1) is within
 
 
 def test_lock_differences_allow_trained_outputs_to_differ_but_not_data_or_inputs():
@@ -74,15 +68,15 @@ def test_lock_differences_allow_trained_outputs_to_differ_but_not_data_or_inputs
             }
         }
 
-    assert lock_differences(lock(), lock(model="c")) == []
+    assert reproduce.lock_differences(lock(), lock(model="c")) == []
     differences = ["preprocess's outs differ", "train's params differ"]
-    assert lock_differences(lock(), lock(model="c", data="z", params=2)) == differences
+    assert reproduce.lock_differences(lock(), lock(model="c", data="z", params=2)) == differences
 
 
 def test_changed_predictions_counts_rows():
     old = "actual,predicted\n1,1\n2,2\n3,3\n"
-    assert changed_predictions(old, old) == (0, 3)
-    assert changed_predictions(old, "actual,predicted\n1,1\n2,7\n3,3\n") == (1, 3)
+    assert reproduce.changed_predictions(old, old) == (0, 3)
+    assert reproduce.changed_predictions(old, "actual,predicted\n1,1\n2,7\n3,3\n") == (1, 3)
 
 
 def test_the_check_on_a_real_pipeline_same_cpu_other_cpu_and_beyond_tolerance(reproduced_project):
