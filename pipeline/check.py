@@ -75,16 +75,9 @@ def metrics_files(declared: dict[str, Any]) -> list[str]:
     return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
 
 
-def current_metrics() -> Metrics:
-    root, declared = dvc_yaml()
-    # DVC reads a metrics file whole, and waits forever on a FIFO: each must pass the bounded reader first.
-    for path in metrics_files(declared):
-        try:
-            files.read_bytes(root / path)
-        except FileNotFoundError:
-            pass  # DVC says so below.
-        except OSError as problem:
-            raise CheckError(f"cannot read the current metrics: {path}: {problem}.") from None
+def current_metrics() -> tuple[Metrics, dict[str, Any]]:
+    """The workspace's metrics, as DVC shows them, and the environment they record."""
+    environment = environment_at(None)  # First: its bounded reads spare DVC a FIFO, on which it would wait forever.
     shown = dvc_json("the current metrics", "metrics", "show")[0].get("", {}).get("data", {})
     for path, error in ((path, entry["error"]) for path, entry in shown.items() if "error" in entry):
         reason = {
@@ -94,7 +87,33 @@ def current_metrics() -> Metrics:
         raise CheckError(f"cannot read the current metrics: {path}: {re.sub('^unable to read: .*?, ', '', reason)}.")
     if not shown:
         raise CheckError("DVC finds no metrics; declare the metrics files in dvc.yaml and run dvc repro.")
-    return {path: flatten(entry["data"]) for path, entry in shown.items()}
+    return {path: flatten(entry["data"]) for path, entry in shown.items()}, environment
+
+
+def recorded_environment(metrics: Metrics) -> dict[str, Any]:
+    """train.json's [name, value] pairs, or ``environment.*`` keys (an older train.json's object, champion tags)."""
+    found: dict[str, Any] = {}
+    for names in metrics.values():
+        found |= {key[12:]: value for key, value in names.items() if key.startswith("environment.")}
+        with contextlib.suppress(TypeError, ValueError):  # Not [name, value] pairs: no environment.
+            found |= dict(names.get("environment") or ())
+    return found
+
+
+def environment_at(commit: str | None) -> dict[str, Any]:
+    """The environment the metrics files record at ``commit`` (None: the workspace), a list DVC's tables leave out."""
+    root, declared = dvc_yaml()
+    recorded: Metrics = {}
+    for path in metrics_files(declared):
+        try:
+            text = git("-C", str(root), "show", f"{commit}:./{path}") if commit else files.read_bytes(root / path)
+        except FileNotFoundError:
+            continue  # DVC says so, as it reads the metrics themselves.
+        except OSError as problem:
+            raise CheckError(f"cannot read the current metrics: {path}: {problem}.") from None
+        with contextlib.suppress(ValueError, RecursionError, AttributeError):  # DVC reports a broken file.
+            recorded[path] = flatten(json.loads(text or "{}"))
+    return recorded_environment(recorded)
 
 
 def origin(label: str, reason: str = "", rev: str | None = None, commit: str | None = None, path: str | None = None):
@@ -202,37 +221,8 @@ def check(metric: str, old: float | None, new: float, rule: CheckRule, note: str
     }
 
 
-def recorded_environment(metrics: Metrics | None) -> dict[str, Any] | None:
-    """The environment in ``metrics``: train.json's [name, value] pairs, or ``environment.*`` keys (an older
-    train.json's object, the champion's tags)."""
-    if metrics is None:
-        return None
-    found: dict[str, Any] = {}
-    for names in metrics.values():
-        found |= {key[12:]: value for key, value in names.items() if key.startswith("environment.")}
-        with contextlib.suppress(TypeError, ValueError):  # Not [name, value] pairs: no environment.
-            found |= dict(names.get("environment") or ())
-    return found
-
-
-def environment_at(commit: str | None) -> dict[str, Any]:
-    """The environment the metrics files record at ``commit`` (None: in the workspace). DVC's ``metrics show`` and
-    ``metrics diff`` leave it out, as they show no lists."""
-    root, declared = dvc_yaml()
-    recorded: Metrics = {}
-    for path in metrics_files(declared):
-        try:
-            text = git("-C", str(root), "show", f"{commit}:./{path}") if commit else files.read_bytes(root / path)
-            data = json.loads(text or "{}")
-        except (OSError, ValueError, RecursionError):
-            continue  # Reading the metrics themselves reports a missing or broken file.
-        recorded[path] = flatten(data) if isinstance(data, dict) else {}
-    return recorded_environment(recorded) or {}
-
-
-def environment_difference(was: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
+def environment_difference(was: dict[str, Any], now: dict[str, Any]) -> str | None:
     """What differs in the recorded environments (train.json's ``environment``); information, never a failure."""
-    was, now = was or {}, now or {}
     changes = [
         ENVIRONMENT.get(key, "{key} {old} → {new}").format(
             key=key, old=was.get(key, "(none)"), new=now.get(key, "(none)")
@@ -322,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.rules or RULES_FILE} has no rules, so the gate would check nothing; add "
                 "one per metric, e.g. test_accuracy: {better: higher, max_worsening: 0.002}."
             )
-        current = current_metrics()
+        current, now = current_metrics()
         new = values(current, rules, "the current metrics", required=True)
         store = registry.Registry.open() if args.champion or args.promote else None
         if args.baseline_file:
@@ -344,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             except CheckError as also:
                 raise CheckError(f"{error} (Also, {also}.)") from None
         raise
-    was = environment_at(baseline["commit"]) if baseline["commit"] else recorded_environment(old)
-    environment = environment_difference(was, environment_at(None))
+    was = environment_at(baseline["commit"]) if baseline["commit"] else recorded_environment(old or {})
+    environment = environment_difference(was, now)
     markdown = render_markdown(rows, baseline, environment, promotion)
     report: dict[str, Any] = {"status": "fail" if failed else "pass", "baseline": baseline | {"found": old is not None}}
     report |= {"environment_difference": environment, "metrics": rows, "promotion": promotion}

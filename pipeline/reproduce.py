@@ -58,21 +58,12 @@ def changed_predictions(committed: str, current: str) -> tuple[int, int]:
     return sum(a != b for a, b in itertools.zip_longest(old, new)), max(len(old), len(new))
 
 
-def verdict(
-    lock_problems: list[str],
-    diff: dict[str, Any],
-    predictions: tuple[int, int] | None,
-    environments: tuple[dict[str, Any], dict[str, Any]],
-) -> tuple[int, str]:
-    """The exit code and the one-paragraph verdict, from ``dvc metrics diff --json --all``'s output and the committed
-    and current environments (train.json's, which the diff leaves out; an older train.json's are in it too)."""
+def verdict(lock_problems: list[str], diff: dict[str, Any], predictions: tuple[int, int] | None) -> tuple[int, str]:
+    """The exit code and the one-paragraph verdict, from ``dvc metrics diff --json --all``'s output."""
     pairs = {name: (v.get("old"), v.get("new")) for names in diff.values() for name, v in names.items()}
-    pairs = {name: pair for name, pair in pairs.items() if not name.startswith("environment.")}
-    was, now = (dict(environment) for environment in environments)
-    old_cpu, new_cpu = was.pop("cpu", None), now.pop("cpu", None)
-    changed = [
-        f"environment.{key} {was.get(key)} → {now.get(key)}" for key in {**was, **now} if was.get(key) != now.get(key)
-    ]
+    environment = {name: pairs.pop(name) for name in list(pairs) if name.startswith("environment.")}
+    old_cpu, new_cpu = environment.pop("environment.cpu", (None, None))
+    changed = [f"{name} {old} → {new}" for name, (old, new) in environment.items() if old != new]
     changed += [f"{name} is only on one side" for name, (old, new) in pairs.items() if (old is None) != (new is None)]
     if reasons := lock_problems + changed:
         return EXIT_NOT_REPRODUCED, (
@@ -124,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     diff = dvc_json(f"the metrics at {rev}", "metrics", "diff", "--all", commit)[0]
     committed, current = git("show", f"{commit}:{PREDICTIONS}"), Path(PREDICTIONS)
     predictions = changed_predictions(committed, current.read_text()) if committed and current.is_file() else None
-    environments = environment_at(commit), environment_at(None)
-    code, message = verdict(lock_differences(committed_lock, current_lock), diff, predictions, environments)
+    # train.json's environment, which the diff leaves out (no numbers), joins it last, so that it replaces the
+    # environment.* strings of an older train.json.
+    was, now = environment_at(commit), environment_at(None)
+    diff["environment"] = {f"environment.{key}": {"old": was.get(key), "new": now.get(key)} for key in {**was, **now}}
+    code, message = verdict(lock_differences(committed_lock, current_lock), diff, predictions)
     print(message)
     return code
 

@@ -14,7 +14,7 @@ from conftest import stage_env
 from mlflow.tracking import MlflowClient
 from pipeline_project import Project
 from test_pipeline import EVALUATIONS, ran_stages
-from test_pipeline import runs as client_and_runs
+from test_train import runs as client_and_runs
 
 from pipeline.tracking.record import TEST_PROBABILITIES_TAG
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def runs(project: Project) -> list:
-    return client_and_runs(project)[1]
+    return client_and_runs(project.root)[1]
 
 
 def produced(run, probabilities: Path) -> bool:
@@ -44,7 +44,7 @@ def check_run(project: Project, run, baseline, *, experiment: str, learning_rate
     assert run.info.experiment_id == baseline.info.experiment_id and set(run.data.params) == set(baseline.data.params)
     assert float(run.data.params["train.learning_rate"]) == learning_rate
     assert {"test_accuracy", "macro_f1"} <= set(run.data.metrics)
-    client = client_and_runs(project)[0]
+    client = client_and_runs(project.root)[0]
     for key, expected in (("history/train_accuracy", list(range(1, 51))), ("history/test_accuracy", EVALUATIONS)):
         assert [metric.step for metric in client.get_metric_history(run.info.run_id, key)] == expected, key
     # The store and its artifacts are the project's own, also for a queued copy (DVC_ROOT).
@@ -59,7 +59,7 @@ def test_a_setting_reruns_nothing_and_each_experiment_logs_one_tagged_run_but_a_
     settings |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
     assert "Data and pipelines are up to date." in project.dvc("status", env=settings).stdout
     assert ran_stages(project.dvc("repro", env=settings).stdout) == []
-    client, (baseline,) = client_and_runs(project)
+    client, (baseline,) = client_and_runs(project.root)
     assert client.get_experiment_by_name("another-experiment") is None
 
     # A parameter reruns train and report, as an experiment.
