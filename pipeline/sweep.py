@@ -23,6 +23,7 @@ from subprocess import DEVNULL, PIPE, STDOUT
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
+import psutil  # installed with DVC
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline import files
@@ -174,21 +175,6 @@ class TrialSetup:
     iterations: int  # params.yaml's train.iterations, the last step of a trial that does not set it
 
 
-def stop_pipeline(process: subprocess.Popen) -> None:
-    """Stop a trial's `dvc exp run` as Ctrl-C would: its stage ends its MLflow run and leaves no half output."""
-    import psutil  # installed with DVC
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def trial_run(client: Any, experiment_id: str, parent_run_id: str, trial: str, since_ms: int = 0) -> Any | None:
     """The MLflow run of the trial's latest attempt (started since ``since_ms``), if its train stage opened one yet."""
     own = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'"
@@ -267,7 +253,7 @@ def trial_trainable() -> type:
                 if self.command(["dvc", "exp", "push", "--force", *cache, "origin", self.experiment]):
                     metrics = json.loads((self.workdir / "metrics/metrics.json").read_text())
                     self.result[self.options.metric] = metrics[self.options.metric]
-                    record_restored_trial(self.options, self.workdir, self.experiment, self.run_tags)
+                    record_restored_trial(self.client, self.options, self.workdir, self.experiment, self.run_tags)
             return self.result | {"step": self.last_step, "final": True, "done": True}
 
         def output(self) -> str:
@@ -275,24 +261,32 @@ def trial_trainable() -> type:
             return self.log.read()
 
         def cleanup(self) -> None:  # after the last step, or when Ray stops the trial (the scheduler, a Ctrl-C)
+            # Stopped as Ctrl-C would stop it: its stage ends its MLflow run and leaves no half output.
             if self.process and self.process.poll() is None:
-                stop_pipeline(self.process)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    pipeline = psutil.Process(self.process.pid)
+                    for process in [*pipeline.children(recursive=True), pipeline]:
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            process.send_signal(signal.SIGINT)
+                try:
+                    self.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
             self.directory.cleanup()
 
     return Trial
 
 
-def record_restored_trial(setup: TrialSetup, workdir: Path, experiment: str, run_tags: dict[str, str]) -> None:
+def record_restored_trial(client: Any, setup: TrialSetup, workdir: Path, experiment: str, run_tags: dict) -> None:
     """Give a trial that DVC restored from its run cache its run, copied from the run that trained it."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    uri, client = setup.env["MLFLOW_TRACKING_URI"], MlflowClient(setup.env["MLFLOW_TRACKING_URI"])
     own = f"tags.`{PARENT_TAG}` = '{run_tags[PARENT_TAG]}' and tags.`{TRIAL_TAG}` = '{run_tags[TRIAL_TAG]}'"
     if client.search_runs([setup.experiment_id], f"{own} and attributes.status = 'FINISHED'", max_results=1):
         return
     digest = record.sha256((workdir / "models" / "test_probabilities.npy").read_bytes())
-    earlier = record.find_training_run(client, setup.experiment_id, digest, uri)
+    earlier = record.find_training_run(client, setup.experiment_id, digest, setup.env["MLFLOW_TRACKING_URI"])
     # Not the pipeline's own tags: the output digests must keep leading to the run that holds the outputs.
     kept = {k: v for k, v in earlier.data.tags.items() if k.split(".")[0] not in ("mlflow", "sweep", "pipeline")}
     run_tags = {**kept, **tags.git_info(workdir), **run_tags, "dvc.experiment": experiment}
@@ -369,7 +363,6 @@ def start_ray(address: str) -> Any:
     if address:
         for key, value in RAY_JOIN_SETTINGS.items():  # before Ray's import, which reads some of them
             os.environ.setdefault(key, value)
-    import psutil  # installed with DVC
     import ray
 
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -399,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise PipelineError(f"cannot read the sweep file {args.sweep}: {reason}") from None
     load_params()
     settings = tracking_settings()
-    sweep = parse_sweep(text, read_params(root / "params.yaml"))
+    params = read_params(root / "params.yaml")
+    sweep = parse_sweep(text, params)
     uri = store.tracking_uri(settings.uri, root)
     if args.address and (problems := cluster_problems(uri, root)):
         raise PipelineError(f"cannot sweep on the Ray cluster at {args.address}: {'; '.join(problems)}.")
@@ -447,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         env[f"GIT_AUTHOR_{what.upper()}"] = env[f"GIT_COMMITTER_{what.upper()}"] = found
     remote = bool(args.address and output(root, dvc, "remote", "default", check=False))
     run_tags = {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep.name}
-    defaults = read_params(root / "params.yaml")["train"]
+    defaults = params["train"]
     setup = TrialSetup(prepare, remote, env, run_tags, sweep.metric, experiment_id, defaults["iterations"])
 
     def cpus(config: dict) -> Any:  # as many cores as the model's TensorFlow threads

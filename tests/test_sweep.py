@@ -192,7 +192,6 @@ def test_any_definition_is_refused_with_its_reasons_or_gives_a_space_ray_can_dra
     ("arguments", "store", "phrases"),
     [
         ("fifo", "", ["cannot read the sweep file fifo: it is a FIFO, not a regular file"]),
-        ("/dev/zero", "", ["cannot read the sweep file /dev/zero: it is a device, not a regular file"]),
         ("bad.yaml", "", ["metric: Input should be 'test_accuracy'"]),
         # On a cluster, trials on other machines can neither write to a local store nor clone a local repository.
         ("sweep.yaml --address 127.0.0.1:1", "", ["local store", "MLFLOW_TRACKING_URI=http://", "git remote 'origin'"]),
@@ -265,22 +264,6 @@ def processes_whose_environment_has(text: str) -> list[int]:
 
 def run_sweep(project: Project, check: bool = True) -> subprocess.CompletedProcess:
     return project.run(str(VENV_BIN / "mnist-sweep"), "sweep.yaml", timeout=1500, check=check)
-
-
-def learnable_mnist(directory: Path) -> dict[str, str]:
-    """Tiny random images, each with a bright row its label places, which the softmax learns (random data it
-    cannot): its mirror and digests as the project's environment."""
-    rng, arrays = np.random.default_rng(0), {}
-    for images, labels, count in ((TRAIN_IMAGES, TRAIN_LABELS, 240), (TEST_IMAGES, TEST_LABELS, 60)):
-        digits = rng.integers(0, 10, count, dtype=np.uint8)
-        pictures = rng.integers(0, 128, (count, 28, 28), dtype=np.uint8)
-        pictures[np.arange(count), 2 * digits + 4] = 255
-        arrays |= {images: pictures, labels: digits}
-    directory.mkdir(parents=True)
-    for name, array in arrays.items():
-        write_idx(directory / f"{name}.gz", array, gz=True)
-    digests = write_digests(directory / "sha256.json", arrays)
-    return {"MNIST_MIRROR": str(directory), "MNIST_EXPECTED_SHA256": str(digests)}
 
 
 def committed_sweep(directory: Path, name: str, **env: str) -> Project:
@@ -482,7 +465,17 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
     url, _ = mlflow_server
     address, node_env, roles = cluster
     auth = {key: value for key, value in node_env.items() if key.startswith("RAY_AUTH")}
-    data = learnable_mnist(tmp_path / "mirror")
+    # Tiny random images, each with a bright row its label places, which the softmax learns (random data it cannot).
+    rng, arrays, mirror = np.random.default_rng(0), {}, tmp_path / "mirror"
+    for images, labels, count in ((TRAIN_IMAGES, TRAIN_LABELS, 240), (TEST_IMAGES, TEST_LABELS, 60)):
+        digits = rng.integers(0, 10, count, dtype=np.uint8)
+        pictures = rng.integers(0, 128, (count, 28, 28), dtype=np.uint8)
+        pictures[np.arange(count), 2 * digits + 4] = 255
+        arrays |= {images: pictures, labels: digits}
+    mirror.mkdir()
+    for name, array in arrays.items():
+        write_idx(mirror / f"{name}.gz", array, gz=True)
+    data = {"MNIST_MIRROR": str(mirror), "MNIST_EXPECTED_SHA256": str(write_digests(mirror / "sha256.json", arrays))}
     project = committed_sweep(tmp_path / "team", "cluster", MLFLOW_TRACKING_URI=url, **auth, **data)
     # An early-stopping sweep: one trial that learns, then hopeless ones (learning rates near 0), one trial at a time
     # on each node. A hopeless trial that reaches the one rung (step 25,000 of 50,000) after the learning one is
