@@ -1,8 +1,6 @@
-"""The asha rows: sweeps/series-asha.yaml on the real data, once as a plain grid (its scheduler removed) and once
-with ASHA, each in a fresh copy of the project (neither restores the other's trainings from DVC's run cache) with
-its own SQLite MLflow store. A trial's steps are the last step of its run's ``history/train_accuracy``: what it
-trained before it finished or was stopped. ``python -m benchmarks.asha`` is ``python -m benchmarks.run --only asha``.
-"""
+"""The asha rows: sweeps/series-asha.yaml on the real data as a plain grid and with ASHA, each in a fresh copy of the
+project (no shared run cache) and SQLite store; a trial's steps are the last of its run's history/train_accuracy.
+``python -m benchmarks.asha`` is ``python -m benchmarks.run --only asha``."""
 
 from __future__ import annotations
 

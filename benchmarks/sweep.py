@@ -1,11 +1,6 @@
-"""The sweep row's pieces: 6 short trials through ``mnist-sweep`` (Ray Tune, 2 at a time) or DVC's queue.
-
-Each side gets its own fresh copy of the project (tests/pipeline_project.py: tiny synthetic MNIST,
-50 training steps, data prepared and committed beforehand), so that neither can restore the other's
-trainings from DVC's run cache. The grid is train.learning_rate × train.batch_size = 3 × 2; the time
-runs from the command's start until every experiment has finished. ``python -m benchmarks.sweep``
-is ``python -m benchmarks.run --only sweep``.
-"""
+"""The sweep row: a 3 × 2 grid of short trials through ``mnist-sweep`` (Ray Tune, 2 at a time) or DVC's queue, each
+side in a fresh copy of the tiny project (neither restores the other's trainings from DVC's run cache), timed until
+every experiment has finished. ``python -m benchmarks.sweep`` is ``python -m benchmarks.run --only sweep``."""
 
 from __future__ import annotations
 
@@ -40,15 +35,8 @@ def prepared(directory: Path):
 
 def time_queue(project) -> float:
     started = time.perf_counter()
-    project.dvc(
-        "exp",
-        "run",
-        "--queue",
-        "-S",
-        "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)),
-        "-S",
-        "train.batch_size=" + ",".join(map(str, BATCH_SIZES)),
-    )
+    rates, sizes = ",".join(map(str, LEARNING_RATES)), ",".join(map(str, BATCH_SIZES))
+    project.dvc("exp", "run", "--queue", "-S", f"train.learning_rate={rates}", "-S", f"train.batch_size={sizes}")
     status = project.run_queue(jobs=2, timeout=1800)
     elapsed = time.perf_counter() - started
     if status.count("Success") != len(LEARNING_RATES) * len(BATCH_SIZES):
