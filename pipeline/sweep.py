@@ -229,24 +229,22 @@ def trial_trainable() -> type:
                 self.result["error"] = redact(failure_message(output)) or f"{' '.join(command[:3])} failed"
             return not returncode
 
-        def evaluations(self) -> list[Any]:
-            """The new points of the metric's history in this trial's MLflow run, before its last step."""
+        def evaluation(self) -> Any | None:
+            """The earliest new point of the metric's history in this trial's MLflow run, before its last step."""
             if self.run_id is None:
                 parent, options = self.run_tags[PARENT_TAG], self.options
                 found = trial_run(self.client, options.experiment_id, parent, self.trial_id, self.started_ms)
                 self.run_id = found and found.info.run_id
             key = record.HISTORY_PREFIX + self.options.metric
             history = self.client.get_metric_history(self.run_id, key) if self.run_id else []
-            return sorted(
-                (point for point in history if self.reported < point.step < self.last_step),
-                key=lambda point: point.step,
-            )
+            points = [point for point in history if self.reported < point.step < self.last_step]
+            return min(points, key=lambda point: point.step, default=None)
 
         def step(self) -> dict[str, Any]:
             while self.process and self.process.poll() is None:
-                if points := self.evaluations():
-                    self.reported = points[0].step
-                    return self.result | {self.options.metric: points[0].value, "step": points[0].step, "final": False}
+                if point := self.evaluation():
+                    self.reported = point.step
+                    return self.result | {self.options.metric: point.value, "step": point.step, "final": False}
                 time.sleep(POLL_SECONDS)
             if self.process and self.command(self.run, self.output(), self.process.returncode):
                 cache = [] if self.options.remote else ["--no-cache"]
