@@ -455,6 +455,9 @@ def cluster(tmp_path):
         for name in nodes:
             kill_node(name)
         for process in processes:
+            # Also the node's agents, whose environment their process titles (ray::...) overwrite.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         shutil.rmtree(nodes_dir, ignore_errors=True)
 
