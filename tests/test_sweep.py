@@ -400,12 +400,13 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
 # -- a two-node cluster --------------------------------------------------------------------------------
 
 NODE_MARKER = "MNIST_SWEEP_TEST_NODE"
+RUN_TOKEN = secrets.token_hex(6)  # In each node's marker, so that two test runs never kill each other's nodes.
 
 
 def kill_node(name: str) -> None:
-    """Kill every process that inherited ``NODE_MARKER=name``: the node's Ray daemons, workers and trials."""
+    """Kill every process that inherited node ``name``'s marker: the node's Ray daemons, workers and trials."""
     for _ in range(3):
-        for pid in processes_whose_environment_has(f"{NODE_MARKER}={name}"):
+        for pid in processes_whose_environment_has(f"{NODE_MARKER}={name}-{RUN_TOKEN}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
@@ -431,7 +432,7 @@ def cluster(tmp_path):
             command = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1"]
             command += [f"--{agent}-port={free_port()}" for agent in agents]
             command += ["--disable-usage-stats", f"--temp-dir={nodes_dir / 'ray'}", *arguments]
-            node_env = {**env, NODE_MARKER: name, "TMPDIR": str(nodes_dir / name / "tmp")}
+            node_env = {**env, NODE_MARKER: f"{name}-{RUN_TOKEN}", "TMPDIR": str(nodes_dir / name / "tmp")}
             with open(nodes_dir / name / "ray.log", "w") as log:
                 process = subprocess.Popen(
                     command, env=node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

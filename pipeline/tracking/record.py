@@ -175,7 +175,13 @@ def training_run(
         )
         mlflow.log_params({key: str(value) for key, value in params.items()})
         if data_folder is not None:
-            mlflow.log_input(dataset(data_folder), context="training")
+            training_data = dataset(data_folder)
+            try:
+                mlflow.log_input(training_data, context="training")
+            except mlflow.exceptions.MlflowException:
+                # Two runs logging a new dataset at once (a sweep's trials) race to insert it on a server's database,
+                # and the loser hits its unique key; on a second try it finds the dataset and links it.
+                mlflow.log_input(training_data, context="training")
     except mlflow.exceptions.MlflowException as error:
         raise PipelineError(
             f"starting a run in the MLflow tracking store {redact(uri)} failed: {store.short(error.message)} "
