@@ -30,7 +30,7 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 # 0.9213 - 0.9193 is 0.0020000000000000018: a change of exactly max_worsening must pass.
 TOLERANCE = 1e-9
 ENVIRONMENT = {"uv_lock_sha256": "uv.lock changed", "cpu": "the baseline came from another CPU ({old})"}
-Metrics = dict[str, dict[str, Any]]  # metrics file → metric, named as DVC names it (per_class_recall.3) → value
+Metrics = dict[str, dict[str, Any]]  # metrics file → metric, nested keys joined by dots, as DVC names them → value
 
 
 class CheckError(PipelineError):

@@ -34,6 +34,6 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 def flat(metrics: dict) -> dict[str, float]:
-    """``score``'s metrics as MLflow metrics, named as ``dvc metrics show`` names them (per_class_recall.3)."""
+    """``score``'s metrics as MLflow metrics, the recall of each digit as per_class_recall.<digit>."""
     recall = {f"per_class_recall.{name}": value for name, value in metrics["per_class_recall"].items()}
     return {key: value for key, value in metrics.items() if key != "per_class_recall"} | recall
