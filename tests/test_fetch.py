@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_module, snapshot, stage_env, write_params
+from conftest import run_module, snapshot, stage_env, with_credentials, write_params
 from idx_fixtures import digests, idx_bytes, write_digests, write_mnist
 
 from pipeline import fetch
@@ -195,7 +195,7 @@ def test_no_source_delivers_names_each_and_changes_nothing(tmp_path, data, serve
     }
     # urllib takes no credentials from a URL, so the user mirror fails; its password must not be printed.
     password = secrets.token_hex(8)
-    mirror = server.url.replace("http://", f"http://reader:{password}@") + "/good/"
+    mirror = with_credentials(server.url, "reader", password) + "/good/"
     redacted = mirror.replace(password, "***")
     nowhere = tmp_path / "nowhere"
     public = " ".join([str(nowhere), *(f"{server.url}/{mode}/" for mode in reasons)])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_module, snapshot, stage_env, write_params
+from conftest import ROOT, run_module, snapshot, stage_env, with_credentials, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +57,10 @@ RULE = {"better": "lower", "max_worsening": 0}
         ({"fetch": {}}, "section fetch is no longer read from params.yaml, because its settings change no result"),
         ({"tracking": {}}, "remove it and set the environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME"),
         (
-            {"tracking": {"uri": f"postgresql://m:{PASSWORD}@db/x"}, "train__model": f"http://a:{PASSWORD}@h"},
+            {
+                "tracking": {"uri": with_credentials("postgresql://db/x", "m", PASSWORD)},
+                "train__model": with_credentials("http://h", "a", PASSWORD),
+            },
             "params.yaml has 3 problems: train.model, tracking.uri hold credentials, which must not be in a committed",
         ),
     ],
@@ -166,7 +169,7 @@ def test_settings_defaults_and_values():
     ("environ", "expected"),
     [
         (
-            {"MLFLOW_TRACKING_URI": f"ftp://u:{PASSWORD}@example/store"},
+            {"MLFLOW_TRACKING_URI": with_credentials("ftp://example/store", "u", PASSWORD)},
             "MLFLOW_TRACKING_URI has unknown scheme 'ftp' in 'ftp://u:***@example/store'",
         ),
         ({"MNIST_REGISTERED_MODEL": "mnist@v1"}, "MNIST_REGISTERED_MODEL 'mnist@v1' must be 1 to 256 letters"),
@@ -180,7 +183,10 @@ def test_settings_defaults_and_values():
         ({"MNIST_FETCH_TIMEOUT": "0"}, "MNIST_FETCH_TIMEOUT must be greater than or equal to 0.001, got '0'"),
         ({"MNIST_FETCH_TIMEOUT": "1e999"}, "MNIST_FETCH_TIMEOUT must be a finite number"),
         ({"MNIST_FETCH_TIMEOUT": "soon"}, "MNIST_FETCH_TIMEOUT must be a number, got 'soon'"),
-        ({"MNIST_MIRROR": f"ftp://u:{PASSWORD}@mirror/"}, "MNIST_MIRROR 'ftp://u:***@mirror/' has the scheme ftp://"),
+        (
+            {"MNIST_MIRROR": with_credentials("ftp://mirror/", "u", PASSWORD)},
+            "MNIST_MIRROR 'ftp://u:***@mirror/' has the scheme ftp://",
+        ),
         ({"MNIST_MIRROR": "http://[::1"}, "MNIST_MIRROR 'http://[::1' is not a valid URL"),
         (
             {"MLFLOW_TRACKING_URI": "gopher://x", "MNIST_REGISTERED_MODEL": "a:b", "MLFLOW_HTTP_REQUEST_TIMEOUT": "0"},

@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from conftest import with_credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from idx_fixtures import write_digests, write_idx
@@ -318,7 +319,7 @@ def check_experiments(project: Project, trials: list, name: str) -> None:
 def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  # noqa: F811
     url, _ = mlflow_server
     # With a password in the URI (the server does not check it), which the sweep must never print or keep.
-    project = committed_sweep(tmp_path, "local", MLFLOW_TRACKING_URI=url.replace("http://", f"http://user:{PASSWORD}@"))
+    project = committed_sweep(tmp_path, "local", MLFLOW_TRACKING_URI=with_credentials(url, "user", PASSWORD))
 
     # Ctrl-C (to the whole process group) after the first trial: a short message, nothing left RUNNING.
     log = tmp_path / "interrupted.log"

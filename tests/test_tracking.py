@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, with_credentials
 from pipeline_project import MlflowServer
 
 from pipeline.cli import PipelineError
@@ -168,7 +168,7 @@ def test_unusable_stores_and_malformed_run_tags_stop_with_one_line_before_any_ru
         resolve(f"sqlite:///{project}/nowhere/mlflow.db")
     password = secrets.token_hex(8)
     with pytest.raises(PipelineError) as caught:
-        resolve(f"http://admin:{password}@127.0.0.1:9/")
+        resolve(with_credentials("http://127.0.0.1:9/", "admin", password))
     # The health check reached for 127.0.0.1 (not for a host named "admin:<password>@127.0.0.1").
     assert "http://admin:***@127.0.0.1:9/ cannot be reached: [Errno 111] Connection refused" in str(caught.value)
     assert password not in str(caught.value)

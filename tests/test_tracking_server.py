@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import snapshot, stage_env
+from conftest import snapshot, stage_env, with_credentials
 from pipeline_project import TRAIN_OUTPUTS, MlflowServer, free_port, make_project
 from test_train import OUTPUTS, runs, start_training
 
@@ -88,7 +88,7 @@ def test_a_shared_server_on_postgresql_gets_everything_and_no_password(postgres,
     from PIL import Image
 
     url, artifacts = mlflow_server
-    with_password = url.replace("http://", f"http://admin:{SECRET}@")
+    with_password = with_credentials(url, "admin", SECRET)
     masked = with_password.replace(SECRET, "***")
     project = make_project(tmp_path, env={"MLFLOW_TRACKING_URI": with_password})
     printed = [project.dvc("repro", timeout=600)]
@@ -149,7 +149,7 @@ def test_a_shared_server_on_postgresql_gets_everything_and_no_password(postgres,
     assert printed[-1].returncode == 1 and masked in " ".join(printed[-1].stderr.split()), printed[-1].stderr
 
     # The gate on the database itself, with a password (PostgreSQL's trust authentication accepts any).
-    database = postgres.replace("postgresql://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
+    database = with_credentials(postgres.replace("postgresql://postgres@", "postgresql+psycopg://"), "postgres", SECRET)
     env = {"MLFLOW_TRACKING_URI": database, "MNIST_REGISTERED_MODEL": "gate-password-test"}
     printed.append(project.python(*gate, "--json", env=env))
     masked_database = database.replace(SECRET, "***")
