@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from subprocess import DEVNULL, PIPE, STDOUT
+from subprocess import DEVNULL, STDOUT
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
@@ -39,13 +39,6 @@ PARENT_TAG, RESTORED_TAG, STOPPED_TAG = "mlflow.parentRunId", "sweep.restored_fr
 # come within a fraction of one for the trial to end near its rung. Once the run is found, a poll is one small query.
 POLL_SECONDS = 0.2
 MAX_TRIALS = 10_000
-RAY_START_ATTEMPTS = 3  # Ray gives its agents 15 s to start, which a loaded machine can miss.
-# One attempt (Ray's default: 20 of about 36 s each), so that a wrong --address fails in about 15 s.
-RAY_JOIN_SETTINGS = {
-    "RAY_gcs_server_port_wait_time_s": "1",
-    "RAY_gcs_rpc_server_connect_timeout_s": "2",
-    "RAY_py_gcs_connect_timeout_s": "10",
-}
 
 Whole = Annotated[int, Field(strict=True)]
 Bound = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -175,65 +168,69 @@ class TrialSetup:
     iterations: int  # params.yaml's train.iterations, the last step of a trial that does not set it
 
 
-def trial_run(client: Any, experiment_id: str, parent_run_id: str, trial: str, since_ms: int = 0) -> Any | None:
-    """The MLflow run of the trial's latest attempt (started since ``since_ms``), if its train stage opened one yet."""
-    own = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'"
-    own += f" and attributes.start_time >= {since_ms}"
-    return next(iter(client.search_runs([experiment_id], own, max_results=1, order_by=["start_time DESC"])), None)
+def trial_run(client: Any, setup: TrialSetup, trial: str, condition: str = "") -> Any | None:
+    """The latest MLflow run of the sweep's ``trial`` that meets ``condition`` (``and ...``), if it has one yet."""
+    query = f"tags.`{PARENT_TAG}` = '{setup.tags[PARENT_TAG]}' and tags.`{TRIAL_TAG}` = '{trial}' {condition}"
+    runs = client.search_runs([setup.experiment_id], query, max_results=1, order_by=["start_time DESC"])
+    return runs[0] if runs else None
 
 
 def trial_trainable() -> type:
     """Ray Tune's class for one trial: a pipeline in a temporary clone, reporting each evaluation its run logs."""
     import ray
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
     from ray import tune
 
     class Trial(tune.Trainable):
         def setup(self, config: dict[str, Any], setup: TrialSetup) -> None:  # type: ignore[override]
             node, self.options = ray.get_runtime_context().get_node_id(), setup
             self.experiment, self.reported, self.process = f"{setup.tags[SWEEP_TAG]}-{self.trial_id}", 0, None
-            # This attempt's run starts after this moment, by this machine's clock (its train stage runs here).
-            self.started_ms, self.run_id = record.timestamp_ms(), None
             self.run_tags = {**setup.tags, TRIAL_TAG: self.trial_id, NODE_TAG: node, HOST_TAG: socket.gethostname()}
             self.result = {"experiment": self.experiment, "node": node[:8], setup.metric: math.nan, "error": ""}
-            self.last_step = config.get("train.iterations", setup.iterations)
-            self.env = {**os.environ, **setup.env, record.EXTRA_TAGS_VARIABLE: json.dumps(self.run_tags)}
+            self.last_step, self.run_id = config.get("train.iterations", setup.iterations), None
+            # This attempt's run starts after this moment, by this machine's clock (its train stage runs here).
+            self.this_attempt = f"and attributes.start_time >= {record.timestamp_ms()}"
             # This worker's environment runs dvc and the stages, wherever the worker is.
-            self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
-            self.directory = tempfile.TemporaryDirectory(
-                prefix=f"mnist-sweep-{self.trial_id}-", ignore_cleanup_errors=True
-            )
-            self.workdir, pull = Path(self.directory.name), ["--pull"] if setup.remote else []
-            self.run = ["dvc", "exp", "run", *pull, "--name", self.experiment, *set_param_arguments(config)]
-            if all(map(self.command, setup.prepare)):
-                # In the worker's process group, which Ray ends whole if the worker dies: no pipeline outlives it.
-                self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (a pipe, the stages' lines could fill)
-                # Ray's workers block SIGINT, and a child inherits the blocked mask: the pipeline would never see the
-                # Ctrl-C that stops it and would train to its end. Unblocked in this thread while it forks the child.
-                streams: dict[str, Any] = {"stdout": self.log, "stderr": STDOUT, "stdin": DEVNULL}
-                blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-                try:
-                    self.process = subprocess.Popen(self.run, cwd=self.workdir, env=self.env, text=True, **streams)
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+            self.env = {**os.environ, **setup.env, "PATH": path, record.EXTRA_TAGS_VARIABLE: json.dumps(self.run_tags)}
+            prefix = f"mnist-sweep-{self.trial_id}-"
+            self.directory = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
+            self.workdir = Path(self.directory.name)
+            self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (not a pipe, which the stages' lines could fill)
             self.client = MlflowClient(setup.env["MLFLOW_TRACKING_URI"])
+            pull = ["--pull"] if setup.remote else []
+            self.run = ["dvc", "exp", "run", *pull, "--name", self.experiment, *set_param_arguments(config)]
+            if all(map(self.succeeded, setup.prepare)):
+                self.process = self.started(self.run)
 
-        def command(self, command: list[str], output: str | None = None, returncode: int = 0) -> bool:
-            """Whether ``command`` (or the one that gave ``output``) succeeded; else its error in the result."""
-            if output is None:
-                done = subprocess.run(
-                    command, cwd=self.workdir, env=self.env, stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, text=True
+        def started(self, command: list[str]) -> subprocess.Popen:
+            """``command`` started in the trial's clone, its output in the emptied log."""
+            self.log.seek(0)
+            self.log.truncate()
+            # Ray's workers block SIGINT, and a child inherits the blocked mask: the pipeline would never see the
+            # Ctrl-C that stops it and would train to its end. Unblocked in this thread while it forks the child. The
+            # child stays in the worker's process group, which Ray ends whole if the worker dies: none outlives it.
+            blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            try:
+                return subprocess.Popen(
+                    command, cwd=self.workdir, env=self.env, stdout=self.log, stderr=STDOUT, stdin=DEVNULL
                 )
-                output, returncode = done.stdout, done.returncode
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+        def succeeded(self, command: list[str], process: subprocess.Popen | None = None) -> bool:
+            """Whether ``command`` (run now, unless ``process`` runs it) succeeded; else its error in the result."""
+            returncode = (process or self.started(command)).wait()
             if returncode:
-                self.result["error"] = redact(failure_message(output)) or f"{' '.join(command[:3])} failed"
+                self.log.seek(0)
+                self.result["error"] = redact(failure_message(self.log.read())) or f"{' '.join(command[:3])} failed"
             return not returncode
 
         def evaluation(self) -> Any | None:
             """The earliest new point of the metric's history in this trial's MLflow run, before its last step."""
             if self.run_id is None:
-                parent, options = self.run_tags[PARENT_TAG], self.options
-                found = trial_run(self.client, options.experiment_id, parent, self.trial_id, self.started_ms)
+                found = trial_run(self.client, self.options, self.trial_id, self.this_attempt)
                 self.run_id = found and found.info.run_id
             key = record.HISTORY_PREFIX + self.options.metric
             history = self.client.get_metric_history(self.run_id, key) if self.run_id else []
@@ -246,26 +243,42 @@ def trial_trainable() -> type:
                     self.reported = point.step
                     return self.result | {self.options.metric: point.value, "step": point.step, "final": False}
                 time.sleep(POLL_SECONDS)
-            if self.process and self.command(self.run, self.output(), self.process.returncode):
+            if self.process and self.succeeded(self.run, self.process):
                 cache = [] if self.options.remote else ["--no-cache"]
-                if self.command(["dvc", "exp", "push", "--force", *cache, "origin", self.experiment]):
+                if self.succeeded(["dvc", "exp", "push", "--force", *cache, "origin", self.experiment]):
                     metrics = json.loads((self.workdir / "metrics/metrics.json").read_text())
                     self.result[self.options.metric] = metrics[self.options.metric]
-                    record_restored_trial(self.client, self.options, self.workdir, self.experiment, self.run_tags)
+                    self.record_restored_run()
             return self.result | {"step": self.last_step, "final": True, "done": True}
 
-        def output(self) -> str:
-            self.log.seek(0)
-            return self.log.read()
+        def record_restored_run(self) -> None:
+            """Give a trial that DVC restored from its run cache its run, copied from the run that trained it."""
+            if trial_run(self.client, self.options, self.trial_id, "and attributes.status = 'FINISHED'"):
+                return
+            digest = record.sha256((self.workdir / "models" / "test_probabilities.npy").read_bytes())
+            uri, experiment_id = self.options.env["MLFLOW_TRACKING_URI"], self.options.experiment_id
+            earlier = record.find_training_run(self.client, experiment_id, digest, uri)
+            # Not the pipeline's own tags: the output digests must keep leading to the run that holds the outputs.
+            kept = {
+                k: v for k, v in earlier.data.tags.items() if k.split(".")[0] not in ("mlflow", "sweep", "pipeline")
+            }
+            run_tags = {**kept, **tags.git_info(self.workdir), **self.run_tags, "dvc.experiment": self.experiment}
+            run_tags[RESTORED_TAG] = earlier.info.run_id
+            run_id = self.client.create_run(experiment_id, run_name=earlier.info.run_name, tags=run_tags).info.run_id
+            now, final = record.timestamp_ms(), earlier.data.metrics.items()
+            metrics = [
+                Metric(key, value, now, 0) for key, value in final if not key.startswith(record.RUN_OWN_PREFIXES)
+            ]
+            self.client.log_batch(run_id, metrics, [Param(key, value) for key, value in earlier.data.params.items()])
+            self.client.set_terminated(run_id, "FINISHED")
 
         def cleanup(self) -> None:  # after the last step, or when Ray stops the trial (the scheduler, a Ctrl-C)
             # Stopped as Ctrl-C would stop it: its stage ends its MLflow run and leaves no half output.
             if self.process and self.process.poll() is None:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    pipeline = psutil.Process(self.process.pid)
-                    for process in [*pipeline.children(recursive=True), pipeline]:
-                        with contextlib.suppress(psutil.NoSuchProcess):
-                            process.send_signal(signal.SIGINT)
+                pipeline = psutil.Process(self.process.pid)  # not yet reaped: it exists, if only as a zombie
+                for process in [*pipeline.children(recursive=True), pipeline]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.send_signal(signal.SIGINT)
                 try:
                     self.process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
@@ -276,41 +289,20 @@ def trial_trainable() -> type:
     return Trial
 
 
-def record_restored_trial(client: Any, setup: TrialSetup, workdir: Path, experiment: str, run_tags: dict) -> None:
-    """Give a trial that DVC restored from its run cache its run, copied from the run that trained it."""
-    from mlflow.entities import Metric, Param
-
-    own = f"tags.`{PARENT_TAG}` = '{run_tags[PARENT_TAG]}' and tags.`{TRIAL_TAG}` = '{run_tags[TRIAL_TAG]}'"
-    if client.search_runs([setup.experiment_id], f"{own} and attributes.status = 'FINISHED'", max_results=1):
-        return
-    digest = record.sha256((workdir / "models" / "test_probabilities.npy").read_bytes())
-    earlier = record.find_training_run(client, setup.experiment_id, digest, setup.env["MLFLOW_TRACKING_URI"])
-    # Not the pipeline's own tags: the output digests must keep leading to the run that holds the outputs.
-    kept = {k: v for k, v in earlier.data.tags.items() if k.split(".")[0] not in ("mlflow", "sweep", "pipeline")}
-    run_tags = {**kept, **tags.git_info(workdir), **run_tags, "dvc.experiment": experiment}
-    run_tags[RESTORED_TAG] = earlier.info.run_id
-    run_id = client.create_run(setup.experiment_id, run_name=earlier.info.run_name, tags=run_tags).info.run_id
-    now, final = record.timestamp_ms(), earlier.data.metrics.items()
-    metrics = [Metric(key, value, now, 0) for key, value in final if not key.startswith(record.RUN_OWN_PREFIXES)]
-    client.log_batch(run_id, metrics, [Param(key, value) for key, value in earlier.data.params.items()])
-    client.set_terminated(run_id, "FINISHED")
+def stopped_early(metrics: Mapping[str, Any]) -> str:
+    """Why the scheduler stopped this trial (Ray marks its last, intermediate result done), else ""."""
+    stopped = metrics.get("done") and metrics.get("final") is False
+    return f"stopped early by the scheduler at step {metrics['step']}" if stopped else ""
 
 
-def stopped_step(metrics: Mapping[str, Any]) -> int | None:
-    """The step at which the scheduler stopped this trial (Ray marks its last result done), else None."""
-    return metrics["step"] if metrics.get("done") and metrics.get("final") is False else None
-
-
-def mark_stopped(client: Any, experiment_id: str, parent_run_id: str, experiment: str, step: int) -> None:
+def mark_stopped(client: Any, setup: TrialSetup, experiment: str, reason: str) -> None:
     """A stopped trial's run ends KILLED (its interrupted stage said FAILED) and says why; its history stays."""
     deadline, trial = time.monotonic() + 60, experiment.rpartition("-")[2]
     # Ray returns before the last stopped trial's stage has ended its run, which would then overwrite the status.
-    while (found := trial_run(client, experiment_id, parent_run_id, trial)) and found.info.status == "RUNNING":
-        if time.monotonic() > deadline:
-            break
+    while (found := trial_run(client, setup, trial)) and found.info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(POLL_SECONDS)
     if found:
-        client.set_tag(found.info.run_id, STOPPED_TAG, f"stopped early by the scheduler at step {step}")
+        client.set_tag(found.info.run_id, STOPPED_TAG, reason)
         client.set_terminated(found.info.run_id, "KILLED")
 
 
@@ -321,8 +313,7 @@ def ranking(results: list[Any], sweep: Sweep) -> Any:
     def row(result: Any) -> dict[str, Any]:
         metrics, config = result.metrics or {}, result.config or {}
         error = result.error and f"error: {store.short(str(result.error).splitlines()[-1])}"
-        stopped = (step := stopped_step(metrics)) is not None and f"stopped early by the scheduler at step {step}"
-        status = error or (f"failed: {metrics['error']}" if metrics.get("error") else stopped or "ok")
+        status = error or (f"failed: {metrics['error']}" if metrics.get("error") else stopped_early(metrics) or "ok")
         cells = {key: config.get(key) for key in sweep.parameters} | {sweep.metric: metrics.get(sweep.metric, math.nan)}
         return cells | {key: metrics.get(key, "-") for key in ("experiment", "node")} | {"status": status}
 
@@ -358,12 +349,14 @@ def cluster_problems(uri: str, root: Path) -> list[str]:
 
 def start_ray(address: str) -> Any:
     """Join the cluster at ``address``, or start Ray on this machine, again if its start-up timed out."""
-    if address:
-        for key, value in RAY_JOIN_SETTINGS.items():  # before Ray's import, which reads some of them
-            os.environ.setdefault(key, value)
+    if address:  # Set before Ray's import, which reads some of them.
+        # One join attempt (Ray's default: 20 of about 36 s each), so that a wrong --address fails in about 15 s.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
+        os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "2")
+        os.environ.setdefault("RAY_py_gcs_connect_timeout_s", "10")
     import ray
 
-    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+    for attempts_left in (2, 1, 0):  # Ray gives its agents 15 s to start, which a loaded machine can miss.
         try:
             # Trials report through their results; the workers' output adds only the noise of their stopping.
             return ray.init(address or None, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -372,7 +365,7 @@ def start_ray(address: str) -> Any:
             # A node that failed to start leaves its other processes running as this process's children.
             for child in psutil.Process().children(recursive=True):
                 child.kill()
-            if attempt == RAY_START_ATTEMPTS or "timed out" not in str(error):
+            if not attempts_left or "timed out" not in str(error):
                 where = f"the Ray cluster at {address}" if address else "Ray on this machine"
                 raise PipelineError(f"could not start or join {where}: {store.short(str(error))}") from None
 
@@ -471,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ended = [result for result in results if result.error or (result.metrics or {}).get("done")]
         status = "FINISHED" if len(ended) >= sweep.total else "KILLED"
         for result in ended:
-            if (step := stopped_step(result.metrics)) is not None:
-                mark_stopped(client, experiment_id, parent_run_id, result.metrics["experiment"], step)
+            if reason := stopped_early(result.metrics):
+                mark_stopped(client, setup, result.metrics["experiment"], reason)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
