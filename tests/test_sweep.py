@@ -41,7 +41,6 @@ pytestmark = pytest.mark.xdist_group("ray")
 
 PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}}
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENT = "mnist-softmax"
 GRID = {"train.learning_rate": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [10, 20]}}
 PASSWORD = secrets.token_hex(8)  # in a tracking URI: never to be printed or kept
 HOPELESS = [1e-9, 2e-9, 3e-9, 4e-9, 5e-9, 6e-9, 7e-9]  # learning rates at which the softmax learns nothing
@@ -232,12 +231,11 @@ def test_a_bad_sweep_file_or_store_fails_before_ray_is_touched(tmp_path, argumen
 def runs(url: str, query: str = "") -> list:
     from mlflow import MlflowClient
 
-    experiment = MlflowClient(url).get_experiment_by_name(EXPERIMENT)
+    experiment = MlflowClient(url).get_experiment_by_name("mnist-softmax")
     return [] if experiment is None else MlflowClient(url).search_runs([experiment.experiment_id], query)
 
 
 def sweep_runs(url: str, name: str) -> tuple[Any, list]:
-    """The run of the sweep ``name`` and its trials' runs."""
     (parent,) = runs(url, f"tags.`sweep.name` = '{name}' and tags.`mlflow.runName` LIKE 'sweep %'")
     return parent, runs(url, f"tags.`{sweep.PARENT_TAG}` = '{parent.info.run_id}'")
 
@@ -255,7 +253,6 @@ def completed(output: str) -> list[str]:
 
 
 def processes_whose_environment_has(text: str) -> list[int]:
-    """Every process with ``text`` in one of its environment variables (processes inherit them)."""
     found = []
     for process in psutil.process_iter(["environ"], ad_value=None):
         if any(text in f"{name}={value}" for name, value in (process.info["environ"] or {}).items()):
@@ -277,30 +274,26 @@ def committed_sweep(directory: Path, name: str, **env: str) -> Project:
 
 
 @contextlib.contextmanager
-def sweep_in_background(project: Project, log: Path, *args: str) -> Iterator[subprocess.Popen]:
-    """The sweep started as a terminal would, in its own process group; waited for after the block."""
+def sweep_in_background(project: Project, log: Path, until: Callable[[], Any], *args: str) -> Iterator[tuple]:
+    """The sweep started as a terminal would, in its own process group, and the first true value of ``until()``
+    while it runs (failing if it ends first); waited for after the block."""
     command = [str(VENV_BIN / "mnist-sweep"), "sweep.yaml", *args]
     with open(log, "w") as output:
         process = subprocess.Popen(
             command, cwd=project.root, env=project.env, stdout=output, stderr=output, start_new_session=True
         )
     try:
-        yield process
+        deadline, value = time.monotonic() + 900, None
+        while process.poll() is None and time.monotonic() < deadline and not (value := until()):
+            time.sleep(1)
+        if not value:
+            pytest.fail(f"the sweep ended (or ran 15 minutes) before the awaited moment:\n{log.read_text()[-4000:]}")
+        yield process, value
         process.wait(timeout=600)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-
-def wait_until(found: Callable[[], Any], process: subprocess.Popen, log: Path) -> Any:
-    """The first true value of ``found()`` while the sweep runs; fails if the sweep ends first."""
-    deadline = time.monotonic() + 900
-    while process.poll() is None and time.monotonic() < deadline:
-        if value := found():
-            return value
-        time.sleep(1)
-    pytest.fail(f"the sweep ended (or ran 15 minutes) before the moment the test waits for:\n{log.read_text()[-4000:]}")
 
 
 def check_experiments(project: Project, trials: list, name: str) -> None:
@@ -323,8 +316,7 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
 
     # Ctrl-C (to the whole process group) after the first trial: a short message, nothing left RUNNING.
     log = tmp_path / "interrupted.log"
-    with sweep_in_background(project, log) as process:
-        wait_until(lambda: completed(log.read_text()), process, log)
+    with sweep_in_background(project, log, lambda: completed(log.read_text())) as (process, _):
         os.killpg(process.pid, signal.SIGINT)
     interrupted = log.read_text()
     assert process.returncode == 130 and "interrupted" in interrupted and "Traceback" not in interrupted, interrupted
@@ -530,8 +522,8 @@ def test_a_sweep_on_a_two_node_cluster_survives_a_killed_worker(tmp_path, mlflow
 
     # Kill the worker node outright while it runs a trial, after the scheduler stopped one there.
     log = tmp_path / "sweep.log"
-    with sweep_in_background(project, log, "--address", address) as process:
-        killed_run = wait_until(early_trial_on_the_worker_after_a_stop, process, log)
+    sweeping = sweep_in_background(project, log, early_trial_on_the_worker_after_a_stop, "--address", address)
+    with sweeping as (process, killed_run):
         kill_node("worker")
     assert process.returncode == 0, log.read_text()[-4000:]
 
