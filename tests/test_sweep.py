@@ -29,7 +29,7 @@ from conftest import with_credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from idx_fixtures import write_digests, write_idx
-from pipeline_project import VENV_BIN, Project, base_env, free_port, make_project
+from pipeline_project import ROOT, VENV_BIN, Project, base_env, free_port, make_project
 from test_tracking_server import FakeServer, mlflow_server, postgres  # noqa: F401  (fixtures)
 
 from pipeline import score, sweep
@@ -40,7 +40,6 @@ from pipeline.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 pytestmark = pytest.mark.xdist_group("ray")
 
 PARAMS = {"train": {"learning_rate": 0.003, "batch_size": 100, "seed": 0}}
-ROOT = Path(__file__).resolve().parents[1]
 GRID = {"train.learning_rate": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [10, 20]}}
 PASSWORD = secrets.token_hex(8)  # in a tracking URI: never to be printed or kept
 HOPELESS = [1e-9, 2e-9, 3e-9, 4e-9, 5e-9, 6e-9, 7e-9]  # learning rates at which the softmax learns nothing
