@@ -90,20 +90,19 @@ def current_metrics() -> tuple[Metrics, dict[str, Any]]:
     return {path: flatten(entry["data"]) for path, entry in shown.items()}, environment
 
 
-def recorded_environment(metrics: Metrics) -> dict[str, Any]:
-    """train.json's [name, value] pairs, or ``environment.*`` keys (an older train.json's object, champion tags)."""
+def recorded_environment(metrics: dict[str, Any]) -> dict[str, Any]:
+    """train.json's ``environment``: [name, value] pairs, a list DVC's tables leave out."""
     found: dict[str, Any] = {}
     for names in metrics.values():
-        found |= {key[12:]: value for key, value in names.items() if key.startswith("environment.")}
-        with contextlib.suppress(TypeError, ValueError):  # Not [name, value] pairs: no environment.
+        with contextlib.suppress(AttributeError, TypeError, ValueError):  # Not [name, value] pairs: no environment.
             found |= dict(names.get("environment") or ())
     return found
 
 
 def environment_at(commit: str | None) -> dict[str, Any]:
-    """The environment the metrics files record at ``commit`` (None: the workspace), a list DVC's tables leave out."""
+    """The environment the metrics files record at ``commit`` (None: the workspace)."""
     root, declared = dvc_yaml()
-    recorded: Metrics = {}
+    recorded = {}
     for path in metrics_files(declared):
         try:
             text = git("-C", str(root), "show", f"{commit}:./{path}") if commit else files.read_bytes(root / path)
@@ -111,8 +110,8 @@ def environment_at(commit: str | None) -> dict[str, Any]:
             continue  # DVC says so, as it reads the metrics themselves.
         except OSError as problem:
             raise CheckError(f"cannot read the current metrics: {path}: {problem}.") from None
-        with contextlib.suppress(ValueError, RecursionError, AttributeError):  # DVC reports a broken file.
-            recorded[path] = flatten(json.loads(text or "{}"))
+        with contextlib.suppress(ValueError, RecursionError):  # DVC reports a broken file.
+            recorded[path] = json.loads(text or "{}")
     return recorded_environment(recorded)
 
 

@@ -59,7 +59,10 @@ def test_the_champion_gate_from_a_first_model_to_a_champion_without_metrics(repr
     code, output = gate(project, "--champion", "--promote")
     assert code == 0 and "version 1 already is the champion" in output, output
 
-    # A regression is compared with the champion, also from a store restored without its artifact folder.
+    # A regression is compared with the champion, also from a store restored without its artifact folder; the
+    # environment the champion's run recorded (env.* tags) is compared with the workspace's.
+    first_version = store.get_model_version(NAME, "1")
+    store.set_tag(first_version.run_id, "env.python", "2.7.18")
     project.set_params(train=REGRESSION)
     project.dvc("repro", timeout=900)
     regression = gate(project, "--champion", "--promote")
@@ -73,10 +76,10 @@ def test_the_champion_gate_from_a_first_model_to_a_champion_without_metrics(repr
         assert code == 1, output
         assert f"against models:/{NAME}@champion (version 1," in output and "no baseline" not in output
         assert "broke their rules (test_cross_entropy)" in output and "Not promoted" in output
+        assert "Environment differs from the baseline's: python 2.7.18 → 3." in output
 
     # A champion registered by the old pipeline for the first model's file, whose run holds no
     # metrics (report was restored from DVC's cache).
-    first_version = store.get_model_version(NAME, "1")
     bare = store.create_run(store.get_run(first_version.run_id).info.experiment_id, run_name="old pipeline")
     store.set_terminated(bare.info.run_id)
     old = store.create_model_version(NAME, first_version.source, run_id=bare.info.run_id, tags=first_version.tags)
