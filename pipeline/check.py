@@ -70,11 +70,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def metrics_files(declared: dict[str, Any]) -> list[str]:
-    entries = (entry for stage in declared.get("stages", {}).values() for entry in stage.get("metrics", []))
-    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-
-
 def current_metrics() -> tuple[Metrics, dict[str, Any]]:
     """The workspace's metrics, as DVC shows them, and the environment they record."""
     environment = environment_at(None)  # First: its bounded reads spare DVC a FIFO, on which it would wait forever.
@@ -103,7 +98,8 @@ def environment_at(commit: str | None) -> dict[str, Any]:
     """The environment the metrics files record at ``commit`` (None: the workspace)."""
     root, declared = dvc_yaml()
     recorded = {}
-    for path in metrics_files(declared):
+    entries = (entry for stage in declared.get("stages", {}).values() for entry in stage.get("metrics", []))
+    for path in (entry if isinstance(entry, str) else next(iter(entry)) for entry in entries):
         try:
             text = git("-C", str(root), "show", f"{commit}:./{path}") if commit else files.read_bytes(root / path)
         except FileNotFoundError:

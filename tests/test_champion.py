@@ -36,8 +36,8 @@ def versions(project) -> list[str]:
     return sorted((str(v.version) for v in client(project).search_model_versions(f"name = '{NAME}'")), key=int)
 
 
-def test_the_champion_gate_from_a_first_model_to_a_champion_without_metrics(reproduced_template, tmp_path):
-    project = reproduced_template.copy_to(tmp_path / "champion")
+def test_the_champion_gate_from_a_first_model_to_a_champion_without_metrics(reproduced_project):
+    project = reproduced_project
     rules = project.root / "check.yaml"  # No stage reads it: the outputs stay up to date.
     rules.write_text(json.dumps(yaml.safe_load(rules.read_text()) | NO_FLOOR))
     project.commit("First model")
