@@ -209,7 +209,7 @@ def repo(gate_template, tmp_path) -> Project:
 
 def gate(project: Project, *args: str, cwd: Path | None = None, **env: str):
     result = project.run(
-        sys.executable, "-m", "pipeline.check", *args, env=env, check=False, cwd=cwd or project.root, timeout=120
+        sys.executable, "-m", "pipeline.check", *args, env=env, check=False, cwd=cwd or project.root, timeout=300
     )
     result.text = " ".join((result.stdout + result.stderr).split())  # type: ignore[attr-defined]
     return result

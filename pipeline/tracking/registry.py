@@ -92,8 +92,7 @@ class Registry:
 
     @classmethod
     def open(cls) -> Registry:
-        tracking = tracking_settings()
-        uri = store.tracking_uri(tracking.uri, store.store_root())
+        uri = store.tracking_uri(tracking_settings().uri, store.store_root())
         store.check_reachable(uri)
         store.require_existing(uri)
         import mlflow
