@@ -70,11 +70,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def metrics_files(declared: dict[str, Any]) -> list[str]:
-    entries = (entry for stage in declared.get("stages", {}).values() for entry in stage.get("metrics", []))
-    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-
-
 def current_metrics() -> tuple[Metrics, dict[str, Any]]:
     """The workspace's metrics, as DVC shows them, and the environment they record."""
     environment = environment_at(None)  # First: its bounded reads spare DVC a FIFO, on which it would wait forever.
@@ -90,29 +85,29 @@ def current_metrics() -> tuple[Metrics, dict[str, Any]]:
     return {path: flatten(entry["data"]) for path, entry in shown.items()}, environment
 
 
-def recorded_environment(metrics: Metrics) -> dict[str, Any]:
-    """train.json's [name, value] pairs, or ``environment.*`` keys (an older train.json's object, champion tags)."""
+def recorded_environment(metrics: dict[str, Any]) -> dict[str, Any]:
+    """train.json's ``environment``: [name, value] pairs, a list DVC's tables leave out."""
     found: dict[str, Any] = {}
     for names in metrics.values():
-        found |= {key[12:]: value for key, value in names.items() if key.startswith("environment.")}
-        with contextlib.suppress(TypeError, ValueError):  # Not [name, value] pairs: no environment.
+        with contextlib.suppress(AttributeError, TypeError, ValueError):  # Not [name, value] pairs: no environment.
             found |= dict(names.get("environment") or ())
     return found
 
 
 def environment_at(commit: str | None) -> dict[str, Any]:
-    """The environment the metrics files record at ``commit`` (None: the workspace), a list DVC's tables leave out."""
+    """The environment the metrics files record at ``commit`` (None: the workspace)."""
     root, declared = dvc_yaml()
-    recorded: Metrics = {}
-    for path in metrics_files(declared):
+    recorded = {}
+    entries = (entry for stage in declared.get("stages", {}).values() for entry in stage.get("metrics", []))
+    for path in (entry if isinstance(entry, str) else next(iter(entry)) for entry in entries):
         try:
             text = git("-C", str(root), "show", f"{commit}:./{path}") if commit else files.read_bytes(root / path)
         except FileNotFoundError:
             continue  # DVC says so, as it reads the metrics themselves.
         except OSError as problem:
             raise CheckError(f"cannot read the current metrics: {path}: {problem}.") from None
-        with contextlib.suppress(ValueError, RecursionError, AttributeError):  # DVC reports a broken file.
-            recorded[path] = flatten(json.loads(text or "{}"))
+        with contextlib.suppress(ValueError, RecursionError):  # DVC reports a broken file.
+            recorded[path] = json.loads(text or "{}")
     return recorded_environment(recorded)
 
 

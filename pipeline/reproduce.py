@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = dvc_json(f"the metrics at {rev}", "metrics", "diff", "--all", commit)[0]
     committed, current = git("show", f"{commit}:{PREDICTIONS}"), Path(PREDICTIONS)
     predictions = changed_predictions(committed, current.read_text()) if committed and current.is_file() else None
-    # train.json's environment, which the diff leaves out (no numbers), joins it last, so that it replaces the
-    # environment.* strings of an older train.json.
+    # train.json's environment, a list the diff leaves out, joins it.
     was, now = environment_at(commit), environment_at(None)
     diff["environment"] = {f"environment.{key}": {"old": was.get(key), "new": now.get(key)} for key in {**was, **now}}
     code, message = verdict(lock_differences(committed_lock, current_lock), diff, predictions)

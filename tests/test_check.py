@@ -68,11 +68,6 @@ def test_a_rule_allows_max_worsening_and_holds_floor_and_ceiling(old, new, rule,
     assert row["note"] == ("no baseline" if old is None else None)
 
 
-def test_a_change_too_large_to_compute_is_bad_input():
-    with pytest.raises(CheckError, match="the change in x from -1e.308 to 1e.308 is too large to compute"):
-        check.check("x", -1e308, 1e308, LOWER, "")
-
-
 CLASH = {"metrics/metrics.json": {"test_accuracy": 0.9213}, "metrics/train.json": {"test_accuracy": 0.5}}
 
 
@@ -120,6 +115,8 @@ def test_a_rule_finds_its_metric_in_any_file_or_the_one_it_names():
     named = "metrics/train.json:test_accuracy"
     assert check.values(CLASH, {named: SCORE}, "x", True) == {named: 0.5}
     assert check.values(flat({"loss": 1e300}), {"loss": LOSS}, "x", True) == {"loss": 1e300}
+    with pytest.raises(CheckError, match="the change in x from -1e.308 to 1e.308 is too large to compute"):
+        check.check("x", -1e308, 1e308, LOWER, "")
 
 
 @pytest.mark.parametrize(
@@ -136,13 +133,6 @@ def test_the_environment_line_names_what_differs(old, new, line):
     assert environment_difference(ENVIRONMENT | old, ENVIRONMENT | new) == expected
     # An older baseline, from before train recorded its environment, has none to compare.
     assert environment_difference({}, ENVIRONMENT | new) is None
-
-
-def test_the_environment_is_read_as_pairs_as_an_older_object_or_as_the_champion_tags():
-    pairs = flat(BASE) | flat(TRAIN, "metrics/train.json")
-    older = flat(TRAIN | {"environment": ENVIRONMENT}, "metrics/train.json")
-    tags = {"registry": BASE | {f"environment.{name}": value for name, value in ENVIRONMENT.items()}}
-    assert [check.recorded_environment(metrics) for metrics in (pairs, older, tags)] == [ENVIRONMENT] * 3
 
 
 PROMOTED = {"model": "mnist-softmax", "version": "3", "previous": "1", "promoted": True, "reason": None}
@@ -219,7 +209,7 @@ def repo(gate_template, tmp_path) -> Project:
 
 def gate(project: Project, *args: str, cwd: Path | None = None, **env: str):
     result = project.run(
-        sys.executable, "-m", "pipeline.check", *args, env=env, check=False, cwd=cwd or project.root, timeout=120
+        sys.executable, "-m", "pipeline.check", *args, env=env, check=False, cwd=cwd or project.root, timeout=300
     )
     result.text = " ".join((result.stdout + result.stderr).split())  # type: ignore[attr-defined]
     return result
@@ -242,8 +232,7 @@ def baseline_file(project: Project, baseline: dict, current: dict = BASE) -> Non
 
 PASSED = "### ✅ Metric check passed: 3 of 3 metrics within their rules"
 BEST = BASE | {"test_accuracy": 0.99}
-# The environment as an older train.json had it.
-OTHER_TENSORFLOW = BASE | TRAIN | {"environment": ENVIRONMENT | {"tensorflow": "2.22.0"}}
+OTHER_TENSORFLOW = BASE | {"environment": sorted((ENVIRONMENT | {"tensorflow": "2.22.0"}).items())}
 FELL = BASE | {"test_accuracy": 0.95}
 FILE = ["--baseline-file", "b.json"]
 METRICS = "metrics/metrics.json"
@@ -345,7 +334,7 @@ def test_the_verdict_or_bad_input(repo, setup, args, code, phrases):
 
 def test_the_json_report_of_uncommitted_metrics_from_a_subdirectory(repo):
     merge_base = repo.git("rev-parse", "main")
-    write_metrics(repo, WORSE, TRAIN | {"environment": ENVIRONMENT | {"numpy": "2.2.0"}})
+    write_metrics(repo, WORSE, TRAIN | {"environment": sorted((ENVIRONMENT | {"numpy": "2.2.0"}).items())})
     # Uncommitted, as dvc repro leaves them; and from a subdirectory, where DVC still finds them.
     result = gate(repo, "--json", "--rules", "../check.yaml", cwd=repo.root / "metrics")
     report = json.loads(result.stdout, parse_constant=pytest.fail)
@@ -452,8 +441,9 @@ WORKFLOW = yaml.safe_load((ROOT / ".github/workflows/metrics-gate.yml").read_tex
 JOB = WORKFLOW["jobs"]["metrics-gate"]
 
 
-def test_the_workflow_gates_pull_requests_and_promotes_on_main():
-    """What the next test, which runs the gate step, cannot see."""
+@pytest.mark.parametrize(("metrics", "code"), [(BETTER, 0), (WORSE, 1)])
+def test_the_workflow_gates_pull_requests_and_promotes_on_main(repo, tmp_path, metrics, code):
+    """Its gate step run in a clone whose pull-request branch has no local main, as actions/checkout leaves it."""
     assert "pull_request" in WORKFLOW[True] and WORKFLOW[True]["push"] == {"branches": ["main"]}  # YAML 1.1: on → True
     steps = {step.get("uses", step.get("run", "")).split("@")[0]: step for step in JOB["steps"]}
     assert list(steps).index("actions/cache") < list(steps).index("uv run --locked dvc repro")
@@ -465,15 +455,10 @@ def test_the_workflow_gates_pull_requests_and_promotes_on_main():
     assert "--champion --promote" in promote_step["run"]
     assert not any("continue-on-error" in step for step in (gate_step, promote_step))
     assert JOB["env"]["MLFLOW_TRACKING_PASSWORD"] == "${{ secrets.MLFLOW_TRACKING_PASSWORD }}"
-
-
-@pytest.mark.parametrize(("metrics", "code"), [(BETTER, 0), (WORSE, 1)])
-def test_the_workflow_gate_step_on_a_pull_request(repo, tmp_path, metrics, code):
-    """In a clone whose pull-request branch has no local main, as actions/checkout leaves it."""
     repo.git("clone", "-q", "-b", "feature", str(repo.root), str(tmp_path / "checkout"))
     project = Project(tmp_path / "checkout", {**repo.env, "PYTHONPATH": str(tmp_path / "checkout"), "BASE_REF": "main"})
     write_metrics(project, metrics)  # As `dvc repro` leaves them, uncommitted.
-    script = JOB["steps"][-2]["run"].replace("uv run --locked python", sys.executable)
+    script = gate_step["run"].replace("uv run --locked python", sys.executable)
     summary = tmp_path / "summary.md"
     result = project.run("bash", "-e", "-c", script, env={"GITHUB_STEP_SUMMARY": str(summary)}, check=False)
     head = f"### {'❌ Metric check failed' if code else '✅ Metric check passed'}"

@@ -92,8 +92,7 @@ class Registry:
 
     @classmethod
     def open(cls) -> Registry:
-        tracking = tracking_settings()
-        uri = store.tracking_uri(tracking.uri, store.store_root())
+        uri = store.tracking_uri(tracking_settings().uri, store.store_root())
         store.check_reachable(uri)
         store.require_existing(uri)
         import mlflow
@@ -123,14 +122,14 @@ class Registry:
         return run.data.metrics, run
 
     def champion(self, rules: Mapping) -> tuple[str, dict[str, Any] | None, str]:
-        """The champion's label, its recorded metrics and environment (``env.*`` tags), or why there are none."""
+        """The champion's label, recorded metrics and environment (``env.*`` tags as pairs), or why there are none."""
         with self.access():
             if (version := version_by_alias(self.client, self.name, CHAMPION)) is None:
                 return alias_uri(self.name, CHAMPION), None, f"{self.name} has no champion yet in {redact(self.uri)}"
             metrics, run = self.recorded(version, f"the champion, version {version.version} of {self.name}", rules)
-        environment = {f"environment.{key[4:]}": v for key, v in run.data.tags.items() if key.startswith("env.")}
+        environment = [[key[4:], value] for key, value in run.data.tags.items() if key.startswith("env.")]
         label = f"{alias_uri(self.name, CHAMPION)} (version {version.version}, run {str(version.run_id)[:7]})"
-        return label, metrics | environment, ""
+        return label, metrics | {"environment": environment}, ""
 
     def promote_file(self, path: Path, rules: Mapping, refused: bool) -> dict[str, Any]:
         """Make ``path``'s version the champion unless ``refused``; the former one ``previous`` (moved first)."""
