@@ -1,6 +1,5 @@
-"""params.yaml (what changes results), the gate's rules (check.yaml) and the environment's settings (docs/tracking.md,
-"Settings": credentials stay out of git), checked into typed pydantic objects before any heavy import, every problem
-named at once."""
+"""params.yaml (what changes results), the gate's rules (check.yaml) and the settings from the environment (credentials
+stay out of git: docs/tracking.md), checked into pydantic objects before any heavy import, every problem at once."""
 
 from __future__ import annotations
 
