@@ -224,7 +224,8 @@ def bench_stage(bench: Bench) -> list[Row]:
             for row in (stage, predict, *imports.values()):
                 row.reference.append(reference)
         elif kind in imports:
-            command = [sys.executable, "-c", f"import {kind}"]
+            # gc.freeze() as pipeline.cli.run does: Python's last collection would walk every TensorFlow object.
+            command = [sys.executable, "-c", f"import gc, {kind}; gc.freeze()"]
             imports[kind].ours.append(bench.run(f"import {kind}", command, project.root, project.env)[0])
         else:
             command = [VENV_BIN / "mnist-predict", "--model", "models/model.keras", image]
