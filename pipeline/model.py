@@ -20,9 +20,6 @@ from keras import layers
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS, PERCENTILES, PIXEL_SCALE, scale_pixels
 from pipeline.params import MODEL_THREADS
 
-# Dense and convolution biases, and batch norm's offsets, which take their place in script 4.2.
-BIAS_NAMES = ("bias", "beta")
-
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class PhiloxDropout(layers.Dropout):
@@ -192,9 +189,10 @@ def save_model(model: keras.Model, path: Path) -> None:
 
 
 def parameter_groups(model: keras.Model) -> tuple[list, list]:
-    """The weights (trainable variables of two or more dimensions) and the biases (named in BIAS_NAMES)."""
+    """The weights (trainable variables of two or more dimensions) and the biases: dense and convolution biases, and
+    batch norm's offsets, which take their place in script 4.2."""
     variables = model.trainable_variables
-    return [v for v in variables if len(v.shape) >= 2], [v for v in variables if v.name in BIAS_NAMES]
+    return [v for v in variables if len(v.shape) >= 2], [v for v in variables if v.name in ("bias", "beta")]
 
 
 def percentiles_graph(variables: list) -> tf.Tensor:

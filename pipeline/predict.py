@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline import files
 from pipeline.cli import PipelineError, format_error, native_stderr_silenced, redact, run
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS
+from pipeline.params import tracking_settings
+from pipeline.tracking import registry, store
 
 STDIN = "-"
 # MNIST's digits were scaled to fit a 20×20 box, then centred by mass at this pixel (row, column).
@@ -127,15 +129,11 @@ def load_mlflow_model(model: str | None):
     import mlflow
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    from pipeline.params import tracking_settings
-    from pipeline.tracking import registry, store
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # Its notes (downloading artifacts) are no answers.
-    settings = tracking_settings()
     # The store of the project around the current folder, else of the clone this package is installed from.
     roots = (store.store_root(), store.project_root(Path(__file__).parent))
     root = next((root for root in roots if (root / "dvc.yaml").exists()), roots[0])
-    uri = store.tracking_uri(settings.uri, root)
+    uri = store.tracking_uri(tracking_settings().uri, root)
     store.check_reachable(uri)
     store.require_existing(uri)
     mlflow.set_tracking_uri(uri)
@@ -157,13 +155,7 @@ def load_mlflow_model(model: str | None):
         loaded = mlflow.pyfunc.load_model(registry.version_uri(*found) if len(found) == 2 else wanted)
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise PipelineError(f"cannot load the model {wanted} from {redact(uri)}: {store.short(str(error))}") from None
-
-    def predict(pixels: np.ndarray) -> np.ndarray:
-        answers = loaded.predict(pixels)
-        # Versions logged before pipeline.serving answer with the bare probabilities.
-        return np.array([answer["probabilities"] for answer in answers] if isinstance(answers, list) else answers)
-
-    return predict, described
+    return (lambda pixels: np.array([answer["probabilities"] for answer in loaded.predict(pixels)])), described
 
 
 def load_predictor(model: str | None):
@@ -185,9 +177,7 @@ def load_predictor(model: str | None):
         loaded = keras.saving.load_model(path)
     # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError, KeyError…).
     except Exception as error:
-        from pipeline.tracking.store import short
-
-        raise PipelineError(f"cannot load the model file {path}: {short(str(error))}") from None
+        raise PipelineError(f"cannot load the model file {path}: {store.short(str(error))}") from None
     inputs, outputs = ([tuple(tensor.shape) for tensor in getattr(loaded, side, [])] for side in ("inputs", "outputs"))
     if [inputs, outputs] != [[(None, NUM_PIXELS)], [(None, NUM_CLASSES)]]:
         raise PipelineError(

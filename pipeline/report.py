@@ -178,9 +178,7 @@ def log_report(client, run, outputs: dict[Path, bytes]) -> None:
             client.log_artifact(run_id, str(lock))
         client.set_tag(run_id, record.REPORT_TAG, digest)
     except (mlflow.exceptions.MlflowException, OSError) as error:
-        raise PipelineError(
-            f"logging the report into MLflow run {run_id} failed: {store.short(str(error))} The stage wrote no output."
-        ) from None
+        raise store.failed(f"logging the report into MLflow run {run_id}", error) from None
     logger.info("logged the report into MLflow run %s", run_id)
 
 

@@ -1,7 +1,6 @@
 """Stage ``train``: fit the model ``train.model`` names as the seed trains it, recording the run in MLflow.
-
-Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and metrics; logs them,
-the per-step history and the gate's metrics to the run, and registers the model."""
+Writes the model (raw 0-255 pixels in), test probabilities, weight maps, histories and metrics; logs them, the
+per-step history and the gate's metrics to the run, and registers the model."""
 
 from __future__ import annotations
 
@@ -164,10 +163,8 @@ def final_metrics(history: History) -> dict[str, float]:
     metrics = {"final_train_accuracy": float(accuracy[-1]), "final_train_cross_entropy_sum": float(cross_entropy[-1])}
     if history.test_steps:
         best = int(np.argmax(history.test_accuracy))  # The figure the author's scripts print and quote.
-        metrics |= {
-            "max_test_accuracy": history.test_accuracy[best],
-            "max_test_accuracy_step": history.test_steps[best],
-        }
+        metrics["max_test_accuracy"] = history.test_accuracy[best]
+        metrics["max_test_accuracy_step"] = history.test_steps[best]
     return metrics
 
 
@@ -219,9 +216,7 @@ def log_to_mlflow(mlflow_run, registered_model, paths, test_images, run_params, 
             version = registry.register(client, registered_model, logged.model_uri, version_tags, description)
         mlflow.set_tag(registry.RUN_VERSION_TAG, registry.version_uri(registered_model, version.version))
     except (mlflow.exceptions.MlflowException, OSError) as error:
-        raise PipelineError(
-            f"logging the model to MLflow run {run_id} failed: {store.short(str(error))} The stage wrote no output."
-        ) from None
+        raise store.failed(f"logging the model to MLflow run {run_id}", error) from None
 
 
 def view_run_line(uri: str, mlflow_run) -> str | None:

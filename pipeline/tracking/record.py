@@ -79,12 +79,11 @@ class TrainingRun:
         return sum(count for _, count in self.pending)
 
     def log_history(self, series: Series, started: float, ended: float) -> None:
-        """Queue a chunk's history (step times interpolated), first waiting while MAX_PENDING_VALUES wait."""
+        """Queue a chunk's history (step times interpolated), first waiting while over MAX_PENDING_VALUES wait."""
         from mlflow.entities import Metric
 
         self.check()
-        while self.pending and (self.pending[0][0].done() or self.pending_values() > MAX_PENDING_VALUES):
-            self._result(self.pending.popleft()[0])
+        self.wait(backlog=MAX_PENDING_VALUES)
         points = []
         for key, (steps, values) in series.items():
             first, last = min(steps, default=0), max(steps, default=0)
@@ -97,8 +96,8 @@ class TrainingRun:
                 (self.writer.submit(self.client.log_batch, self.run_id, batch, synchronous=True), len(batch))
             )
 
-    def wait(self) -> None:
-        while self.pending:
+    def wait(self, backlog: int = 0) -> None:
+        while self.pending and (self.pending[0][0].done() or self.pending_values() > backlog):
             self._result(self.pending.popleft()[0])
 
     def abandon(self, grace: float) -> int:
@@ -123,8 +122,7 @@ class TrainingRun:
             except TimeoutError:
                 self.check()
             except mlflow.exceptions.MlflowException as error:
-                message = f"logging the training history to MLflow failed: {store.short(error.message)}"
-                raise PipelineError(f"{message} The stage wrote no output.") from None
+                raise store.failed("logging the training history to MLflow", error) from None
 
 
 def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> None:
@@ -183,10 +181,8 @@ def training_run(
                 # and the loser hits its unique key; on a second try it finds the dataset and links it.
                 mlflow.log_input(training_data, context="training")
     except mlflow.exceptions.MlflowException as error:
-        raise PipelineError(
-            f"starting a run in the MLflow tracking store {redact(uri)} failed: {store.short(error.message)} "
-            f"{store.fix_hint(uri)} Nothing was trained."
-        ) from None
+        action = f"starting a run in the MLflow tracking store {redact(uri)}"
+        raise store.failed(action, error, f"{store.fix_hint(uri)} Nothing was trained.") from None
     run = TrainingRun(client, active.info.run_id, check)
     try:
         yield run
@@ -207,9 +203,7 @@ def training_run(
     try:
         mlflow.end_run("FINISHED")
     except mlflow.exceptions.MlflowException as error:
-        raise PipelineError(
-            f"ending MLflow run {run.run_id} failed: {store.short(error.message)} The stage wrote no output."
-        ) from None
+        raise store.failed(f"ending MLflow run {run.run_id}", error) from None
 
 
 def find_training_run(client: MlflowClient, experiment_id: str, probabilities_sha256: str, uri: str) -> Run:

@@ -20,11 +20,9 @@ from pipeline.params import TrackingSettings
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-SERVER_CHECK_SECONDS = 5.0  # The first health check's timeout, before any training.
 # SQLite's own 5 s wait for a concurrent writer is short when two trainings share two cores.
 SQLITE_BUSY_SECONDS = 60
 SQLITE_INIT_LOCK_SECONDS = 120
-HEALTH_CHECK_SECONDS = 2.0
 TRACKING_FIX_HINT = "Start or repair the server, fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
 # MLflow 3's UI shows experiments with this tag as model training (runs, charts) rather than GenAI.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -89,7 +87,7 @@ class ServerWatch:
 
     def _watch(self) -> None:
         down_since = None
-        while self.problem is None and not self._stop.wait(HEALTH_CHECK_SECONDS):
+        while self.problem is None and not self._stop.wait(2.0):
             found = server_problem(self.uri, self.settings.request_timeout)
             if found is None:
                 down_since = None
@@ -132,8 +130,8 @@ def fix_hint(uri: str) -> str:
     )
 
 
-def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
-    """Fail fast when a tracking server or a local store's folder cannot be used."""
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when a tracking server or a local store's folder cannot be used."""
     if (found := server_problem(uri, timeout)) is not None:
         kind, why = found
         what = "does not look like an MLflow tracking server:" if kind == "refused" else "cannot be reached:"
@@ -142,21 +140,6 @@ def check_reachable(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> None:
         )
     if (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
         raise PipelineError(f"the MLflow SQLite store {redact(uri)} is in {database.parent}, which does not exist.")
-
-
-def check_artifact_folder(location: str | None) -> None:
-    """Fail before any work when a local store's artifact folder cannot take files."""
-    if location is None:
-        return
-    folder = Path(urlparse(location).path)
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir():
-        problem = f"cannot be created: {existing} is a file, not a folder. Move that file away."
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"cannot take files: {existing} is read-only for this user. Make it writable."
-    else:
-        return
-    raise PipelineError(f"the MLflow artifact folder {folder} {problem} Nothing was trained.")
 
 
 def require_existing(uri: str) -> None:
@@ -171,6 +154,10 @@ def short(message: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def failed(action: str, error: BaseException, outcome: str = "The stage wrote no output.") -> PipelineError:
+    return PipelineError(f"{action} failed: {short(str(error))} {outcome}")
+
+
 def quiet_links(uri: str) -> None:
     """MLflow prints "View run … at <URI>" with the URI's password; not when the URI holds one."""
     if redact(uri) != uri:
@@ -182,8 +169,19 @@ def resolve(settings: TrackingSettings) -> tuple[str, str | None]:
     root = store_root()
     uri = tracking_uri(settings.uri, root)
     check_reachable(uri)
-    location = artifact_location(uri, root)
-    check_artifact_folder(location)
+    if (location := artifact_location(uri, root)) is not None:
+        folder = Path(urlparse(location).path)
+        existing = next(path for path in (folder, *folder.parents) if path.exists())
+        if not existing.is_dir():
+            raise PipelineError(
+                f"the MLflow artifact folder {folder} cannot be created: {existing} is a file, not a folder. "
+                "Move that file away. Nothing was trained."
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PipelineError(
+                f"the MLflow artifact folder {folder} cannot take files: {existing} is read-only for this user. "
+                "Make it writable. Nothing was trained."
+            )
     for key, value in settings.http_environment().items():
         os.environ.setdefault(key, value)
     quiet_links(uri)
@@ -208,8 +206,6 @@ def open_store(uri: str, experiment: str, location: str | None) -> tuple[MlflowC
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # Another run may create it first.
                     client.create_experiment(experiment, location, {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 found = client.get_experiment_by_name(experiment)
-            elif EXPERIMENT_KIND_TAG not in found.tags:
-                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             if found is None:
                 raise mlflow.exceptions.MlflowException(f"the experiment {experiment!r} could not be created")
             return client, found.experiment_id

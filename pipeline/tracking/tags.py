@@ -22,7 +22,6 @@ KERNEL_ISA_FLAGS = (
     *("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16"),
     *("amx_tile", "amx_bf16", "amx_int8"),
 )
-MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
 
 def installed(names: tuple[str, ...]) -> tuple[str, str] | None:
@@ -60,7 +59,7 @@ def environment(root: Path) -> dict[str, str]:
 
 def model_requirements() -> list[str]:
     """Pinned pip requirements for the logged model: the distributions installed from uv.lock."""
-    found = (installed(ENVIRONMENT_PACKAGES[label]) for label in MODEL_PACKAGES)
+    found = (installed(ENVIRONMENT_PACKAGES[label]) for label in ("tensorflow", "keras", "numpy"))
     return [f"{name}=={version}" for name, version in filter(None, found)]
 
 
