@@ -13,10 +13,7 @@ from pipeline.params import MODEL_NAMES
 FIVE_LAYERS = 784 * 200 + 200 + 200 * 100 + 100 + 100 * 60 + 60 + 60 * 30 + 30 + 30 * 10 + 10
 SCRIPT_PARAMETERS = {
     "softmax": 784 * 10 + 10,
-    "five_layers_sigmoid": FIVE_LAYERS,
-    "five_layers_relu": FIVE_LAYERS,
-    "five_layers_relu_lrdecay": FIVE_LAYERS,
-    "five_layers_relu_lrdecay_dropout": FIVE_LAYERS,
+    **{name: FIVE_LAYERS for name in MODEL_NAMES if name.startswith("five_layers")},
     # 3.0: 5x5x1=>4, 5x5x4=>8, 4x4x8=>12, 7*7*12=>200, 200=>10.
     "conv": 5 * 5 * 4 + 4 + 5 * 5 * 4 * 8 + 8 + 4 * 4 * 8 * 12 + 12 + 7 * 7 * 12 * 200 + 200 + 200 * 10 + 10,
     # 3.1: 6x6x1=>6, 5x5x6=>12, 4x4x12=>24, 7*7*24=>200, 200=>10.
