@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 # SQLite's own 5 s wait for a concurrent writer is short when two trainings share two cores.
 SQLITE_BUSY_SECONDS = 60
 SQLITE_INIT_LOCK_SECONDS = 120
-TRACKING_FIX_HINT = "Start or repair the server, fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
 # MLflow 3's UI shows experiments with this tag as model training (runs, charts) rather than GenAI.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -104,7 +103,7 @@ class ServerWatch:
         if self.problem is not None:
             raise PipelineError(
                 f"{self.problem}. The stage stopped and wrote no output. A run the server could not mark FAILED "
-                f"is marked so by the next training against it. {TRACKING_FIX_HINT}"
+                f"is marked so by the next training against it. {fix_hint(self.uri)}"
             )
 
     @contextlib.contextmanager
@@ -123,7 +122,7 @@ class ServerWatch:
 
 def fix_hint(uri: str) -> str:
     if (database := sqlite_path(uri)) is None:
-        return TRACKING_FIX_HINT
+        return "Start or repair the server, fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
     return (
         f"If {database} is damaged, move it aside (with its mlartifacts folder) to start a new store there, or "
         "restore it from a backup; or point MLFLOW_TRACKING_URI at another store."
@@ -136,7 +135,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         kind, why = found
         what = "does not look like an MLflow tracking server:" if kind == "refused" else "cannot be reached:"
         raise PipelineError(
-            f"the MLflow tracking server at {redact(uri)} {what} {why}. {TRACKING_FIX_HINT} Nothing was trained."
+            f"the MLflow tracking server at {redact(uri)} {what} {why}. {fix_hint(uri)} Nothing was trained."
         )
     if (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
         raise PipelineError(f"the MLflow SQLite store {redact(uri)} is in {database.parent}, which does not exist.")
