@@ -12,7 +12,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -219,10 +218,8 @@ def log_to_mlflow(mlflow_run, registered_model, paths, test_images, run_params, 
         raise store.failed(f"logging the model to MLflow run {run_id}", error) from None
 
 
-def view_run_line(uri: str, mlflow_run) -> str | None:
-    """The run's page as ``mlflow ui`` serves a local store, as MLflow itself prints it for a server's runs."""
-    if urlparse(uri).scheme in ("http", "https", "databricks"):
-        return None
+def view_run_line(uri: str, mlflow_run) -> str:
+    """A local store's run page as ``mlflow ui`` serves it, as MLflow itself prints it for a server's runs."""
     run = mlflow_run.client.get_run(mlflow_run.run_id)
     # Where `mlflow ui` serves by default; MLflow 3's UI otherwise opens the GenAI view, without the run's charts.
     page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
@@ -307,8 +304,8 @@ def main() -> None:
         metrics["train_seconds"] = train_seconds  # The run's alone: train.json would change at every rerun.
         paths = [model_path, probabilities_path]
         log_to_mlflow(mlflow_run, registered_model, paths, data["test_images"], run_params, metrics, scores, csv_files)
-    if (line := view_run_line(uri, mlflow_run)) is not None:
-        print(line)
+    if artifact_location is not None:  # A local store.
+        print(view_run_line(uri, mlflow_run))
 
 
 if __name__ == "__main__":
