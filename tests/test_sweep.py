@@ -33,7 +33,7 @@ from pipeline_project import ROOT, VENV_BIN, Project, base_env, free_port, make_
 from test_tracking_server import FakeServer, mlflow_server, postgres  # noqa: F401  (fixtures)
 
 from pipeline import score, sweep
-from pipeline.cli import PipelineError
+from pipeline.cli import MASK, PipelineError
 from pipeline.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 
 # Under `pytest -n 2` the Ray clusters of this module run on one worker, one at a time.
@@ -351,7 +351,7 @@ def test_a_local_sweep_of_four_trials_two_at_a_time(tmp_path, mlflow_server):  #
     assert {"sweep.yaml", "ranking.md", "ranking.json"} <= artifacts
     # The project's workspace is untouched: the trials ran in their own clones.
     assert project.git("status", "--porcelain") == ""
-    assert f"in {url.replace('http://', 'http://user:***@')}" in done.stdout.splitlines()[-1]
+    assert f"in {with_credentials(url, 'user', MASK)}" in done.stdout.splitlines()[-1]
     assert PASSWORD not in interrupted + done.stdout + done.stderr
     state = [path for path in (project.root / ".dvc/tmp/sweeps").rglob("*") if path.is_file()]
     assert state and not [path for path in state if PASSWORD.encode() in path.read_bytes()]

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, with_credentials
 from pipeline_project import MlflowServer
 
-from pipeline.cli import PipelineError
+from pipeline.cli import MASK, PipelineError
 from pipeline.params import tracking_settings
 from pipeline.tracking import record, store, tags
 
@@ -170,7 +170,8 @@ def test_unusable_stores_and_malformed_run_tags_stop_with_one_line_before_any_ru
     with pytest.raises(PipelineError) as caught:
         resolve(with_credentials("http://127.0.0.1:9/", "admin", password))
     # The health check reached for 127.0.0.1 (not for a host named "admin:<password>@127.0.0.1").
-    assert "http://admin:***@127.0.0.1:9/ cannot be reached: [Errno 111] Connection refused" in str(caught.value)
+    refused = "cannot be reached: [Errno 111] Connection refused"
+    assert f"{with_credentials('http://127.0.0.1:9/', 'admin', MASK)} {refused}" in str(caught.value)
     assert password not in str(caught.value)
     for value in ("{not json", '["a list"]'):
         monkeypatch.setenv(record.EXTRA_TAGS_VARIABLE, value)
