@@ -21,8 +21,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline import files
 from pipeline.cli import PipelineError, format_error, native_stderr_silenced, redact, run
 from pipeline.data import IMAGE_SHAPE, NUM_CLASSES, NUM_PIXELS
-from pipeline.params import tracking_settings
-from pipeline.tracking import registry, store
 
 STDIN = "-"
 # MNIST's digits were scaled to fit a 20×20 box, then centred by mass at this pixel (row, column).
@@ -129,6 +127,10 @@ def load_mlflow_model(model: str | None):
     import mlflow
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
+    # Here, not at the top: a .keras file needs neither pydantic's settings nor the tracking helpers.
+    from pipeline.params import tracking_settings
+    from pipeline.tracking import registry, store
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # Its notes (downloading artifacts) are no answers.
     # The store of the project around the current folder, else of the clone this package is installed from.
     roots = (store.store_root(), store.project_root(Path(__file__).parent))
@@ -177,7 +179,9 @@ def load_predictor(model: str | None):
         loaded = keras.saving.load_model(path)
     # Keras reports a damaged or foreign model with whatever exception its parsing met (TypeError, KeyError…).
     except Exception as error:
-        raise PipelineError(f"cannot load the model file {path}: {store.short(str(error))}") from None
+        from pipeline.tracking.store import short
+
+        raise PipelineError(f"cannot load the model file {path}: {short(str(error))}") from None
     inputs, outputs = ([tuple(tensor.shape) for tensor in getattr(loaded, side, [])] for side in ("inputs", "outputs"))
     if [inputs, outputs] != [[(None, NUM_PIXELS)], [(None, NUM_CLASSES)]]:
         raise PipelineError(
